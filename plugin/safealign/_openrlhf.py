@@ -1,0 +1,42 @@
+"""The one place the plugin imports OpenRLHF from.
+
+OpenRLHF imports `flash_attn` at module level and assumes CUDA, so the CPU patches of
+`safealign.compat` must run before its first import. Every module takes OpenRLHF's classes from
+here, which makes that ordering impossible to get wrong.
+"""
+
+import warnings
+
+from safealign.compat import apply_cpu_patches
+from safealign.errors import SafeAlignError
+
+# torchdata's StatefulDataLoader warns on every construction about an internal torch API it calls.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+
+try:
+    apply_cpu_patches()
+    import datasets
+
+    datasets.disable_progress_bars()  # per-split map/filter bars: noise next to the training bar
+    from openrlhf.datasets import RewardDataset
+    from openrlhf.datasets.reward_dataset import preprocess_data
+    from openrlhf.models import Actor
+    from openrlhf.trainer.dpo_trainer import DPOTrainer
+    from openrlhf.utils import get_strategy, get_tokenizer
+    from openrlhf.utils.deepspeed import DeepspeedStrategy
+except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environment
+    if exc.name and exc.name.split(".")[0] in {"openrlhf", "deepspeed"}:
+        raise SafeAlignError(
+            f"{exc.name} is not installed: run `make setup` (CPU) or `pip install 'safealign[gpu]'` (GPU image)"
+        ) from None
+    raise
+
+__all__ = [
+    "Actor",
+    "DPOTrainer",
+    "DeepspeedStrategy",
+    "RewardDataset",
+    "get_strategy",
+    "get_tokenizer",
+    "preprocess_data",
+]

@@ -1,0 +1,118 @@
+"""`safealign`: run, validate and inspect recipes.
+
+Errors a user can cause print one line (`safealign: error: …`) and exit 2; a stage that crashes keeps
+its traceback (that is a bug) and its partial work, which the next `safealign run` resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from safealign import __version__
+from safealign.errors import SafeAlignError
+
+EPILOG = """examples:
+  safealign run recipes/quickstart.yaml                    every stage the recipe lists, on this machine
+  safealign run recipes/quickstart.yaml --stage align      one stage (its inputs must exist in the run dir)
+  safealign run R.yaml --set align.epochs=1 --set data.train.0.max_rows=64
+  torchrun --nproc_per_node 8 -m safealign.cli run R.yaml --stage align     one node, 8 GPUs
+  safealign validate recipes/mistral-7b-beavertails.yaml   check a recipe without running it
+  safealign losses                                         list the registered losses
+"""
+
+
+def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", type=Path, help="recipe YAML (see docs/recipes.md)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe value by its dotted path (list items by index), e.g. align.lambda_init=2; repeatable",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="safealign",
+        description="Align a language model to be helpful and harmless with Safe-MM-DPO on OpenRLHF.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"safealign {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run",
+        help="run a recipe's stages (finished stages are skipped, interrupted ones resume)",
+        description="Run a recipe's stages in a run directory. A stage whose outputs match the recipe and data "
+        "is skipped; one interrupted mid-way resumes from its last checkpoint.",
+    )
+    _add_recipe_args(run)
+    run.add_argument("--stage", action="append", dest="stages", metavar="NAME", help="run only this stage (repeatable)")
+    run.add_argument("--run-dir", type=Path, help="run directory (default: runs/<recipe name>)")
+    run.add_argument("--force", action="store_true", help="run the selected stages again even if up to date")
+
+    validate = commands.add_parser("validate", help="validate a recipe (and its data files) without running it")
+    _add_recipe_args(validate)
+
+    commands.add_parser("losses", help="list the preference losses a recipe can name in align.loss")
+    return parser
+
+
+def _configure_logging() -> None:
+    from safealign.process import is_rank_0
+
+    logging.basicConfig(
+        level=logging.INFO if is_rank_0() else logging.WARNING,
+        format="[safealign] %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
+    from safealign.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.command == "validate":
+        from safealign.stages.align import load_training_rows
+
+        rows = load_training_rows(recipe)
+        print(
+            f"{args.recipe}: ok (recipe {recipe.name!r}, stages {', '.join(recipe.stages)}, {len(rows)} training pairs)"
+        )
+        return 0
+    from safealign.runner import run_recipe
+
+    run_dir = args.run_dir or Path("runs") / recipe.name
+    for summary in run_recipe(recipe, run_dir, args.stages, args.force):
+        logging.getLogger("safealign").info("%s summary: %s", summary["stage"], summary)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging()
+    try:
+        if args.command == "losses":
+            from safealign.losses import available_losses, get_loss
+
+            for name in available_losses():
+                doc = (get_loss(name).__doc__ or "").strip().splitlines()
+                print(f"{name:14s} {doc[0] if doc else ''}")
+            return 0
+        return _run(args)
+    except SafeAlignError as exc:
+        print(f"safealign: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("safealign: interrupted; `safealign run` again resumes from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

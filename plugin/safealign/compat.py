@@ -1,0 +1,205 @@
+"""The few, named patches that let OpenRLHF 0.11.2 train on a machine without a GPU.
+
+OpenRLHF is written for CUDA. Its SFT/RM/DPO code paths are otherwise device-agnostic, and DeepSpeed has a
+CPU accelerator, so four narrow gaps are all that stand between it and a laptop (ARCHITECTURE §5). Each
+gap is one function below, named for what it fixes, idempotent, and covered by a test. Nothing in
+site-packages is edited; every patch replaces one attribute at run time.
+
+`apply_cpu_patches()` applies all of them and is a no-op when CUDA is present, so a GPU box runs
+OpenRLHF untouched. `enable_fp32()` is separate because full precision is a user choice, not a CPU
+workaround (it is also what a GPU user asks for when debugging numerics).
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import os
+import sys
+import types
+from functools import wraps
+
+import torch
+
+#: Names of the patches applied by this process, in order (for logs and tests).
+APPLIED: list[str] = []
+
+
+def gpu_available() -> bool:
+    """True when CUDA can run: the only case in which OpenRLHF needs no help."""
+    return torch.cuda.is_available() and torch.cuda.device_count() > 0
+
+
+def _mark(name: str) -> bool:
+    """Record a patch; False if it was already applied (patches are idempotent)."""
+    if name in APPLIED:
+        return False
+    APPLIED.append(name)
+    return True
+
+
+# --- 1. flash_attn.bert_padding stub ---------------------------------------------------------------
+
+
+def _index_first_axis(tensor: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Rows of `tensor` (flattened over its first two axes upstream) at `indices`."""
+    return tensor.reshape(-1, *tensor.shape[1:])[indices]
+
+
+def _unpad_input(hidden_states: torch.Tensor, attention_mask: torch.Tensor, unused_mask=None):
+    """Pure-torch twin of flash_attn.bert_padding.unpad_input (same five return values)."""
+    all_masks = attention_mask + unused_mask if unused_mask is not None else attention_mask
+    seqlens_in_batch = all_masks.sum(dim=-1, dtype=torch.int32)
+    used_seqlens_in_batch = attention_mask.sum(dim=-1, dtype=torch.int32)
+    indices = torch.nonzero(all_masks.flatten(), as_tuple=False).flatten()
+    max_seqlen_in_batch = int(seqlens_in_batch.max().item())
+    cu_seqlens = torch.nn.functional.pad(torch.cumsum(seqlens_in_batch, dim=0, dtype=torch.int32), (1, 0))
+    flat = hidden_states.reshape(-1, *hidden_states.shape[2:])
+    return flat[indices], indices, cu_seqlens, max_seqlen_in_batch, used_seqlens_in_batch
+
+
+def _pad_input(hidden_states: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
+    """Pure-torch twin of flash_attn.bert_padding.pad_input."""
+    output = torch.zeros(
+        batch * seqlen, *hidden_states.shape[1:], device=hidden_states.device, dtype=hidden_states.dtype
+    )
+    output[indices] = hidden_states
+    return output.reshape(batch, seqlen, *hidden_states.shape[1:])
+
+
+def _all_gather(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """flash_attn.utils.distributed.all_gather: concatenate every rank's tensor along dim 0."""
+    world = torch.distributed.get_world_size(group)
+    out = [torch.empty_like(tensor) for _ in range(world)]
+    torch.distributed.all_gather(out, tensor.contiguous(), group=group)
+    return torch.cat(out, dim=0)
+
+
+def stub_flash_attn_padding() -> None:
+    """Patch 1: `openrlhf.models.ring_attn_utils` imports `flash_attn.bert_padding` at module level.
+
+    flash-attn is a CUDA build that cannot be installed without a GPU toolchain. Only the padding helpers
+    are needed on the non-packed path, so provide pure-torch versions under the same module names. The
+    stub carries a ModuleSpec but no distribution metadata, so transformers still reports FlashAttention
+    as unavailable and never selects it. Skipped when the real flash_attn is importable.
+    """
+    if "flash_attn" not in sys.modules and importlib.util.find_spec("flash_attn") is not None:
+        return
+    if not _mark("stub_flash_attn_padding"):
+        return
+    from einops import rearrange
+
+    def module(name: str, **attrs) -> types.ModuleType:
+        mod = types.ModuleType(name)
+        mod.__spec__ = importlib.machinery.ModuleSpec(name, loader=None, is_package=True)
+        mod.__path__ = []
+        mod.__dict__.update(attrs)
+        sys.modules[name] = mod
+        return mod
+
+    root = module("flash_attn", __version__="0.0.0+safealign.cpu.stub")
+    root.bert_padding = module(
+        "flash_attn.bert_padding",
+        index_first_axis=_index_first_axis,
+        pad_input=_pad_input,
+        unpad_input=_unpad_input,
+        rearrange=rearrange,
+    )
+    root.utils = module("flash_attn.utils")
+    root.utils.distributed = module("flash_attn.utils.distributed", all_gather=_all_gather)
+
+
+# --- 2. CUDA device calls -> CPU -------------------------------------------------------------------
+
+
+def map_cuda_device_to_cpu() -> None:
+    """Patch 2: `DeepspeedStrategy` hard-codes CUDA.
+
+    It calls `torch.cuda.set_device`, moves all-reduce buffers to `torch.cuda.current_device()`, calls
+    `torch.cuda.synchronize()` after barriers, and builds its device mesh with
+    `init_device_mesh("cuda", ...)`. Without CUDA each of these raises; mapped to the CPU they are exactly
+    what the CPU run needs (one device, nothing to synchronise, gloo collectives on CPU tensors).
+    Only applied when CUDA is absent, so nothing that could have worked is changed.
+    """
+    if not _mark("map_cuda_device_to_cpu"):
+        return
+    torch.cuda.set_device = lambda *args, **kwargs: None
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+
+    import openrlhf.utils.deepspeed.deepspeed as ds_strategy
+
+    original = ds_strategy.init_device_mesh
+
+    @wraps(original)
+    def init_device_mesh(device_type: str, *args, **kwargs):
+        return original("cpu" if device_type == "cuda" else device_type, *args, **kwargs)
+
+    ds_strategy.init_device_mesh = init_device_mesh
+
+
+# --- 3. fp32 as a parameter dtype ------------------------------------------------------------------
+
+
+def enable_fp32() -> None:
+    """Patch 3: OpenRLHF accepts only bf16/fp16 parameters; add fp32.
+
+    fp16 does not train on DeepSpeed's CPU accelerator, and fp32 is the reference precision for
+    numerics checks anywhere. OpenRLHF's DeepSpeed config already disables both bf16 and fp16 blocks for
+    any other dtype name, so only `convert_to_torch_dtype` needs to know "fp32".
+    """
+    if not _mark("enable_fp32"):
+        return
+    import openrlhf.utils.utils as orl_utils
+
+    original = orl_utils.convert_to_torch_dtype
+
+    @wraps(original)
+    def convert_to_torch_dtype(param_dtype: str) -> torch.dtype:
+        return torch.float32 if param_dtype == "fp32" else original(param_dtype)
+
+    orl_utils.convert_to_torch_dtype = convert_to_torch_dtype
+
+
+# --- 4. no JIT-compiled ops ------------------------------------------------------------------------
+
+
+def avoid_jit_ops() -> None:
+    """Patch 4: keep DeepSpeed from JIT-compiling C++ ops with g++ on first use (~90 s each).
+
+    DeepSpeed builds FusedAdam for an "AdamW" optimizer block and a shared-memory all-reduce op when its
+    CPU backend starts. Ask for torch's own AdamW (`torch_adam: true`, numerically the same update) and
+    skip the shared-memory op (gloo does the all-reduce instead).
+    """
+    if not _mark("avoid_jit_ops"):
+        return
+    import openrlhf.utils.deepspeed.deepspeed as ds_strategy
+
+    # importlib, not `import deepspeed.comm.torch`: that statement resolves to the `torch` package
+    # re-exported by deepspeed.comm, and would patch the wrong module.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    original = ds_strategy.get_train_ds_config
+
+    @wraps(original)
+    def get_train_ds_config(*args, **kwargs) -> dict:
+        config = original(*args, **kwargs)
+        optimizer = config.get("optimizer")
+        if optimizer and optimizer.get("type") == "AdamW":
+            optimizer["params"]["torch_adam"] = True
+        return config
+
+    ds_strategy.get_train_ds_config = get_train_ds_config
+
+
+def apply_cpu_patches() -> list[str]:
+    """Apply every CPU patch when no GPU is present; return the names applied so far.
+
+    Must run before `openrlhf.models` is first imported (patch 1 replaces an import-time dependency).
+    """
+    if gpu_available():
+        return list(APPLIED)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    stub_flash_attn_padding()
+    map_cuda_device_to_cpu()
+    avoid_jit_ops()
+    return list(APPLIED)

@@ -1,0 +1,269 @@
+"""Preference data: adapters to one row shape, validation with errors that name the row, and splits.
+
+Every source becomes a list of `PreferenceRow`s: a prompt (chat messages), two responses, a helpful
+label (`better_response_id`) and a harmless label (`safer_response_id`), each 0, 1 or −1 when the
+source has no label for that dimension, plus whatever the RM stage added (margins, per-response costs,
+reference log-probs). Formats:
+
+- `pku_saferlhf`: PKU-SafeRLHF rows (`prompt, response_0, response_1, better_response_id,
+  safer_response_id, is_response_{0,1}_safe`), optionally with `delta_h, delta_s, cost_0, cost_1,
+  ref_logps_0, ref_logps_1` (what `rm/scored.jsonl` carries).
+- `pairs`: `chosen`/`rejected` responses with an optional `prompt`, labelling one declared dimension.
+- `hh_rlhf`: Anthropic HH-RLHF transcripts (`\\n\\nHuman: … \\n\\nAssistant: …`); the turns before the
+  final Assistant turn become the prompt messages; labels one declared dimension (harmless-base → safe).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from safealign.errors import SafeAlignError
+
+Format = Literal["pku_saferlhf", "pairs", "hh_rlhf"]
+Message = dict[str, str]
+
+#: Optional numeric per-row fields, and which of them must be present for every row or none.
+OPTIONAL_FLOATS = ("delta_h", "delta_s", "cost_0", "cost_1", "ref_logps_0", "ref_logps_1")
+
+
+@dataclass
+class PreferenceRow:
+    """One response pair with both dimensions' labels (−1: no label) and optional RM-stage numbers."""
+
+    prompt: list[Message]
+    response_0: str
+    response_1: str
+    better_response_id: int = -1
+    safer_response_id: int = -1
+    is_response_0_safe: bool | None = None
+    is_response_1_safe: bool | None = None
+    delta_h: float | None = None
+    delta_s: float | None = None
+    cost_0: float | None = None
+    cost_1: float | None = None
+    ref_logps_0: float | None = None
+    ref_logps_1: float | None = None
+    source: str = field(default="", compare=False)  # "file:line", for error messages
+
+    def to_json(self) -> dict[str, Any]:
+        """The row as written to a run directory (PKU-style keys, `pku_saferlhf` reads it back)."""
+        row = asdict(self)
+        row.pop("source")
+        return {k: v for k, v in row.items() if v is not None}
+
+
+class RowError(SafeAlignError):
+    """A bad data row; the message starts with `file:line`."""
+
+
+def _require(raw: dict, key: str, where: str) -> Any:
+    if key not in raw or raw[key] is None:
+        raise RowError(f"{where}: missing field {key!r}")
+    return raw[key]
+
+
+def _text(raw: dict, key: str, where: str) -> str:
+    value = _require(raw, key, where)
+    if not isinstance(value, str) or not value.strip():
+        raise RowError(f"{where}: {key} must be a non-empty string")
+    return value
+
+
+def _label(raw: dict, key: str, where: str, allow_missing: bool) -> int:
+    if allow_missing and raw.get(key) is None:
+        return -1
+    value = _require(raw, key, where)
+    if isinstance(value, bool) or value not in (-1, 0, 1):
+        raise RowError(f"{where}: {key} must be 0, 1 or -1 (no label), got {value!r}")
+    return int(value)
+
+
+def _finite(raw: dict, key: str, where: str) -> float | None:
+    value = raw.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RowError(f"{where}: {key} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise RowError(f"{where}: {key} is {value} (NaN/inf); re-run the rm stage or drop the row")
+    return float(value)
+
+
+def _safety(raw: dict, key: str, where: str) -> bool | None:
+    value = raw.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise RowError(f"{where}: {key} must be true or false, got {value!r}")
+    return value
+
+
+def _scored_fields(raw: dict, where: str) -> dict[str, Any]:
+    return {key: _finite(raw, key, where) for key in OPTIONAL_FLOATS}
+
+
+def from_pku_saferlhf(raw: dict, where: str, dimension: str | None = None) -> PreferenceRow:
+    """A PKU-SafeRLHF row (both labels required; −1 allowed for rows written by our own stages)."""
+    return PreferenceRow(
+        prompt=_prompt_messages(raw, where),
+        response_0=_text(raw, "response_0", where),
+        response_1=_text(raw, "response_1", where),
+        better_response_id=_label(raw, "better_response_id", where, allow_missing=False),
+        safer_response_id=_label(raw, "safer_response_id", where, allow_missing=False),
+        is_response_0_safe=_safety(raw, "is_response_0_safe", where),
+        is_response_1_safe=_safety(raw, "is_response_1_safe", where),
+        source=where,
+        **_scored_fields(raw, where),
+    )
+
+
+def _prompt_messages(raw: dict, where: str) -> list[Message]:
+    """`prompt` as chat messages: a string is one user turn; a list must already be messages."""
+    prompt = _require(raw, "prompt", where)
+    if isinstance(prompt, str) and prompt.strip():
+        return [{"role": "user", "content": prompt}]
+    if (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in prompt)
+    ):
+        return [{"role": m["role"], "content": m["content"]} for m in prompt]
+    raise RowError(f"{where}: prompt must be a non-empty string or a list of {{role, content}} messages")
+
+
+def _labelled_pair(dimension: str | None, where: str) -> dict[str, int]:
+    if dimension not in ("helpful", "safe"):
+        raise SafeAlignError(f"{where}: chosen/rejected data needs `dimension: helpful` or `dimension: safe`")
+    return {
+        "better_response_id": 0 if dimension == "helpful" else -1,
+        "safer_response_id": 0 if dimension == "safe" else -1,
+    }
+
+
+def from_pairs(raw: dict, where: str, dimension: str | None = None) -> PreferenceRow:
+    """`chosen`/`rejected` (+ `prompt`): chosen becomes response 0, preferred in `dimension` only."""
+    return PreferenceRow(
+        prompt=_prompt_messages(raw, where),
+        response_0=_text(raw, "chosen", where),
+        response_1=_text(raw, "rejected", where),
+        source=where,
+        **_labelled_pair(dimension, where),
+        **_scored_fields(raw, where),
+    )
+
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+
+
+def _hh_turns(transcript: str, where: str) -> list[Message]:
+    parts = _HH_TURN.split(transcript)
+    if len(parts) < 5 or parts[0].strip():
+        raise RowError(f"{where}: not an HH-RLHF transcript ('\\n\\nHuman: ... \\n\\nAssistant: ...')")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
+
+
+def from_hh_rlhf(raw: dict, where: str, dimension: str | None = None) -> PreferenceRow:
+    """HH-RLHF: both transcripts share all turns but the last Assistant turn, which is the response."""
+    chosen = _hh_turns(_text(raw, "chosen", where), where)
+    rejected = _hh_turns(_text(raw, "rejected", where), where)
+    if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant" or chosen[:-1] != rejected[:-1]:
+        raise RowError(f"{where}: chosen and rejected must differ only in the final Assistant turn")
+    if not chosen[-1]["content"] or not rejected[-1]["content"]:
+        raise RowError(f"{where}: empty final Assistant turn")
+    return PreferenceRow(
+        prompt=chosen[:-1],
+        response_0=chosen[-1]["content"],
+        response_1=rejected[-1]["content"],
+        source=where,
+        **_labelled_pair(dimension, where),
+    )
+
+
+ADAPTERS: dict[str, Callable[[dict, str, str | None], PreferenceRow]] = {
+    "pku_saferlhf": from_pku_saferlhf,
+    "pairs": from_pairs,
+    "hh_rlhf": from_hh_rlhf,
+}
+
+
+def read_jsonl(path: Path) -> Iterable[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; a malformed line is an error naming it."""
+    opener = open
+    if path.suffix == ".gz":
+        import gzip
+
+        opener = gzip.open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise RowError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict):
+                raise RowError(f"{path}:{number}: each line must be a JSON object")
+            yield number, obj
+
+
+def load_rows(
+    path: Path, fmt: Format, dimension: str | None = None, max_rows: int | None = None
+) -> list[PreferenceRow]:
+    """Read and validate one source; errors name `file:line` and the field."""
+    if not path.is_file():
+        raise SafeAlignError(f"{path}: data file not found")
+    adapter = ADAPTERS[fmt]
+    rows = []
+    for number, raw in read_jsonl(path):
+        if max_rows is not None and len(rows) >= max_rows:
+            break
+        rows.append(adapter(raw, f"{path}:{number}", dimension))
+    if not rows:
+        raise SafeAlignError(f"{path}: no rows (the dataset is empty)")
+    check_consistent(rows)
+    return rows
+
+
+def check_consistent(rows: list[PreferenceRow]) -> None:
+    """RM-stage numbers must cover every row or none: a half-scored dataset would silently mix
+    dynamic and plain β, or cached and live reference log-probs."""
+    for key in OPTIONAL_FLOATS:
+        missing = [row for row in rows if getattr(row, key) is None]
+        if missing and len(missing) != len(rows):
+            first = missing[0].source or "a row"
+            raise RowError(f"{first}: {key} is missing here but present in other rows; score all rows or none")
+
+
+def has_field(rows: list[PreferenceRow], key: str) -> bool:
+    """Whether the (consistent) rows carry `key`."""
+    return getattr(rows[0], key) is not None
+
+
+def prompt_key(row: PreferenceRow) -> str:
+    """A stable identity of a row's prompt, for splits and for keeping eval prompts out of training."""
+    text = "\x1e".join(f"{m['role']}\x1f{m['content'].strip()}" for m in row.prompt)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def split_by_prompt(
+    rows: list[PreferenceRow], eval_fraction: float, seed: int
+) -> tuple[list[PreferenceRow], list[PreferenceRow]]:
+    """Deterministic train/eval split on prompt identity: pairs sharing a prompt land on one side."""
+    if eval_fraction <= 0:
+        return rows, []
+
+    def bucket(row: PreferenceRow) -> float:
+        digest = hashlib.sha256(f"{seed}:{prompt_key(row)}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64
+
+    train = [row for row in rows if bucket(row) >= eval_fraction]
+    held_out = [row for row in rows if bucket(row) < eval_fraction]
+    if not train:
+        raise SafeAlignError(f"data.eval_fraction={eval_fraction} leaves no training rows")
+    return train, held_out

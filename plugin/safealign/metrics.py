@@ -1,0 +1,87 @@
+"""Training statistics: reduce per-micro-batch stats to one line per optimizer step, and log it.
+
+A step's statistics are means over its micro-batches and over all ranks. A per-dimension statistic
+(`loss_h`, `acc_s`, ...) is weighted by how many rows carried that dimension (`n_h`, `n_s`), so a
+micro-batch with no harmless labels neither drags `loss_s` to zero nor turns it into NaN.
+`MetricsLog` appends those lines to `metrics.jsonl` (rank 0 only), the file plots and reports read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+#: Statistic -> the count that weights it; statistics not listed are plain means.
+WEIGHTED_BY = {
+    f"{stat}_{dim}{suffix}": f"n_{dim}"
+    for dim in ("h", "s")
+    for stat, suffix in (("loss", ""), ("acc", ""), ("beta", "_mean"))
+}
+
+
+class StatsAccumulator:
+    """Weighted sums of statistics over the micro-batches of one step (or one evaluation pass)."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.weights: dict[str, float] = defaultdict(float)
+
+    def add(self, stats: dict[str, float]) -> None:
+        for key, value in stats.items():
+            if key.startswith("n_"):
+                self.sums[key] += value
+                self.weights[key] += 1.0
+                continue
+            weight = stats.get(WEIGHTED_BY.get(key, ""), 1.0)
+            counted = weight > 0 and math.isfinite(value)  # the key is still created: ranks must agree on keys
+            self.sums[key] += weight * value if counted else 0.0
+            self.weights[key] += weight if counted else 0.0
+
+    def reduce(self, strategy=None) -> dict[str, float]:
+        """Means over everything added here, summed across ranks first when `strategy` is given."""
+        keys = sorted(self.sums)
+        sums = torch.tensor([self.sums[k] for k in keys], dtype=torch.float64)
+        weights = torch.tensor([self.weights[k] for k in keys], dtype=torch.float64)
+        if strategy is not None and getattr(strategy, "world_size", 1) > 1:
+            packed = strategy.all_reduce(torch.cat([sums, weights]), op="sum")
+            sums, weights = packed[: len(keys)], packed[len(keys) :]
+        self.sums.clear()
+        self.weights.clear()
+        return {
+            key: (float(s / w) if w > 0 else math.nan) if not key.startswith("n_") else float(s)
+            for key, s, w in zip(keys, sums.tolist(), weights.tolist())
+        }
+
+
+class MetricsLog:
+    """Append-only `metrics.jsonl`: one JSON object per logged step, flushed as it is written."""
+
+    def __init__(self, path: Path, enabled: bool = True) -> None:
+        self.path = Path(path)
+        self.enabled = enabled
+
+    def truncate_after(self, step: int) -> None:
+        """On resume from a checkpoint at `step`, drop lines the crashed run logged past it."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(clean) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """All records of a `metrics.jsonl` (missing file: none)."""
+    if not Path(path).exists():
+        return []
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

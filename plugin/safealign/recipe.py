@@ -1,0 +1,344 @@
+"""The recipe: one YAML file describing a whole run, validated before anything starts.
+
+Every section is a strict pydantic model: an unknown key, a wrong type, a missing data file or an
+out-of-range value fails at load time with one line that names the field (`align.lambda_init: …`).
+Loss settings the selected loss does not use are rejected too, so a recipe never carries a value
+that silently does nothing. Paths in a recipe are relative to the recipe file.
+
+`kl_coeff`: in a DPO recipe the reverse-KL coefficient of the RLHF objective that DPO solves in closed
+form *is* β (Rafailov et al. 2023, eq. 3-7), so `align.kl_coeff` is accepted as the RLHF name of
+`align.beta_ori`. Giving both with different values is an error; there is no second KL penalty.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from safealign.errors import SafeAlignError
+
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+
+
+class Strict(BaseModel):
+    """Base of every section: unknown keys and silent coercions (e.g. "1" -> 1) are errors."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
+
+
+def _resolve(value: str, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir", Path.cwd())
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (Path(base) / path).resolve()
+
+
+def _model_path(value: Any, info: ValidationInfo) -> Any:
+    """Model specs that are file paths are relative to the recipe; `gguf:<package>` is not a path."""
+    if isinstance(value, str) and value and not value.startswith("gguf:"):
+        return str(_resolve(value, info))
+    return value
+
+
+class RandomModel(Strict):
+    """A randomly initialised causal LM: for tests and dry runs, never for results."""
+
+    tokenizer: str = Field(description="model spec (HF dir, .gguf file or gguf:<package>) whose tokenizer to use")
+    config: dict[str, Any] = Field(default_factory=dict, description="LlamaConfig fields, e.g. hidden_size")
+    seed: int = 0
+
+    _tokenizer_path = field_validator("tokenizer", mode="before")(_model_path)
+
+
+class RandomModelSpec(Strict):
+    random: RandomModel
+
+
+ModelSpec = str | RandomModelSpec
+
+
+class LoraSection(Strict):
+    rank: Annotated[int, Field(ge=0)] = 0
+    alpha: Annotated[int, Field(ge=1)] = 16
+    dropout: Fraction = 0.0
+    target_modules: str | list[str] = "all-linear"
+
+
+class ModelSection(Strict):
+    policy: ModelSpec = Field(description="HF directory, .gguf file, gguf:<pip package>, or {random: ...}")
+    reference: ModelSpec | None = Field(None, description="defaults to the policy")
+    dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 where supported, else fp32")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    gradient_checkpointing: bool = False
+    lora: LoraSection = Field(default_factory=LoraSection)
+
+    _paths = field_validator("policy", "reference", mode="before")(_model_path)
+
+
+class DataSource(Strict):
+    path: Path
+    format: Literal["pku_saferlhf", "pairs", "hh_rlhf"] = "pku_saferlhf"
+    dimension: Literal["helpful", "safe"] | None = Field(
+        None, description="the one dimension a pairs/hh_rlhf file labels"
+    )
+    max_rows: Annotated[int, Field(ge=1)] | None = None
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _existing_file(cls, value: Any, info: ValidationInfo) -> Path:
+        if not isinstance(value, str):
+            raise ValueError("must be a path string")
+        path = _resolve(value, info)
+        if not path.is_file():
+            raise ValueError(f"file not found: {path}")
+        return path
+
+    @model_validator(mode="after")
+    def _dimension_matches_format(self) -> DataSource:
+        if self.format == "pku_saferlhf" and self.dimension is not None:
+            raise ValueError("dimension is only for pairs/hh_rlhf files (pku_saferlhf rows label both)")
+        if self.format != "pku_saferlhf" and self.dimension is None:
+            raise ValueError(f"format {self.format} needs `dimension: helpful` or `dimension: safe`")
+        return self
+
+
+class DataSection(Strict):
+    train: Annotated[list[DataSource], Field(min_length=1)]
+    eval_fraction: Annotated[float, Field(ge=0, lt=1)] = Field(0.0, description="held-out share of prompts")
+    max_len: Annotated[int, Field(ge=8)] = 512
+    input_template: str | None = Field(None, description="prompt template for models without a chat template")
+
+    @field_validator("input_template")
+    @classmethod
+    def _has_slot(cls, value: str | None) -> str | None:
+        if value is not None and "{}" not in value:
+            raise ValueError("must contain {} where the prompt goes")
+        return value
+
+
+class TrainingSection(Strict):
+    """Optimiser and schedule settings shared by every training stage."""
+
+    learning_rate: PositiveFloat
+    batch_size: Annotated[int, Field(ge=1, description="global batch (pairs per optimizer step)")] = 16
+    micro_batch_size: Annotated[int, Field(ge=1, description="pairs per forward on one device")] = 1
+    epochs: Annotated[int, Field(ge=1)] = 1
+    lr_scheduler: Literal["cosine_with_min_lr", "cosine", "linear", "constant", "constant_with_warmup"] = (
+        "cosine_with_min_lr"
+    )
+    warmup_ratio: Fraction = 0.03
+    min_lr_ratio: Fraction = 0.1
+    weight_decay: NonNegativeFloat = 0.0
+    max_norm: NonNegativeFloat = Field(1.0, description="gradient clipping norm (0: off)")
+    checkpoint_steps: Annotated[int, Field(ge=1)] | None = Field(
+        50, description="DeepSpeed checkpoint every N optimizer steps, so a crash resumes (null: never)"
+    )
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> TrainingSection:
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be a multiple of micro_batch_size ({self.micro_batch_size})"
+            )
+        return self
+
+
+#: `align` keys that configure the loss or the multiplier; each must be used by the selected loss.
+LOSS_KEYS = frozenset({"beta_ori", "w", "k", "dimension", "loss_options"})
+LAMBDA_KEYS = frozenset(
+    {"lambda_init", "lambda_lr", "lambda_max", "lambda_update", "cost_threshold", "lambda_delay_steps", "lambda_window"}
+)
+
+
+class AlignSection(TrainingSection):
+    """Safe-MM-DPO and its ablations (the seed's settings are the defaults)."""
+
+    learning_rate: PositiveFloat = 5e-7
+    epochs: Annotated[int, Field(ge=1)] = 2
+    loss: str = Field("safe_mm_dpo", description="registered loss: dpo, mm_dpo, safe_mm_dpo or a plugin's")
+    dimension: Literal["helpful", "safe"] = Field("helpful", description="dpo/mm_dpo: which labels to train on")
+    beta_ori: PositiveFloat = 0.1
+    kl_coeff: PositiveFloat | None = Field(None, description="RLHF name of beta_ori (see module docs)")
+    w: NonNegativeFloat = 0.5
+    k: PositiveFloat = 0.5
+    loss_options: dict[str, Any] = Field(default_factory=dict, description="extra settings for a plugin loss")
+    lambda_init: PositiveFloat = 1.0
+    lambda_lr: NonNegativeFloat = 0.01
+    lambda_max: PositiveFloat | None = None
+    lambda_update: Literal["dual", "fixed"] = Field("dual", description="fixed: λ stays at lambda_init")
+    cost_threshold: float = Field(0.0, allow_inf_nan=False, description="d: λ rises while Ĵ_C > d")
+    lambda_delay_steps: Annotated[int, Field(ge=0)] = 0
+    lambda_window: Annotated[int, Field(ge=1)] = 1
+    cost_estimator: Literal["implicit"] = Field("implicit", description="Ĵ_C from stored per-response costs")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kl_coeff_is_beta(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("kl_coeff") is not None:
+            beta = data.get("beta_ori")
+            if beta is not None and not (isinstance(beta, (int, float)) and math.isclose(beta, data["kl_coeff"])):
+                raise ValueError(f"kl_coeff ({data['kl_coeff']}) and beta_ori ({beta}) name the same β; give one")
+            data = {**data, "beta_ori": data["kl_coeff"]}
+        return data
+
+    @model_validator(mode="after")
+    def _lambda_bounds(self) -> AlignSection:
+        if self.lambda_max is not None and self.lambda_max < self.lambda_init:
+            raise ValueError(f"lambda_max ({self.lambda_max}) is below lambda_init ({self.lambda_init})")
+        return self
+
+
+class DeepSpeedSection(Strict):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    adam_offload: bool = False
+    ref_offload: bool = Field(False, description="keep the reference model's weights on the CPU")
+
+
+class LoggingSection(Strict):
+    tensorboard: bool = True
+    wandb_project: str | None = Field(None, description="log to Weights & Biases (key from $WANDB_API_KEY)")
+    logging_steps: Annotated[int, Field(ge=1)] = 1
+
+
+class Recipe(Strict):
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", max_length=63)]
+    seed: int = 42
+    stages: list[Literal["align"]] = Field(default_factory=lambda: ["align"], description="what `safealign run` runs")
+    model: ModelSection
+    data: DataSection
+    align: AlignSection = Field(default_factory=AlignSection)
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
+
+    @field_validator("stages")
+    @classmethod
+    def _unique_stages(cls, value: list[str]) -> list[str]:
+        if not value or len(set(value)) != len(value):
+            raise ValueError("must list each stage once, at least one")
+        return value
+
+
+# --- loading -----------------------------------------------------------------------------------------
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """YAML 1.1 reads `5e-7` as a string; recipes are full of such learning rates, so read it as 5e-07."""
+
+
+RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    parts = [
+        str(p)
+        for p in loc
+        if not (isinstance(p, str) and (p.startswith("function-") or p in ("str", "RandomModelSpec")))
+    ]
+    return ".".join(parts) or "recipe"
+
+
+def format_validation_error(source: str, exc: ValidationError) -> str:
+    """Pydantic's errors as one line: `source: field.path: message (got …); …`."""
+    parts = []
+    for err in exc.errors(include_url=False):
+        if err["type"] == "string_type" and isinstance(err.get("input"), dict):
+            continue  # a mapping given for a `str | mapping` field: the mapping branch says what is wrong
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling; see docs/recipes.md)"
+        elif err["type"] != "missing" and "input" in err and not isinstance(err["input"], (dict, list)):
+            message += f" (got {err['input']!r})"
+        parts.append(f"{_location(err['loc'])}: {message}")
+    return f"{source}: " + "; ".join(dict.fromkeys(parts))
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.0.c=VALUE` -> (["a","b","0","c"], yaml-parsed VALUE)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise SafeAlignError(f"--set {item!r}: expected KEY=VALUE, e.g. align.epochs=1")
+    return key.split("."), yaml.load(value, Loader=RecipeLoader)
+
+
+def apply_override(data: dict, path: list[str], value: Any) -> None:
+    """Set one dotted path in the raw recipe mapping (list items by index); creates missing mappings."""
+    node: Any = data
+    for i, part in enumerate(path[:-1]):
+        where = ".".join(path[: i + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise SafeAlignError(f"--set {'.'.join(path)}: {where} is not an item of a {len(node)}-item list")
+            node = node[int(part)]
+        elif isinstance(node, dict):
+            node = node.setdefault(part, {})
+        else:
+            raise SafeAlignError(f"--set {'.'.join(path)}: {where} is not a mapping")
+    last = path[-1]
+    if isinstance(node, list) and last.isdigit() and int(last) < len(node):
+        node[int(last)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise SafeAlignError(f"--set {'.'.join(path)}: cannot set {last!r} there")
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate a recipe; every failure is one SafeAlignError line."""
+    path = Path(path)
+    if not path.is_file():
+        raise SafeAlignError(f"{path}: recipe file not found")
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=RecipeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise SafeAlignError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise SafeAlignError(f"{path}: a recipe must be a YAML mapping (name, model, data, align, ...)")
+    for item in overrides:
+        apply_override(data, *parse_override(item))
+    return validate_recipe(data, source=str(path), base_dir=path.parent)
+
+
+def validate_recipe(data: dict, source: str = "recipe", base_dir: Path | None = None) -> Recipe:
+    try:
+        recipe = Recipe.model_validate(data, context={"base_dir": base_dir or Path.cwd()})
+    except ValidationError as exc:
+        raise SafeAlignError(format_validation_error(source, exc)) from None
+    check_loss_keys(recipe, source)
+    return recipe
+
+
+def check_loss_keys(recipe: Recipe, source: str) -> None:
+    """Reject loss settings the selected loss would not read (no silently ignored keys)."""
+    from safealign.losses import get_loss
+
+    loss = get_loss(recipe.align.loss)
+    used = set(loss.reads) | (LAMBDA_KEYS if loss.uses_lambda else set())
+    given = recipe.align.model_fields_set & (LOSS_KEYS | LAMBDA_KEYS)
+    if "kl_coeff" in recipe.align.model_fields_set:
+        given.add("beta_ori")
+    unused = sorted(given - used)
+    if unused:
+        raise SafeAlignError(
+            f"{source}: align.{unused[0]}: not used by loss {loss.name!r} "
+            f"(it reads {', '.join(sorted(used))}); remove it or choose another loss"
+        )

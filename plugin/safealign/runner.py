@@ -1,0 +1,122 @@
+"""Run a recipe's stages in a run directory, atomically and resumably.
+
+Layout of a run directory (a PVC on Kubernetes, shared by every stage):
+
+    runs/<name>/recipe.yaml            the validated recipe, as run
+    runs/<name>/<stage>/stage.json     fingerprint + summary: present only when the stage finished
+    runs/<name>/.<stage>.partial/      the stage's work in progress (checkpoints live here)
+
+A stage writes only into its `.partial` directory; when it returns, the runner writes `stage.json`
+there and renames the directory into place, so `<stage>/` is either absent or complete. The
+fingerprint hashes what the outputs depend on (the stage's recipe sections, the bytes of its data
+files, the plugin version): a finished stage with the same fingerprint is skipped, an unfinished one
+with the same fingerprint resumes from its checkpoints, and anything else starts clean.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import yaml
+
+from safealign import __version__
+from safealign.errors import SafeAlignError
+from safealign.process import is_rank_0
+from safealign.recipe import Recipe
+from safealign.stages import ORDER, Stage, StageContext, load_builtin_stages
+
+log = logging.getLogger("safealign")
+
+FINGERPRINT_FILE = "fingerprint"
+STAGE_FILE = "stage.json"
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fingerprint(recipe: Recipe, stage: Stage) -> str:
+    """Hash of everything the stage's outputs depend on."""
+    sections = {name: recipe.model_dump(mode="json")[name] for name in stage.sections}
+    files = sorted({str(source.path): _file_digest(source.path) for source in recipe.data.train}.items())
+    payload = json.dumps(
+        {"stage": stage.name, "version": __version__, "sections": sections, "files": files}, sort_keys=True
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _barrier() -> None:
+    """Let every rank see the finalised directory before the next stage reads it."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def select_stages(recipe: Recipe, requested: list[str] | None) -> list[Stage]:
+    """The stages to run, in pipeline order: `requested` (from --stage) or the recipe's `stages`."""
+    stages = load_builtin_stages()
+    names = requested or recipe.stages
+    unknown = [name for name in names if name not in stages]
+    if unknown:
+        raise SafeAlignError(f"--stage {unknown[0]}: unknown stage; available: {', '.join(sorted(stages))}")
+    return [stages[name] for name in ORDER if name in names]
+
+
+def run_stage(recipe: Recipe, run_dir: Path, stage: Stage, force: bool = False) -> dict:
+    """Run one stage unless its finished outputs are current; returns its summary."""
+    final_dir, work_dir = run_dir / stage.name, run_dir / f".{stage.name}.partial"
+    expected = fingerprint(recipe, stage)
+    done = final_dir / STAGE_FILE
+    if not force and done.is_file():
+        summary = json.loads(done.read_text())
+        if summary.get("fingerprint") == expected:
+            log.info("%s: up to date (%s); --force to run it again", stage.name, final_dir)
+            return summary
+        log.info("%s: recipe or data changed since the last run; running it again", stage.name)
+
+    if is_rank_0():
+        marker = work_dir / FINGERPRINT_FILE
+        if work_dir.is_dir() and (force or not marker.is_file() or marker.read_text() != expected):
+            shutil.rmtree(work_dir)
+        if work_dir.is_dir():
+            log.info("%s: resuming the unfinished run in %s", stage.name, work_dir)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        marker.write_text(expected)
+    _barrier()
+
+    log.info("%s: %s", stage.name, stage.description)
+    started = time.time()
+    summary = stage.run(StageContext(recipe=recipe, run_dir=run_dir, work_dir=work_dir))
+    summary = {"stage": stage.name, "fingerprint": expected, "seconds": round(time.time() - started, 1), **summary}
+
+    if is_rank_0():
+        (work_dir / STAGE_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        (work_dir / FINGERPRINT_FILE).unlink()
+        if final_dir.exists():
+            stale = run_dir / f".{stage.name}.stale"
+            shutil.rmtree(stale, ignore_errors=True)
+            final_dir.rename(stale)
+            shutil.rmtree(stale)
+        work_dir.rename(final_dir)
+        log.info("%s: done in %.0f s -> %s", stage.name, summary["seconds"], final_dir)
+    _barrier()
+    return summary
+
+
+def run_recipe(recipe: Recipe, run_dir: Path, stages: list[str] | None = None, force: bool = False) -> list[dict]:
+    """Run the selected stages in pipeline order in `run_dir`; returns their summaries."""
+    selected = select_stages(recipe, stages)
+    if is_rank_0():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    return [run_stage(recipe, run_dir, stage, force) for stage in selected]

@@ -1,0 +1,55 @@
+"""The stage registry: each pipeline stage is a function of (recipe, work directory) -> summary.
+
+A stage declares which recipe sections its outputs depend on; the runner hashes those (plus the
+contents of the data files they name) into a fingerprint, skips a stage whose finished outputs carry
+the same fingerprint, and resumes an unfinished one from its checkpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from safealign.recipe import Recipe
+
+#: Pipeline order; a recipe's `stages` run in this order whatever order they are listed in.
+ORDER = ("rm", "align", "distill", "eval")
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What a stage gets: the recipe, the run directory, and its own work directory to fill."""
+
+    recipe: Recipe
+    run_dir: Path
+    work_dir: Path
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[StageContext], dict]
+    sections: tuple[str, ...]  # top-level recipe sections the outputs depend on
+    description: str
+
+
+STAGES: dict[str, Stage] = {}
+
+
+def register_stage(name: str, sections: tuple[str, ...]):
+    """Decorator: register `fn(ctx) -> summary dict` as the stage `name`."""
+
+    def decorate(fn: Callable[[StageContext], dict]) -> Callable[[StageContext], dict]:
+        doc = (fn.__doc__ or "").strip().splitlines()
+        STAGES[name] = Stage(name=name, run=fn, sections=sections, description=doc[0] if doc else "")
+        return fn
+
+    return decorate
+
+
+def load_builtin_stages() -> dict[str, Stage]:
+    """Import the built-in stage modules (they pull in OpenRLHF, so only when a run needs them)."""
+    from safealign.stages import align  # noqa: F401
+
+    return STAGES

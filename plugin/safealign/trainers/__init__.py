@@ -1,0 +1,1 @@
+"""Subclasses of OpenRLHF trainers (import them from their modules: they pull in OpenRLHF)."""
