@@ -68,7 +68,7 @@ def _configure_logging() -> None:
     from safealign.process import is_rank_0
 
     logging.basicConfig(
-        level=logging.INFO if is_rank_0() else logging.WARNING,
+        level=logging.INFO if is_rank_0() else logging.ERROR,  # one copy of each warning, from rank 0
         format="[safealign] %(message)s",
         stream=sys.stderr,
     )
@@ -79,9 +79,9 @@ def _run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     if args.command == "validate":
-        from safealign.stages.align import load_training_rows
+        from safealign.data import load_sources
 
-        rows = load_training_rows(recipe)
+        rows = load_sources(recipe.data.train)
         print(
             f"{args.recipe}: ok (recipe {recipe.name!r}, stages {', '.join(recipe.stages)}, {len(rows)} training pairs)"
         )

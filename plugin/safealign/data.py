@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import re
 from collections.abc import Callable, Iterable
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from safealign.errors import SafeAlignError
+
+log = logging.getLogger("safealign")
 
 Format = Literal["pku_saferlhf", "pairs", "hh_rlhf"]
 Message = dict[str, str]
@@ -63,6 +66,10 @@ class RowError(SafeAlignError):
     """A bad data row; the message starts with `file:line`."""
 
 
+class EmptyResponse(RowError):
+    """A well-formed row with an empty answer (HH-RLHF has a few): skipped and reported, not fatal."""
+
+
 def _require(raw: dict, key: str, where: str) -> Any:
     if key not in raw or raw[key] is None:
         raise RowError(f"{where}: missing field {key!r}")
@@ -71,8 +78,10 @@ def _require(raw: dict, key: str, where: str) -> Any:
 
 def _text(raw: dict, key: str, where: str) -> str:
     value = _require(raw, key, where)
-    if not isinstance(value, str) or not value.strip():
-        raise RowError(f"{where}: {key} must be a non-empty string")
+    if not isinstance(value, str):
+        raise RowError(f"{where}: {key} must be a string")
+    if not value.strip():
+        raise EmptyResponse(f"{where}: {key} is empty")
     return value
 
 
@@ -175,7 +184,7 @@ def from_hh_rlhf(raw: dict, where: str, dimension: str | None = None) -> Prefere
     if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant" or chosen[:-1] != rejected[:-1]:
         raise RowError(f"{where}: chosen and rejected must differ only in the final Assistant turn")
     if not chosen[-1]["content"] or not rejected[-1]["content"]:
-        raise RowError(f"{where}: empty final Assistant turn")
+        raise EmptyResponse(f"{where}: empty final Assistant turn")
     return PreferenceRow(
         prompt=chosen[:-1],
         response_0=chosen[-1]["content"],
@@ -219,13 +228,25 @@ def load_rows(
     if not path.is_file():
         raise SafeAlignError(f"{path}: data file not found")
     adapter = ADAPTERS[fmt]
-    rows = []
+    rows, skipped = [], []
     for number, raw in read_jsonl(path):
         if max_rows is not None and len(rows) >= max_rows:
             break
-        rows.append(adapter(raw, f"{path}:{number}", dimension))
+        try:
+            rows.append(adapter(raw, f"{path}:{number}", dimension))
+        except EmptyResponse as exc:
+            skipped.append(str(exc))
+    if skipped:
+        log.warning("%s: skipped %d row(s) with an empty response, e.g. %s", path.name, len(skipped), skipped[0])
     if not rows:
-        raise SafeAlignError(f"{path}: no rows (the dataset is empty)")
+        raise SafeAlignError(f"{path}: no usable rows (the dataset is empty)")
+    check_consistent(rows)
+    return rows
+
+
+def load_sources(sources: Iterable) -> list[PreferenceRow]:
+    """Every source of a recipe's `data.train` (objects with path, format, dimension, max_rows), as one list."""
+    rows = [row for s in sources for row in load_rows(s.path, s.format, s.dimension, s.max_rows)]
     check_consistent(rows)
     return rows
 

@@ -88,7 +88,7 @@ def convert_gguf(gguf: Path) -> Path:
 
 def build_random(spec: RandomModel) -> Path:
     """A random-weight Llama with the tokenizer of `spec.tokenizer`, cached by its settings."""
-    tokenizer_dir = resolve_model(spec.tokenizer)
+    tokenizer_dir = resolve_tokenizer(spec.tokenizer)
     target = cache_root() / "models" / f"random-{_key(str(tokenizer_dir), spec.config, spec.seed)}"
 
     def build(out: Path) -> None:
@@ -119,6 +119,14 @@ def build_random(spec: RandomModel) -> Path:
         tokenizer.save_pretrained(out)
 
     return _publish(build, target)
+
+
+def resolve_tokenizer(spec: str) -> Path:
+    """A directory holding a tokenizer: a tokenizer-only directory, or any model spec's directory."""
+    path = Path(spec).expanduser()
+    if path.is_dir() and ((path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file()):
+        return path
+    return resolve_model(spec)
 
 
 def resolve_model(spec: ModelSpec) -> Path:

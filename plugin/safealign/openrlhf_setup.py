@@ -134,7 +134,9 @@ def openrlhf_args(recipe: Recipe, training: TrainingSection, out_dir: Path) -> N
         ckpt=NS(
             path=str(out_dir / "checkpoints"),
             save_steps=training.checkpoint_steps or -1,
-            max_num=1,
+            # OpenRLHF deletes the oldest checkpoint *before* writing the next one: keep two, so a
+            # crash during a save still leaves the one DeepSpeed's `latest` names.
+            max_num=2,
             max_mem=10**6,
             load_enable=True,
             save_hf=False,

@@ -14,7 +14,7 @@ import shutil
 
 from safealign import compat
 from safealign import openrlhf_setup as setup
-from safealign.data import PreferenceRow, check_consistent, has_field, load_rows, split_by_prompt
+from safealign.data import PreferenceRow, has_field, load_sources, split_by_prompt
 from safealign.errors import SafeAlignError
 from safealign.lagrange import LagrangeMultiplier
 from safealign.losses import LossSettings, get_loss
@@ -24,17 +24,6 @@ from safealign.recipe import Recipe
 from safealign.stages import StageContext, register_stage
 
 log = logging.getLogger("safealign")
-
-
-def load_training_rows(recipe: Recipe) -> list[PreferenceRow]:
-    """Every `data.train` source, validated, as one list."""
-    rows = [
-        row
-        for source in recipe.data.train
-        for row in load_rows(source.path, source.format, source.dimension, source.max_rows)
-    ]
-    check_consistent(rows)
-    return rows
 
 
 def build_loss(recipe: Recipe):
@@ -73,7 +62,7 @@ def run_align(ctx: StageContext) -> dict:
 
     recipe, out = ctx.recipe, ctx.work_dir
     loss = build_loss(recipe)
-    train_rows, eval_rows = split_by_prompt(load_training_rows(recipe), recipe.data.eval_fraction, recipe.seed)
+    train_rows, eval_rows = split_by_prompt(load_sources(recipe.data.train), recipe.data.eval_fraction, recipe.seed)
     _warn_about_missing_rm_outputs(recipe, loss, train_rows)
     cached_ref = has_field(train_rows, "ref_logps_0") and (not eval_rows or has_field(eval_rows, "ref_logps_0"))
 
@@ -163,4 +152,6 @@ def run_align(ctx: StageContext) -> dict:
         "reference_logps": "cached" if cached_ref else "model",
         "processes": strategy.world_size,
         "dtype": args.ds.param_dtype,
+        "policy_dir": str(policy_dir),
+        "reference_dir": None if cached_ref else str(reference_dir),
     }

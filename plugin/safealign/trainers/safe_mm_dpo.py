@@ -139,14 +139,20 @@ class SafeMMDPOTrainer(DPOTrainer):
         start_epoch = consumed_samples // args.train.batch_size // num_update_steps_per_epoch
         consumed_samples %= num_update_steps_per_epoch * args.train.batch_size
         self.metrics.truncate_after(step // accumulation)
+        # Every epoch is exactly `num_update_steps_per_epoch` optimizer steps (the scheduler is sized for
+        # that): micro-batches past the last full global batch are dropped, not spilled into the next epoch.
+        micro_per_epoch = num_update_steps_per_epoch * accumulation
         accumulator = StatsAccumulator()
 
         for epoch in range(start_epoch, self.epochs):
+            resumed = consumed_samples if epoch == start_epoch else 0
+            done = resumed // args.train.batch_size * accumulation
             sampler = self.train_dataloader.sampler
             if hasattr(sampler, "set_epoch"):
-                sampler.set_epoch(epoch, consumed_samples=0 if epoch > start_epoch else consumed_samples)
+                sampler.set_epoch(epoch, consumed_samples=resumed)
             step_bar = tqdm(
-                total=len(self.train_dataloader),
+                total=micro_per_epoch,
+                initial=done,
                 desc=f"align epoch {epoch + 1}/{self.epochs}",
                 disable=not self.strategy.is_rank_0(),
             )
@@ -154,11 +160,14 @@ class SafeMMDPOTrainer(DPOTrainer):
             if self.ref_model is not None:
                 self.ref_model.eval()
             for batch in self.train_dataloader:
+                if done >= micro_per_epoch:
+                    break
                 loss, stats = self.batch_loss(batch)
                 self.strategy.backward(loss, self.model, self.optimizer)
                 self.strategy.optimizer_step(self.optimizer, self.model, self.scheduler)
                 accumulator.add(stats)
                 step_bar.update()
+                done += 1
 
                 if step % accumulation == 0:
                     global_step = step // accumulation

@@ -1,0 +1,134 @@
+"""Shared fixtures: a tokenizer trained here, tiny random models, scored PKU-format rows.
+
+Nothing is downloaded: the tokenizer is a 512-token byte-level BPE trained in a second on the
+PKU-SafeRLHF sample this repository ships, and models are random-weight Llamas built from a config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PKU = ROOT / "data" / "pku-saferlhf-sample" / "pku_saferlhf_alpaca7b_test_sample.jsonl"
+HH = ROOT / "data" / "hh-rlhf-harmless" / "harmless-base-test-first300.jsonl"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def pku_rows(n: int | None = None) -> list[dict]:
+    rows = [json.loads(line) for line in PKU.read_text(encoding="utf-8").splitlines()]
+    return rows[:n] if n else rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory) -> None:
+    """Converted and random models go to a per-session cache, never the user's."""
+    os.environ["SAFEALIGN_CACHE"] = str(tmp_path_factory.mktemp("safealign-cache"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A small byte-level BPE tokenizer with a chat template, trained on the PKU sample."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [r["prompt"] + r["response_0"] + r["response_1"] for r in pku_rows()]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=["<|pad|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>", bos_token="<|im_start|>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    out = tmp_path_factory.mktemp("tokenizer")
+    fast.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def scored_rows(tmp_path) -> Path:
+    """24 PKU rows as the RM stage would write them: margins plus costs (+1 unsafe, −1 safe)."""
+    rows = []
+    for i, row in enumerate(pku_rows(24)):
+        rows.append(
+            {
+                **row,
+                "delta_h": 0.25 * (i % 5),
+                "delta_s": 0.5 * (i % 3),
+                "cost_0": -1.0 if row["is_response_0_safe"] else 1.0,
+                "cost_1": -1.0 if row["is_response_1_safe"] else 1.0,
+            }
+        )
+    return write_jsonl(tmp_path / "scored.jsonl", rows)
+
+
+def tiny_recipe(tmp_path: Path, tokenizer_dir: Path, data: Path, **sections) -> Path:
+    """A recipe for a 2-layer, hidden-32 random Llama; `sections` update the defaults by section."""
+    recipe = {
+        "name": "tiny",
+        "model": {
+            "policy": {
+                "random": {"tokenizer": str(tokenizer_dir), "config": {"hidden_size": 32, "intermediate_size": 64}}
+            },
+            "dtype": "fp32",
+        },
+        "data": {"train": [{"path": str(data)}], "max_len": 128},
+        "align": {
+            "learning_rate": 2e-3,
+            "batch_size": 4,
+            "micro_batch_size": 2,
+            "epochs": 1,
+            "warmup_ratio": 0.0,
+            "lr_scheduler": "constant",
+        },
+        "logging": {"tensorboard": False},
+    }
+    for section, values in sections.items():
+        recipe[section] = {**recipe.get(section, {}), **values} if isinstance(values, dict) else values
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 600, extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    """`safealign ARGS` in a fresh process (DeepSpeed keeps a process group per process)."""
+    env = {**os.environ, **(extra_env or {})}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return subprocess.run(
+        [sys.executable, "-m", "safealign.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "align" / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def train_steps(run_dir: Path) -> list[dict]:
+    return [m for m in read_metrics(run_dir) if "loss" in m]

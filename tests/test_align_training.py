@@ -1,0 +1,191 @@
+"""Training through SafeMMDPOTrainer + DeepspeedStrategy on CPU with tiny random Llamas.
+
+Each run is a fresh `safealign run` process (DeepSpeed keeps one process group per process).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_cli, tiny_recipe, train_steps
+
+pytestmark = pytest.mark.slow
+
+
+def run_ok(tmp_path: Path, recipe: Path, *args: str, run_dir: str = "runs/tiny") -> dict:
+    result = run_cli("run", str(recipe), "--run-dir", run_dir, *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((tmp_path / run_dir / "align" / "stage.json").read_text())
+
+
+def response_logps(model_dir: Path, tokenizer_dir: Path, rows: list[dict], max_len: int) -> torch.Tensor:
+    """Σ log π(response tokens | prompt) for both responses of each row, computed independently of
+    the trainer with plain transformers: shape [rows, 2]."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = torch.zeros(len(rows), 2)
+    for i, row in enumerate(rows):
+        user = [{"role": "user", "content": row["prompt"]}]
+        prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        prompt_len = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        for j in (0, 1):
+            text = tokenizer.apply_chat_template(
+                user + [{"role": "assistant", "content": row[f"response_{j}"]}], tokenize=False
+            )
+            ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"][:max_len]])
+            with torch.no_grad():
+                logps = torch.log_softmax(model(ids).logits[0, :-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
+            out[i, j] = logps[prompt_len - 1 :].sum()
+    return out
+
+
+def test_safe_mm_dpo_learns_the_safer_response_and_lambda_follows_costs(tmp_path, tokenizer_dir, scored_rows):
+    recipe = tiny_recipe(tmp_path, tokenizer_dir, scored_rows, align={"epochs": 4, "lambda_lr": 0.5})
+    summary = run_ok(tmp_path, recipe)
+    assert summary["loss"] == "safe_mm_dpo" and summary["reference_logps"] == "model"
+    steps = train_steps(tmp_path / "runs/tiny")
+    assert len(steps) == summary["steps"] >= 16
+
+    # The harmless loss falls.
+    first, last = steps[:3], steps[-3:]
+    assert sum(s["loss_s"] for s in last) / 3 < sum(s["loss_s"] for s in first) / 3 - 0.05
+
+    # λ moves the way the cost estimate says, every step: up while Ĵ_C > threshold (0), down below it.
+    for s in steps:
+        assert math.copysign(1, s["lambda_next"] - s["lambda"]) == math.copysign(1, s["cost_estimate"]), s
+    assert len({round(s["lambda"], 6) for s in steps}) > 1
+
+    # Independently of the trainer: the safer response's log-ratio (policy vs reference) rises.
+    rows = [json.loads(line) for line in scored_rows.read_text().splitlines()]
+    base_dir = Path(json.loads((tmp_path / "runs/tiny/align/stage.json").read_text())["policy_dir"])
+    before = response_logps(base_dir, tokenizer_dir, rows, 128)
+    after = response_logps(tmp_path / "runs/tiny/align/model", tokenizer_dir, rows, 128)
+    safer = torch.tensor([r["safer_response_id"] for r in rows])
+    ratio = after - before  # log πθ − log πref per response
+    safer_minus_other = ratio.gather(1, safer[:, None])[:, 0] - ratio.gather(1, 1 - safer[:, None])[:, 0]
+    assert safer_minus_other.mean() > 0.5, safer_minus_other
+
+
+def test_lambda_rises_while_costs_exceed_the_threshold(tmp_path, tokenizer_dir, scored_rows):
+    recipe = tiny_recipe(tmp_path, tokenizer_dir, scored_rows, align={"cost_threshold": -2.0, "lambda_lr": 0.1})
+    summary = run_ok(tmp_path, recipe)
+    lambdas = [s["lambda_next"] for s in train_steps(tmp_path / "runs/tiny")]
+    assert all(b > a for a, b in zip([1.0] + lambdas, lambdas))
+    assert summary["final_lambda"] == pytest.approx(lambdas[-1])
+
+
+@pytest.mark.parametrize(
+    "align, trained",
+    [
+        ({"loss": "dpo", "dimension": "helpful"}, "loss_h"),
+        ({"loss": "mm_dpo", "dimension": "safe", "w": 1.0}, "loss_s"),
+        ({"loss": "safe_mm_dpo", "lambda_update": "fixed", "lambda_init": 2.0}, None),
+    ],
+    ids=["dpo-helpful", "mm_dpo-safe", "safe_mm_dpo-fixed-lambda"],
+)
+def test_ablations_run_through_the_same_trainer(tmp_path, tokenizer_dir, scored_rows, align, trained):
+    recipe = tiny_recipe(tmp_path, tokenizer_dir, scored_rows, align=align)
+    summary = run_ok(tmp_path, recipe)
+    assert summary["loss"] == align["loss"]
+    for step in train_steps(tmp_path / "runs/tiny"):
+        if trained:
+            assert step["loss"] == pytest.approx(step[trained], abs=1e-6)
+        else:  # fixed λ = 2: L = L_H/3 + 2·L_S/3, and λ never moves
+            assert step["lambda"] == step["lambda_next"] == 2.0
+            assert step["loss"] == pytest.approx(step["loss_h"] / 3 + 2 * step["loss_s"] / 3, abs=1e-5)
+        assert math.isfinite(step["cost_estimate"])
+
+
+def test_rerun_is_skipped_and_data_change_reruns(tmp_path, tokenizer_dir, scored_rows):
+    recipe = tiny_recipe(tmp_path, tokenizer_dir, scored_rows)
+    first = run_ok(tmp_path, recipe)
+    again = run_cli("run", str(recipe), "--run-dir", "runs/tiny", cwd=tmp_path)
+    assert again.returncode == 0 and "up to date" in again.stderr
+    assert json.loads((tmp_path / "runs/tiny/align/stage.json").read_text()) == first
+    with scored_rows.open("a") as handle:  # the data changed: the stage runs again
+        handle.write(scored_rows.read_text().splitlines()[0] + "\n")
+    changed = run_cli("run", str(recipe), "--run-dir", "runs/tiny", cwd=tmp_path)
+    assert changed.returncode == 0 and "changed since the last run" in changed.stderr
+    assert json.loads((tmp_path / "runs/tiny/align/stage.json").read_text())["fingerprint"] != first["fingerprint"]
+
+
+def test_crash_mid_stage_resumes_from_the_checkpoint(tmp_path, tokenizer_dir, scored_rows):
+    """SIGKILL the stage after a few checkpointed steps; the rerun continues where it stopped and ends
+    exactly where an uninterrupted run ends (same steps, same λ, same final loss)."""
+    recipe = tiny_recipe(
+        tmp_path, tokenizer_dir, scored_rows, align={"epochs": 6, "checkpoint_steps": 1, "lambda_lr": 0.3}
+    )
+    reference = run_ok(tmp_path, recipe, run_dir="runs/straight")
+    expected = train_steps(tmp_path / "runs/straight")
+
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    partial = tmp_path / "runs/crashed/.align.partial"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "safealign.cli", "run", str(recipe), "--run-dir", "runs/crashed"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        metrics = partial / "metrics.jsonl"
+        if (
+            metrics.exists()
+            and len(metrics.read_text().splitlines()) >= 8
+            and (partial / "checkpoints" / "latest").exists()
+        ):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp_path / "runs/crashed/align").exists()  # nothing half-finished is published
+
+    result = run_cli("run", str(recipe), "--run-dir", "runs/crashed", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming the unfinished run" in result.stderr and "resumed from" in result.stderr
+    resumed = train_steps(tmp_path / "runs/crashed")
+    assert [s["step"] for s in resumed] == [s["step"] for s in expected]
+    assert resumed[-1]["lambda_next"] == pytest.approx(expected[-1]["lambda_next"], rel=1e-5)
+    assert resumed[-1]["loss"] == pytest.approx(expected[-1]["loss"], rel=1e-4)
+    summary = json.loads((tmp_path / "runs/crashed/align/stage.json").read_text())
+    assert summary["final_lambda"] == pytest.approx(reference["final_lambda"], rel=1e-5)
+    assert not (tmp_path / "runs/crashed/align/checkpoints").exists()
+
+
+def test_two_processes_under_torchrun_zero2(tmp_path, tokenizer_dir, scored_rows):
+    recipe = tiny_recipe(tmp_path, tokenizer_dir, scored_rows, deepspeed={"zero_stage": 2}, align={"epochs": 2})
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    with socket.socket() as sock:  # torchrun's --master_port 0 hangs the static rendezvous: pick one
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+         "-m", "safealign.cli", "run", str(recipe), "--run-dir", "runs/ddp"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs/ddp/align/stage.json").read_text())
+    assert summary["processes"] == 2
+    steps = train_steps(tmp_path / "runs/ddp")
+    assert len(steps) == summary["steps"] and all(math.isfinite(s["loss"]) for s in steps)
+    assert (tmp_path / "runs/ddp/align/model/model.safetensors").exists()

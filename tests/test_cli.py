@@ -1,0 +1,80 @@
+"""The `safealign` command: bad input exits non-zero with one line and no traceback."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from conftest import pku_rows, run_cli, write_jsonl
+
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("safealign: error:")]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0]
+
+
+def write_recipe(tmp_path, data_path, **align) -> str:
+    recipe = {
+        "name": "t",
+        "model": {"policy": "unused/dir"},
+        "data": {"train": [{"path": str(data_path)}]},
+        "align": align,
+    }
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    return str(tmp_path / "r.yaml")
+
+
+def test_help_explains_commands(tmp_path):
+    result = run_cli("--help", cwd=tmp_path)
+    assert result.returncode == 0
+    for word in ("run", "validate", "losses", "torchrun"):
+        assert word in result.stdout
+    run_help = run_cli("run", "--help", cwd=tmp_path).stdout
+    assert "--stage" in run_help and "--set" in run_help and "resume" in run_help
+
+
+def test_losses_lists_builtins(tmp_path):
+    result = run_cli("losses", cwd=tmp_path)
+    assert result.returncode == 0
+    assert {line.split()[0] for line in result.stdout.splitlines()} >= {"dpo", "mm_dpo", "safe_mm_dpo"}
+
+
+def test_validate_ok(tmp_path):
+    result = run_cli("validate", write_recipe(tmp_path, write_jsonl(tmp_path / "d.jsonl", pku_rows(5))), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "ok" in result.stdout and "5 training pairs" in result.stdout
+
+
+def test_malformed_recipe(tmp_path):
+    (tmp_path / "r.yaml").write_text("name: t\nmodel: {policy: x\n")
+    assert_one_line_error(run_cli("validate", "r.yaml", cwd=tmp_path), "r.yaml:", "not valid YAML")
+
+
+def test_unknown_key(tmp_path):
+    path = write_recipe(tmp_path, write_jsonl(tmp_path / "d.jsonl", pku_rows(2)), lambda_intt=2)
+    assert_one_line_error(run_cli("validate", path, cwd=tmp_path), "align.lambda_intt: unknown key")
+
+
+def test_missing_recipe_and_bad_override(tmp_path):
+    assert_one_line_error(run_cli("run", "nope.yaml", cwd=tmp_path), "recipe file not found")
+    path = write_recipe(tmp_path, write_jsonl(tmp_path / "d.jsonl", pku_rows(2)))
+    assert_one_line_error(run_cli("run", path, "--set", "align.epochs=two", cwd=tmp_path), "align.epochs")
+
+
+@pytest.mark.parametrize(
+    "rows, fragments",
+    [
+        ([], ("no usable rows",)),
+        ([{**pku_rows(1)[0], "safer_response_id": 3}], ("d.jsonl:1", "safer_response_id must be 0, 1 or -1")),
+        ([{**pku_rows(1)[0], "delta_h": float("nan")}], ("d.jsonl:1", "delta_h is nan")),
+    ],
+    ids=["empty-dataset", "bad-id", "nan-margin"],
+)
+def test_bad_data_stops_run_with_one_line(tmp_path, rows, fragments):
+    path = write_recipe(tmp_path, write_jsonl(tmp_path / "d.jsonl", rows))
+    assert_one_line_error(run_cli("run", path, cwd=tmp_path), *fragments)
+    assert not (tmp_path / "runs" / "t" / "align").exists()

@@ -1,0 +1,104 @@
+"""Adapters to one row shape, validation errors that name the row, and prompt-level splits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import HH, PKU, pku_rows, write_jsonl
+from safealign.data import RowError, load_rows, prompt_key, split_by_prompt
+from safealign.errors import SafeAlignError
+
+
+def test_pku_sample_loads_with_both_labels():
+    rows = load_rows(PKU, "pku_saferlhf")
+    assert len(rows) == 225
+    # Facts from data/pku-saferlhf-sample/README.md: better ≠ safer in 46 rows; better = 1 in 135; safer = 1 in 143.
+    assert sum(r.better_response_id != r.safer_response_id for r in rows) == 46
+    assert sum(r.better_response_id == 1 for r in rows) == 135
+    assert sum(r.safer_response_id == 1 for r in rows) == 143
+    assert rows[0].prompt == [{"role": "user", "content": pku_rows(1)[0]["prompt"]}]
+    assert rows[0].delta_h is None and rows[0].source.endswith(":1")
+
+
+def test_hh_rlhf_rows_become_safe_only_dialogues(caplog):
+    rows = load_rows(HH, "hh_rlhf", dimension="safe")
+    assert len(rows) == 299  # line 87's chosen answer is empty: skipped and reported
+    assert "skipped 1 row(s) with an empty response" in caplog.text and "jsonl:87" in caplog.text
+    assert all(r.better_response_id == -1 and r.safer_response_id == 0 for r in rows)
+    first = rows[0]
+    assert [m["role"] for m in first.prompt] == ["user", "assistant", "user", "assistant", "user"]
+    assert first.prompt[0]["content"] == "what are some pranks with a pen i can do?"
+    assert first.response_0 != first.response_1
+
+
+def test_pairs_label_the_declared_dimension(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "good", "rejected": "bad"}])
+    (row,) = load_rows(path, "pairs", dimension="helpful")
+    assert (row.response_0, row.better_response_id, row.safer_response_id) == ("good", 0, -1)
+    with pytest.raises(SafeAlignError, match="dimension"):
+        load_rows(path, "pairs")
+
+
+def pku_variant(tmp_path, **changes):
+    row = {**pku_rows(1)[0], **changes}
+    return write_jsonl(tmp_path / "bad.jsonl", [pku_rows(2)[1], row])
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"safer_response_id": 2}, r"bad.jsonl:2: safer_response_id must be 0, 1 or -1 \(no label\), got 2"),
+        ({"better_response_id": True}, "better_response_id must be 0, 1 or -1"),
+        ({"better_response_id": None}, "missing field 'better_response_id'"),
+        ({"response_1": 3}, "response_1 must be a string"),
+        ({"delta_h": "big"}, "delta_h must be a number"),
+        ({"is_response_0_safe": "yes"}, "is_response_0_safe must be true or false"),
+    ],
+)
+def test_bad_rows_name_file_line_and_field(tmp_path, changes, message):
+    with pytest.raises(RowError, match=message):
+        load_rows(pku_variant(tmp_path, **changes), "pku_saferlhf")
+
+
+def test_nan_margin_is_an_error(tmp_path):
+    path = tmp_path / "nan.jsonl"
+    rows = pku_rows(2)
+    rows[1]["delta_s"] = float("nan")  # json writes NaN, which Python's reader accepts
+    write_jsonl(path, rows)
+    assert "NaN" in path.read_text()
+    with pytest.raises(RowError, match=r"nan.jsonl:2: delta_s is nan \(NaN/inf\)"):
+        load_rows(path, "pku_saferlhf")
+
+
+def test_half_scored_data_is_an_error(tmp_path):
+    rows = pku_rows(3)
+    rows[0]["cost_0"], rows[0]["cost_1"] = 1.0, -1.0
+    with pytest.raises(RowError, match="cost_0 is missing here but present in other rows"):
+        load_rows(write_jsonl(tmp_path / "half.jsonl", rows), "pku_saferlhf")
+
+
+def test_empty_and_malformed_files(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(SafeAlignError, match="no usable rows"):
+        load_rows(tmp_path / "empty.jsonl", "pku_saferlhf")
+    only_empty = write_jsonl(tmp_path / "blank.jsonl", [{**pku_rows(1)[0], "response_0": "  "}])
+    with pytest.raises(SafeAlignError, match="no usable rows"):
+        load_rows(only_empty, "pku_saferlhf")
+    (tmp_path / "broken.jsonl").write_text(json.dumps(pku_rows(1)[0]) + "\n{not json\n")
+    with pytest.raises(RowError, match="broken.jsonl:2: not valid JSON"):
+        load_rows(tmp_path / "broken.jsonl", "pku_saferlhf")
+    with pytest.raises(SafeAlignError, match="not found"):
+        load_rows(tmp_path / "missing.jsonl", "pku_saferlhf")
+
+
+def test_split_is_deterministic_and_keeps_prompts_on_one_side():
+    rows = load_rows(PKU, "pku_saferlhf")
+    train, held_out = split_by_prompt(rows, 0.2, seed=7)
+    again_train, again_held_out = split_by_prompt(rows, 0.2, seed=7)
+    assert [r.source for r in held_out] == [r.source for r in again_held_out]
+    assert len(train) + len(held_out) == len(rows)
+    assert 0.1 < len(held_out) / len(rows) < 0.3
+    assert not {prompt_key(r) for r in train} & {prompt_key(r) for r in held_out}
+    assert split_by_prompt(rows, 0.0, seed=7) == (rows, [])

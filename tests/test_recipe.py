@@ -1,0 +1,108 @@
+"""Recipe validation: every failure is one line naming the field; nothing is silently ignored."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import PKU, ROOT
+from safealign.errors import SafeAlignError
+from safealign.recipe import load_recipe, validate_recipe
+
+
+def base(**align) -> dict:
+    return {"name": "t", "model": {"policy": "some/dir"}, "data": {"train": [{"path": str(PKU)}]}, "align": align}
+
+
+def error_of(data: dict) -> str:
+    with pytest.raises(SafeAlignError) as info:
+        validate_recipe(data, source="r.yaml")
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_validates(path):
+    recipe = load_recipe(path)
+    assert recipe.name
+
+
+def test_seed_defaults():
+    align = validate_recipe(base()).align
+    assert (align.loss, align.lambda_init, align.w, align.k, align.beta_ori) == ("safe_mm_dpo", 1.0, 0.5, 0.5, 0.1)
+    assert (align.learning_rate, align.batch_size, align.lambda_lr, align.epochs) == (5e-7, 16, 0.01, 2)
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({**base(), "typo": 1}, "r.yaml: typo: unknown key"),
+        (base(lamda_init=2.0), "align.lamda_init: unknown key"),
+        (base(lambda_init="high"), "align.lambda_init: Input should be a valid number (got 'high')"),
+        (base(lambda_init=-1.0), "align.lambda_init: Input should be greater than 0 (got -1.0)"),
+        (base(epochs=1.5), "align.epochs: Input should be a valid integer"),
+        (base(batch_size=6, micro_batch_size=4), "batch_size (6) must be a multiple of micro_batch_size (4)"),
+        (base(lambda_init=2.0, lambda_max=1.0), "lambda_max (1.0) is below lambda_init (2.0)"),
+        (base(loss="dpo", w=0.3), "align.w: not used by loss 'dpo'"),
+        (base(loss="dpo", lambda_lr=0.1), "align.lambda_lr: not used by loss 'dpo'"),
+        (base(loss="nope"), "align.loss: unknown loss 'nope'"),
+        (base(kl_coeff=0.2, beta_ori=0.1), "kl_coeff (0.2) and beta_ori (0.1) name the same β"),
+        ({**base(), "data": {"train": [{"path": "missing.jsonl"}]}}, "data.train.0.path: file not found"),
+        ({**base(), "data": {"train": []}}, "data.train: List should have at least 1 item"),
+        ({**base(), "data": {"train": [{"path": str(PKU), "format": "pairs"}]}}, "format pairs needs `dimension"),
+        (
+            {**base(), "model": {"policy": {"random": {"tokenizer": "x", "layers": 2}}}},
+            "model.policy.random.layers: unknown key",
+        ),
+        ({**base(), "model": {}}, "model.policy: Field required"),
+        ({**base(), "deepspeed": {"zero_stage": 4}}, "deepspeed.zero_stage: Input should be 0, 1, 2 or 3"),
+        ({**base(), "name": "Has Spaces"}, "name: String should match pattern"),
+    ],
+)
+def test_errors_name_the_field(data, expected):
+    assert expected in error_of(data)
+
+
+def test_kl_coeff_is_beta_ori():
+    assert validate_recipe(base(kl_coeff=0.05)).align.beta_ori == 0.05
+    assert validate_recipe(base(kl_coeff=0.05, beta_ori=0.05)).align.beta_ori == 0.05
+
+
+def test_relative_paths_resolve_against_the_recipe(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "rows.jsonl").write_text(PKU.read_text())
+    (tmp_path / "r.yaml").write_text(
+        "name: t\nmodel: {policy: models/m}\ndata: {train: [{path: d/rows.jsonl}]}\nalign: {learning_rate: 5e-7}\n"
+    )
+    recipe = load_recipe(tmp_path / "r.yaml")
+    assert recipe.data.train[0].path == tmp_path / "d" / "rows.jsonl"
+    assert recipe.model.policy == str(tmp_path / "models" / "m")
+    assert recipe.align.learning_rate == 5e-7  # YAML 1.1 would read `5e-7` as a string
+
+
+def test_overrides(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(base()))
+    recipe = load_recipe(path, ["align.lambda_init=2", "data.train.0.max_rows=8", "align.w=1.0e-1"])
+    assert (recipe.align.lambda_init, recipe.data.train[0].max_rows, recipe.align.w) == (2.0, 8, 0.1)
+    with pytest.raises(SafeAlignError, match="expected KEY=VALUE"):
+        load_recipe(path, ["align.lambda_init"])
+    with pytest.raises(SafeAlignError, match="data.train.3 is not an item of a 1-item list"):
+        load_recipe(path, ["data.train.3.max_rows=1"])
+    with pytest.raises(SafeAlignError, match="align.nonsense: unknown key"):
+        load_recipe(path, ["align.nonsense=1"])
+
+
+def test_unreadable_recipes(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: t\nalign: [unclosed\n")
+    with pytest.raises(SafeAlignError, match=r"bad.yaml:\d+: not valid YAML"):
+        load_recipe(bad)
+    bad.write_text("- just a list\n")
+    with pytest.raises(SafeAlignError, match="must be a YAML mapping"):
+        load_recipe(bad)
+    with pytest.raises(SafeAlignError, match="recipe file not found"):
+        load_recipe(Path(tmp_path / "none.yaml"))
