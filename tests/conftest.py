@@ -15,6 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+# OpenRLHF must load after the CPU patches; importing it through safealign once, here, lets every
+# test module import openrlhf directly.
+import safealign._openrlhf  # noqa: F401
+
 ROOT = Path(__file__).resolve().parents[1]
 PKU = ROOT / "data" / "pku-saferlhf-sample" / "pku_saferlhf_alpaca7b_test_sample.jsonl"
 HH = ROOT / "data" / "hh-rlhf-harmless" / "harmless-base-test-first300.jsonl"

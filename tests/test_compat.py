@@ -7,7 +7,6 @@ import sys
 
 import torch
 
-from safealign import _openrlhf  # noqa: F401  (applies the CPU patches before OpenRLHF loads)
 from safealign import compat
 
 

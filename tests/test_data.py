@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from conftest import HH, PKU, pku_rows, write_jsonl
 from safealign.data import RowError, load_rows, prompt_key, split_by_prompt
 from safealign.errors import SafeAlignError
+
+from conftest import HH, PKU, pku_rows, write_jsonl
 
 
 def test_pku_sample_loads_with_both_labels():

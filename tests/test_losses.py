@@ -158,7 +158,6 @@ def batch(**overrides) -> PreferenceBatch:
 
 
 def test_dpo_matches_openrlhfs_own_dpo_loss():
-    from safealign import _openrlhf  # noqa: F401  (OpenRLHF through the CPU patches)
     from openrlhf.models import DPOLoss as OpenRLHFDPOLoss
 
     b = batch(better_id=ids(0, 0, 0))

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import PKU, ROOT
 from safealign.errors import SafeAlignError
 from safealign.recipe import load_recipe, validate_recipe
+
+from conftest import PKU, ROOT
 
 
 def base(**align) -> dict:
