@@ -178,12 +178,17 @@ def test_two_processes_under_torchrun_zero2(tmp_path, tokenizer_dir, scored_rows
     with socket.socket() as sock:  # torchrun's --master_port 0 hangs the static rendezvous: pick one
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
-    result = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
          "-m", "safealign.cli", "run", str(recipe), "--run-dir", "runs/ddp"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
+    try:
+        _, stderr = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:  # a hang: take torchrun's workers down with it
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, stderr[-3000:]
     summary = json.loads((tmp_path / "runs/ddp/align/stage.json").read_text())
     assert summary["processes"] == 2
     steps = train_steps(tmp_path / "runs/ddp")

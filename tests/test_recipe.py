@@ -107,3 +107,30 @@ def test_unreadable_recipes(tmp_path):
         load_recipe(bad)
     with pytest.raises(SafeAlignError, match="recipe file not found"):
         load_recipe(Path(tmp_path / "none.yaml"))
+
+
+def _schema_keys(model) -> set[str]:
+    """Every field name of a pydantic model and of the models nested in it."""
+    from typing import get_args
+
+    from pydantic import BaseModel
+
+    keys = set()
+    for name, field in model.model_fields.items():
+        keys.add(name)
+        stack = [field.annotation]
+        while stack:
+            annotation = stack.pop()
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+                keys |= _schema_keys(annotation)
+            else:
+                stack.extend(get_args(annotation))
+    return keys
+
+
+def test_docs_describe_every_recipe_key():
+    from safealign.recipe import Recipe
+
+    documented = (ROOT / "docs" / "recipes.md").read_text()
+    missing = sorted(key for key in _schema_keys(Recipe) if f"{key}:" not in documented)
+    assert not missing, f"docs/recipes.md does not describe: {missing}"
