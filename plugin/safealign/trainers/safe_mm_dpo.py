@@ -135,10 +135,11 @@ class SafeMMDPOTrainer(DPOTrainer):
         if args.ckpt.save_steps == -1:
             args.ckpt.save_steps = float("inf")
 
-        step = consumed_samples // args.train.batch_size * accumulation + 1
-        start_epoch = consumed_samples // args.train.batch_size // num_update_steps_per_epoch
+        steps_done = consumed_samples // args.train.batch_size
+        step = steps_done * accumulation + 1  # micro-batch counter, as in DPOTrainer.fit
+        start_epoch = steps_done // num_update_steps_per_epoch
         consumed_samples %= num_update_steps_per_epoch * args.train.batch_size
-        self.metrics.truncate_after(step // accumulation)
+        self.metrics.truncate_after(steps_done)
         # Every epoch is exactly `num_update_steps_per_epoch` optimizer steps (the scheduler is sized for
         # that): micro-batches past the last full global batch are dropped, not spilled into the next epoch.
         micro_per_epoch = num_update_steps_per_epoch * accumulation
