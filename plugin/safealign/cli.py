@@ -13,6 +13,7 @@ from pathlib import Path
 
 from safealign import __version__
 from safealign.errors import SafeAlignError
+from safealign.process import is_rank_0
 
 EPILOG = """examples:
   safealign run recipes/quickstart.yaml                    every stage the recipe lists, on this machine
@@ -65,8 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _configure_logging() -> None:
-    from safealign.process import is_rank_0
-
     logging.basicConfig(
         level=logging.INFO if is_rank_0() else logging.ERROR,  # one copy of each warning, from rank 0
         format="[safealign] %(message)s",
@@ -89,8 +88,13 @@ def _run(args: argparse.Namespace) -> int:
     from safealign.runner import run_recipe
 
     run_dir = args.run_dir or Path("runs") / recipe.name
-    for summary in run_recipe(recipe, run_dir, args.stages, args.force):
-        logging.getLogger("safealign").info("%s summary: %s", summary["stage"], summary)
+    summaries = run_recipe(recipe, run_dir, args.stages, args.force)
+    if is_rank_0():
+        for summary in summaries:
+            outputs = ", ".join(
+                f"{name}: {run_dir / summary['stage'] / path}" for name, path in summary.get("outputs", {}).items()
+            )
+            print(f"{summary['stage']}: finished in {summary['seconds']:.0f} s; {outputs}")
     return 0
 
 

@@ -38,7 +38,11 @@ STAGES: dict[str, Stage] = {}
 
 
 def register_stage(name: str, sections: tuple[str, ...]):
-    """Decorator: register `fn(ctx) -> summary dict` as the stage `name`."""
+    """Decorator: register `fn(ctx) -> summary dict` as the stage `name`.
+
+    The summary is stored in `<stage>/stage.json`; its `outputs` maps names to paths relative to the
+    stage directory (what the CLI shows at the end of a run and later stages read).
+    """
 
     def decorate(fn: Callable[[StageContext], dict]) -> Callable[[StageContext], dict]:
         doc = (fn.__doc__ or "").strip().splitlines()

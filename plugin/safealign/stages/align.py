@@ -143,6 +143,7 @@ def run_align(ctx: StageContext) -> dict:
     if strategy.is_rank_0():
         shutil.rmtree(args.ckpt.path, ignore_errors=True)  # resume state only; the model is saved
     return {
+        "outputs": {"model": "model", "metrics": "metrics.jsonl"},
         "loss": loss.name,
         "train_pairs": len(train_set),
         "eval_pairs": len(eval_rows),

@@ -1,0 +1,78 @@
+"""The runner's contract, with a stand-in stage (no training): atomic outputs, skip, resume, force."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from safealign.recipe import validate_recipe
+from safealign.runner import run_stage
+from safealign.stages import Stage
+
+from conftest import PKU
+
+
+def recipe(**align):
+    return validate_recipe(
+        {"name": "t", "model": {"policy": "x"}, "data": {"train": [{"path": str(PKU)}]}, "align": align}
+    )
+
+
+class FlakyStage:
+    """Writes a file, then fails the first `failures` times it runs; records what it saw."""
+
+    def __init__(self, failures: int = 0) -> None:
+        self.failures, self.calls, self.seen_previous_work = failures, 0, []
+
+    def __call__(self, ctx) -> dict:
+        self.calls += 1
+        self.seen_previous_work.append((ctx.work_dir / "progress.txt").exists())
+        (ctx.work_dir / "progress.txt").write_text(f"call {self.calls}")
+        if self.calls <= self.failures:
+            raise RuntimeError("pre-empted")
+        return {"outputs": {"progress": "progress.txt"}, "calls": self.calls}
+
+
+def stage(fn) -> Stage:
+    return Stage(name="align", run=fn, sections=("align",), description="stand-in")
+
+
+def test_failure_publishes_nothing_and_the_rerun_resumes_the_partial_work(tmp_path, caplog):
+    fn = FlakyStage(failures=1)
+    with pytest.raises(RuntimeError):
+        run_stage(recipe(), tmp_path, stage(fn))
+    assert not (tmp_path / "align").exists()
+    assert (tmp_path / ".align.partial" / "fingerprint").exists()
+
+    caplog.set_level("INFO")
+    summary = run_stage(recipe(), tmp_path, stage(fn))
+    assert fn.seen_previous_work == [False, True]  # the second run found the first one's work
+    assert "resuming the unfinished run" in caplog.text
+    assert summary["calls"] == 2 and not (tmp_path / ".align.partial").exists()
+    assert json.loads((tmp_path / "align" / "stage.json").read_text()) == summary
+    assert (tmp_path / "align" / "progress.txt").read_text() == "call 2"
+
+
+def test_up_to_date_stage_is_skipped_and_a_changed_recipe_starts_clean(tmp_path):
+    fn = FlakyStage()
+    first = run_stage(recipe(), tmp_path, stage(fn))
+    assert run_stage(recipe(), tmp_path, stage(fn)) == first and fn.calls == 1
+    assert run_stage(recipe(), tmp_path, stage(fn), force=True)["calls"] == 2
+
+    failing = FlakyStage(failures=1)
+    with pytest.raises(RuntimeError):
+        run_stage(recipe(lambda_init=2.0), tmp_path, stage(failing))
+    assert (tmp_path / "align" / "stage.json").exists()  # the old finished outputs are untouched
+    other = FlakyStage()
+    run_stage(recipe(lambda_init=3.0), tmp_path, stage(other))  # yet another recipe: the partial is discarded
+    assert other.seen_previous_work == [False]
+
+
+def test_logging_changes_do_not_invalidate_a_stage(tmp_path):
+    fn = FlakyStage()
+    run_stage(recipe(), tmp_path, stage(fn))
+    quieter = recipe()
+    quieter.logging.tensorboard = False
+    run_stage(quieter, tmp_path, stage(fn))
+    assert fn.calls == 1
