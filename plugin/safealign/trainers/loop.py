@@ -1,0 +1,145 @@
+"""The training loop shared by our OpenRLHF trainer subclasses, and the pair log-prob helper.
+
+OpenRLHF's `DPOTrainer.fit` and `RewardModelTrainer.fit` are one loop each with the loss inlined. Our
+trainers need a different loss, extra per-row inputs and per-step hooks (λ), so `StepLoop` is that
+loop with the loss as a method: the same sampler/epoch/resume bookkeeping, `strategy.backward` /
+`optimizer_step`, and OpenRLHF's `save_logs_and_checkpoints` (TensorBoard, wandb, DeepSpeed
+checkpoints), plus statistics reduced over micro-batches and ranks into `metrics.jsonl`.
+Every epoch is exactly `num_update_steps_per_epoch` optimizer steps, which is what the LR scheduler
+was sized for, and what makes resume arithmetic exact.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from safealign._openrlhf import DPOTrainer
+from safealign.errors import SafeAlignError
+from safealign.metrics import MetricsLog, StatsAccumulator
+
+
+class StepLoop:
+    """Mixin for an OpenRLHF trainer: implement `batch_loss`; optionally `after_step`, `client_state`."""
+
+    #: Shown on the progress bar; everything else goes to metrics.jsonl / TensorBoard / wandb.
+    bar_keys: tuple[str, ...] = ("loss",)
+    progress_name: str = "train"
+    metrics: MetricsLog
+
+    def batch_loss(self, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """The scalar loss of one micro-batch and its statistics."""
+        raise NotImplementedError
+
+    def after_step(self, logs: dict[str, float]) -> None:
+        """Called once per optimizer step with the step's reduced statistics (may add to them)."""
+
+    def client_state(self) -> dict:
+        """Extra state saved in DeepSpeed checkpoints beside `consumed_samples`."""
+        return {}
+
+    def fit(self, args, consumed_samples: int = 0, num_update_steps_per_epoch: int | None = None) -> None:
+        accumulation = self.strategy.accumulated_gradient
+        if num_update_steps_per_epoch is None:
+            num_update_steps_per_epoch = len(self.train_dataloader) // accumulation
+        if num_update_steps_per_epoch <= 0:
+            raise SafeAlignError("fewer training pairs than one global batch: lower the batch_size or add data")
+        if args.eval.steps == -1:
+            args.eval.steps = num_update_steps_per_epoch
+        if args.ckpt.save_steps == -1:
+            args.ckpt.save_steps = float("inf")
+
+        steps_done = consumed_samples // args.train.batch_size
+        step = steps_done * accumulation + 1  # micro-batch counter, as in OpenRLHF's loops
+        start_epoch = steps_done // num_update_steps_per_epoch
+        consumed_samples %= num_update_steps_per_epoch * args.train.batch_size
+        self.metrics.truncate_after(steps_done)
+        micro_per_epoch = num_update_steps_per_epoch * accumulation
+        accumulator = StatsAccumulator()
+
+        for epoch in range(start_epoch, self.epochs):
+            resumed = consumed_samples if epoch == start_epoch else 0
+            done = resumed // args.train.batch_size * accumulation
+            sampler = self.train_dataloader.sampler
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch, consumed_samples=resumed)
+            step_bar = tqdm(
+                total=micro_per_epoch,
+                initial=done,
+                desc=f"{self.progress_name} epoch {epoch + 1}/{self.epochs}",
+                disable=not self.strategy.is_rank_0(),
+            )
+            self.model.train()
+            for batch in self.train_dataloader:
+                if done >= micro_per_epoch:  # drop micro-batches past the last full global batch
+                    break
+                loss, stats = self.batch_loss(batch)
+                self.strategy.backward(loss, self.model, self.optimizer)
+                self.strategy.optimizer_step(self.optimizer, self.model, self.scheduler)
+                accumulator.add(stats)
+                step_bar.update()
+                done += 1
+
+                if step % accumulation == 0:
+                    global_step = step // accumulation
+                    logs = accumulator.reduce(self.strategy)
+                    self.after_step(logs)
+                    logs["lr"] = self.scheduler.get_last_lr()[0]
+                    logs["grad_norm"] = self.strategy.get_grad_norm(self.model)
+                    self.metrics.write({"step": global_step, "epoch": epoch, **logs})
+                    step_bar.set_postfix({k: f"{logs[k]:.4g}" for k in self.bar_keys if k in logs})
+                    client_states = {"consumed_samples": global_step * args.train.batch_size, **self.client_state()}
+                    self.save_logs_and_checkpoints(args, global_step, step_bar, logs, client_states)
+                step += 1
+            step_bar.close()
+
+        if self._wandb is not None and self.strategy.is_rank_0():
+            self._wandb.finish()
+        if self._tensorboard is not None and self.strategy.is_rank_0():
+            self._tensorboard.close()
+
+    def evaluate(self, eval_dataloader, steps: int = 0) -> dict[str, float]:
+        """Held-out statistics of `batch_loss` (replaces the OpenRLHF trainer's own evaluate)."""
+        self.model.eval()
+        accumulator = StatsAccumulator()
+        with torch.no_grad():
+            for batch in tqdm(eval_dataloader, desc=f"eval at step {steps}", disable=not self.strategy.is_rank_0()):
+                accumulator.add(self.batch_loss(batch)[1])
+        logs = {f"eval_{k}": v for k, v in accumulator.reduce(self.strategy).items()}
+        self.metrics.write({"step": steps, **logs})
+        if self.strategy.is_rank_0():
+            if self._wandb is not None:
+                self._wandb.log({f"eval/{k}": v for k, v in {**logs, "global_step": steps}.items()})
+            elif self._tensorboard is not None:
+                for key, value in logs.items():
+                    self._tensorboard.add_scalar(f"eval/{key}", value, steps)
+        self.model.train()
+        return logs
+
+
+class PairLogProbs:
+    """Sum and mean response log-probs of both responses of a batch, from one forward over both.
+
+    These are OpenRLHF's `DPOTrainer.concatenated_inputs` and `_get_batch_logps` (borrowed, not
+    copied), so the align trainer's live reference pass and the RM stage's cached reference
+    log-probs run the very same code.
+    """
+
+    concatenated_inputs = DPOTrainer.concatenated_inputs
+    _get_batch_logps = DPOTrainer._get_batch_logps
+
+    def __init__(self, tokenizer, strategy, device: torch.device) -> None:
+        self.tokenizer = tokenizer
+        self.strategy = strategy
+        self.device = device
+
+    def __call__(self, model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        ids_0, mask_0, ids_1, mask_1, extras = batch
+        d = self.device
+        input_ids, masks, prompt_lens = self.concatenated_inputs(
+            ids_0.to(d), mask_0.to(d), ids_1.to(d), mask_1.to(d), extras.prompt_lens
+        )
+        log_probs = model(input_ids, attention_mask=masks, return_logprobs=True, ring_attn_group=self.strategy.ring_attn_group)
+        sums, means = self._get_batch_logps(log_probs, masks, prompt_lens)
+        n = ids_0.shape[0]
+        return sums[:n], sums[n:], means[:n], means[n:]
