@@ -20,8 +20,9 @@ try:
     datasets.disable_progress_bars()  # per-split map/filter bars: noise next to the training bar
     from openrlhf.datasets import RewardDataset
     from openrlhf.datasets.reward_dataset import preprocess_data
-    from openrlhf.models import Actor
+    from openrlhf.models import Actor, get_llm_for_sequence_regression
     from openrlhf.trainer.dpo_trainer import DPOTrainer
+    from openrlhf.trainer.rm_trainer import RewardModelTrainer
     from openrlhf.utils import get_strategy, get_tokenizer
     from openrlhf.utils.deepspeed import DeepspeedStrategy
 except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environment
@@ -36,6 +37,8 @@ __all__ = [
     "DPOTrainer",
     "DeepspeedStrategy",
     "RewardDataset",
+    "RewardModelTrainer",
+    "get_llm_for_sequence_regression",
     "get_strategy",
     "get_tokenizer",
     "preprocess_data",

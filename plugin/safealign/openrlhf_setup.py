@@ -7,6 +7,7 @@ where the recipe has no say), so the training runs through OpenRLHF's own object
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -15,10 +16,12 @@ from types import SimpleNamespace as NS
 import torch
 
 from safealign import compat
-from safealign._openrlhf import Actor, DeepspeedStrategy, get_strategy, get_tokenizer
+from safealign._openrlhf import Actor, DeepspeedStrategy, get_llm_for_sequence_regression, get_strategy, get_tokenizer
 from safealign.errors import SafeAlignError
 from safealign.process import ensure_process_env
 from safealign.recipe import Recipe, TrainingSection
+
+log = logging.getLogger("safealign")
 
 
 def resolve_dtype(choice: str) -> str:
@@ -113,6 +116,8 @@ def openrlhf_args(recipe: Recipe, training: TrainingSection, out_dir: Path) -> N
             nll_loss_coef=0.0,
             gradient_checkpointing_enable=recipe.model.gradient_checkpointing,
             gradient_checkpointing_reentrant=False,
+            margin_loss_enable=False,
+            compute_fp32_loss_enable=False,
         ),
         ref=NS(offload=recipe.deepspeed.ref_offload),
         data=NS(
@@ -186,9 +191,25 @@ def load_actor(path: Path, args: NS, strategy: DeepspeedStrategy, *, trainable: 
     return actor
 
 
-def load_tokenizer(path: Path, actor: Actor, strategy: DeepspeedStrategy):
-    """OpenRLHF's tokenizer setup (right padding, pad = eos when missing) for a training model."""
-    return get_tokenizer(str(path), actor.model, "right", strategy)
+def load_value_model(path: Path, args: NS, strategy: DeepspeedStrategy, *, trainable: bool):
+    """OpenRLHF's value-head model (`score` head on the last token): a fresh head on a causal LM to
+    train, or a trained reward/cost model to score with. Reward models are fully fine-tuned
+    (`model.lora` is the policy's), so what is saved is always a complete checkpoint."""
+    return get_llm_for_sequence_regression(
+        str(path),
+        "reward",
+        param_dtype=args.ds.param_dtype,
+        attn_implementation=args.ds.attn_implementation,
+        ds_config=strategy.get_ds_train_config() if trainable else strategy.get_ds_eval_config(),
+        init_value_head=trainable,
+        value_head_prefix="score",
+        packing_samples=False,
+    )
+
+
+def load_tokenizer(path: Path, model, strategy: DeepspeedStrategy, padding_side: str = "right"):
+    """OpenRLHF's tokenizer setup (pad = eos when missing): right padding for log-probs, left for values."""
+    return get_tokenizer(str(path), getattr(model, "model", model), padding_side, strategy)
 
 
 def configure_prompt_format(args: NS, tokenizer, recipe: Recipe) -> None:
@@ -216,3 +237,17 @@ def optimizer_config(args: NS, total_steps: int) -> dict:
         max_norm=args.max_norm,
         scheduler_steps=max(1, math.ceil(total_steps)),
     )
+
+
+def resume_state(strategy: DeepspeedStrategy, engine, args: NS) -> dict:
+    """The client state of the newest DeepSpeed checkpoint in `args.ckpt.path` ({} to start fresh).
+
+    `engine` is the DeepSpeed engine (`actor.model` for an Actor, the model itself for a value model).
+    """
+    if not os.path.isdir(args.ckpt.path):
+        return {}
+    load_path, states = strategy.load_ckpt(getattr(engine, "model", engine), args.ckpt.path)
+    if load_path is None:
+        return {}
+    log.info("resumed from %s: %d pairs already trained", load_path, states.get("consumed_samples", 0))
+    return states

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from safealign._openrlhf import RewardDataset, preprocess_data
+from safealign.cost_loss import SAFE, UNKNOWN, UNSAFE
 from safealign.data import PreferenceRow
 
 _NAN = math.nan
@@ -30,6 +31,8 @@ class PairExtras:
     row_index: torch.Tensor
     better_id: torch.Tensor
     safer_id: torch.Tensor
+    safe_0: torch.Tensor  # 1 safe, 0 unsafe, −1 unknown (safealign.cost_loss encoding)
+    safe_1: torch.Tensor
     delta_h: torch.Tensor
     delta_s: torch.Tensor
     cost_0: torch.Tensor
@@ -50,6 +53,10 @@ def _or_nan(value: float | None) -> float:
     return _NAN if value is None else value
 
 
+def _safety(value: bool | None) -> int:
+    return UNKNOWN if value is None else (SAFE if value else UNSAFE)
+
+
 def _flatten(messages: list[dict]) -> str:
     """A prompt for templates without chat support: one user turn is its text; dialogues keep roles."""
     if len(messages) == 1:
@@ -58,9 +65,22 @@ def _flatten(messages: list[dict]) -> str:
 
 
 class PreferencePairDataset(RewardDataset):
-    """OpenRLHF's DPO dataset over `PreferenceRow`s; `dropped` counts prompts too long to train on."""
+    """OpenRLHF's pair dataset over `PreferenceRow`s; `dropped` counts prompts too long to train on.
 
-    def __init__(self, rows: list[PreferenceRow], tokenizer, max_length: int, strategy, input_template=None) -> None:
+    `for_reward_model=False` is OpenRLHF's DPO mode (right padding, for log-probs); True is its
+    reward-model mode (left padding, for a value head reading the last token). Both drop the same rows,
+    so every stage sees the same pairs.
+    """
+
+    def __init__(
+        self,
+        rows: list[PreferenceRow],
+        tokenizer,
+        max_length: int,
+        strategy,
+        input_template=None,
+        for_reward_model: bool = False,
+    ) -> None:
         from datasets import Dataset
 
         records = [
@@ -72,6 +92,8 @@ class PreferencePairDataset(RewardDataset):
                     "row_index": index,
                     "better_id": row.better_response_id,
                     "safer_id": row.safer_response_id,
+                    "safe_0": _safety(row.is_response_0_safe),
+                    "safe_1": _safety(row.is_response_1_safe),
                     "delta_h": _or_nan(row.delta_h),
                     "delta_s": _or_nan(row.delta_s),
                     "cost_0": _or_nan(row.cost_0),
@@ -84,7 +106,8 @@ class PreferencePairDataset(RewardDataset):
         ]
         # Tokenising a few thousand rows in-process beats spawning OpenRLHF's default 8 workers.
         workers = max(1, min(8, len(rows) // 5000))
-        super().__init__(Dataset.from_list(records), tokenizer, max_length, strategy, input_template, True, workers)
+        is_dpo = not for_reward_model
+        super().__init__(Dataset.from_list(records), tokenizer, max_length, strategy, input_template, is_dpo, workers)
         self.dropped = len(rows) - len(self)
 
     def process_data(self, data: dict) -> dict:
@@ -101,7 +124,7 @@ class PreferencePairDataset(RewardDataset):
             sample, self.input_template, "prompt", "response_0", "response_1", self.apply_chat_template, is_dpo=True
         )
         prompt_len = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        if prompt_len >= self.max_length - 2:  # OpenRLHF's rule: leave room for at least an answer token
+        if prompt_len >= self.max_length - 2:  # OpenRLHF's DPO rule, in both modes: room for an answer
             prompt = None
         return {
             "prompt": prompt,
@@ -126,6 +149,8 @@ class PreferencePairDataset(RewardDataset):
                 row_index=column("row_index", torch.long),
                 better_id=column("better_id", torch.long),
                 safer_id=column("safer_id", torch.long),
+                safe_0=column("safe_0", torch.long),
+                safe_1=column("safe_1", torch.long),
                 delta_h=column("delta_h", torch.float32),
                 delta_s=column("delta_s", torch.float32),
                 cost_0=column("cost_0", torch.float32),

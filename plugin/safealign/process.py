@@ -18,3 +18,11 @@ def ensure_process_env() -> None:
 
 def is_rank_0() -> bool:
     return os.environ.get("RANK", "0") == "0"
+
+
+def barrier() -> None:
+    """Wait for every rank; a no-op without a process group (one-process runs, before training starts)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

@@ -202,6 +202,32 @@ class AlignSection(TrainingSection):
         return self
 
 
+class RewardModelSection(TrainingSection):
+    """One reward model of the RM stage; defaults are safe-rlhf's (lr 2e-5, 2 epochs, cosine, warmup 0.03, wd 0.1)."""
+
+    base: ModelSpec | None = Field(None, description="checkpoint to put the value head on; default model.policy")
+    learning_rate: PositiveFloat = 2e-5
+    epochs: Annotated[int, Field(ge=1)] = 2
+    lr_scheduler: Literal["cosine_with_min_lr", "cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    weight_decay: NonNegativeFloat = 0.1
+
+    _base_path = field_validator("base", mode="before")(_model_path)
+
+
+class CostModelSection(RewardModelSection):
+    regularization: NonNegativeFloat = Field(1e-3, description="η in η·mean(c²) (Safe RLHF)")
+
+
+class RMSection(Strict):
+    """The RM stage: a Helpful-RM and a cost model, then every training row scored once."""
+
+    helpful: RewardModelSection = Field(default_factory=RewardModelSection)
+    cost: CostModelSection = Field(default_factory=CostModelSection)
+    eval_fraction: Annotated[float, Field(ge=0, lt=1)] = Field(0.1, description="held-out prompts for RM metrics")
+    score_batch_size: Annotated[int, Field(ge=1)] = Field(16, description="pairs per scoring forward")
+    reference_logps: bool = Field(True, description="also store the reference policy's log-probs for align")
+
+
 class DeepSpeedSection(Strict):
     zero_stage: Literal[0, 1, 2, 3] = 2
     adam_offload: bool = False
@@ -217,9 +243,12 @@ class LoggingSection(Strict):
 class Recipe(Strict):
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", max_length=63)]
     seed: int = 42
-    stages: list[Literal["align"]] = Field(default_factory=lambda: ["align"], description="what `safealign run` runs")
+    stages: list[Literal["rm", "align"]] = Field(
+        default_factory=lambda: ["align"], description="what `safealign run` runs"
+    )
     model: ModelSection
     data: DataSection
+    rm: RMSection = Field(default_factory=RMSection)
     align: AlignSection = Field(default_factory=AlignSection)
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)

@@ -26,7 +26,7 @@ import yaml
 
 from safealign import __version__
 from safealign.errors import SafeAlignError
-from safealign.process import is_rank_0
+from safealign.process import barrier, is_rank_0
 from safealign.recipe import Recipe
 from safealign.stages import ORDER, Stage, StageContext, load_builtin_stages
 
@@ -44,22 +44,20 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(recipe: Recipe, stage: Stage) -> str:
-    """Hash of everything the stage's outputs depend on."""
+def fingerprint(recipe: Recipe, stage: Stage, run_dir: Path) -> str:
+    """Hash of everything the stage's outputs depend on, upstream stages' outputs included."""
     sections = {name: recipe.model_dump(mode="json")[name] for name in stage.sections}
     files = sorted({str(source.path): _file_digest(source.path) for source in recipe.data.train}.items())
+    upstream = {}
+    for name in stage.upstream:
+        done = run_dir / name / STAGE_FILE
+        if name in recipe.stages and done.is_file():
+            upstream[name] = json.loads(done.read_text())["fingerprint"]
     payload = json.dumps(
-        {"stage": stage.name, "version": __version__, "sections": sections, "files": files}, sort_keys=True
+        {"stage": stage.name, "version": __version__, "sections": sections, "files": files, "upstream": upstream},
+        sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()
-
-
-def _barrier() -> None:
-    """Let every rank see the finalised directory before the next stage reads it."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def select_stages(recipe: Recipe, requested: list[str] | None) -> list[Stage]:
@@ -75,7 +73,7 @@ def select_stages(recipe: Recipe, requested: list[str] | None) -> list[Stage]:
 def run_stage(recipe: Recipe, run_dir: Path, stage: Stage, force: bool = False) -> dict:
     """Run one stage unless its finished outputs are current; returns its summary."""
     final_dir, work_dir = run_dir / stage.name, run_dir / f".{stage.name}.partial"
-    expected = fingerprint(recipe, stage)
+    expected = fingerprint(recipe, stage, run_dir)
     done = final_dir / STAGE_FILE
     if not force and done.is_file():
         summary = json.loads(done.read_text())
@@ -92,7 +90,7 @@ def run_stage(recipe: Recipe, run_dir: Path, stage: Stage, force: bool = False) 
             log.info("%s: resuming the unfinished run in %s", stage.name, work_dir)
         work_dir.mkdir(parents=True, exist_ok=True)
         marker.write_text(expected)
-    _barrier()
+    barrier()
 
     log.info("%s: %s", stage.name, stage.description)
     started = time.time()
@@ -109,7 +107,7 @@ def run_stage(recipe: Recipe, run_dir: Path, stage: Stage, force: bool = False) 
             shutil.rmtree(stale)
         work_dir.rename(final_dir)
         log.info("%s: done in %.0f s -> %s", stage.name, summary["seconds"], final_dir)
-    _barrier()
+    barrier()
     return summary
 
 

@@ -32,12 +32,13 @@ class Stage:
     run: Callable[[StageContext], dict]
     sections: tuple[str, ...]  # top-level recipe sections the outputs depend on
     description: str
+    upstream: tuple[str, ...] = ()  # stages whose outputs this one reads, when the recipe runs them
 
 
 STAGES: dict[str, Stage] = {}
 
 
-def register_stage(name: str, sections: tuple[str, ...]):
+def register_stage(name: str, sections: tuple[str, ...], upstream: tuple[str, ...] = ()):
     """Decorator: register `fn(ctx) -> summary dict` as the stage `name`.
 
     The summary is stored in `<stage>/stage.json`; its `outputs` maps names to paths relative to the
@@ -46,7 +47,7 @@ def register_stage(name: str, sections: tuple[str, ...]):
 
     def decorate(fn: Callable[[StageContext], dict]) -> Callable[[StageContext], dict]:
         doc = (fn.__doc__ or "").strip().splitlines()
-        STAGES[name] = Stage(name=name, run=fn, sections=sections, description=doc[0] if doc else "")
+        STAGES[name] = Stage(name=name, run=fn, sections=sections, description=doc[0] if doc else "", upstream=upstream)
         return fn
 
     return decorate
@@ -54,6 +55,6 @@ def register_stage(name: str, sections: tuple[str, ...]):
 
 def load_builtin_stages() -> dict[str, Stage]:
     """Import the built-in stage modules (they pull in OpenRLHF, so only when a run needs them)."""
-    from safealign.stages import align  # noqa: F401
+    from safealign.stages import align, rm  # noqa: F401
 
     return STAGES

@@ -9,12 +9,11 @@ accuracies, β statistics, λ, Ĵ_C), `tensorboard/`, and the summary the runner
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 
 from safealign import compat
 from safealign import openrlhf_setup as setup
-from safealign.data import PreferenceRow, has_field, load_sources, split_by_prompt
+from safealign.data import PreferenceRow, has_field, load_rows, load_sources, split_by_prompt
 from safealign.errors import SafeAlignError
 from safealign.lagrange import LagrangeMultiplier
 from safealign.losses import LossSettings, get_loss
@@ -55,14 +54,23 @@ def _warn_about_missing_rm_outputs(recipe: Recipe, loss, rows: list[PreferenceRo
         log.warning("no per-response costs (cost_0/cost_1) in the data: λ cannot be updated and stays at lambda_init")
 
 
-@register_stage("align", sections=("seed", "model", "data", "align", "deepspeed"))
+def training_rows(ctx: StageContext) -> list[PreferenceRow]:
+    """The RM stage's scored rows when the recipe runs it, else the recipe's data as given."""
+    if "rm" in ctx.recipe.stages:
+        from safealign.stages.rm import scored_rows_path
+
+        return load_rows(scored_rows_path(ctx.run_dir), "pku_saferlhf")
+    return load_sources(ctx.recipe.data.train)
+
+
+@register_stage("align", sections=("seed", "model", "data", "align", "deepspeed"), upstream=("rm",))
 def run_align(ctx: StageContext) -> dict:
     """Safe-MM-DPO on the base policy (OpenRLHF DPOTrainer + DeepspeedStrategy)."""
     from safealign.trainers.safe_mm_dpo import SafeMMDPOTrainer
 
     recipe, out = ctx.recipe, ctx.work_dir
     loss = build_loss(recipe)
-    train_rows, eval_rows = split_by_prompt(load_sources(recipe.data.train), recipe.data.eval_fraction, recipe.seed)
+    train_rows, eval_rows = split_by_prompt(training_rows(ctx), recipe.data.eval_fraction, recipe.seed)
     _warn_about_missing_rm_outputs(recipe, loss, train_rows)
     cached_ref = has_field(train_rows, "ref_logps_0") and (not eval_rows or has_field(eval_rows, "ref_logps_0"))
 
@@ -105,13 +113,10 @@ def run_align(ctx: StageContext) -> dict:
     )
 
     lagrange = build_lagrange(recipe)
-    consumed = 0
-    if os.path.isdir(args.ckpt.path):
-        load_path, states = strategy.load_ckpt(model.model, args.ckpt.path)
-        if load_path is not None:
-            consumed = states["consumed_samples"]
-            lagrange.load_state_dict(states["lagrange"])
-            log.info("resumed from %s: %d pairs already trained, λ=%.4g", load_path, consumed, lagrange.value)
+    states = setup.resume_state(strategy, model, args)
+    consumed = states.get("consumed_samples", 0)
+    if states:
+        lagrange.load_state_dict(states["lagrange"])
 
     log.info(
         "align: loss=%s, %d train / %d eval pairs, %d steps × %d pairs, reference log-probs %s",

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from safealign._openrlhf import DPOTrainer
+from safealign._openrlhf import DPOTrainer, RewardModelTrainer
 from safealign.errors import SafeAlignError
 from safealign.metrics import MetricsLog, StatsAccumulator
 
@@ -48,6 +48,7 @@ class StepLoop:
             args.eval.steps = num_update_steps_per_epoch
         if args.ckpt.save_steps == -1:
             args.ckpt.save_steps = float("inf")
+        self.num_update_steps_per_epoch = num_update_steps_per_epoch  # RewardModelTrainer's eval cadence reads it
 
         steps_done = consumed_samples // args.train.batch_size
         step = steps_done * accumulation + 1  # micro-batch counter, as in OpenRLHF's loops
@@ -139,7 +140,31 @@ class PairLogProbs:
         input_ids, masks, prompt_lens = self.concatenated_inputs(
             ids_0.to(d), mask_0.to(d), ids_1.to(d), mask_1.to(d), extras.prompt_lens
         )
-        log_probs = model(input_ids, attention_mask=masks, return_logprobs=True, ring_attn_group=self.strategy.ring_attn_group)
+        log_probs = model(
+            input_ids, attention_mask=masks, return_logprobs=True, ring_attn_group=self.strategy.ring_attn_group
+        )
         sums, means = self._get_batch_logps(log_probs, masks, prompt_lens)
         n = ids_0.shape[0]
         return sums[:n], sums[n:], means[:n], means[n:]
+
+
+class PairValues:
+    """A value head's output for both responses of a batch, from one forward over both.
+
+    OpenRLHF's `RewardModelTrainer.concatenated_inputs`/`concatenated_forward`, borrowed, so the RM
+    trainers and the RM stage's scoring pass run the same code.
+    """
+
+    concatenated_inputs = RewardModelTrainer.concatenated_inputs
+    concatenated_forward = RewardModelTrainer.concatenated_forward
+
+    def __init__(self, tokenizer, strategy, device: torch.device) -> None:
+        self.tokenizer = tokenizer
+        self.strategy = strategy
+        self.device = device
+
+    def __call__(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        ids_0, mask_0, ids_1, mask_1, _ = batch
+        d = self.device
+        value_0, value_1, _ = self.concatenated_forward(model, ids_0.to(d), mask_0.to(d), ids_1.to(d), mask_1.to(d))
+        return value_0.float(), value_1.float()
