@@ -195,10 +195,10 @@ def run_rm(ctx: StageContext) -> dict:
     rows = load_sources(recipe.data.train)
     index = {id(row): i for i, row in enumerate(rows)}
     train_rows, held_out = split_by_prompt(rows, rm.eval_fraction, recipe.seed)
-    contradictory = [row for row in train_rows if is_contradictory(row)]
+    contradictory = [row for row in rows if is_contradictory(row)]
     if contradictory:
-        log.warning("rm: %d training rows label the safer response unsafe and the other safe (e.g. %s): "
-                    "left out of cost-model training", len(contradictory), contradictory[0].source)  # fmt: skip
+        log.warning("rm: %d rows label the safer response unsafe and the other safe (e.g. %s): "
+                    "left out of cost-model training, still scored", len(contradictory), contradictory[0].source)  # fmt: skip
     helpful_rows = [row for row in train_rows if row.better_response_id >= 0]
     cost_rows = [row for row in train_rows if row.safer_response_id >= 0 and not is_contradictory(row)]
     if not helpful_rows or not cost_rows:

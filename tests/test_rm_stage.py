@@ -1,0 +1,176 @@
+"""The RM stage on tiny random models: both reward models train, every row is scored once, and the
+align stage gives the same result with cached reference log-probs as with a live reference model."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import yaml
+
+from safealign.recipe import load_recipe
+from safealign.runner import fingerprint
+from safealign.stages import load_builtin_stages
+
+from conftest import HH, pku_rows, read_metrics, run_cli, write_jsonl
+
+pytestmark = pytest.mark.slow
+
+SCORE_KEYS = ("delta_h", "delta_s", "cost_0", "cost_1", "ref_logps_0", "ref_logps_1")
+
+
+@pytest.fixture(scope="module")
+def rm_run(tmp_path_factory, tokenizer_dir):
+    """One RM-stage run on 32 PKU rows (one made contradictory) + 8 HH-RLHF harmless pairs."""
+    root = tmp_path_factory.mktemp("rm")
+    rows = pku_rows(32)
+    rows[3] = {**rows[3], "safer_response_id": 0, "is_response_0_safe": False, "is_response_1_safe": True}
+    write_jsonl(root / "pku.jsonl", rows)
+    hh = [json.loads(line) for line in HH.read_text().splitlines()[:8]]
+    write_jsonl(root / "hh.jsonl", hh)
+    trainer = {
+        "learning_rate": 2e-3,
+        "batch_size": 4,
+        "micro_batch_size": 2,
+        "epochs": 3,
+        "lr_scheduler": "constant",
+        "warmup_ratio": 0.0,
+    }
+    recipe = {
+        "name": "rm",
+        "stages": ["rm", "align"],
+        "model": {
+            "policy": {
+                "random": {"tokenizer": str(tokenizer_dir), "config": {"hidden_size": 32, "intermediate_size": 64}}
+            },
+            "dtype": "fp32",
+        },
+        "data": {
+            "train": [{"path": "pku.jsonl"}, {"path": "hh.jsonl", "format": "hh_rlhf", "dimension": "safe"}],
+            "max_len": 1024,
+        },
+        "rm": {"helpful": trainer, "cost": trainer, "eval_fraction": 0.25, "score_batch_size": 8},
+        "align": {
+            "learning_rate": 2e-3,
+            "batch_size": 4,
+            "micro_batch_size": 2,
+            "epochs": 1,
+            "lr_scheduler": "constant",
+            "warmup_ratio": 0.0,
+        },
+        "logging": {"tensorboard": False},
+    }
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = run_cli("run", "recipe.yaml", "--stage", "rm", "--run-dir", "runs/rm", cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root, result
+
+
+def losses(path):
+    return [m["loss"] for m in map(json.loads, path.read_text().splitlines()) if "loss" in m]
+
+
+def test_both_models_train_and_every_row_is_scored_once(rm_run):
+    root, result = rm_run
+    rm_dir = root / "runs/rm/rm"
+    for name in ("helpful", "cost"):
+        curve = losses(rm_dir / name / "metrics.jsonl")
+        assert sum(curve[-3:]) / 3 < sum(curve[:3]) / 3, (name, curve)
+        assert (rm_dir / name / "model" / "config.json").exists()
+
+    scored = [json.loads(line) for line in (rm_dir / "scored.jsonl").read_text().splitlines()]
+    assert len(scored) == 32 + 8  # one row per input row
+    for row in scored:
+        assert all(math.isfinite(row[key]) for key in SCORE_KEYS), row
+    hh_rows = [r for r in scored if r["better_response_id"] == -1]
+    assert len(hh_rows) == 8 and all(r["delta_h"] == 0.0 for r in hh_rows)  # no helpful label, no margin
+
+    summary = json.loads((rm_dir / "stage.json").read_text())
+    assert summary["contradictory_safety_rows"] == 1
+    assert summary["scored_rows"] == 40 and summary["reference_logps"] is True
+    negatives = sum(1 for r in scored if r["safer_response_id"] >= 0 and r["delta_s"] < 0)
+    assert summary["negative_margins"]["delta_s"] == negatives
+    metrics = json.loads((rm_dir / "metrics.json").read_text())
+    assert metrics["held_out_rows"] > 0 and 0.0 <= metrics["cost"]["sign_accuracy"] <= 1.0
+    assert "held-out pairwise accuracy" in result.stderr
+    assert "label the safer response unsafe" in result.stderr
+
+
+def test_scoring_the_same_rows_twice_is_identical(rm_run, tokenizer_dir):
+    root, _ = rm_run
+    script = root / "score_twice.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import json, sys
+            from pathlib import Path
+            from safealign import openrlhf_setup as setup
+            from safealign.data import load_sources
+            from safealign.recipe import load_recipe
+            from safealign.stages.rm import score_with_value_model
+
+            recipe = load_recipe("recipe.yaml")
+            rows = load_sources(recipe.data.train)
+            model = Path("runs/rm/rm/cost/model")
+            first = score_with_value_model(recipe, model, rows, setup.openrlhf_args(recipe, recipe.rm.cost, Path("scratch")))
+            second = score_with_value_model(recipe, model, rows, setup.openrlhf_args(recipe, recipe.rm.cost, Path("scratch")))
+            print(json.dumps({"identical": first == second, "costs": {i: v for i, v in first.items()}}))
+            """
+        )
+    )
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=root, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["identical"]
+    scored = [json.loads(line) for line in (root / "runs/rm/rm/scored.jsonl").read_text().splitlines()]
+    assert [[r["cost_0"], r["cost_1"]] for r in scored] == [report["costs"][str(i)] for i in range(len(scored))]
+
+
+def test_align_with_cached_reference_logps_equals_a_live_reference(rm_run):
+    root, _ = rm_run
+    cached = run_cli("run", "recipe.yaml", "--stage", "align", "--run-dir", "runs/rm", cwd=root)
+    assert cached.returncode == 0, cached.stderr[-3000:]
+    assert json.loads((root / "runs/rm/align/stage.json").read_text())["reference_logps"] == "cached"
+
+    scored = [json.loads(line) for line in (root / "runs/rm/rm/scored.jsonl").read_text().splitlines()]
+    write_jsonl(root / "live.jsonl", [{k: v for k, v in r.items() if not k.startswith("ref_logps")} for r in scored])
+    recipe = yaml.safe_load((root / "recipe.yaml").read_text())
+    recipe.update(stages=["align"], data={**recipe["data"], "train": [{"path": "live.jsonl"}]})
+    (root / "live.yaml").write_text(yaml.safe_dump(recipe))
+    live = run_cli("run", "live.yaml", "--run-dir", "runs/live", cwd=root)
+    assert live.returncode == 0, live.stderr[-3000:]
+    assert json.loads((root / "runs/live/align/stage.json").read_text())["reference_logps"] == "model"
+
+    with_cache = [m for m in read_metrics(root / "runs/rm") if "loss" in m]
+    without = [m for m in read_metrics(root / "runs/live") if "loss" in m]
+    assert len(with_cache) == len(without) > 0
+    for a, b in zip(with_cache, without):
+        for key in ("loss", "loss_h", "loss_s", "cost_estimate", "lambda_next"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), (key, a["step"])
+
+
+def test_align_reruns_when_the_rm_stage_changes(rm_run):
+    root, _ = rm_run
+    again = run_cli("run", "recipe.yaml", "--run-dir", "runs/rm", cwd=root)
+    assert again.returncode == 0 and again.stderr.count("up to date") == 2
+    done = root / "runs/rm/rm/stage.json"
+    summary = json.loads(done.read_text())
+    done.write_text(json.dumps({**summary, "fingerprint": "a-different-rm-run"}))
+    recipe = load_recipe(root / "recipe.yaml")
+    align = load_builtin_stages()["align"]
+    recorded = json.loads((root / "runs/rm/align/stage.json").read_text())["fingerprint"]
+    assert fingerprint(recipe, align, root / "runs/rm") != recorded  # new RM outputs invalidate align
+    done.write_text(json.dumps(summary))
+    assert fingerprint(recipe, align, root / "runs/rm") == recorded
