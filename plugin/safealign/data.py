@@ -272,19 +272,23 @@ def prompt_key(row: PreferenceRow) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def split_by_prompt(
-    rows: list[PreferenceRow], eval_fraction: float, seed: int
-) -> tuple[list[PreferenceRow], list[PreferenceRow]]:
-    """Deterministic train/eval split on prompt identity: pairs sharing a prompt land on one side."""
-    if eval_fraction <= 0:
-        return rows, []
+def held_out_indices(rows: list[PreferenceRow], eval_fraction: float, seed: int) -> set[int]:
+    """Indices of the held-out rows: a deterministic share of prompts, so pairs sharing a prompt land
+    on one side of the split."""
 
     def bucket(row: PreferenceRow) -> float:
         digest = hashlib.sha256(f"{seed}:{prompt_key(row)}".encode()).digest()
         return int.from_bytes(digest[:8], "big") / 2**64
 
-    train = [row for row in rows if bucket(row) >= eval_fraction]
-    held_out = [row for row in rows if bucket(row) < eval_fraction]
+    return {i for i, row in enumerate(rows) if bucket(row) < eval_fraction}
+
+
+def split_by_prompt(
+    rows: list[PreferenceRow], eval_fraction: float, seed: int
+) -> tuple[list[PreferenceRow], list[PreferenceRow]]:
+    """Deterministic train/eval split on prompt identity (see `held_out_indices`)."""
+    held = held_out_indices(rows, eval_fraction, seed)
+    train = [row for i, row in enumerate(rows) if i not in held]
     if not train:
-        raise SafeAlignError(f"data.eval_fraction={eval_fraction} leaves no training rows")
-    return train, held_out
+        raise SafeAlignError(f"eval_fraction={eval_fraction} leaves no training rows")
+    return train, [rows[i] for i in sorted(held)]

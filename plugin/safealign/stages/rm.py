@@ -26,7 +26,7 @@ import shutil
 from pathlib import Path
 
 from safealign import openrlhf_setup as setup
-from safealign.data import PreferenceRow, load_sources, split_by_prompt
+from safealign.data import PreferenceRow, held_out_indices, load_sources
 from safealign.errors import SafeAlignError
 from safealign.models import resolve_model
 from safealign.pair_dataset import PreferencePairDataset
@@ -193,8 +193,8 @@ def run_rm(ctx: StageContext) -> dict:
 
     recipe, out, rm = ctx.recipe, ctx.work_dir, ctx.recipe.rm
     rows = load_sources(recipe.data.train)
-    index = {id(row): i for i, row in enumerate(rows)}
-    train_rows, held_out = split_by_prompt(rows, rm.eval_fraction, recipe.seed)
+    held_out = held_out_indices(rows, rm.eval_fraction, recipe.seed)
+    train_rows = [row for i, row in enumerate(rows) if i not in held_out]
     contradictory = [row for row in rows if is_contradictory(row)]
     if contradictory:
         log.warning("rm: %d rows label the safer response unsafe and the other safe (e.g. %s): "
@@ -234,7 +234,7 @@ def run_rm(ctx: StageContext) -> dict:
             raise SafeAlignError(f"{row.source}: scoring produced a non-finite value {record}; check the model's dtype")
         scored[i] = record
 
-    metrics = held_out_metrics(rows, [index[id(row)] for row in held_out], scored)
+    metrics = held_out_metrics(rows, sorted(held_out), scored)
     negative = {
         "delta_h": sum(1 for i, r in scored.items() if rows[i].better_response_id >= 0 and r["delta_h"] < 0),
         "delta_s": sum(1 for i, r in scored.items() if rows[i].safer_response_id >= 0 and r["delta_s"] < 0),
