@@ -109,6 +109,20 @@ def test_ablations_run_through_the_same_trainer(tmp_path, tokenizer_dir, scored_
         assert math.isfinite(step["cost_estimate"])
 
 
+def test_lora_run_leaves_the_adapter_and_a_merged_full_checkpoint(tmp_path, tokenizer_dir, scored_rows):
+    from safetensors.torch import load_file
+
+    recipe = tiny_recipe(tmp_path, tokenizer_dir, scored_rows, model={"lora": {"rank": 4, "alpha": 8}})
+    summary = run_ok(tmp_path, recipe)
+    align = tmp_path / "runs/tiny/align"
+    assert summary["outputs"]["adapter"] == "adapter" and (align / "adapter" / "adapter_config.json").exists()
+    merged = load_file(align / "model" / "model.safetensors")
+    base = load_file(Path(summary["policy_dir"]) / "model.safetensors")
+    assert not any("lora" in key for key in merged)  # a plain checkpoint: no PEFT needed to load it
+    changed = [k for k in base if "proj" in k and not torch.equal(base[k], merged[k])]
+    assert changed, "the trained adapter was not merged into the weights"
+
+
 def test_rerun_is_skipped_and_data_change_reruns(tmp_path, tokenizer_dir, scored_rows):
     recipe = tiny_recipe(tmp_path, tokenizer_dir, scored_rows)
     first = run_ok(tmp_path, recipe)

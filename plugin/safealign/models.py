@@ -144,3 +144,22 @@ def resolve_model(spec: ModelSpec) -> Path:
         f"model {spec!r}: not an HF directory with config.json, a .gguf file, or gguf:<package> "
         "(hub names are not downloaded: fetch the model first and give its directory)"
     )
+
+
+def merge_lora(base_dir: Path, adapter_dir: Path, target: Path) -> Path:
+    """Fold a LoRA adapter into its base weights and save a complete HF checkpoint at `target`.
+
+    Later stages (and anything else that loads `align/model`) then never need PEFT; the adapter stays
+    beside it for whoever wants only the delta.
+    """
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def build(out: Path) -> None:
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+        merged.save_pretrained(out)
+        AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(out)
+
+    return _publish(build, target)

@@ -17,8 +17,9 @@ from safealign.data import PreferenceRow, has_field, load_rows, load_sources, sp
 from safealign.errors import SafeAlignError
 from safealign.lagrange import LagrangeMultiplier
 from safealign.losses import LossSettings, get_loss
-from safealign.models import resolve_model
+from safealign.models import merge_lora, resolve_model
 from safealign.pair_dataset import PreferencePairDataset
+from safealign.process import barrier
 from safealign.recipe import Recipe
 from safealign.stages import StageContext, register_stage
 
@@ -144,11 +145,17 @@ def run_align(ctx: StageContext) -> dict:
         max_epochs=recipe.align.epochs,
     )
     trainer.fit(args, consumed, steps_per_epoch)
+    lora = recipe.model.lora.rank > 0
+    if lora:  # OpenRLHF saves only the adapter of a PEFT model: keep it, and merge a full checkpoint
+        args.ckpt.output_dir = str(out / "adapter")
     strategy.save_model(model, tokenizer, args.ckpt.output_dir)
     if strategy.is_rank_0():
+        if lora:
+            merge_lora(policy_dir, out / "adapter", out / "model")
         shutil.rmtree(args.ckpt.path, ignore_errors=True)  # resume state only; the model is saved
+    barrier()
     return {
-        "outputs": {"model": "model", "metrics": "metrics.jsonl"},
+        "outputs": {"model": "model", "metrics": "metrics.jsonl", **({"adapter": "adapter"} if lora else {})},
         "loss": loss.name,
         "train_pairs": len(train_set),
         "eval_pairs": len(eval_rows),
