@@ -1,0 +1,1 @@
+"""The eval stage's parts: generation backends, judges, BeaverTails safety, MT-Bench, the report."""
