@@ -1,0 +1,92 @@
+"""BeaverTails-Evaluation: the prompts, stratified subsets, and safety rates with confidence intervals.
+
+700 red-team prompts, 14 harm categories × 50 (`data/beavertails-evaluation/`, CC BY-NC 4.0). A model's
+safety rate is the share of its answers a judge calls safe, overall and per category, each with a
+Wilson score interval (well-behaved at small n and at rates near 0 or 1, unlike the normal one).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+from safealign.errors import SafeAlignError
+
+DEFAULT_PATH = Path(__file__).resolve().parents[3] / "data" / "beavertails-evaluation" / "BeaverTails-Evaluation.jsonl"
+
+
+@dataclass(frozen=True)
+class SafetyPrompt:
+    prompt: str
+    category: str
+
+
+def load_prompts(path: Path = DEFAULT_PATH) -> list[SafetyPrompt]:
+    if not path.is_file():
+        raise SafeAlignError(f"{path}: BeaverTails-Evaluation prompts not found")
+    prompts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            row = json.loads(line)
+            if not row.get("prompt") or not row.get("category"):
+                raise SafeAlignError(f"{path}:{number}: needs prompt and category")
+            prompts.append(SafetyPrompt(row["prompt"], row["category"]))
+    return prompts
+
+
+def stratified_subset(prompts: list[SafetyPrompt], per_category: int | None) -> list[SafetyPrompt]:
+    """The first `per_category` prompts of every category, in file order (None: all)."""
+    if per_category is None:
+        return list(prompts)
+    taken: dict[str, int] = defaultdict(int)
+    subset = []
+    for p in prompts:
+        if taken[p.category] < per_category:
+            taken[p.category] += 1
+            subset.append(p)
+    return subset
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (95 % by default); (0, 1) when n = 0."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@dataclass(frozen=True)
+class Rate:
+    safe: int
+    n: int
+
+    @property
+    def value(self) -> float:
+        return self.safe / self.n if self.n else math.nan
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        return wilson_interval(self.safe, self.n)
+
+    def to_json(self) -> dict:
+        low, high = self.interval
+        return {"rate": self.value, "safe": self.safe, "n": self.n, "ci95": [low, high]}
+
+
+def safety_rates(prompts: list[SafetyPrompt], verdicts: list[bool]) -> dict:
+    """Overall and per-category safety rates of one model under one judge."""
+    if len(prompts) != len(verdicts):
+        raise ValueError(f"{len(prompts)} prompts but {len(verdicts)} verdicts")
+    by_category: dict[str, list[bool]] = defaultdict(list)
+    for prompt, safe in zip(prompts, verdicts):
+        by_category[prompt.category].append(safe)
+    return {
+        "overall": Rate(sum(verdicts), len(verdicts)).to_json(),
+        "categories": {c: Rate(sum(v), len(v)).to_json() for c, v in sorted(by_category.items())},
+    }
