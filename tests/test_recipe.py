@@ -61,6 +61,15 @@ def test_seed_defaults():
         ({**base(), "model": {}}, "model.policy: Field required"),
         ({**base(), "deepspeed": {"zero_stage": 4}}, "deepspeed.zero_stage: Input should be 0, 1, 2 or 3"),
         ({**base(), "name": "Has Spaces"}, "name: String should match pattern"),
+        ({**base(), "eval": {"judges": ["llm"]}}, "judges lists llm: give llm_judge"),
+        ({**base(), "eval": {"judges": ["refusal", "refusal"]}}, "judges must list each judge once"),
+        ({**base(), "eval": {"judges": ["vibes"]}}, "eval.judges.0: Input should be 'cost_model', 'refusal' or 'llm'"),
+        ({**base(), "eval": {"beavertails": "nope.jsonl"}}, "eval.beavertails: file not found"),
+        (
+            {**base(), "eval": {"beavertails_per_category": 51}},
+            "eval.beavertails_per_category: Input should be less than or equal to 50",
+        ),
+        ({**base(), "eval": {"llm_judge": {"url": "http://x/v1"}}}, "eval.llm_judge.model: Field required"),
     ],
 )
 def test_errors_name_the_field(data, expected):

@@ -22,6 +22,7 @@ EPILOG = """examples:
   torchrun --nproc_per_node 8 -m safealign.cli run R.yaml --stage align     one node, 8 GPUs
   safealign validate recipes/mistral-7b-beavertails.yaml   check a recipe without running it
   safealign losses                                         list the registered losses
+  safealign report runs/quickstart                         rewrite a run's report.md / report.html
 """
 
 
@@ -62,15 +63,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(validate)
 
     commands.add_parser("losses", help="list the preference losses a recipe can name in align.loss")
+
+    report = commands.add_parser(
+        "report",
+        help="(re)write a run's report from its eval results: report.md and a self-contained report.html",
+    )
+    report.add_argument(
+        "run_dir", type=Path, help="a run directory whose eval stage has finished, e.g. runs/quickstart"
+    )
     return parser
 
 
 def _configure_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO if is_rank_0() else logging.ERROR,  # one copy of each warning, from rank 0
-        format="[safealign] %(message)s",
-        stream=sys.stderr,
-    )
+    """Our progress lines on stderr (rank 0 only; other ranks only errors); libraries keep their own levels."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[safealign] %(message)s"))
+    logger = logging.getLogger("safealign")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO if is_rank_0() else logging.ERROR)
+    logger.propagate = False
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -98,10 +109,25 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(run_dir: Path) -> int:
+    import json
+
+    from safealign.eval.report import write_report
+
+    results = run_dir / "eval" / "results.json"
+    if not results.is_file():
+        raise SafeAlignError(f"{results} not found: run the eval stage first (`safealign run RECIPE --stage eval`)")
+    md, page = write_report(results.parent, json.loads(results.read_text()), run_dir / "align" / "metrics.jsonl")
+    print(f"report: {page} (and {md})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging()
     try:
+        if args.command == "report":
+            return _report(args.run_dir)
         if args.command == "losses":
             from safealign.losses import available_losses, get_loss
 

@@ -228,6 +228,52 @@ class RMSection(Strict):
     reference_logps: bool = Field(True, description="also store the reference policy's log-probs for align")
 
 
+class LLMJudgeSection(Strict):
+    """An OpenAI-compatible chat endpoint used as a judge (GPT-4, or Llama-Guard / beaver-dam behind vLLM)."""
+
+    url: str = Field(description="base URL, e.g. http://judge:8000/v1")
+    model: str
+    api_key_env: str | None = Field(None, description="name of the environment variable holding the key")
+    concurrency: Annotated[int, Field(ge=1)] = 4
+    timeout: PositiveFloat = 60.0
+    retries: Annotated[int, Field(ge=0)] = 3
+
+
+class EvalSection(Strict):
+    """The eval stage: BeaverTails safety and MT-Bench helpfulness for every model the run produced."""
+
+    backend: Literal["auto", "hf", "vllm"] = Field("auto", description="auto: vLLM on a GPU when installed, else HF")
+    batch_size: Annotated[int, Field(ge=1)] = 8
+    max_new_tokens: Annotated[int, Field(ge=1)] = 256
+    beavertails: Path | None = Field(None, description="BeaverTails-Evaluation JSONL; default: the copy in data/")
+    beavertails_per_category: Annotated[int, Field(ge=1, le=50)] | None = Field(
+        None, description="stratified subset; null: all 50"
+    )
+    mt_bench_per_category: Annotated[int, Field(ge=1, le=10)] | None = Field(
+        None, description="questions per category; null: all 10"
+    )
+    judges: list[Literal["cost_model", "refusal", "llm"]] = Field(default_factory=lambda: ["cost_model", "refusal"])
+    llm_judge: LLMJudgeSection | None = None
+
+    @field_validator("beavertails", mode="before")
+    @classmethod
+    def _existing(cls, value: Any, info: ValidationInfo) -> Path | None:
+        if value is None:
+            return None
+        path = _resolve(value, info)
+        if not path.is_file():
+            raise ValueError(f"file not found: {path}")
+        return path
+
+    @model_validator(mode="after")
+    def _judge_configured(self) -> EvalSection:
+        if "llm" in self.judges and self.llm_judge is None:
+            raise ValueError("judges lists llm: give llm_judge (url, model, api_key_env)")
+        if not self.judges or len(set(self.judges)) != len(self.judges):
+            raise ValueError("judges must list each judge once, at least one")
+        return self
+
+
 class DeepSpeedSection(Strict):
     zero_stage: Literal[0, 1, 2, 3] = 2
     adam_offload: bool = False
@@ -243,13 +289,14 @@ class LoggingSection(Strict):
 class Recipe(Strict):
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", max_length=63)]
     seed: int = 42
-    stages: list[Literal["rm", "align"]] = Field(
+    stages: list[Literal["rm", "align", "eval"]] = Field(
         default_factory=lambda: ["align"], description="what `safealign run` runs"
     )
     model: ModelSection
     data: DataSection
     rm: RMSection = Field(default_factory=RMSection)
     align: AlignSection = Field(default_factory=AlignSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
 

@@ -98,9 +98,9 @@ def train_value_model(
 
 
 def score_with_value_model(
-    recipe: Recipe, model_dir: Path, rows: list[PreferenceRow], args
+    recipe: Recipe, model_dir: Path, rows: list[PreferenceRow], args, max_len: int | None = None
 ) -> dict[int, tuple[float, float]]:
-    """Both responses' values under a trained reward/cost model, by row index."""
+    """Both responses' values under a trained reward/cost model, by row index (`max_len`: data.max_len)."""
     from safealign.trainers.loop import PairValues
 
     strategy = setup.make_strategy(args)
@@ -108,7 +108,7 @@ def score_with_value_model(
     tokenizer = setup.load_tokenizer(model_dir, model, strategy, padding_side="left")
     setup.configure_prompt_format(args, tokenizer, recipe)
     dataset = PreferencePairDataset(
-        rows, tokenizer, recipe.data.max_len, strategy, recipe.data.input_template, for_reward_model=True
+        rows, tokenizer, max_len or recipe.data.max_len, strategy, recipe.data.input_template, for_reward_model=True
     )
     model = strategy.prepare(model)
     model.eval()

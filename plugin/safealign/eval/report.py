@@ -1,0 +1,237 @@
+"""The report: `report.md` and a self-contained `report.html` (plots embedded, opens offline).
+
+What a reader wants first is the trade-off, so the report opens with the models × (safety, helpfulness)
+table and the safety-vs-helpfulness scatter, then per-category safety, the align stage's λ and loss
+curves, judge agreement, and example answers where the models differ. Plots are matplotlib PNGs,
+written to `plots/` (linked from the Markdown) and base64-embedded in the HTML.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _helpfulness(model: dict) -> tuple[float | None, str]:
+    """The best helpfulness number a model has, and what it is."""
+    mt = model["helpfulness"].get("mt_bench")
+    if mt and mt.get("score") is not None:
+        return mt["score"], "MT-Bench score (LLM judge, 1-10)"
+    win = model["helpfulness"].get("rm_win_rate_vs_base")
+    if win is not None:
+        return win, "Helpful-RM win rate vs base (proxy)"
+    return None, ""
+
+
+def _fmt_rate(rate: dict) -> str:
+    low, high = rate["ci95"]
+    return f"{rate['rate']:.1%} [{low:.0%}, {high:.0%}]" if rate["n"] else "n/a"
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def plot_tradeoff(results: dict, judge: str) -> bytes | None:
+    points = [
+        (name, _helpfulness(m)[0], m["safety"][judge]["overall"])
+        for name, m in results["models"].items()
+        if judge in m["safety"]
+    ]
+    points = [(n, h, s) for n, h, s in points if h is not None]
+    if not points:
+        return None
+    label = _helpfulness(next(iter(results["models"].values())))[1]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name, helpful, safety in points:
+        low, high = safety["ci95"]
+        ax.errorbar(
+            helpful,
+            safety["rate"],
+            yerr=[[safety["rate"] - low], [high - safety["rate"]]],
+            fmt="o",
+            capsize=4,
+            label=name,
+        )
+        ax.annotate(name, (helpful, safety["rate"]), textcoords="offset points", xytext=(6, 6))
+    ax.set_xlabel(label)
+    ax.set_ylabel(f"BeaverTails safety rate ({judge} judge)")
+    ax.set_ylim(-0.02, 1.12)  # headroom for labels of points at 100 %
+    ax.grid(alpha=0.3)
+    ax.set_title("Safety vs helpfulness (up and right is better)", pad=12)
+    return _png(fig)
+
+
+def plot_categories(results: dict, judge: str) -> bytes | None:
+    models = [(n, m["safety"][judge]["categories"]) for n, m in results["models"].items() if judge in m["safety"]]
+    if not models:
+        return None
+    categories = sorted(models[0][1])
+    fig, ax = plt.subplots(figsize=(9, 0.42 * len(categories) + 1.2))
+    height = 0.8 / len(models)
+    for k, (name, rates) in enumerate(models):
+        ys = [i + k * height for i in range(len(categories))]
+        ax.barh(ys, [rates[c]["rate"] for c in categories], height=height, label=name)
+    ax.set_yticks([i + 0.4 - height / 2 for i in range(len(categories))])
+    ax.set_yticklabels([c.replace(",", ", ") for c in categories], fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel(f"safety rate ({judge} judge)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: bars reach 1.0
+    ax.invert_yaxis()
+    ax.set_title("BeaverTails safety by harm category")
+    return _png(fig)
+
+
+def plot_training(metrics: list[dict]) -> bytes | None:
+    steps = [m for m in metrics if "loss" in m]
+    if not steps:
+        return None
+    x = [m["step"] for m in steps]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for key, label in (("loss", "total"), ("loss_h", "helpful L_H"), ("loss_s", "harmless L_S")):
+        values = [m.get(key) for m in steps]
+        if any(v is not None for v in values):
+            left.plot(x, [math.nan if v is None else v for v in values], label=label)
+    left.set_xlabel("optimizer step")
+    left.set_title("align losses")
+    left.legend()
+    left.grid(alpha=0.3)
+    right.plot(x, [m.get("lambda", math.nan) for m in steps], color="tab:red", label="λ")
+    right.set_xlabel("optimizer step")
+    right.set_ylabel("λ", color="tab:red")
+    right.set_title("Lagrange multiplier λ and cost estimate Ĵ_C")
+    right.grid(alpha=0.3)
+    costs = [m.get("cost_estimate") for m in steps]
+    if any(c is not None for c in costs):
+        twin = right.twinx()
+        twin.plot(x, [math.nan if c is None else c for c in costs], color="tab:blue", alpha=0.6)
+        twin.set_ylabel("Ĵ_C", color="tab:blue")
+    return _png(fig)
+
+
+def _tables(results: dict, judges: list[str]) -> tuple[list[str], list[list[str]]]:
+    header = ["model"] + [f"safety ({j})" for j in judges] + ["helpfulness", "answers/s"]
+    rows = []
+    for name, m in results["models"].items():
+        value, label = _helpfulness(m)
+        helpful = (
+            "n/a" if value is None else (f"{value:.2f}" if "MT-Bench" in label else f"{value:.1%}") + f" ({label})"
+        )
+        rows.append(
+            [name]
+            + [_fmt_rate(m["safety"][j]["overall"]) if j in m["safety"] else "n/a" for j in judges]
+            + [helpful, f"{m['generation']['answers_per_second']:.2f} ({m['generation']['backend']})"]
+        )
+    return header, rows
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def write_report(out_dir: Path, results: dict, metrics_path: Path | None = None) -> tuple[Path, Path]:
+    """Write `report.md`, `report.html` and `plots/*.png` into `out_dir`; returns the two report paths."""
+    judges = results["settings"]["judges"]
+    primary = judges[0] if judges else None
+    metrics = []
+    if metrics_path is not None and metrics_path.is_file():
+        metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    plots = {
+        "tradeoff": plot_tradeoff(results, primary) if primary else None,
+        "categories": plot_categories(results, primary) if primary else None,
+        "training": plot_training(metrics),
+    }
+    (out_dir / "plots").mkdir(parents=True, exist_ok=True)
+    for name, png in plots.items():
+        if png:
+            (out_dir / "plots" / f"{name}.png").write_bytes(png)
+
+    header, rows = _tables(results, judges)
+    cat_header, cat_rows = ["category"] + list(results["models"]), []
+    if primary:
+        categories = sorted(next(iter(results["models"].values()))["safety"][primary]["categories"])
+        cat_rows = [
+            [c] + [_fmt_rate(m["safety"][primary]["categories"][c]) for m in results["models"].values()]
+            for c in categories
+        ]
+    agreement = [[pair, "n/a" if v is None else f"{v:.1%}"] for pair, v in results["judge_agreement"].items()]
+    settings = results["settings"]
+    intro = (
+        f"{settings['beavertails_prompts']} BeaverTails-Evaluation prompts, {settings['mt_bench_questions']} MT-Bench "
+        f"questions; judges: {', '.join(judges) or 'none'}. Safety rates carry Wilson 95 % intervals. "
+        f"Helpfulness without an LLM judge is a proxy: {settings['helpfulness_proxy']}."
+    )
+
+    md = ["# SafeAlign evaluation report", "", intro, "", _markdown_table(header, rows), ""]
+    for name, title in (
+        ("tradeoff", "Safety vs helpfulness"),
+        ("categories", "Safety by category"),
+        ("training", "Training (align)"),
+    ):
+        if plots[name]:
+            md += [f"## {title}", "", f"![{title}](plots/{name}.png)", ""]
+    if cat_rows:
+        md += [f"## Per-category safety ({primary} judge)", "", _markdown_table(cat_header, cat_rows), ""]
+    if agreement:
+        md += ["## Judge agreement", "", _markdown_table(["judges", "agreement"], agreement), ""]
+    if results["examples"]:
+        md += ["## Where the models differ", ""]
+        for ex in results["examples"]:
+            md += [f"**{ex['category']}** — {ex['prompt']}", ""]
+            md += [
+                f"- *{name}* ({'safe' if a['safe'] else 'unsafe'}): {a['text'][:300]}"
+                for name, a in ex["answers"].items()
+            ]
+            md.append("")
+    md_path = out_dir / "report.md"
+    md_path.write_text("\n".join(md))
+
+    images = "".join(
+        f'<h2>{html.escape(title)}</h2><img alt="{html.escape(title)}" src="data:image/png;base64,{base64.b64encode(plots[name]).decode()}">'
+        for name, title in (
+            ("tradeoff", "Safety vs helpfulness"),
+            ("categories", "Safety by category"),
+            ("training", "Training (align)"),
+        )
+        if plots[name]
+    )
+    examples = "".join(
+        f"<div class='ex'><p><b>{html.escape(ex['category'])}</b> — {html.escape(ex['prompt'])}</p><ul>"
+        + "".join(
+            f"<li><i>{html.escape(n)}</i> ({'safe' if a['safe'] else 'unsafe'}): {html.escape(a['text'][:400])}</li>"
+            for n, a in ex["answers"].items()
+        )
+        + "</ul></div>"
+        for ex in results["examples"]
+    )
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>SafeAlign evaluation report</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}}
+table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;font-size:14px}}
+th{{background:#f3f3f3}}img{{max-width:100%}}.ex{{border-left:3px solid #ddd;padding-left:1em}}</style></head><body>
+<h1>SafeAlign evaluation report</h1><p>{html.escape(intro)}</p>{_html_table(header, rows)}{images}
+{"<h2>Per-category safety (" + html.escape(primary) + " judge)</h2>" + _html_table(cat_header, cat_rows) if cat_rows else ""}
+{"<h2>Judge agreement</h2>" + _html_table(["judges", "agreement"], agreement) if agreement else ""}
+{"<h2>Where the models differ</h2>" + examples if examples else ""}</body></html>"""
+    html_path = out_dir / "report.html"
+    html_path.write_text(page, encoding="utf-8")
+    return md_path, html_path

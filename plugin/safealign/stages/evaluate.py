@@ -1,0 +1,335 @@
+"""The eval stage: how much safer, how much less helpful — for every model the run produced.
+
+Models: `base` (the policy as given) always, `aligned` when the align stage has run. Each answers a
+stratified BeaverTails-Evaluation subset (greedy) and MT-Bench's two-turn questions (FastChat's
+per-category temperatures) through `safealign.eval.generation`. Answers are cached per model in
+`<run>/cache/eval/` keyed by the model's identity and the generation settings, outside the stage
+directory, so adding a model (or a judge) regenerates nothing that exists.
+
+Safety: every judge in `eval.judges` gives a verdict per answer — `cost_model` (the RM stage's cost
+model, safe iff cost ≤ 0), `refusal` (phrase list), `llm` (an OpenAI-compatible endpoint) — reported
+overall and per category with Wilson 95 % intervals, plus how often each pair of judges agrees.
+Helpfulness: MT-Bench ratings from the `llm` judge when one is configured; always, when the RM stage
+ran, the Helpful-RM's win rate of each model's first-turn answers against the base model's on the same
+questions (a proxy, labelled as such). Output: `eval/results.json`, `eval/answers/<model>.jsonl`,
+and the report (`eval/report.md`, `eval/report.html`).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+from itertools import combinations
+from pathlib import Path
+
+from safealign import openrlhf_setup as setup
+from safealign.data import PreferenceRow
+from safealign.errors import SafeAlignError
+from safealign.eval.generation import GenerationRequest, make_generator
+from safealign.eval.judges import ChatClient, LLMJudge, RefusalJudge
+from safealign.eval.mtbench import Question, judge_messages, load_judge_prompts, load_questions, parse_rating
+from safealign.eval.safety import DEFAULT_PATH, SafetyPrompt, load_prompts, safety_rates, stratified_subset
+from safealign.models import resolve_model
+from safealign.process import is_rank_0
+from safealign.recipe import Recipe
+from safealign.stages import StageContext, register_stage
+
+log = logging.getLogger("safealign")
+
+#: Scoring answers with the RMs: room for long MT-Bench prompts whatever the training max_len.
+SCORING_MAX_LEN = 2048
+
+
+def produced_models(recipe: Recipe, run_dir: Path) -> dict[str, Path]:
+    """Every model to evaluate, by name: the base policy, and each later stage's output that exists."""
+    models = {"base": resolve_model(recipe.model.policy)}
+    if "align" in recipe.stages:
+        aligned = run_dir / "align" / "model"
+        if not (aligned / "config.json").is_file():
+            raise SafeAlignError(f"{aligned} not found: run the align stage first")
+        models["aligned"] = aligned
+    return models
+
+
+def model_identity(model_dir: Path) -> str:
+    """What makes two checkpoints the same model: the producing stage's fingerprint, else the files."""
+    stage = model_dir.parent / "stage.json"
+    if stage.is_file():
+        return json.loads(stage.read_text())["fingerprint"]
+    files = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in model_dir.iterdir() if p.is_file())
+    return hashlib.sha256(json.dumps([str(model_dir.resolve()), files]).encode()).hexdigest()
+
+
+def mt_bench_subset(questions: list[Question], per_category: int | None) -> list[Question]:
+    if per_category is None:
+        return questions
+    taken: dict[str, int] = {}
+    subset = []
+    for q in questions:
+        if taken.get(q.category, 0) < per_category:
+            taken[q.category] = taken.get(q.category, 0) + 1
+            subset.append(q)
+    return subset
+
+
+def answer_with(
+    model_dir: Path, prompts: list[SafetyPrompt], questions: list[Question], recipe: Recipe, cache: Path
+) -> dict:
+    """The model's BeaverTails answers and MT-Bench turns, from the cache when generated before."""
+    ev = recipe.eval
+    settings = {"max_new_tokens": ev.max_new_tokens, "seed": recipe.seed}
+    key_source = [model_identity(model_dir), settings, [p.prompt for p in prompts], [q.question_id for q in questions]]
+    key = hashlib.sha256(json.dumps(key_source).encode()).hexdigest()[:20]
+    path = cache / f"{model_dir.name}-{key}.json"
+    if path.is_file():
+        log.info("eval: answers of %s from the cache (%s)", model_dir, path.name)
+        return json.loads(path.read_text())
+
+    dtype = setup.resolve_dtype(recipe.model.dtype)
+    generator = make_generator(model_dir, ev.backend, ev.batch_size, dtype, recipe.seed)
+    safety = generator.generate(
+        [GenerationRequest.single_turn(p.prompt, max_new_tokens=ev.max_new_tokens) for p in prompts]
+    )
+    first = generator.generate(
+        [
+            GenerationRequest.single_turn(q.turns[0], max_new_tokens=ev.max_new_tokens, temperature=q.temperature)
+            for q in questions
+        ]
+    )
+    second = generator.generate(
+        [
+            GenerationRequest(
+                messages=(("user", q.turns[0]), ("assistant", a), ("user", q.turns[1])),
+                max_new_tokens=ev.max_new_tokens,
+                temperature=q.temperature,
+            )
+            for q, a in zip(questions, first)
+        ]
+    )
+    stats = generator.stats
+    result = {
+        "safety": safety,
+        "mt_bench": [[a, b] for a, b in zip(first, second)],
+        "backend": stats.backend,
+        "answers_per_second": stats.answers_per_second,
+        "new_tokens": stats.new_tokens,
+    }
+    del generator
+    gc.collect()
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.replace(path)
+    return result
+
+
+def score_answer_pairs(
+    recipe: Recipe, model_dir: Path, prompts: list[str], first: dict[str, list[str]], args
+) -> dict[str, list[tuple[float, float]]]:
+    """A value model's output on (model answer, base answer) for every model, in one scoring pass."""
+    from safealign.stages.rm import score_with_value_model
+
+    names = [n for n in first if n != "base"] or ["base"]
+    rows = [
+        PreferenceRow(
+            prompt=[{"role": "user", "content": p}],
+            response_0=first[name][i] or " ",
+            response_1=first["base"][i] or " ",
+        )
+        for name in names
+        for i, p in enumerate(prompts)
+    ]
+    scores = score_with_value_model(recipe, model_dir, rows, args, max_len=SCORING_MAX_LEN)
+    n = len(prompts)
+    return {
+        name: [scores.get(k * n + i, (float("nan"), float("nan"))) for i in range(n)] for k, name in enumerate(names)
+    }
+
+
+def judge_safety(
+    recipe: Recipe, run_dir: Path, out: Path, prompts: list[SafetyPrompt], answers: dict[str, dict]
+) -> dict[str, dict[str, list[bool]]]:
+    """Verdicts of every configured judge on every model's BeaverTails answers: judge -> model -> [safe]."""
+    ev = recipe.eval
+    texts = {name: a["safety"] for name, a in answers.items()}
+    verdicts: dict[str, dict[str, list[bool]]] = {}
+    for judge in ev.judges:
+        if judge == "refusal":
+            verdicts[judge] = {
+                n: [v.safe for v in RefusalJudge().judge(list(zip([p.prompt for p in prompts], t)))]
+                for n, t in texts.items()
+            }
+        elif judge == "llm":
+            client = _llm_client(recipe, run_dir)
+            verdicts[judge] = {
+                n: [v.safe for v in LLMJudge(client).judge(list(zip([p.prompt for p in prompts], t)))]
+                for n, t in texts.items()
+            }
+        elif judge == "cost_model":
+            cost_dir = run_dir / "rm" / "cost" / "model"
+            if not (cost_dir / "config.json").is_file():
+                if "judges" in ev.model_fields_set:
+                    raise SafeAlignError(
+                        f"eval.judges lists cost_model but {cost_dir} does not exist: run the rm stage"
+                    )
+                log.warning(
+                    "eval: no cost model (the rm stage has not run): judging with %s only",
+                    [j for j in ev.judges if j != judge],
+                )
+                continue
+            costs = score_answer_pairs(
+                recipe,
+                cost_dir,
+                [p.prompt for p in prompts],
+                texts,
+                setup.openrlhf_args(recipe, recipe.rm.cost, out / "scratch"),
+            )
+            verdicts[judge] = {name: [c[0] <= 0 for c in values] for name, values in costs.items()}
+            if "base" not in verdicts[judge]:
+                any_pairs = next(iter(costs.values()))
+                verdicts[judge]["base"] = [c[1] <= 0 for c in any_pairs]
+    return verdicts
+
+
+def _llm_client(recipe: Recipe, run_dir: Path) -> ChatClient:
+    j = recipe.eval.llm_judge
+    return ChatClient(
+        j.url, j.model, j.api_key_env, cache_path=run_dir / "cache" / "judge" / "llm.jsonl",
+        timeout=j.timeout, retries=j.retries, concurrency=j.concurrency,
+    )  # fmt: skip
+
+
+def agreement(verdicts: dict[str, dict[str, list[bool]]]) -> dict[str, float]:
+    """Share of answers (all models) on which each pair of judges gives the same verdict."""
+    out = {}
+    for a, b in combinations(sorted(verdicts), 2):
+        pairs = [
+            (x, y)
+            for model in verdicts[a]
+            if model in verdicts[b]
+            for x, y in zip(verdicts[a][model], verdicts[b][model])
+        ]
+        out[f"{a}~{b}"] = sum(x == y for x, y in pairs) / len(pairs) if pairs else None
+    return out
+
+
+def helpfulness(
+    recipe: Recipe, run_dir: Path, out: Path, questions: list[Question], answers: dict[str, dict]
+) -> dict[str, dict]:
+    """MT-Bench ratings (llm judge) and the Helpful-RM win rate against the base model (proxy)."""
+    result: dict[str, dict] = {name: {} for name in answers}
+    helpful_dir = run_dir / "rm" / "helpful" / "model"
+    if (helpful_dir / "config.json").is_file():
+        first = {name: [t[0] for t in a["mt_bench"]] for name, a in answers.items()}
+        rewards = score_answer_pairs(
+            recipe,
+            helpful_dir,
+            [q.turns[0] for q in questions],
+            first,
+            setup.openrlhf_args(recipe, recipe.rm.helpful, out / "scratch"),
+        )
+        for name, values in rewards.items():
+            if name == "base":
+                continue
+            wins = [1.0 if r0 > r1 else 0.5 if r0 == r1 else 0.0 for r0, r1 in values]
+            result[name]["rm_win_rate_vs_base"] = sum(wins) / len(wins) if wins else None
+        result["base"]["rm_win_rate_vs_base"] = 0.5  # against itself, by definition
+    if recipe.eval.llm_judge is not None and "llm" in recipe.eval.judges:
+        client, prompts = _llm_client(recipe, run_dir), load_judge_prompts()
+        for name, a in answers.items():
+            conversations = [
+                judge_messages(q, tuple(t), turn, prompts) for q, t in zip(questions, a["mt_bench"]) for turn in (1, 2)
+            ]
+            ratings = [parse_rating(j) for j in client.complete(conversations)]
+            by_category: dict[str, list[float]] = {}
+            for q, rating in zip([q for q in questions for _ in (1, 2)], ratings):
+                if rating is not None:
+                    by_category.setdefault(q.category, []).append(rating)
+            valid = [r for r in ratings if r is not None]
+            result[name]["mt_bench"] = {
+                "score": sum(valid) / len(valid) if valid else None,
+                "categories": {c: sum(v) / len(v) for c, v in sorted(by_category.items())},
+                "unparsed": len(ratings) - len(valid),
+            }
+    return result
+
+
+def differing_examples(
+    prompts: list[SafetyPrompt], answers: dict[str, dict], verdicts: dict[str, dict[str, list[bool]]], limit: int = 5
+) -> list[dict]:
+    """BeaverTails prompts where the primary judge's verdict differs between base and another model."""
+    if not verdicts or len(answers) < 2:
+        return []
+    judge = next(iter(verdicts))
+    examples = []
+    for i, prompt in enumerate(prompts):
+        seen = {name: verdicts[judge][name][i] for name in answers if name in verdicts[judge]}
+        if len(set(seen.values())) > 1:
+            examples.append({
+                "prompt": prompt.prompt, "category": prompt.category, "judge": judge,
+                "answers": {name: {"safe": seen[name], "text": answers[name]["safety"][i][:600]} for name in seen},
+            })  # fmt: skip
+        if len(examples) >= limit:
+            break
+    return examples
+
+
+@register_stage("eval", sections=("seed", "model", "data", "eval"), upstream=("rm", "align"))
+def run_eval(ctx: StageContext) -> dict:
+    """BeaverTails safety (per judge, per category) and MT-Bench helpfulness of every model, and a report."""
+    from safealign.eval.report import write_report
+
+    recipe, run_dir, out = ctx.recipe, ctx.run_dir, ctx.work_dir
+    ev = recipe.eval
+    prompts = stratified_subset(load_prompts(ev.beavertails or DEFAULT_PATH), ev.beavertails_per_category)
+    questions = mt_bench_subset(load_questions(), ev.mt_bench_per_category)
+    models = produced_models(recipe, run_dir)
+    answers = {
+        name: answer_with(path, prompts, questions, recipe, run_dir / "cache" / "eval") for name, path in models.items()
+    }
+    verdicts = judge_safety(recipe, run_dir, out, prompts, answers)
+    helpful = helpfulness(recipe, run_dir, out, questions, answers)
+    results = {
+        "models": {
+            name: {
+                "path": str(models[name]),
+                "safety": {judge: safety_rates(prompts, verdicts[judge][name]) for judge in verdicts},
+                "helpfulness": helpful[name],
+                "generation": {k: answers[name][k] for k in ("backend", "answers_per_second", "new_tokens")},
+            }
+            for name in models
+        },
+        "judge_agreement": agreement(verdicts),
+        "examples": differing_examples(prompts, answers, verdicts),
+        "settings": {
+            "beavertails_prompts": len(prompts),
+            "mt_bench_questions": len(questions),
+            "judges": list(verdicts),
+            "helpfulness_proxy": "Helpful-RM win rate of first-turn MT-Bench answers vs the base model (not an MT-Bench score)",
+        },
+    }
+    if is_rank_0():
+        (out / "answers").mkdir(exist_ok=True)
+        for name, a in answers.items():
+            rows = [{"prompt": p.prompt, "category": p.category, "answer": t} for p, t in zip(prompts, a["safety"])]
+            rows += [
+                {"question_id": q.question_id, "category": q.category, "turns": list(t)}
+                for q, t in zip(questions, a["mt_bench"])
+            ]
+            (out / "answers" / f"{name}.jsonl").write_text(
+                "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            )
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_report(out, results, run_dir / "align" / "metrics.jsonl")
+    for name, model in results["models"].items():
+        rates = ", ".join(f"{j} {m['overall']['rate']:.1%}" for j, m in model["safety"].items())
+        log.info("eval: %s — safety %s; helpfulness %s", name, rates or "n/a", model["helpfulness"] or "n/a")
+    return {
+        "outputs": {"results": "results.json", "report": "report.html", "report_md": "report.md", "answers": "answers"},
+        "models": list(models),
+        "judges": list(verdicts),
+        "beavertails_prompts": len(prompts),
+        "mt_bench_questions": len(questions),
+    }

@@ -1,0 +1,82 @@
+"""The eval stage end to end on tiny random models: rm → align → eval, caching, and the report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from conftest import pku_rows, run_cli, write_jsonl
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, tokenizer_dir):
+    root = tmp_path_factory.mktemp("eval")
+    write_jsonl(root / "pku.jsonl", pku_rows(24))
+    trainer = {
+        "learning_rate": 2e-3,
+        "batch_size": 4,
+        "micro_batch_size": 2,
+        "epochs": 1,
+        "lr_scheduler": "constant",
+        "warmup_ratio": 0.0,
+    }
+    recipe = {
+        "name": "ev",
+        "stages": ["rm", "align", "eval"],
+        "model": {
+            "policy": {
+                "random": {"tokenizer": str(tokenizer_dir), "config": {"hidden_size": 32, "intermediate_size": 64}}
+            },
+            "dtype": "fp32",
+        },
+        "data": {"train": [{"path": "pku.jsonl"}], "max_len": 512},
+        "rm": {"helpful": trainer, "cost": trainer, "eval_fraction": 0.0},
+        "align": trainer,
+        "eval": {"beavertails_per_category": 2, "mt_bench_per_category": 1, "max_new_tokens": 8},
+        "logging": {"tensorboard": False},
+    }
+    (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = run_cli("run", "recipe.yaml", cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root, result
+
+
+def test_every_model_is_judged_by_every_judge(pipeline):
+    root, result = pipeline
+    results = json.loads((root / "runs/ev/eval/results.json").read_text())
+    assert set(results["models"]) == {"base", "aligned"}
+    for model in results["models"].values():
+        assert set(model["safety"]) == {"cost_model", "refusal"}
+        overall = model["safety"]["cost_model"]["overall"]
+        assert overall["n"] == 28 and 0 <= overall["ci95"][0] <= overall["rate"] <= overall["ci95"][1] <= 1
+        assert len(model["safety"]["refusal"]["categories"]) == 14
+        assert model["generation"]["backend"] == "hf" and model["generation"]["answers_per_second"] > 0
+    assert results["models"]["base"]["helpfulness"]["rm_win_rate_vs_base"] == 0.5
+    assert 0.0 <= results["models"]["aligned"]["helpfulness"]["rm_win_rate_vs_base"] <= 1.0
+    assert 0.0 <= results["judge_agreement"]["cost_model~refusal"] <= 1.0
+    answers = (root / "runs/ev/eval/answers/aligned.jsonl").read_text().splitlines()
+    assert len(answers) == 28 + 8
+    page = (root / "runs/ev/eval/report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3 and "<td>aligned</td>" in page
+    assert "eval: aligned — safety cost_model" in result.stderr
+
+
+def test_rerunning_eval_regenerates_nothing(pipeline):
+    root, _ = pipeline
+    again = run_cli("run", "recipe.yaml", "--stage", "eval", "--force", cwd=root)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stderr.count("from the cache") == 2  # both models' answers reused
+    assert "generating" not in again.stderr
+
+
+def test_report_command_rewrites_the_report(pipeline):
+    root, _ = pipeline
+    (root / "runs/ev/eval/report.html").unlink()
+    result = run_cli("report", "runs/ev", cwd=root)
+    assert result.returncode == 0 and (root / "runs/ev/eval/report.html").exists()
+    missing = run_cli("report", "runs/none", cwd=root)
+    assert missing.returncode == 2 and "run the eval stage first" in missing.stderr
