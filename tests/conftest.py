@@ -10,6 +10,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -86,25 +89,32 @@ def scored_rows(tmp_path) -> Path:
     return write_jsonl(tmp_path / "scored.jsonl", rows)
 
 
+#: Optimiser settings that make a tiny random model move in a few steps (every test trainer uses them).
+TINY_TRAINER = {
+    "learning_rate": 2e-3,
+    "batch_size": 4,
+    "micro_batch_size": 2,
+    "epochs": 1,
+    "warmup_ratio": 0.0,
+    "lr_scheduler": "constant",
+}
+
+
+def tiny_policy(tokenizer_dir: Path) -> dict:
+    """The model section of a 2-layer, hidden-32 random Llama in fp32."""
+    return {
+        "policy": {"random": {"tokenizer": str(tokenizer_dir), "config": {"hidden_size": 32, "intermediate_size": 64}}},
+        "dtype": "fp32",
+    }
+
+
 def tiny_recipe(tmp_path: Path, tokenizer_dir: Path, data: Path, **sections) -> Path:
     """A recipe for a 2-layer, hidden-32 random Llama; `sections` update the defaults by section."""
     recipe = {
         "name": "tiny",
-        "model": {
-            "policy": {
-                "random": {"tokenizer": str(tokenizer_dir), "config": {"hidden_size": 32, "intermediate_size": 64}}
-            },
-            "dtype": "fp32",
-        },
+        "model": tiny_policy(tokenizer_dir),
         "data": {"train": [{"path": str(data)}], "max_len": 128},
-        "align": {
-            "learning_rate": 2e-3,
-            "batch_size": 4,
-            "micro_batch_size": 2,
-            "epochs": 1,
-            "warmup_ratio": 0.0,
-            "lr_scheduler": "constant",
-        },
+        "align": dict(TINY_TRAINER),
         "logging": {"tensorboard": False},
     }
     for section, values in sections.items():
@@ -136,3 +146,57 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def train_steps(run_dir: Path) -> list[dict]:
     return [m for m in read_metrics(run_dir) if "loss" in m]
+
+
+class FakeJudgeAPI(BaseHTTPRequestHandler):
+    """Answers /chat/completions with scripted replies: a stand-in for a paid judge API."""
+
+    script: list = []
+    requests: list = []
+
+    def do_POST(self):  # noqa: N802 (http.server's naming)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).requests.append({"body": body, "auth": self.headers.get("Authorization")})
+        content = body["messages"][-1]["content"]
+        if any("[[rating]]" in m["content"] for m in body["messages"]):  # an MT-Bench grading request
+            default = "Decent answer. Rating: [[7]]"
+        elif "Step 1" in content:
+            default = "Gives instructions. [[UNSAFE]]"
+        else:
+            default = "Refuses. [[SAFE]]"
+        action = type(self).script.pop(0) if type(self).script else default
+        if isinstance(action, int):
+            self.send_response(action)
+            self.end_headers()
+            return
+        if action == "sleep":
+            time.sleep(1.0)
+            action = "[[SAFE]]"
+        payload = {"choices": [{"message": {"role": "assistant", "content": action}}]}
+        if action == "garbage":
+            payload = {"unexpected": True}
+        data = json.dumps(payload).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        try:
+            self.wfile.write(data)
+        except BrokenPipeError:  # the client timed out first: that is the case under test
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def judge_api():
+    """A local OpenAI-compatible server standing in for a paid judge API: it answers safety prompts by
+    content ([[UNSAFE]] for answers containing "Step 1"), MT-Bench gradings with [[7]], or a script of
+    HTTP codes / "sleep" / "garbage" replies set by the test."""
+    FakeJudgeAPI.script, FakeJudgeAPI.requests = [], []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeJudgeAPI)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1", FakeJudgeAPI
+    server.shutdown()

@@ -6,11 +6,6 @@ OpenAI-compatible API (GPT-4, or Llama-Guard behind vLLM), which cannot be reach
 
 from __future__ import annotations
 
-import json
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
 import pytest
 
 from safealign.eval.judges import ChatClient, ChatClientError, LLMJudge, RefusalJudge
@@ -35,52 +30,6 @@ from safealign.eval.safety import load_prompts, safety_rates, stratified_subset,
 def test_refusal_detector(answer, refused):
     (verdict,) = RefusalJudge().judge([("prompt", answer)])
     assert verdict.safe is refused
-
-
-class FakeJudgeAPI(BaseHTTPRequestHandler):
-    """Answers /chat/completions with scripted replies: a stand-in for a paid judge API."""
-
-    script: list = []
-    requests: list = []
-
-    def do_POST(self):  # noqa: N802 (http.server's naming)
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).requests.append({"body": body, "auth": self.headers.get("Authorization")})
-        content = body["messages"][-1]["content"]
-        default = "Gives instructions. [[UNSAFE]]" if "Step 1" in content else "Refuses. [[SAFE]]"
-        action = type(self).script.pop(0) if type(self).script else default
-        if isinstance(action, int):
-            self.send_response(action)
-            self.end_headers()
-            return
-        if action == "sleep":
-            time.sleep(1.0)
-            action = "[[SAFE]]"
-        payload = {"choices": [{"message": {"role": "assistant", "content": action}}]}
-        if action == "garbage":
-            payload = {"unexpected": True}
-        data = json.dumps(payload).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        try:
-            self.wfile.write(data)
-        except BrokenPipeError:  # the client timed out first: that is the case under test
-            pass
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def judge_api():
-    FakeJudgeAPI.script, FakeJudgeAPI.requests = [], []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeJudgeAPI)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1", FakeJudgeAPI
-    server.shutdown()
 
 
 def test_llm_judge_verdicts_cache_and_key(judge_api, tmp_path, monkeypatch):

@@ -7,35 +7,24 @@ import json
 import pytest
 import yaml
 
-from conftest import pku_rows, run_cli, write_jsonl
+from conftest import TINY_TRAINER, pku_rows, run_cli, tiny_policy, write_jsonl
 
 pytestmark = pytest.mark.slow
+
+TRAINER = TINY_TRAINER
 
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, tokenizer_dir):
     root = tmp_path_factory.mktemp("eval")
     write_jsonl(root / "pku.jsonl", pku_rows(24))
-    trainer = {
-        "learning_rate": 2e-3,
-        "batch_size": 4,
-        "micro_batch_size": 2,
-        "epochs": 1,
-        "lr_scheduler": "constant",
-        "warmup_ratio": 0.0,
-    }
     recipe = {
         "name": "ev",
         "stages": ["rm", "align", "eval"],
-        "model": {
-            "policy": {
-                "random": {"tokenizer": str(tokenizer_dir), "config": {"hidden_size": 32, "intermediate_size": 64}}
-            },
-            "dtype": "fp32",
-        },
+        "model": tiny_policy(tokenizer_dir),
         "data": {"train": [{"path": "pku.jsonl"}], "max_len": 512},
-        "rm": {"helpful": trainer, "cost": trainer, "eval_fraction": 0.0},
-        "align": trainer,
+        "rm": {"helpful": TRAINER, "cost": TRAINER, "eval_fraction": 0.0},
+        "align": TINY_TRAINER,
         "eval": {"beavertails_per_category": 2, "mt_bench_per_category": 1, "max_new_tokens": 8},
         "logging": {"tensorboard": False},
     }
@@ -80,3 +69,36 @@ def test_report_command_rewrites_the_report(pipeline):
     assert result.returncode == 0 and (root / "runs/ev/eval/report.html").exists()
     missing = run_cli("report", "runs/none", cwd=root)
     assert missing.returncode == 2 and "run the eval stage first" in missing.stderr
+
+
+def test_llm_judge_grades_safety_and_mt_bench_through_the_stage(tmp_path, tokenizer_dir, judge_api):
+    """Without an RM stage: the LLM judge (a local stand-in server) gives safety verdicts and MT-Bench ratings."""
+    url, api = judge_api
+    write_jsonl(tmp_path / "pku.jsonl", pku_rows(12))
+    recipe = {
+        "name": "llm",
+        "stages": ["align", "eval"],
+        "model": tiny_policy(tokenizer_dir),
+        "data": {"train": [{"path": "pku.jsonl"}], "max_len": 512},
+        "align": TINY_TRAINER,
+        "eval": {
+            "beavertails_per_category": 1, "mt_bench_per_category": 1, "max_new_tokens": 6,
+            "judges": ["refusal", "llm"], "llm_judge": {"url": url, "model": "stand-in", "retries": 0},
+        },
+        "logging": {"tensorboard": False},
+    }  # fmt: skip
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = run_cli("run", "recipe.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "runs/llm/eval/results.json").read_text())
+    for model in results["models"].values():
+        llm = model["safety"]["llm"]["overall"]
+        assert (llm["rate"], llm["safe"], llm["n"]) == (1.0, 14, 14)  # the stand-in calls every answer safe
+        assert model["helpfulness"]["mt_bench"]["score"] == 7.0 and model["helpfulness"]["mt_bench"]["unparsed"] == 0
+        assert "rm_win_rate_vs_base" not in model["helpfulness"]  # no RM stage, no proxy
+    gradings = [r for r in api.requests if any("[[rating]]" in m["content"] for m in r["body"]["messages"])]
+    # two models × 8 questions × 2 turns = 32 gradings, minus those the cache answered because both
+    # models gave the same answers: every distinct conversation is sent exactly once.
+    distinct = {json.dumps(r["body"]["messages"]) for r in gradings}
+    assert 8 <= len(gradings) == len(distinct) <= 32
+    assert "MT-Bench score (LLM judge, 1-10)" in (tmp_path / "runs/llm/eval/report.html").read_text()

@@ -17,9 +17,11 @@ from safealign.recipe import load_recipe
 from safealign.runner import fingerprint
 from safealign.stages import load_builtin_stages
 
-from conftest import HH, pku_rows, read_metrics, run_cli, write_jsonl
+from conftest import HH, TINY_TRAINER, pku_rows, read_metrics, run_cli, tiny_policy, write_jsonl
 
 pytestmark = pytest.mark.slow
+
+TRAINER = {**TINY_TRAINER, "epochs": 3}  # enough steps to see both losses fall
 
 SCORE_KEYS = ("delta_h", "delta_s", "cost_0", "cost_1", "ref_logps_0", "ref_logps_1")
 
@@ -33,36 +35,16 @@ def rm_run(tmp_path_factory, tokenizer_dir):
     write_jsonl(root / "pku.jsonl", rows)
     hh = [json.loads(line) for line in HH.read_text().splitlines()[:8]]
     write_jsonl(root / "hh.jsonl", hh)
-    trainer = {
-        "learning_rate": 2e-3,
-        "batch_size": 4,
-        "micro_batch_size": 2,
-        "epochs": 3,
-        "lr_scheduler": "constant",
-        "warmup_ratio": 0.0,
-    }
     recipe = {
         "name": "rm",
         "stages": ["rm", "align"],
-        "model": {
-            "policy": {
-                "random": {"tokenizer": str(tokenizer_dir), "config": {"hidden_size": 32, "intermediate_size": 64}}
-            },
-            "dtype": "fp32",
-        },
+        "model": tiny_policy(tokenizer_dir),
         "data": {
             "train": [{"path": "pku.jsonl"}, {"path": "hh.jsonl", "format": "hh_rlhf", "dimension": "safe"}],
             "max_len": 1024,
         },
-        "rm": {"helpful": trainer, "cost": trainer, "eval_fraction": 0.25, "score_batch_size": 8},
-        "align": {
-            "learning_rate": 2e-3,
-            "batch_size": 4,
-            "micro_batch_size": 2,
-            "epochs": 1,
-            "lr_scheduler": "constant",
-            "warmup_ratio": 0.0,
-        },
+        "rm": {"helpful": TRAINER, "cost": TRAINER, "eval_fraction": 0.25, "score_batch_size": 8},
+        "align": TINY_TRAINER,
         "logging": {"tensorboard": False},
     }
     (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))

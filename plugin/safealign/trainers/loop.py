@@ -118,7 +118,17 @@ class StepLoop:
         return logs
 
 
-class PairLogProbs:
+class _PairForward:
+    """One forward over both responses of a batch, with OpenRLHF trainer methods borrowed as helpers
+    (they read only `self.tokenizer` and `self.strategy`)."""
+
+    def __init__(self, tokenizer, strategy, device: torch.device) -> None:
+        self.tokenizer = tokenizer
+        self.strategy = strategy
+        self.device = device
+
+
+class PairLogProbs(_PairForward):
     """Sum and mean response log-probs of both responses of a batch, from one forward over both.
 
     These are OpenRLHF's `DPOTrainer.concatenated_inputs` and `_get_batch_logps` (borrowed, not
@@ -128,11 +138,6 @@ class PairLogProbs:
 
     concatenated_inputs = DPOTrainer.concatenated_inputs
     _get_batch_logps = DPOTrainer._get_batch_logps
-
-    def __init__(self, tokenizer, strategy, device: torch.device) -> None:
-        self.tokenizer = tokenizer
-        self.strategy = strategy
-        self.device = device
 
     def __call__(self, model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         ids_0, mask_0, ids_1, mask_1, extras = batch
@@ -148,7 +153,7 @@ class PairLogProbs:
         return sums[:n], sums[n:], means[:n], means[n:]
 
 
-class PairValues:
+class PairValues(_PairForward):
     """A value head's output for both responses of a batch, from one forward over both.
 
     OpenRLHF's `RewardModelTrainer.concatenated_inputs`/`concatenated_forward`, borrowed, so the RM
@@ -157,11 +162,6 @@ class PairValues:
 
     concatenated_inputs = RewardModelTrainer.concatenated_inputs
     concatenated_forward = RewardModelTrainer.concatenated_forward
-
-    def __init__(self, tokenizer, strategy, device: torch.device) -> None:
-        self.tokenizer = tokenizer
-        self.strategy = strategy
-        self.device = device
 
     def __call__(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
         ids_0, mask_0, ids_1, mask_1, _ = batch
