@@ -31,6 +31,7 @@ from safealign.eval.generation import GenerationRequest, make_generator
 from safealign.eval.judges import ChatClient, LLMJudge, RefusalJudge
 from safealign.eval.mtbench import Question, judge_messages, load_judge_prompts, load_questions, parse_rating
 from safealign.eval.safety import DEFAULT_PATH, SafetyPrompt, load_prompts, safety_rates, stratified_subset
+from safealign.files import write_text_atomically
 from safealign.models import resolve_model
 from safealign.process import is_rank_0
 from safealign.recipe import Recipe
@@ -118,10 +119,7 @@ def answer_with(
     }
     del generator
     gc.collect()
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result))
-    tmp.replace(path)
+    write_text_atomically(path, json.dumps(result))
     return result
 
 
@@ -154,19 +152,17 @@ def judge_safety(
     """Verdicts of every configured judge on every model's BeaverTails answers: judge -> model -> [safe]."""
     ev = recipe.eval
     texts = {name: a["safety"] for name, a in answers.items()}
+    questions = [p.prompt for p in prompts]
+
+    def verdicts_of(judge) -> dict[str, list[bool]]:
+        return {name: [v.safe for v in judge.judge(list(zip(questions, t)))] for name, t in texts.items()}
+
     verdicts: dict[str, dict[str, list[bool]]] = {}
     for judge in ev.judges:
         if judge == "refusal":
-            verdicts[judge] = {
-                n: [v.safe for v in RefusalJudge().judge(list(zip([p.prompt for p in prompts], t)))]
-                for n, t in texts.items()
-            }
+            verdicts[judge] = verdicts_of(RefusalJudge())
         elif judge == "llm":
-            client = _llm_client(recipe, run_dir)
-            verdicts[judge] = {
-                n: [v.safe for v in LLMJudge(client).judge(list(zip([p.prompt for p in prompts], t)))]
-                for n, t in texts.items()
-            }
+            verdicts[judge] = verdicts_of(LLMJudge(_llm_client(recipe, run_dir)))
         elif judge == "cost_model":
             cost_dir = run_dir / "rm" / "cost" / "model"
             if not (cost_dir / "config.json").is_file():

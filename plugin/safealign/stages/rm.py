@@ -21,13 +21,13 @@ import gc
 import json
 import logging
 import math
-import os
 import shutil
 from pathlib import Path
 
 from safealign import openrlhf_setup as setup
 from safealign.data import PreferenceRow, held_out_indices, load_sources
 from safealign.errors import SafeAlignError
+from safealign.files import write_text_atomically
 from safealign.models import resolve_model
 from safealign.pair_dataset import PreferencePairDataset
 from safealign.process import barrier, is_rank_0
@@ -178,14 +178,6 @@ def held_out_metrics(rows: list[PreferenceRow], indices: list[int], scored: dict
     }
 
 
-def write_jsonl_atomically(path: Path, records: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 @register_stage("rm", sections=("seed", "model", "data", "rm", "deepspeed"))
 def run_rm(ctx: StageContext) -> dict:
     """Helpful-RM + cost model (OpenRLHF RewardModelTrainer), then every pair scored once."""
@@ -240,7 +232,8 @@ def run_rm(ctx: StageContext) -> dict:
         "delta_s": sum(1 for i, r in scored.items() if rows[i].safer_response_id >= 0 and r["delta_s"] < 0),
     }
     if is_rank_0():
-        write_jsonl_atomically(out / "scored.jsonl", [{**rows[i].to_json(), **scored[i]} for i in sorted(scored)])
+        records = [{**rows[i].to_json(), **scored[i]} for i in sorted(scored)]
+        write_text_atomically(out / "scored.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     log.info(
         "rm: scored %d of %d rows; held-out pairwise accuracy helpful %s, cost %s; cost sign accuracy %s; "
