@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from importlib.metadata import PackageNotFoundError, distribution
@@ -161,5 +162,51 @@ def merge_lora(base_dir: Path, adapter_dir: Path, target: Path) -> Path:
         merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
         merged.save_pretrained(out)
         AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(out)
+
+    return _publish(build, target)
+
+
+_LAYER_KEY = re.compile(r"^(.*\.layers\.)(\d+)(\..*)$")
+
+
+def derive_student(teacher_dir: Path, target: Path) -> Path:
+    """A half-depth student initialised from the teacher: every other decoder layer (0, 2, 4, …).
+
+    DistilBERT's initialisation (Sanh et al. 2019): the student keeps the teacher's embeddings, final
+    norm and LM head, and layers at even indices renumbered 0, 1, 2, …, so it starts close to the
+    teacher's function at about half the compute per token. Per-layer config lists (e.g. `layer_types`)
+    are subset the same way. Works for any decoder whose weights are named `*.layers.<i>.*`.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    def build(out: Path) -> None:
+        config = AutoConfig.from_pretrained(teacher_dir)
+        depth = config.num_hidden_layers
+        if depth < 2:
+            raise SafeAlignError(f"distill.student: the teacher has {depth} layer(s); nothing to drop")
+        kept = list(range(0, depth, 2))
+        teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+        config.num_hidden_layers = len(kept)
+        for name, value in list(config.to_dict().items()):
+            if isinstance(value, list) and len(value) == depth and name != "architectures":
+                setattr(config, name, [value[i] for i in kept])
+        renumber = {old: new for new, old in enumerate(kept)}
+        state = {}
+        for key, tensor in teacher.state_dict().items():
+            match = _LAYER_KEY.match(key)
+            if match is None:
+                state[key] = tensor
+            elif int(match.group(2)) in renumber:
+                state[f"{match.group(1)}{renumber[int(match.group(2))]}{match.group(3)}"] = tensor
+        student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        missing, unexpected = student.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.endswith("lm_head.weight") or not config.tie_word_embeddings]
+        if missing or unexpected:
+            raise SafeAlignError(
+                f"distill.student: teacher weights do not map onto the student ({missing[:3]} {unexpected[:3]})"
+            )
+        student.save_pretrained(out)
+        AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(out)
 
     return _publish(build, target)
