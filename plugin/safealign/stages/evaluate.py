@@ -140,10 +140,13 @@ def score_answer_pairs(
         for i, p in enumerate(prompts)
     ]
     scores = score_with_value_model(recipe, model_dir, rows, args, max_len=SCORING_MAX_LEN)
+    if len(scores) != len(rows):  # a NaN score would silently read as a verdict
+        raise SafeAlignError(
+            f"eval: {len(rows) - len(scores)} prompts are longer than {SCORING_MAX_LEN} tokens and cannot be "
+            f"scored by {model_dir}; use shorter evaluation prompts"
+        )
     n = len(prompts)
-    return {
-        name: [scores.get(k * n + i, (float("nan"), float("nan"))) for i in range(n)] for k, name in enumerate(names)
-    }
+    return {name: [scores[k * n + i] for i in range(n)] for k, name in enumerate(names)}
 
 
 def judge_safety(
