@@ -65,6 +65,8 @@ def test_seed_defaults():
         ({**base(), "eval": {"judges": ["refusal", "refusal"]}}, "judges must list each judge once"),
         ({**base(), "eval": {"judges": ["vibes"]}}, "eval.judges.0: Input should be 'cost_model', 'refusal' or 'llm'"),
         ({**base(), "eval": {"beavertails": "nope.jsonl"}}, "eval.beavertails: file not found"),
+        ({**base(), "eval": {"beavertails": 3}}, "eval.beavertails: must be a path string"),
+        ({**base(), "data": {"train": [{"path": 3}]}}, "data.train.0.path: must be a path string"),
         (
             {**base(), "eval": {"beavertails_per_category": 51}},
             "eval.beavertails_per_category: Input should be less than or equal to 50",

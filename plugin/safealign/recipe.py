@@ -47,6 +47,18 @@ def _resolve(value: str, info: ValidationInfo) -> Path:
     return path if path.is_absolute() else (Path(base) / path).resolve()
 
 
+def _existing_file(value: Any, info: ValidationInfo) -> Path | None:
+    """A data file path, relative to the recipe, that must exist (None stays None: "use the default")."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError("must be a path string")
+    path = _resolve(value, info)
+    if not path.is_file():
+        raise ValueError(f"file not found: {path}")
+    return path
+
+
 def _model_path(value: Any, info: ValidationInfo) -> Any:
     """Model specs that are file paths are relative to the recipe; `gguf:<package>` is not a path."""
     if isinstance(value, str) and value and not value.startswith("gguf:"):
@@ -97,15 +109,7 @@ class DataSource(Strict):
     )
     max_rows: Annotated[int, Field(ge=1)] | None = None
 
-    @field_validator("path", mode="before")
-    @classmethod
-    def _existing_file(cls, value: Any, info: ValidationInfo) -> Path:
-        if not isinstance(value, str):
-            raise ValueError("must be a path string")
-        path = _resolve(value, info)
-        if not path.is_file():
-            raise ValueError(f"file not found: {path}")
-        return path
+    _path_exists = field_validator("path", mode="before")(_existing_file)
 
     @model_validator(mode="after")
     def _dimension_matches_format(self) -> DataSource:
@@ -255,15 +259,7 @@ class EvalSection(Strict):
     judges: list[Literal["cost_model", "refusal", "llm"]] = Field(default_factory=lambda: ["cost_model", "refusal"])
     llm_judge: LLMJudgeSection | None = None
 
-    @field_validator("beavertails", mode="before")
-    @classmethod
-    def _existing(cls, value: Any, info: ValidationInfo) -> Path | None:
-        if value is None:
-            return None
-        path = _resolve(value, info)
-        if not path.is_file():
-            raise ValueError(f"file not found: {path}")
-        return path
+    _beavertails_exists = field_validator("beavertails", mode="before")(_existing_file)
 
     @model_validator(mode="after")
     def _judge_configured(self) -> EvalSection:

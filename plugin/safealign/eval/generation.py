@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -45,7 +45,6 @@ class GenerationStats:
     new_tokens: int = 0
     seconds: float = 0.0
     backend: str = ""
-    extra: dict = field(default_factory=dict)
 
     @property
     def answers_per_second(self) -> float:
