@@ -47,9 +47,8 @@ def _isolated_cache(tmp_path_factory) -> None:
     os.environ["SAFEALIGN_CACHE"] = str(tmp_path_factory.mktemp("safealign-cache"))
 
 
-@pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory) -> Path:
-    """A small byte-level BPE tokenizer with a chat template, trained on the PKU sample."""
+def build_tokenizer(out: Path, vocab_size: int = 512, chat_template: str | None = CHAT_TEMPLATE) -> Path:
+    """A byte-level BPE tokenizer trained on the PKU sample in about a second, saved to `out`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -58,7 +57,7 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=512,
+        vocab_size=vocab_size,
         special_tokens=["<|pad|>", "<|im_start|>", "<|im_end|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
@@ -66,10 +65,16 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>", bos_token="<|im_start|>"
     )
-    fast.chat_template = CHAT_TEMPLATE
-    out = tmp_path_factory.mktemp("tokenizer")
+    if chat_template is not None:
+        fast.chat_template = chat_template
     fast.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A small byte-level BPE tokenizer (512 tokens) with a chat template, trained on the PKU sample."""
+    return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture

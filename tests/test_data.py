@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from safealign.data import RowError, load_rows, prompt_key, split_by_prompt
+from safealign.data import RowError, load_rows, prompt_identity, split_by_prompt
 from safealign.errors import SafeAlignError
 
 from conftest import HH, PKU, pku_rows, write_jsonl
@@ -101,5 +101,5 @@ def test_split_is_deterministic_and_keeps_prompts_on_one_side():
     assert [r.source for r in held_out] == [r.source for r in again_held_out]
     assert len(train) + len(held_out) == len(rows)
     assert 0.1 < len(held_out) / len(rows) < 0.3
-    assert not {prompt_key(r) for r in train} & {prompt_key(r) for r in held_out}
+    assert not {prompt_identity(r.prompt) for r in train} & {prompt_identity(r.prompt) for r in held_out}
     assert split_by_prompt(rows, 0.0, seed=7) == (rows, [])

@@ -1,4 +1,4 @@
-"""The eval stage end to end on tiny random models: rm → align → eval, caching, and the report."""
+"""The whole pipeline on tiny random models: rm → align → distill (best-of-n, dDPO) → eval, caching, the report."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import json
 
 import pytest
 import yaml
+
+from safealign.stages.distill import pick_answer
 
 from conftest import TINY_TRAINER, pku_rows, run_cli, tiny_policy, write_jsonl
 
@@ -18,13 +20,23 @@ TRAINER = TINY_TRAINER
 def pipeline(tmp_path_factory, tokenizer_dir):
     root = tmp_path_factory.mktemp("eval")
     write_jsonl(root / "pku.jsonl", pku_rows(24))
+    model = tiny_policy(tokenizer_dir)
+    model["policy"]["random"]["config"]["tie_word_embeddings"] = False  # tied, it answers only "\n" (test_distill)
     recipe = {
         "name": "ev",
-        "stages": ["rm", "align", "eval"],
-        "model": tiny_policy(tokenizer_dir),
+        "stages": ["rm", "align", "distill", "eval"],
+        "model": model,
         "data": {"train": [{"path": "pku.jsonl"}], "max_len": 512},
         "rm": {"helpful": TRAINER, "cost": TRAINER, "eval_fraction": 0.0},
         "align": TINY_TRAINER,
+        "distill": {
+            "best_of_n": 3,
+            "temperature": 1.0,
+            "max_prompts": 8,
+            "max_new_tokens": 12,
+            "ddpo": True,
+            "sft": TINY_TRAINER,
+        },  # fmt: skip
         "eval": {"beavertails_per_category": 2, "mt_bench_per_category": 1, "max_new_tokens": 8},
         "logging": {"tensorboard": False},
     }
@@ -37,7 +49,8 @@ def pipeline(tmp_path_factory, tokenizer_dir):
 def test_every_model_is_judged_by_every_judge(pipeline):
     root, result = pipeline
     results = json.loads((root / "runs/ev/eval/results.json").read_text())
-    assert set(results["models"]) == {"base", "aligned"}
+    assert set(results["models"]) == {"base", "aligned", "student"}
+    assert results["models"]["student"]["parameters"] < results["models"]["aligned"]["parameters"]
     for model in results["models"].values():
         assert set(model["safety"]) == {"cost_model", "refusal"}
         overall = model["safety"]["cost_model"]["overall"]
@@ -51,6 +64,7 @@ def test_every_model_is_judged_by_every_judge(pipeline):
     assert len(answers) == 28 + 8
     page = (root / "runs/ev/eval/report.html").read_text()
     assert page.count("data:image/png;base64,") == 3 and "<td>aligned</td>" in page
+    assert "Teacher vs student (distill)" in page and "<th>teacher (aligned)</th>" in page
     assert "eval: aligned — safety cost_model" in result.stderr
 
 
@@ -58,7 +72,7 @@ def test_rerunning_eval_regenerates_nothing(pipeline):
     root, _ = pipeline
     again = run_cli("run", "recipe.yaml", "--stage", "eval", "--force", cwd=root)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert again.stderr.count("from the cache") == 2  # both models' answers reused
+    assert again.stderr.count("from the cache") == 3  # every model's answers reused
     assert "generating" not in again.stderr
 
 
@@ -102,3 +116,28 @@ def test_llm_judge_grades_safety_and_mt_bench_through_the_stage(tmp_path, tokeni
     distinct = {json.dumps(r["body"]["messages"]) for r in gradings}
     assert 8 <= len(gradings) == len(distinct) <= 32
     assert "MT-Bench score (LLM judge, 1-10)" in (tmp_path / "runs/llm/eval/report.html").read_text()
+
+
+def test_best_of_n_keeps_the_helpful_rms_favourite_among_safe_answers(pipeline):
+    root, _ = pipeline
+    stage = root / "runs/ev/distill"
+    records = [json.loads(line) for line in (stage / "teacher_answers.jsonl").read_text().splitlines()]
+    assert len(records) == 8
+    for record in records:
+        assert record["selection"] == "best_of_3" and len(record["rewards"]) == len(record["costs"]) == 3
+        assert (record["chosen"], record["safe_choice"]) == pick_answer(record["rewards"], record["costs"])
+    summary = json.loads((stage / "stage.json").read_text())
+    assert summary["selection"] == "best_of_3"
+    assert summary["unsafe_only_prompts"] == sum(not r["safe_choice"] for r in records)
+
+
+def test_ddpo_trains_the_dsft_student_with_the_align_trainer(pipeline):
+    root, _ = pipeline
+    stage = root / "runs/ev/distill"
+    summary = json.loads((stage / "stage.json").read_text())
+    assert summary["outputs"]["model"] == "ddpo/model" and summary["ddpo"]["loss"] == "safe_mm_dpo"
+    steps = [json.loads(line) for line in (stage / "ddpo/metrics.jsonl").read_text().splitlines()]
+    assert len([s for s in steps if "loss" in s]) == summary["ddpo"]["steps"] == 24 // 4
+    assert all("lambda" in s and "loss_s" in s for s in steps if "loss" in s)  # Safe-MM-DPO's own statistics
+    results = json.loads((root / "runs/ev/eval/results.json").read_text())
+    assert results["models"]["student"]["path"].endswith("distill/ddpo/model")

@@ -72,10 +72,23 @@ def test_seed_defaults():
             "eval.beavertails_per_category: Input should be less than or equal to 50",
         ),
         ({**base(), "eval": {"llm_judge": {"url": "http://x/v1"}}}, "eval.llm_judge.model: Field required"),
+        ({**base(), "stages": ["distil"]}, "stages.0: Input should be 'rm', 'align', 'distill' or 'eval'"),
+        ({**base(), "distill": {"temperature": 0.9}}, "temperature is used only with best_of_n > 1"),
+        ({**base(), "distill": {"best_of_n": 0}}, "distill.best_of_n: Input should be greater than or equal to 1"),
+        ({**base(), "distill": {"prompts": "none.jsonl"}}, "distill.prompts: file not found"),
+        ({**base(), "distill": {"sft": {"lr": 1e-5}}}, "distill.sft.lr: unknown key"),
+        ({**base(), "distill": {"ddpo": "yes"}}, "distill.ddpo: Input should be a valid boolean (got 'yes')"),
     ],
 )
 def test_errors_name_the_field(data, expected):
     assert expected in error_of(data)
+
+
+def test_distill_defaults_are_zephyrs_dsft():
+    distill = validate_recipe(base()).distill
+    sft = distill.sft
+    assert (sft.learning_rate, sft.epochs, sft.lr_scheduler, sft.warmup_ratio) == (2e-5, 1, "cosine", 0.1)
+    assert (distill.best_of_n, distill.ddpo, distill.student, distill.teacher) == (1, False, None, None)
 
 
 def test_kl_coeff_is_beta_ori():

@@ -18,11 +18,12 @@ try:
     import datasets
 
     datasets.disable_progress_bars()  # per-split map/filter bars: noise next to the training bar
-    from openrlhf.datasets import RewardDataset
+    from openrlhf.datasets import RewardDataset, SFTDataset
     from openrlhf.datasets.reward_dataset import preprocess_data
     from openrlhf.models import Actor, get_llm_for_sequence_regression
     from openrlhf.trainer.dpo_trainer import DPOTrainer
     from openrlhf.trainer.rm_trainer import RewardModelTrainer
+    from openrlhf.trainer.sft_trainer import SFTTrainer
     from openrlhf.utils import get_strategy, get_tokenizer
     from openrlhf.utils.deepspeed import DeepspeedStrategy
 except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environment
@@ -38,6 +39,8 @@ __all__ = [
     "DeepspeedStrategy",
     "RewardDataset",
     "RewardModelTrainer",
+    "SFTDataset",
+    "SFTTrainer",
     "get_llm_for_sequence_regression",
     "get_strategy",
     "get_tokenizer",

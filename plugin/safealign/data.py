@@ -261,14 +261,40 @@ def check_consistent(rows: list[PreferenceRow]) -> None:
             raise RowError(f"{first}: {key} is missing here but present in other rows; score all rows or none")
 
 
+def load_prompt_file(path: Path) -> list[list[Message]]:
+    """A prompt set (JSONL, one `prompt` per line: a string or chat messages), e.g. for the distill stage."""
+    if not path.is_file():
+        raise SafeAlignError(f"{path}: prompt file not found")
+    prompts = [_prompt_messages(raw, f"{path}:{number}") for number, raw in read_jsonl(path)]
+    if not prompts:
+        raise SafeAlignError(f"{path}: no prompts (the file is empty)")
+    return prompts
+
+
+def unique_prompts(prompts: Iterable[list[Message]]) -> list[list[Message]]:
+    """Each distinct prompt once (by `prompt_identity`), in first-seen order."""
+    seen: dict[str, list[Message]] = {}
+    for prompt in prompts:
+        seen.setdefault(prompt_identity(prompt), prompt)
+    return list(seen.values())
+
+
+def flatten_messages(messages: list[Message]) -> str:
+    """A prompt for models without a chat template (`data.input_template`): one user turn is its
+    text; a dialogue keeps its roles. Training and generation format prompts through this one function."""
+    if len(messages) == 1:
+        return messages[0]["content"]
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
 def has_field(rows: list[PreferenceRow], key: str) -> bool:
     """Whether the (consistent) rows carry `key`."""
     return getattr(rows[0], key) is not None
 
 
-def prompt_key(row: PreferenceRow) -> str:
-    """A stable identity of a row's prompt, for splits and for keeping eval prompts out of training."""
-    text = "\x1e".join(f"{m['role']}\x1f{m['content'].strip()}" for m in row.prompt)
+def prompt_identity(messages: list[Message]) -> str:
+    """A stable identity of a prompt, for splits, deduplication and keeping eval prompts out of training."""
+    text = "\x1e".join(f"{m['role']}\x1f{m['content'].strip()}" for m in messages)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -277,7 +303,7 @@ def held_out_indices(rows: list[PreferenceRow], eval_fraction: float, seed: int)
     on one side of the split."""
 
     def bucket(row: PreferenceRow) -> float:
-        digest = hashlib.sha256(f"{seed}:{prompt_key(row)}".encode()).digest()
+        digest = hashlib.sha256(f"{seed}:{prompt_identity(row.prompt)}".encode()).digest()
         return int.from_bytes(digest[:8], "big") / 2**64
 
     return {i for i, row in enumerate(rows) if bucket(row) < eval_fraction}

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
+import struct
 import tempfile
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
@@ -210,3 +212,19 @@ def derive_student(teacher_dir: Path, target: Path) -> Path:
         AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(out)
 
     return _publish(build, target)
+
+
+def count_parameters(model_dir: Path) -> int:
+    """Parameters stored in a checkpoint's safetensors files, read from their headers (no model load).
+
+    Tied weights are stored once, so this is the model's unique parameter count."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise SafeAlignError(f"{model_dir}: no .safetensors weights to count")
+    total = 0
+    for path in files:
+        with path.open("rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+        total += sum(math.prod(entry["shape"]) for name, entry in header.items() if name != "__metadata__")
+    return total

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 from pathlib import Path
 from types import SimpleNamespace as NS
 
@@ -18,7 +19,7 @@ import torch
 from safealign import compat
 from safealign._openrlhf import Actor, DeepspeedStrategy, get_llm_for_sequence_regression, get_strategy, get_tokenizer
 from safealign.errors import SafeAlignError
-from safealign.process import ensure_process_env
+from safealign.process import barrier, ensure_process_env
 from safealign.recipe import Recipe, TrainingSection
 
 log = logging.getLogger("safealign")
@@ -212,16 +213,17 @@ def load_tokenizer(path: Path, model, strategy: DeepspeedStrategy, padding_side:
     return get_tokenizer(str(path), getattr(model, "model", model), padding_side, strategy)
 
 
-def configure_prompt_format(args: NS, tokenizer, recipe: Recipe) -> None:
+def configure_prompt_format(args: NS, tokenizer, recipe: Recipe, model_field: str = "model.policy") -> None:
     """Use `data.input_template` when given, else the tokenizer's chat template; a model with neither
-    (a base model such as Mistral-7B-v0.1) needs the template spelled out."""
+    (a base model such as Mistral-7B-v0.1) needs the template spelled out. `model_field` names the
+    recipe key of the model, for the error."""
     if recipe.data.input_template is not None:
         args.data.apply_chat_template = False
     elif getattr(tokenizer, "chat_template", None):
         args.data.apply_chat_template = True
     else:
         raise SafeAlignError(
-            'model.policy has no chat template: set data.input_template, e.g. "Human: {}\\nAssistant: "'
+            f'{model_field} has no chat template: set data.input_template, e.g. "Human: {{}}\\nAssistant: "'
         )
 
 
@@ -237,6 +239,19 @@ def optimizer_config(args: NS, total_steps: int) -> dict:
         max_norm=args.max_norm,
         scheduler_steps=max(1, math.ceil(total_steps)),
     )
+
+
+def publish_model(strategy: DeepspeedStrategy, model, tokenizer, args: NS, target: Path) -> None:
+    """Save the trained model beside `target` and rename it into place, so `target` is complete or
+    absent (a resumed stage skips what is complete); then drop the resume checkpoints."""
+    staging = target.with_name(target.name + ".saving")
+    strategy.save_model(model, tokenizer, str(staging))
+    if strategy.is_rank_0():
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+        shutil.rmtree(args.ckpt.path, ignore_errors=True)
+    barrier()
 
 
 def resume_state(strategy: DeepspeedStrategy, engine, args: NS) -> dict:

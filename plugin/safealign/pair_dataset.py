@@ -18,7 +18,7 @@ import torch
 
 from safealign._openrlhf import RewardDataset, preprocess_data
 from safealign.cost_loss import SAFE, UNKNOWN, UNSAFE
-from safealign.data import PreferenceRow
+from safealign.data import PreferenceRow, flatten_messages
 
 _NAN = math.nan
 
@@ -55,13 +55,6 @@ def _or_nan(value: float | None) -> float:
 
 def _safety(value: bool | None) -> int:
     return UNKNOWN if value is None else (SAFE if value else UNSAFE)
-
-
-def _flatten(messages: list[dict]) -> str:
-    """A prompt for templates without chat support: one user turn is its text; dialogues keep roles."""
-    if len(messages) == 1:
-        return messages[0]["content"]
-    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
 
 
 class PreferencePairDataset(RewardDataset):
@@ -119,7 +112,7 @@ class PreferencePairDataset(RewardDataset):
                 "response_1": [{"role": "assistant", "content": data["response_1"]}],
             }
         else:
-            sample = {**data, "prompt": _flatten(data["prompt"])}
+            sample = {**data, "prompt": flatten_messages(data["prompt"])}
         prompt, response_0, response_1, _ = preprocess_data(
             sample, self.input_template, "prompt", "response_0", "response_1", self.apply_chat_template, is_dpo=True
         )

@@ -270,6 +270,41 @@ class EvalSection(Strict):
         return self
 
 
+class SFTSection(TrainingSection):
+    """dSFT of the student on the teacher's answers; Zephyr's settings are the defaults (Tunstall et al. 2023)."""
+
+    learning_rate: PositiveFloat = 2e-5
+    batch_size: Annotated[int, Field(ge=1, description="global batch (examples per optimizer step)")] = 16
+    lr_scheduler: Literal["cosine_with_min_lr", "cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    warmup_ratio: Fraction = 0.1
+
+
+class DistillSection(Strict):
+    """The distill stage: the teacher answers a prompt set, the student learns the answers (dSFT),
+    then optionally runs the align stage's Safe-MM-DPO on the same scored pairs (dDPO)."""
+
+    teacher: ModelSpec | None = Field(None, description="default: align/model when align runs, else model.policy")
+    student: ModelSpec | None = Field(None, description="default: the teacher with every other layer dropped")
+    prompts: Path | None = Field(None, description="JSONL with a `prompt` per line; default: the training prompts")
+    max_prompts: Annotated[int, Field(ge=1)] | None = Field(None, description="first N prompts (after dedup)")
+    max_new_tokens: Annotated[int, Field(ge=1)] = 256
+    backend: Literal["auto", "hf", "vllm"] = Field("auto", description="auto: vLLM on a GPU when installed, else HF")
+    generation_batch_size: Annotated[int, Field(ge=1)] = 8
+    best_of_n: Annotated[int, Field(ge=1)] = Field(1, description="1: one greedy answer; n>1: n samples, RM-reranked")
+    temperature: PositiveFloat = Field(0.7, description="sampling temperature when best_of_n > 1")
+    sft: SFTSection = Field(default_factory=SFTSection)
+    ddpo: bool = Field(False, description="after dSFT, Safe-MM-DPO on the student with the align settings")
+
+    _prompts_exist = field_validator("prompts", mode="before")(_existing_file)
+    _model_paths = field_validator("teacher", "student", mode="before")(_model_path)
+
+    @model_validator(mode="after")
+    def _temperature_needs_sampling(self) -> DistillSection:
+        if "temperature" in self.model_fields_set and self.best_of_n == 1:
+            raise ValueError("temperature is used only with best_of_n > 1 (one answer is greedy)")
+        return self
+
+
 class DeepSpeedSection(Strict):
     zero_stage: Literal[0, 1, 2, 3] = 2
     adam_offload: bool = False
@@ -285,13 +320,14 @@ class LoggingSection(Strict):
 class Recipe(Strict):
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", max_length=63)]
     seed: int = 42
-    stages: list[Literal["rm", "align", "eval"]] = Field(
+    stages: list[Literal["rm", "align", "distill", "eval"]] = Field(
         default_factory=lambda: ["align"], description="what `safealign run` runs"
     )
     model: ModelSection
     data: DataSection
     rm: RMSection = Field(default_factory=RMSection)
     align: AlignSection = Field(default_factory=AlignSection)
+    distill: DistillSection = Field(default_factory=DistillSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)

@@ -1,7 +1,7 @@
 """Answer prompts with a model: batched Hugging Face `generate` everywhere, vLLM where it can run.
 
-Both backends take chat-formatted requests (the tokenizer's own chat template), and return the new
-text only. `make_generator(..., backend="auto")` picks vLLM when the package is installed and a GPU is
+Both backends take chat messages, format them as training did (the tokenizer's chat template, or
+`data.input_template` for a model without one, through `format_prompt`), and return the new text only. `make_generator(..., backend="auto")` picks vLLM when the package is installed and a GPU is
 present, else the HF backend; the eval and distill stages only see the `Generator` interface.
 
 HF backend, and why it is shaped so: prompts are left-padded (decoder-only models continue from the
@@ -21,6 +21,8 @@ from typing import Protocol
 from tqdm import tqdm
 
 from safealign import compat
+from safealign.data import flatten_messages
+from safealign.errors import SafeAlignError
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,15 @@ class GenerationStats:
         return self.answers / self.seconds if self.seconds else 0.0
 
 
+def format_prompt(tokenizer, request: GenerationRequest, input_template: str | None) -> str:
+    """The prompt text the model was trained on: `input_template` when given, else the chat template."""
+    if input_template is not None:
+        return input_template.format(flatten_messages(request.chat()))
+    if not getattr(tokenizer, "chat_template", None):
+        raise SafeAlignError('the model has no chat template: set data.input_template, e.g. "Human: {}\\nAssistant: "')
+    return tokenizer.apply_chat_template(request.chat(), tokenize=False, add_generation_prompt=True)
+
+
 class Generator(Protocol):
     stats: GenerationStats
 
@@ -61,13 +72,21 @@ class Generator(Protocol):
 class HFGenerator:
     """Batched `model.generate` with left padding, length-sorted batches and the KV cache."""
 
-    def __init__(self, model_dir: Path, batch_size: int = 8, dtype: str = "fp32", seed: int = 0) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        batch_size: int = 8,
+        dtype: str = "fp32",
+        seed: int = 0,
+        input_template: str | None = None,
+    ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.torch = torch
         self.batch_size = batch_size
         self.seed = seed
+        self.input_template = input_template
         self.device = "cuda" if compat.gpu_available() else "cpu"
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
         if self.tokenizer.pad_token is None:
@@ -77,7 +96,7 @@ class HFGenerator:
         self.stats = GenerationStats(backend="hf")
 
     def _encode(self, request: GenerationRequest) -> list[int]:
-        text = self.tokenizer.apply_chat_template(request.chat(), tokenize=False, add_generation_prompt=True)
+        text = format_prompt(self.tokenizer, request, self.input_template)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[str]:
@@ -127,12 +146,15 @@ class HFGenerator:
 class VLLMGenerator:
     """vLLM's continuous batching (GPU only). Same interface; selected automatically when possible."""
 
-    def __init__(self, model_dir: Path, dtype: str = "bf16", seed: int = 0, **engine_kwargs) -> None:
+    def __init__(
+        self, model_dir: Path, dtype: str = "bf16", seed: int = 0, input_template: str | None = None, **engine_kwargs
+    ) -> None:
         from vllm import LLM
 
         self.llm = LLM(
             model=str(model_dir), dtype={"bf16": "bfloat16", "fp32": "float32"}[dtype], seed=seed, **engine_kwargs
         )
+        self.input_template = input_template
         self.stats = GenerationStats(backend="vllm")
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[str]:
@@ -140,7 +162,11 @@ class VLLMGenerator:
 
         started = time.time()
         params = [SamplingParams(max_tokens=r.max_new_tokens, temperature=r.temperature) for r in requests]
-        outputs = self.llm.chat([r.chat() for r in requests], params, use_tqdm=True)
+        if self.input_template is None:
+            outputs = self.llm.chat([r.chat() for r in requests], params, use_tqdm=True)
+        else:
+            texts = [format_prompt(None, r, self.input_template) for r in requests]
+            outputs = self.llm.generate(texts, params, use_tqdm=True)
         self.stats.answers += len(requests)
         self.stats.seconds += time.time() - started
         return [out.outputs[0].text.strip() for out in outputs]
@@ -158,9 +184,14 @@ def vllm_usable() -> bool:
 
 
 def make_generator(
-    model_dir: Path, backend: str = "auto", batch_size: int = 8, dtype: str = "fp32", seed: int = 0
+    model_dir: Path,
+    backend: str = "auto",
+    batch_size: int = 8,
+    dtype: str = "fp32",
+    seed: int = 0,
+    input_template: str | None = None,
 ) -> Generator:
     """`backend`: auto (vLLM where usable, else HF), hf, or vllm."""
     if backend == "vllm" or (backend == "auto" and vllm_usable()):
-        return VLLMGenerator(model_dir, dtype="bf16" if dtype == "bf16" else dtype, seed=seed)
-    return HFGenerator(model_dir, batch_size=batch_size, dtype=dtype, seed=seed)
+        return VLLMGenerator(model_dir, dtype=dtype, seed=seed, input_template=input_template)
+    return HFGenerator(model_dir, batch_size=batch_size, dtype=dtype, seed=seed, input_template=input_template)

@@ -121,8 +121,13 @@ def plot_training(metrics: list[dict]) -> bytes | None:
     return _png(fig)
 
 
+def _params(model: dict) -> str:
+    count = model.get("parameters")
+    return "n/a" if count is None else f"{count / 1e6:.1f}M"
+
+
 def _tables(results: dict, judges: list[str]) -> tuple[list[str], list[list[str]]]:
-    header = ["model"] + [f"safety ({j})" for j in judges] + ["helpfulness", "answers/s"]
+    header = ["model", "parameters"] + [f"safety ({j})" for j in judges] + ["helpfulness", "answers/s"]
     rows = []
     for name, m in results["models"].items():
         value, label = _helpfulness(m)
@@ -130,11 +135,40 @@ def _tables(results: dict, judges: list[str]) -> tuple[list[str], list[list[str]
             "n/a" if value is None else (f"{value:.2f}" if "MT-Bench" in label else f"{value:.1%}") + f" ({label})"
         )
         rows.append(
-            [name]
+            [name, _params(m)]
             + [_fmt_rate(m["safety"][j]["overall"]) if j in m["safety"] else "n/a" for j in judges]
             + [helpful, f"{m['generation']['answers_per_second']:.2f} ({m['generation']['backend']})"]
         )
     return header, rows
+
+
+def teacher_vs_student(results: dict, judges: list[str]) -> tuple[list[str], list[list[str]]] | None:
+    """What distillation kept: the student against its teacher (aligned, else base), with ratios."""
+    models = results["models"]
+    if "student" not in models:
+        return None
+    teacher_name = "aligned" if "aligned" in models else "base"
+    teacher, student = models[teacher_name], models["student"]
+
+    def row(label: str, t: float | None, s: float | None, fmt: str) -> list[str]:
+        ratio = f"{s / t:.2f}×" if t and s is not None else "n/a"
+        show = lambda v: "n/a" if v is None else format(v, fmt)  # noqa: E731
+        return [label, show(t), show(s), ratio]
+
+    def millions(model: dict) -> float | None:
+        return None if model.get("parameters") is None else model["parameters"] / 1e6
+
+    rows = [row("parameters (M)", millions(teacher), millions(student), ".1f")]
+    for judge in judges:
+        if judge in teacher["safety"] and judge in student["safety"]:
+            t, s = teacher["safety"][judge]["overall"]["rate"], student["safety"][judge]["overall"]["rate"]
+            rows.append(row(f"safety ({judge})", t, s, ".1%"))
+    (t, label), (s, _) = _helpfulness(teacher), _helpfulness(student)
+    if label:
+        rows.append(row(f"helpfulness: {label}", t, s, ".2f" if "MT-Bench" in label else ".1%"))
+    rows.append(row("answers/s", teacher["generation"]["answers_per_second"],
+                    student["generation"]["answers_per_second"], ".2f"))  # fmt: skip
+    return ["", f"teacher ({teacher_name})", "student", "student / teacher"], rows
 
 
 def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -167,6 +201,7 @@ def write_report(out_dir: Path, results: dict, metrics_path: Path | None = None)
             (out_dir / "plots" / f"{name}.png").write_bytes(png)
 
     header, rows = _tables(results, judges)
+    distilled = teacher_vs_student(results, judges)
     cat_header, cat_rows = ["category"] + list(results["models"]), []
     if primary:
         categories = sorted(next(iter(results["models"].values()))["safety"][primary]["categories"])
@@ -190,6 +225,8 @@ def write_report(out_dir: Path, results: dict, metrics_path: Path | None = None)
     ):
         if plots[name]:
             md += [f"## {title}", "", f"![{title}](plots/{name}.png)", ""]
+    if distilled:
+        md += ["## Teacher vs student (distill)", "", _markdown_table(*distilled), ""]
     if cat_rows:
         md += [f"## Per-category safety ({primary} judge)", "", _markdown_table(cat_header, cat_rows), ""]
     if agreement:
@@ -229,6 +266,7 @@ def write_report(out_dir: Path, results: dict, metrics_path: Path | None = None)
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;font-size:14px}}
 th{{background:#f3f3f3}}img{{max-width:100%}}.ex{{border-left:3px solid #ddd;padding-left:1em}}</style></head><body>
 <h1>SafeAlign evaluation report</h1><p>{html.escape(intro)}</p>{_html_table(header, rows)}{images}
+{"<h2>Teacher vs student (distill)</h2>" + _html_table(*distilled) if distilled else ""}
 {"<h2>Per-category safety (" + html.escape(primary) + " judge)</h2>" + _html_table(cat_header, cat_rows) if cat_rows else ""}
 {"<h2>Judge agreement</h2>" + _html_table(["judges", "agreement"], agreement) if agreement else ""}
 {"<h2>Where the models differ</h2>" + examples if examples else ""}</body></html>"""

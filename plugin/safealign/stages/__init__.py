@@ -55,6 +55,6 @@ def register_stage(name: str, sections: tuple[str, ...], upstream: tuple[str, ..
 
 def load_builtin_stages() -> dict[str, Stage]:
     """Import the built-in stage modules (they pull in OpenRLHF, so only when a run needs them)."""
-    from safealign.stages import align, evaluate, rm  # noqa: F401
+    from safealign.stages import align, distill, evaluate, rm  # noqa: F401
 
     return STAGES

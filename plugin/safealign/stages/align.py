@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 import shutil
+from pathlib import Path
 
 from safealign import compat
 from safealign import openrlhf_setup as setup
 from safealign.data import PreferenceRow, has_field, load_rows, load_sources, split_by_prompt
 from safealign.errors import SafeAlignError
+from safealign.eval.heldout import check_not_eval_prompts
 from safealign.lagrange import LagrangeMultiplier
 from safealign.losses import LossSettings, get_loss
 from safealign.models import merge_lora, resolve_model
@@ -60,23 +62,36 @@ def training_rows(ctx: StageContext) -> list[PreferenceRow]:
     if "rm" in ctx.recipe.stages:
         from safealign.stages.rm import scored_rows_path
 
-        return load_rows(scored_rows_path(ctx.run_dir), "pku_saferlhf")
-    return load_sources(ctx.recipe.data.train)
+        return load_rows(scored_rows_path(ctx.run_dir), "pku_saferlhf")  # the rm stage checked its prompts
+    rows = load_sources(ctx.recipe.data.train)
+    check_not_eval_prompts(ctx.recipe, [r.prompt for r in rows], "data.train", [r.source for r in rows])
+    return rows
 
 
 @register_stage("align", sections=("seed", "model", "data", "align", "deepspeed"), upstream=("rm",))
 def run_align(ctx: StageContext) -> dict:
     """Safe-MM-DPO on the base policy (OpenRLHF DPOTrainer + DeepspeedStrategy)."""
+    recipe = ctx.recipe
+    rows = training_rows(ctx)  # data errors first: before any model is loaded or converted
+    policy_dir = resolve_model(recipe.model.policy)
+    reference_dir = resolve_model(recipe.model.reference) if recipe.model.reference is not None else policy_dir
+    return train_policy(recipe, rows, policy_dir, reference_dir, ctx.work_dir)
+
+
+def train_policy(recipe: Recipe, rows: list[PreferenceRow], policy_dir: Path, reference_dir: Path, out: Path) -> dict:
+    """Train `policy_dir` on `rows` with the recipe's `align` settings; the model lands in `out/model`.
+
+    The align stage runs it on the base policy; the distill stage's dDPO on the dSFT student (with
+    that student as its own reference). Reference log-probs stored in the rows are used when every row
+    has them, so they must belong to `reference_dir`.
+    """
     from safealign.trainers.safe_mm_dpo import SafeMMDPOTrainer
 
-    recipe, out = ctx.recipe, ctx.work_dir
     loss = build_loss(recipe)
-    train_rows, eval_rows = split_by_prompt(training_rows(ctx), recipe.data.eval_fraction, recipe.seed)
+    train_rows, eval_rows = split_by_prompt(rows, recipe.data.eval_fraction, recipe.seed)
     _warn_about_missing_rm_outputs(recipe, loss, train_rows)
     cached_ref = has_field(train_rows, "ref_logps_0") and (not eval_rows or has_field(eval_rows, "ref_logps_0"))
 
-    policy_dir = resolve_model(recipe.model.policy)
-    reference_dir = resolve_model(recipe.model.reference) if recipe.model.reference is not None else policy_dir
     args = setup.openrlhf_args(recipe, recipe.align, out)
     strategy = setup.make_strategy(args)
     model = setup.load_actor(policy_dir, args, strategy, trainable=True)

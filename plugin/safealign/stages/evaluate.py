@@ -32,33 +32,35 @@ from safealign.eval.judges import ChatClient, LLMJudge, RefusalJudge
 from safealign.eval.mtbench import Question, judge_messages, load_judge_prompts, load_questions, parse_rating
 from safealign.eval.safety import DEFAULT_PATH, SafetyPrompt, load_prompts, safety_rates, stratified_subset
 from safealign.files import write_text_atomically
-from safealign.models import resolve_model
+from safealign.models import count_parameters, resolve_model
 from safealign.process import is_rank_0
 from safealign.recipe import Recipe
 from safealign.stages import StageContext, register_stage
 
 log = logging.getLogger("safealign")
 
-#: Scoring answers with the RMs: room for long MT-Bench prompts whatever the training max_len.
-SCORING_MAX_LEN = 2048
-
 
 def produced_models(recipe: Recipe, run_dir: Path) -> dict[str, Path]:
-    """Every model to evaluate, by name: the base policy, and each later stage's output that exists."""
+    """Every model to evaluate, by name: the base policy, and each later stage's output the recipe runs
+    (`aligned` from align, `student` from distill)."""
     models = {"base": resolve_model(recipe.model.policy)}
-    if "align" in recipe.stages:
-        aligned = run_dir / "align" / "model"
-        if not (aligned / "config.json").is_file():
-            raise SafeAlignError(f"{aligned} not found: run the align stage first")
-        models["aligned"] = aligned
+    for stage, name in (("align", "aligned"), ("distill", "student")):
+        if stage not in recipe.stages:
+            continue
+        done = run_dir / stage / "stage.json"
+        if not done.is_file():
+            raise SafeAlignError(f"{run_dir / stage} is not finished: run the {stage} stage first")
+        models[name] = run_dir / stage / json.loads(done.read_text())["outputs"]["model"]
     return models
 
 
 def model_identity(model_dir: Path) -> str:
-    """What makes two checkpoints the same model: the producing stage's fingerprint, else the files."""
-    stage = model_dir.parent / "stage.json"
-    if stage.is_file():
-        return json.loads(stage.read_text())["fingerprint"]
+    """What makes two checkpoints the same model: the producing stage's fingerprint and the model's
+    place in that stage's directory, else the files themselves."""
+    for stage_dir in (model_dir.parent, model_dir.parent.parent):  # align/model, distill/sft/model
+        if (stage_dir / "stage.json").is_file():
+            fingerprint = json.loads((stage_dir / "stage.json").read_text())["fingerprint"]
+            return f"{fingerprint}:{model_dir.relative_to(stage_dir)}"
     files = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in model_dir.iterdir() if p.is_file())
     return hashlib.sha256(json.dumps([str(model_dir.resolve()), files]).encode()).hexdigest()
 
@@ -80,7 +82,7 @@ def answer_with(
 ) -> dict:
     """The model's BeaverTails answers and MT-Bench turns, from the cache when generated before."""
     ev = recipe.eval
-    settings = {"max_new_tokens": ev.max_new_tokens, "seed": recipe.seed}
+    settings = {"max_new_tokens": ev.max_new_tokens, "seed": recipe.seed, "input_template": recipe.data.input_template}
     key_source = [model_identity(model_dir), settings, [p.prompt for p in prompts], [q.question_id for q in questions]]
     key = hashlib.sha256(json.dumps(key_source).encode()).hexdigest()[:20]
     path = cache / f"{model_dir.name}-{key}.json"
@@ -89,7 +91,7 @@ def answer_with(
         return json.loads(path.read_text())
 
     dtype = setup.resolve_dtype(recipe.model.dtype)
-    generator = make_generator(model_dir, ev.backend, ev.batch_size, dtype, recipe.seed)
+    generator = make_generator(model_dir, ev.backend, ev.batch_size, dtype, recipe.seed, recipe.data.input_template)
     safety = generator.generate(
         [GenerationRequest.single_turn(p.prompt, max_new_tokens=ev.max_new_tokens) for p in prompts]
     )
@@ -127,7 +129,7 @@ def score_answer_pairs(
     recipe: Recipe, model_dir: Path, prompts: list[str], first: dict[str, list[str]], args
 ) -> dict[str, list[tuple[float, float]]]:
     """A value model's output on (model answer, base answer) for every model, in one scoring pass."""
-    from safealign.stages.rm import score_with_value_model
+    from safealign.stages.rm import score_generated
 
     names = [n for n in first if n != "base"] or ["base"]
     rows = [
@@ -139,12 +141,7 @@ def score_answer_pairs(
         for name in names
         for i, p in enumerate(prompts)
     ]
-    scores = score_with_value_model(recipe, model_dir, rows, args, max_len=SCORING_MAX_LEN)
-    if len(scores) != len(rows):  # a NaN score would silently read as a verdict
-        raise SafeAlignError(
-            f"eval: {len(rows) - len(scores)} prompts are longer than {SCORING_MAX_LEN} tokens and cannot be "
-            f"scored by {model_dir}; use shorter evaluation prompts"
-        )
+    scores = score_generated(recipe, model_dir, rows, args)
     n = len(prompts)
     return {name: [scores[k * n + i] for i in range(n)] for k, name in enumerate(names)}
 
@@ -275,7 +272,7 @@ def differing_examples(
     return examples
 
 
-@register_stage("eval", sections=("seed", "model", "data", "eval"), upstream=("rm", "align"))
+@register_stage("eval", sections=("seed", "model", "data", "eval"), upstream=("rm", "align", "distill"))
 def run_eval(ctx: StageContext) -> dict:
     """BeaverTails safety (per judge, per category) and MT-Bench helpfulness of every model, and a report."""
     from safealign.eval.report import write_report
@@ -294,6 +291,7 @@ def run_eval(ctx: StageContext) -> dict:
         "models": {
             name: {
                 "path": str(models[name]),
+                "parameters": count_parameters(models[name]),
                 "safety": {judge: safety_rates(prompts, verdicts[judge][name]) for judge in verdicts},
                 "helpfulness": helpful[name],
                 "generation": {k: answers[name][k] for k in ("backend", "answers_per_second", "new_tokens")},

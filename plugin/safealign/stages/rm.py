@@ -21,16 +21,16 @@ import gc
 import json
 import logging
 import math
-import shutil
 from pathlib import Path
 
 from safealign import openrlhf_setup as setup
 from safealign.data import PreferenceRow, held_out_indices, load_sources
 from safealign.errors import SafeAlignError
+from safealign.eval.heldout import check_not_eval_prompts
 from safealign.files import write_text_atomically
 from safealign.models import resolve_model
 from safealign.pair_dataset import PreferencePairDataset
-from safealign.process import barrier, is_rank_0
+from safealign.process import is_rank_0
 from safealign.recipe import Recipe, RewardModelSection
 from safealign.scoring import score_pairs
 from safealign.stages import StageContext, register_stage
@@ -45,16 +45,6 @@ def is_contradictory(row: PreferenceRow) -> bool:
     safer_safe = row.is_response_0_safe if row.safer_response_id == 0 else row.is_response_1_safe
     other_safe = row.is_response_1_safe if row.safer_response_id == 0 else row.is_response_0_safe
     return not safer_safe and other_safe
-
-
-def _publish_model(strategy, model, tokenizer, args, target: Path) -> None:
-    """Save the trained model beside `target` and rename it into place, so `target` is complete or absent."""
-    staging = target.with_name(target.name + ".saving")
-    strategy.save_model(model, tokenizer, str(staging))
-    if strategy.is_rank_0():
-        staging.rename(target)
-        shutil.rmtree(args.ckpt.path, ignore_errors=True)
-    barrier()
 
 
 def train_value_model(
@@ -91,7 +81,7 @@ def train_value_model(
         metrics_path=out / "metrics.jsonl", max_norm=section.max_norm, max_epochs=section.epochs, **trainer_kwargs,
     )  # fmt: skip
     trainer.fit(args, consumed, steps_per_epoch)
-    _publish_model(strategy, model, tokenizer, args, target)
+    setup.publish_model(strategy, model, tokenizer, args, target)
     del trainer, model, optimizer, scheduler
     gc.collect()
     return target
@@ -121,6 +111,22 @@ def score_with_value_model(
         f"scoring with {model_dir.parent.name}",
     )
     return {extra["row_index"]: tuple(scores[i].tolist()) for i, extra in enumerate(dataset.extras)}
+
+
+#: Scoring generated answers (eval, distill's best-of-n): room for long prompts whatever data.max_len is.
+ANSWER_MAX_LEN = 2048
+
+
+def score_generated(recipe: Recipe, model_dir: Path, rows: list[PreferenceRow], args) -> list[tuple[float, float]]:
+    """Both responses' values for every row, in row order. A row too long to score is an error: a
+    missing value would otherwise read as a verdict (or a best-of-n choice)."""
+    scores = score_with_value_model(recipe, model_dir, rows, args, max_len=ANSWER_MAX_LEN)
+    if len(scores) != len(rows):
+        raise SafeAlignError(
+            f"{len(rows) - len(scores)} prompts are longer than {ANSWER_MAX_LEN} tokens and cannot be "
+            f"scored by {model_dir}; use shorter prompts"
+        )
+    return [scores[i] for i in range(len(rows))]
 
 
 def reference_logps(recipe: Recipe, rows: list[PreferenceRow], args) -> dict[int, tuple[float, float]]:
@@ -185,6 +191,7 @@ def run_rm(ctx: StageContext) -> dict:
 
     recipe, out, rm = ctx.recipe, ctx.work_dir, ctx.recipe.rm
     rows = load_sources(recipe.data.train)
+    check_not_eval_prompts(recipe, [r.prompt for r in rows], "data.train", [r.source for r in rows])
     held_out = held_out_indices(rows, rm.eval_fraction, recipe.seed)
     train_rows = [row for i, row in enumerate(rows) if i not in held_out]
     contradictory = [row for row in rows if is_contradictory(row)]

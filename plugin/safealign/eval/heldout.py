@@ -1,0 +1,42 @@
+"""Evaluation prompts never reach training.
+
+A model trained (or distilled) on BeaverTails-Evaluation or MT-Bench prompts would be graded on its
+homework. Every stage that trains checks its prompts against the eval sets the recipe names (the
+BeaverTails file, default or `eval.beavertails`, and MT-Bench's first turns) and stops with a clear
+error on any match: silently dropping them would hide a data problem the user should fix at the source.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from safealign.data import Message, prompt_identity
+from safealign.errors import SafeAlignError
+from safealign.eval.mtbench import load_questions
+from safealign.eval.safety import DEFAULT_PATH, load_prompts
+from safealign.recipe import Recipe
+
+
+def eval_prompt_identities(recipe: Recipe) -> dict[str, str]:
+    """`prompt_identity` of every evaluation prompt -> the eval set it belongs to."""
+    single = lambda text: [{"role": "user", "content": text}]  # noqa: E731
+    known = {prompt_identity(single(q.turns[0])): "MT-Bench" for q in load_questions()}
+    for p in load_prompts(recipe.eval.beavertails or DEFAULT_PATH):
+        known[prompt_identity(single(p.prompt))] = "BeaverTails-Evaluation"
+    return known
+
+
+def check_not_eval_prompts(
+    recipe: Recipe, prompts: Sequence[list[Message]], what: str, sources: Sequence[str] | None = None
+) -> None:
+    """Stop if any of `prompts` (from `what`, e.g. `data.train`; `sources` name each, e.g. file:line) is an eval prompt."""
+    known = eval_prompt_identities(recipe)
+    hits = [i for i, prompt in enumerate(prompts) if prompt_identity(prompt) in known]
+    if hits:
+        first = hits[0]
+        where = sources[first] if sources and sources[first] else f"prompt {first + 1}"
+        raise SafeAlignError(
+            f"{what}: {len(hits)} prompt(s) are {known[prompt_identity(prompts[first])]} evaluation prompts "
+            f"(first: {where}: {prompts[first][-1]['content'][:60]!r}); remove them from the training data, "
+            "or the eval would grade answers to prompts the model was trained on"
+        )

@@ -1,0 +1,333 @@
+"""The distill stage: Zephyr-style distillation of the aligned teacher into a smaller student.
+
+Zephyr's recipe (Tunstall et al. 2023), with the teacher being our aligned model:
+1. **Teacher answers.** The teacher (`align/model`, or `distill.teacher`) answers a prompt set — the
+   training prompts, deduplicated, or `distill.prompts` — through the eval stage's generation
+   backends (vLLM on a GPU, batched HF elsewhere). With `best_of_n > 1` it samples n answers per
+   prompt and keeps the one the Helpful-RM prefers among those the cost model calls safe (cost ≤ 0);
+   when all n are unsafe, the least costly one. Every record says how its answer was chosen
+   (`teacher_answers.jsonl`). Answers are written once, atomically, and reused when the stage resumes.
+2. **Student.** `distill.student`, or the teacher with every other layer dropped
+   (`models.derive_student`: DistilBERT's initialisation), so a CPU run has a student too.
+3. **dSFT.** OpenRLHF's `SFTDataset` (prompt tokens masked) and `SFTTrainer` on its DeepSpeed
+   strategy; the student is fully fine-tuned with Zephyr's defaults (lr 2e-5, 1 epoch, cosine,
+   warmup 0.1). Answers are text, re-tokenised with the student's own tokenizer and chat template, so
+   a student from another model family (another vocabulary) works as well as a derived one.
+4. **dDPO** (`distill.ddpo: true`): the align stage's Safe-MM-DPO (`align.train_policy`, same trainer,
+   same `align` settings, same scored pairs) on the dSFT student, which is its own reference (Zephyr).
+
+Outputs: `model/` (the student the eval stage evaluates), `teacher_answers.jsonl`, `sft/metrics.jsonl`
+(and `ddpo/metrics.jsonl`), and a summary with the teacher's and student's sizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from safealign import openrlhf_setup as setup
+from safealign.data import (
+    Message,
+    PreferenceRow,
+    flatten_messages,
+    load_prompt_file,
+    read_jsonl,
+    unique_prompts,
+)
+from safealign.errors import SafeAlignError
+from safealign.eval.generation import GenerationRequest, make_generator
+from safealign.eval.heldout import check_not_eval_prompts
+from safealign.files import write_text_atomically
+from safealign.models import count_parameters, derive_student, resolve_model
+from safealign.process import barrier, is_rank_0
+from safealign.recipe import Recipe
+from safealign.stages import StageContext, register_stage
+
+log = logging.getLogger("safealign")
+
+ANSWERS = "teacher_answers.jsonl"
+
+
+def teacher_dir(recipe: Recipe, run_dir: Path) -> Path:
+    """`distill.teacher`, else the aligned model when the recipe aligns, else the base policy."""
+    if recipe.distill.teacher is not None:
+        return resolve_model(recipe.distill.teacher)
+    if "align" in recipe.stages:
+        aligned = run_dir / "align" / "model"
+        if not (aligned / "config.json").is_file():
+            raise SafeAlignError(f"{aligned} not found: run the align stage first (the teacher is the aligned model)")
+        return aligned
+    return resolve_model(recipe.model.policy)
+
+
+def prompt_set(ctx: StageContext) -> list[list[Message]]:
+    """The prompts the teacher answers: `distill.prompts`, else the training prompts; deduplicated,
+    cut to `max_prompts`, and checked against the eval sets."""
+    from safealign.stages.align import training_rows
+
+    distill = ctx.recipe.distill
+    if distill.prompts is not None:
+        prompts, what = load_prompt_file(distill.prompts), "distill.prompts"
+    else:
+        prompts, what = [row.prompt for row in training_rows(ctx)], "data.train"
+    prompts = unique_prompts(prompts)[: distill.max_prompts]
+    check_not_eval_prompts(ctx.recipe, prompts, what)
+    return prompts
+
+
+def pick_answer(rewards: list[float], costs: list[float]) -> tuple[int, bool]:
+    """Best-of-n choice: the highest reward among answers with cost ≤ 0 (Safe RLHF's safety verdict);
+    when every answer is unsafe, the least costly. Returns (index, whether the choice is safe)."""
+    safe = [i for i, cost in enumerate(costs) if cost <= 0]
+    if safe:
+        return max(safe, key=lambda i: (rewards[i], -i)), True
+    return min(range(len(costs)), key=lambda i: (costs[i], i)), False
+
+
+def _candidate_pairs(prompts: list[list[Message]], candidates: list[list[str]]) -> list[PreferenceRow]:
+    """n answers of each prompt as ⌈n/2⌉ response pairs (an odd last one pairs with the first): the
+    value models score two responses per forward."""
+    rows = []
+    for prompt, answers in zip(prompts, candidates):
+        for j in range(0, len(answers), 2):
+            second = answers[j + 1] if j + 1 < len(answers) else answers[0]
+            rows.append(PreferenceRow(prompt=prompt, response_0=answers[j] or " ", response_1=second or " "))
+    return rows
+
+
+def _unpair(scores: list[tuple[float, float]], n: int) -> list[list[float]]:
+    """Inverse of `_candidate_pairs`: per prompt, one value per answer."""
+    pairs_per_prompt = (n + 1) // 2
+    out = []
+    for start in range(0, len(scores), pairs_per_prompt):
+        values = [v for pair in scores[start : start + pairs_per_prompt] for v in pair]
+        out.append(values[:n])
+    return out
+
+
+def rerank(ctx: StageContext, prompts: list[list[Message]], candidates: list[list[str]]) -> list[dict]:
+    """Score every candidate with the RM stage's Helpful-RM and cost model; pick one per prompt."""
+    from safealign.stages.rm import score_generated
+
+    recipe, run_dir = ctx.recipe, ctx.run_dir
+    models = {name: run_dir / "rm" / name / "model" for name in ("helpful", "cost")}
+    missing = [str(path) for path in models.values() if not (path / "config.json").is_file()]
+    if missing:
+        raise SafeAlignError(
+            f"distill.best_of_n={recipe.distill.best_of_n} re-ranks with the rm stage's models, but {missing[0]} "
+            "does not exist: add rm to stages (and run it) or set distill.best_of_n: 1"
+        )
+    rows, n = _candidate_pairs(prompts, candidates), recipe.distill.best_of_n
+    scratch = ctx.work_dir / "scratch"
+    rewards = _unpair(score_generated(recipe, models["helpful"], rows, setup.openrlhf_args(recipe, recipe.rm.helpful, scratch)), n)  # fmt: skip
+    costs = _unpair(score_generated(recipe, models["cost"], rows, setup.openrlhf_args(recipe, recipe.rm.cost, scratch)), n)  # fmt: skip
+    shutil.rmtree(scratch, ignore_errors=True)
+    records = []
+    for answers, r, c in zip(candidates, rewards, costs):
+        index, safe = pick_answer(r, c)
+        records.append({"answer": answers[index], "chosen": index, "safe_choice": safe, "rewards": r, "costs": c})
+    return records
+
+
+def teacher_answers(ctx: StageContext, teacher: Path) -> list[dict]:
+    """One answer per prompt from the teacher (greedy, or best-of-n re-ranked), cached in the work dir."""
+    recipe, path = ctx.recipe, ctx.work_dir / ANSWERS
+    if path.is_file():
+        log.info("distill: teacher answers from %s (resumed)", path)
+        return [record for _, record in read_jsonl(path)]
+    distill = recipe.distill
+    prompts = prompt_set(ctx)
+    n = distill.best_of_n
+    log.info("distill: the teacher (%s) answers %d prompts (%s)", teacher, len(prompts),
+             "greedy" if n == 1 else f"best of {n} at temperature {distill.temperature}")  # fmt: skip
+    dtype = setup.resolve_dtype(recipe.model.dtype)
+    generator = make_generator(
+        teacher, distill.backend, distill.generation_batch_size, dtype, recipe.seed, recipe.data.input_template
+    )
+    temperature = 0.0 if n == 1 else distill.temperature
+    requests = [
+        GenerationRequest(messages=tuple((m["role"], m["content"]) for m in prompt),
+                          max_new_tokens=distill.max_new_tokens, temperature=temperature)
+        for prompt in prompts for _ in range(n)
+    ]  # fmt: skip
+    flat = generator.generate(requests)
+    stats = generator.stats
+    del generator
+    gc.collect()
+    candidates = [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
+    if n == 1:
+        chosen = [{"answer": answers[0], "chosen": 0} for answers in candidates]
+    else:
+        chosen = rerank(ctx, prompts, candidates)
+    selection = "greedy" if n == 1 else f"best_of_{n}"
+    records = [
+        {"prompt": prompt, **choice, "selection": selection, "backend": stats.backend,
+         "answers_per_second": round(stats.answers_per_second, 4)}
+        for prompt, choice in zip(prompts, chosen)
+    ]  # fmt: skip
+    empty = sum(1 for r in records if not r["answer"].strip())
+    if empty:
+        log.warning("distill: %d of %d teacher answers are empty; they are left out of dSFT", empty, len(records))
+    if is_rank_0():
+        write_text_atomically(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    barrier()
+    return records
+
+
+def student_init(recipe: Recipe, teacher: Path, work_dir: Path) -> Path:
+    """`distill.student`, or a half-depth copy of the teacher (built once, in the work dir)."""
+    if recipe.distill.student is not None:
+        student = resolve_model(recipe.distill.student)
+        _check_student(student, teacher, recipe)
+        return student
+    target = work_dir / "student-init"
+    if is_rank_0():
+        derive_student(teacher, target)
+    barrier()
+    return target
+
+
+def _check_student(student: Path, teacher: Path, recipe: Recipe) -> None:
+    """What can be checked before training: context length; a different vocabulary is fine (re-tokenised)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(student)
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and positions < recipe.data.max_len:
+        raise SafeAlignError(
+            f"distill.student: {student} handles {positions} positions but data.max_len is {recipe.data.max_len}; "
+            "lower data.max_len or choose another student"
+        )
+    if AutoTokenizer.from_pretrained(student).get_vocab() != AutoTokenizer.from_pretrained(teacher).get_vocab():
+        log.info("distill: the student's tokenizer differs from the teacher's: the teacher's answers are "
+                 "re-tokenised with the student's tokenizer and chat template (text-level distillation)")  # fmt: skip
+    if count_parameters(student) >= count_parameters(teacher):
+        log.warning("distill: the student (%s) is not smaller than the teacher (%s)", student, teacher)
+
+
+def sft_records(answers: list[dict], chat: bool) -> list[dict]:
+    """OpenRLHF `SFTDataset` inputs: chat messages when the student formats with its chat template,
+    else flat prompt text for `data.input_template` (the same flattening training and generation use)."""
+    records = []
+    for record in answers:
+        if not record["answer"].strip():
+            continue
+        if chat:
+            records.append({"prompt": record["prompt"], "answer": [{"role": "assistant", "content": record["answer"]}]})
+        else:
+            records.append({"prompt": flatten_messages(record["prompt"]), "answer": record["answer"]})
+    return records
+
+
+def train_student(recipe: Recipe, answers: list[dict], student: Path, out: Path) -> dict:
+    """dSFT through OpenRLHF's SFTDataset + SFTTrainer (DeepSpeed); the student lands in `out/model`."""
+    from datasets import Dataset
+
+    from safealign._openrlhf import SFTDataset
+    from safealign.trainers.sft import DistillSFTTrainer
+
+    section = recipe.distill.sft
+    args = setup.openrlhf_args(recipe, section, out)
+    args.ds.lora.rank = 0  # the student is fully fine-tuned (model.lora is the policy's)
+    args.data.input_key, args.data.output_key = "prompt", "answer"
+    strategy = setup.make_strategy(args)
+    model = setup.load_actor(student, args, strategy, trainable=True)
+    tokenizer = setup.load_tokenizer(student, model, strategy)
+    setup.configure_prompt_format(args, tokenizer, recipe, "distill.student")
+    records = sft_records(answers, chat=args.data.apply_chat_template)
+    if not records:
+        raise SafeAlignError("distill: every teacher answer is empty; check the teacher and distill.max_new_tokens")
+    dataset = SFTDataset(
+        Dataset.from_list(records), tokenizer, recipe.data.max_len, strategy, recipe.data.input_template,
+        num_processors=1,
+    )  # fmt: skip
+    if len(dataset) < len(records):
+        log.warning("distill: dropped %d of %d examples whose prompt fills data.max_len=%d",
+                    len(records) - len(dataset), len(records), recipe.data.max_len)  # fmt: skip
+    loader = strategy.setup_dataloader(dataset, section.micro_batch_size, False, True, dataset.collate_fn)
+    # OpenRLHF's SFT loop carries gradient-accumulation windows across epochs: size the schedule as it does.
+    total_steps = len(loader) * section.epochs // strategy.accumulated_gradient
+    if total_steps == 0:
+        raise SafeAlignError(
+            f"distill.sft.batch_size={section.batch_size} exceeds the {len(dataset)} usable teacher answers "
+            "× epochs; lower it or answer more prompts"
+        )
+    model, optimizer, scheduler = strategy.prepare((model, setup.optimizer_config(args, total_steps)))
+    consumed = setup.resume_state(strategy, model, args).get("consumed_samples", 0)
+    log.info("distill: dSFT of %s on %d teacher answers, %d steps × %d examples",
+             student, len(dataset), total_steps, section.batch_size)  # fmt: skip
+    trainer = DistillSFTTrainer(
+        model, strategy, optimizer, loader, None, scheduler,
+        max_norm=section.max_norm, batch_size=section.batch_size, max_epochs=section.epochs, tokenizer=tokenizer,
+        metrics_path=out / "metrics.jsonl",
+    )  # fmt: skip
+    trainer.fit(args, consumed, max(1, len(loader) // strategy.accumulated_gradient))
+    setup.publish_model(strategy, model, tokenizer, args, out / "model")
+    del trainer, model, optimizer, scheduler
+    gc.collect()
+    return {"examples": len(dataset), "steps": total_steps}
+
+
+def ddpo_rows(ctx: StageContext) -> list[PreferenceRow]:
+    """The align stage's rows for dDPO, without the base policy's cached reference log-probs: the
+    student's reference is the dSFT student itself."""
+    from safealign.stages.align import training_rows
+
+    return [dataclasses.replace(row, ref_logps_0=None, ref_logps_1=None) for row in training_rows(ctx)]
+
+
+def _train_once(work: Path, train) -> dict:
+    """Run `train()` (which publishes `work/model`) unless a resumed stage already finished it."""
+    summary = work / "summary.json"
+    if (work / "model" / "config.json").is_file() and summary.is_file():
+        log.info("distill: %s already trained (resumed)", work / "model")
+        return json.loads(summary.read_text())
+    result = train()
+    if is_rank_0():
+        write_text_atomically(summary, json.dumps(result))
+    barrier()
+    return result
+
+
+@register_stage(
+    "distill", sections=("seed", "model", "data", "align", "distill", "deepspeed"), upstream=("rm", "align")
+)
+def run_distill(ctx: StageContext) -> dict:
+    """Teacher answers a prompt set; a smaller student learns them (dSFT, optional dDPO)."""
+    from safealign.stages.align import train_policy
+
+    recipe, out = ctx.recipe, ctx.work_dir
+    teacher = teacher_dir(recipe, ctx.run_dir)
+    answers = teacher_answers(ctx, teacher)
+    sft = _train_once(
+        out / "sft", lambda: train_student(recipe, answers, student_init(recipe, teacher, out), out / "sft")
+    )
+    if is_rank_0():
+        shutil.rmtree(out / "student-init", ignore_errors=True)  # a derived student's weights live on in sft/model
+    final, ddpo = out / "sft" / "model", None
+    if recipe.distill.ddpo:
+        log.info("distill: dDPO (Safe-MM-DPO with the align settings) on the dSFT student, its own reference")
+        ddpo = _train_once(out / "ddpo", lambda: train_policy(recipe, ddpo_rows(ctx), final, final, out / "ddpo"))
+        final = out / "ddpo" / "model"
+    chosen = [a for a in answers if "safe_choice" in a]
+    return {
+        "outputs": {"model": str(final.relative_to(out)), "teacher_answers": ANSWERS, "sft_metrics": "sft/metrics.jsonl",
+                    **({"ddpo_metrics": "ddpo/metrics.jsonl"} if ddpo else {})},
+        "teacher": str(teacher),
+        "student_init": (
+            str(resolve_model(recipe.distill.student)) if recipe.distill.student is not None
+            else "the teacher's even-numbered layers"
+        ),
+        "teacher_parameters": count_parameters(teacher),
+        "student_parameters": count_parameters(final),
+        "prompts": len(answers),
+        "selection": answers[0]["selection"] if answers else None,
+        "unsafe_only_prompts": sum(1 for a in chosen if not a["safe_choice"]) if chosen else None,
+        "teacher_answers_per_second": answers[0]["answers_per_second"] if answers else None,
+        "sft": sft,
+        "ddpo": {k: ddpo[k] for k in ("loss", "steps", "train_pairs", "final_lambda")} if ddpo else None,
+    }  # fmt: skip
