@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from safealign.errors import SafeAlignError
-from safealign.models import build_random, derive_student
+from safealign.models import build_random, count_parameters, derive_student
 from safealign.recipe import RandomModel
 
 
@@ -42,3 +44,18 @@ def test_a_one_layer_teacher_cannot_be_halved(tokenizer_dir, tmp_path):
     with pytest.raises(SafeAlignError, match="nothing to drop"):
         derive_student(shallow, tmp_path / "student")
     assert not (tmp_path / "student").exists()  # nothing half-written
+
+
+def test_parameter_count_matches_torch_and_counts_a_tied_head_once(teacher, tmp_path):
+    from safetensors.torch import save_file
+
+    model = AutoModelForCausalLM.from_pretrained(teacher)
+    assert model.config.tie_word_embeddings
+    assert count_parameters(teacher) == sum(p.numel() for p in model.parameters())  # torch dedups tied tensors
+    # OpenRLHF's save_model writes the tied head as a tensor of its own: still one set of parameters
+    state = {k: v.clone().contiguous() for k, v in model.state_dict().items()}
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    (tmp_path / "saved").mkdir()
+    save_file(state, tmp_path / "saved" / "model.safetensors")
+    shutil.copy(teacher / "config.json", tmp_path / "saved")
+    assert count_parameters(tmp_path / "saved") == count_parameters(teacher)

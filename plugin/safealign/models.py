@@ -215,16 +215,20 @@ def derive_student(teacher_dir: Path, target: Path) -> Path:
 
 
 def count_parameters(model_dir: Path) -> int:
-    """Parameters stored in a checkpoint's safetensors files, read from their headers (no model load).
+    """Unique parameters of a checkpoint, read from its safetensors headers (no model load).
 
-    Tied weights are stored once, so this is the model's unique parameter count."""
+    A tied LM head counts once: OpenRLHF's `save_model` writes `lm_head.weight` beside the embedding
+    even when `tie_word_embeddings` makes them one tensor."""
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise SafeAlignError(f"{model_dir}: no .safetensors weights to count")
-    total = 0
+    shapes: dict[str, list[int]] = {}
     for path in files:
         with path.open("rb") as handle:
             (length,) = struct.unpack("<Q", handle.read(8))
             header = json.loads(handle.read(length))
-        total += sum(math.prod(entry["shape"]) for name, entry in header.items() if name != "__metadata__")
-    return total
+        shapes.update({name: entry["shape"] for name, entry in header.items() if name != "__metadata__"})
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    if config.get("tie_word_embeddings") and any(name.endswith("embed_tokens.weight") for name in shapes):
+        shapes.pop("lm_head.weight", None)
+    return sum(math.prod(shape) for shape in shapes.values())
