@@ -112,6 +112,8 @@ def test_wilson_interval_by_hand():
     assert wilson_interval(0, 0) == (0.0, 1.0)
     assert wilson_interval(0, 50)[0] == 0.0 and wilson_interval(50, 50)[1] == pytest.approx(1.0)
     assert wilson_interval(50, 50)[0] == pytest.approx(0.928652, abs=1e-5)  # 50/50 is not proof of 100 %
+    for n in range(1, 60):  # all-safe and all-unsafe: the interval reaches the rate exactly (plots rely on it)
+        assert wilson_interval(n, n)[1] == 1.0 and wilson_interval(0, n)[0] == 0.0
 
 
 def test_beavertails_subset_and_rates():

@@ -121,6 +121,19 @@ def test_overrides(tmp_path):
         load_recipe(path, ["align.nonsense=1"])
 
 
+def test_an_override_changes_one_place_even_through_yaml_anchors(tmp_path):
+    text = f"""name: t
+model: {{policy: x}}
+data: {{train: [{{path: {PKU}}}]}}
+rm:
+  helpful: &trainer {{learning_rate: 1.0e-5, batch_size: 8}}
+  cost: *trainer
+"""
+    (tmp_path / "r.yaml").write_text(text)
+    recipe = load_recipe(tmp_path / "r.yaml", ["rm.cost.learning_rate=3e-5"])
+    assert (recipe.rm.helpful.learning_rate, recipe.rm.cost.learning_rate) == (1e-5, 3e-5)
+
+
 def test_unreadable_recipes(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: t\nalign: [unclosed\n")

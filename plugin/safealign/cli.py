@@ -20,6 +20,7 @@ EPILOG = """examples:
   safealign run recipes/quickstart.yaml --stage align      one stage (its inputs must exist in the run dir)
   safealign run R.yaml --set align.epochs=1 --set data.train.0.max_rows=64
   torchrun --nproc_per_node 8 -m safealign.cli run R.yaml --stage align     one node, 8 GPUs
+  safealign sweep recipes/sweep-lambda-w.yaml              the seed's 3x3 grid (Ray Tune), then the selection rule
   safealign validate recipes/mistral-7b-beavertails.yaml   check a recipe without running it
   safealign losses                                         list the registered losses
   safealign report runs/quickstart                         rewrite a run's report.md / report.html
@@ -59,6 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--run-dir", type=Path, help="run directory (default: runs/<recipe name>)")
     run.add_argument("--force", action="store_true", help="run the selected stages again even if up to date")
 
+    sweep = commands.add_parser(
+        "sweep",
+        help="run a recipe's sweep grid with Ray Tune and pick a trial by the selection rule",
+        description="Run every combination of the recipe's sweep.grid (shared stages such as rm once, then one "
+        "trial per grid point, in parallel where resources allow), print the table, write sweep/heatmap.png, "
+        "and select: safety above sweep.select.min_safety with the best helpfulness, else the safest.",
+    )
+    _add_recipe_args(sweep)
+    sweep.add_argument("--run-dir", type=Path, help="run directory (default: runs/<recipe name>)")
+
     validate = commands.add_parser("validate", help="validate a recipe (and its data files) without running it")
     _add_recipe_args(validate)
 
@@ -96,6 +107,11 @@ def _run(args: argparse.Namespace) -> int:
             f"{args.recipe}: ok (recipe {recipe.name!r}, stages {', '.join(recipe.stages)}, {len(rows)} training pairs)"
         )
         return 0
+    if recipe.sweep is not None:
+        raise SafeAlignError(
+            f"{args.recipe} has a sweep section: run `safealign sweep {args.recipe}` "
+            "(or add --set sweep=null to run the recipe's own values once)"
+        )
     from safealign.runner import run_recipe
 
     run_dir = args.run_dir or Path("runs") / recipe.name
@@ -128,6 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "report":
             return _report(args.run_dir)
+        if args.command == "sweep":
+            from safealign.sweep import run_sweep
+
+            run_sweep(args.recipe, args.overrides, args.run_dir)
+            return 0
         if args.command == "losses":
             from safealign.losses import available_losses, get_loss
 

@@ -12,6 +12,7 @@ form *is* β (Rafailov et al. 2023, eq. 3-7), so `align.kl_coeff` is accepted as
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from pathlib import Path
@@ -305,6 +306,36 @@ class DistillSection(Strict):
         return self
 
 
+class SweepSelection(Strict):
+    """The seed's rule: among trials with safety above `min_safety`, the most helpful; if none, the safest."""
+
+    judge: Literal["cost_model", "refusal", "llm"] = Field("refusal", description="whose safety rate counts")
+    min_safety: Fraction = Field(0.8, description="a trial qualifies with safety > min_safety")
+
+
+class SweepSection(Strict):
+    """A grid over recipe values (`safealign sweep`): one trial per combination, run with Ray Tune."""
+
+    grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(
+        description="dotted recipe key -> values, e.g. align.lambda_init: [0.5, 1, 2]"
+    )
+    select: SweepSelection = Field(default_factory=SweepSelection)
+    max_concurrent_trials: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="null: as many as the resources allow (one at a time on a CPU machine)"
+    )
+    gpus_per_trial: Annotated[int, Field(ge=0)] = Field(0, description="GPUs Ray gives each trial (torchrun when > 1)")
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_keys(cls, value: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        if not value:
+            raise ValueError("give at least one key to sweep, e.g. align.lambda_init: [0.5, 1.0, 2.0]")
+        for key in value:
+            if key.split(".")[0] in ("name", "stages", "sweep"):
+                raise ValueError(f"{key}: name, stages and sweep cannot be swept")
+        return value
+
+
 class DeepSpeedSection(Strict):
     zero_stage: Literal[0, 1, 2, 3] = 2
     adam_offload: bool = False
@@ -331,6 +362,7 @@ class Recipe(Strict):
     eval: EvalSection = Field(default_factory=EvalSection)
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
+    sweep: SweepSection | None = Field(None, description="a grid of trials for `safealign sweep`")
 
     @field_validator("stages")
     @classmethod
@@ -378,6 +410,16 @@ def format_validation_error(source: str, exc: ValidationError) -> str:
     return f"{source}: " + "; ".join(dict.fromkeys(parts))
 
 
+def unshare(node: Any) -> Any:
+    """A copy of a YAML tree in which no mapping or list appears twice. YAML anchors (`align: *base`)
+    load as one shared object; an override must change the one place it names, not every alias."""
+    if isinstance(node, dict):
+        return {key: unshare(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [unshare(value) for value in node]
+    return node
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     """`a.b.0.c=VALUE` -> (["a","b","0","c"], yaml-parsed VALUE)."""
     key, sep, value = item.partition("=")
@@ -421,6 +463,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raise SafeAlignError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(data, dict):
         raise SafeAlignError(f"{path}: a recipe must be a YAML mapping (name, model, data, align, ...)")
+    data = unshare(data)
     for item in overrides:
         apply_override(data, *parse_override(item))
     return validate_recipe(data, source=str(path), base_dir=path.parent)
@@ -432,7 +475,20 @@ def validate_recipe(data: dict, source: str = "recipe", base_dir: Path | None = 
     except ValidationError as exc:
         raise SafeAlignError(format_validation_error(source, exc)) from None
     check_loss_keys(recipe, source)
+    if recipe.sweep is not None:
+        for trial in trial_overrides(recipe.sweep.grid):
+            trial_data = unshare({k: v for k, v in data.items() if k != "sweep"})
+            for key, value in trial.items():
+                apply_override(trial_data, key.split("."), value)
+            where = ", ".join(f"{k}={v}" for k, v in trial.items())
+            validate_recipe(trial_data, f"{source}: sweep trial {where}", base_dir)
     return recipe
+
+
+def trial_overrides(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of a sweep grid, in grid order (the last key varies fastest)."""
+    keys = list(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
 def check_loss_keys(recipe: Recipe, source: str) -> None:

@@ -1,0 +1,272 @@
+"""`safealign sweep`: a grid of trials over recipe values, run with Ray Tune, and the seed's selection rule.
+
+A sweep recipe is an ordinary recipe plus a `sweep` section (a grid of dotted recipe keys). The stages
+that do not depend on the swept keys run once, in the sweep's run directory: the rm stage, whose
+scored pairs and reward models every trial shares. Each trial then runs the remaining stages
+(`safealign run --set KEY=VALUE …`, a fresh process: DeepSpeed keeps one process group per process) in
+`trials/<id>/`, which links to the shared `rm/` and to the shared eval-answer cache (the base model
+answers once for all trials). Ray Tune schedules the grid (`tune.grid_search`): trials run in parallel
+where the resources allow (`gpus_per_trial`, Ray's CPU/GPU accounting) and one at a time on a CPU
+machine. Selection follows the seed: among trials whose safety rate (the chosen judge, overall)
+is above `min_safety`, the best helpfulness (MT-Bench score with an LLM judge, else the Helpful-RM
+win rate); when none qualifies, that is said and the safest trial is picked.
+
+Outputs in `runs/<name>/sweep/`: `results.json` (every trial's values, metrics, status), `table.md`,
+and `heatmap.png` (the first two swept keys; helpfulness as colour, safety written in each cell,
+the selected trial outlined).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safealign.errors import SafeAlignError
+from safealign.files import write_text_atomically
+from safealign.recipe import Recipe, load_recipe, trial_overrides
+
+log = logging.getLogger("safealign")
+
+#: Stages whose outputs do not depend on what a sweep usually varies (align/distill/eval settings).
+SHARED_STAGES = ("rm",)
+
+
+@dataclass
+class TrialResult:
+    """One trial: its recipe values and what its eval measured (None when it did not finish)."""
+
+    trial_id: str
+    params: dict[str, Any]
+    safety: float | None = None
+    helpfulness: float | None = None
+    status: str = "ok"  # ok | failed
+    error: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Selection:
+    trial: TrialResult
+    qualified: bool
+    message: str
+
+
+def select_trial(trials: list[TrialResult], min_safety: float) -> Selection:
+    """The seed's rule: safety > `min_safety`, then the best helpfulness; if none qualifies, the safest.
+
+    Ties go to the earlier trial in grid order; trials that failed or lack a safety rate never win."""
+    finished = [t for t in trials if t.status == "ok" and t.safety is not None]
+    if not finished:
+        raise SafeAlignError("sweep: no trial finished with a safety rate; see each trial's log in trials/<id>/")
+
+    def helpful(t: TrialResult) -> float:
+        return -math.inf if t.helpfulness is None else t.helpfulness
+
+    qualified = [t for t in finished if t.safety > min_safety]
+    if qualified:
+        best = max(qualified, key=lambda t: (helpful(t), t.safety, -trials.index(t)))
+        return Selection(best, True, f"{len(qualified)} of {len(trials)} trials have safety > {min_safety:.0%}; "
+                                     f"the most helpful of them is {best.trial_id}")  # fmt: skip
+    best = max(finished, key=lambda t: (t.safety, helpful(t), -trials.index(t)))
+    return Selection(best, False, f"no trial reached safety > {min_safety:.0%}: picked the safest, {best.trial_id} "
+                                  f"({best.safety:.1%})")  # fmt: skip
+
+
+def trial_id(params: dict[str, Any]) -> str:
+    """A readable, filesystem-safe id: `lambda_init=0.5,w=0.3` (+ a hash when that gets long)."""
+    text = ",".join(f"{k.split('.')[-1]}={v}" for k, v in params.items())
+    safe = "".join(c if c.isalnum() or c in "=.,_-" else "_" for c in text)
+    if len(safe) > 80:
+        safe = safe[:60] + "-" + hashlib.sha256(text.encode()).hexdigest()[:8]
+    return safe
+
+
+def trial_metrics(run_dir: Path, recipe: Recipe) -> tuple[float | None, float | None, dict]:
+    """(safety, helpfulness, details) of the aligned model from a trial's eval results."""
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    model = results["models"].get("aligned") or results["models"]["base"]
+    judge = recipe.sweep.select.judge
+    safety = model["safety"].get(judge, {}).get("overall", {}).get("rate")
+    mt_bench = model["helpfulness"].get("mt_bench", {}).get("score")
+    helpful = mt_bench if mt_bench is not None else model["helpfulness"].get("rm_win_rate_vs_base")
+    details = {"helpfulness_metric": "mt_bench" if mt_bench is not None else "rm_win_rate_vs_base",
+               "safety_by_judge": {j: v["overall"]["rate"] for j, v in model["safety"].items()}}  # fmt: skip
+    return safety, helpful, details
+
+
+def shared_stages(recipe: Recipe) -> list[str]:
+    """The recipe's stages that run once for all trials: those in SHARED_STAGES whose recipe sections no
+    swept key touches (sweeping `rm.cost.learning_rate` makes every trial train its own reward models)."""
+    from safealign.stages import load_builtin_stages
+
+    stages = load_builtin_stages()
+    swept = {key.split(".")[0] for key in recipe.sweep.grid}
+    return [s for s in recipe.stages if s in SHARED_STAGES and not swept & set(stages[s].sections)]
+
+
+def _trial_command(recipe_path: Path, trial_dir: Path, stages: list[str], params: dict, overrides: list[str],
+                   gpus: int) -> list[str]:  # fmt: skip
+    launcher = [sys.executable, "-m"]
+    if gpus > 1:
+        launcher += ["torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", "-m"]
+    command = launcher + ["safealign.cli", "run", str(recipe_path), "--run-dir", str(trial_dir), "--set", "sweep=null"]
+    for item in overrides:
+        command += ["--set", item]
+    for key, value in params.items():
+        command += ["--set", f"{key}={json.dumps(value)}"]
+    for stage in stages:
+        command += ["--stage", stage]
+    return command
+
+
+def _prepare_trial_dir(sweep_dir: Path, trial_dir: Path) -> None:
+    """Link the shared stages and the eval-answer cache into a trial's run directory."""
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / "cache").mkdir(exist_ok=True)
+    for name in (*SHARED_STAGES, "cache"):  # a stage not run in the sweep dir has nothing to link
+        link, target = trial_dir / name, sweep_dir / name
+        if target.exists() and not link.exists():
+            link.symlink_to(target.resolve(), target_is_directory=True)
+
+
+def run_trials(recipe_path: Path, recipe: Recipe, run_dir: Path, overrides: list[str]) -> list[TrialResult]:
+    """Every grid point through Ray Tune; a trial that fails is recorded as failed, not fatal."""
+    import ray
+    from ray import tune
+
+    sweep = recipe.sweep
+    shared = shared_stages(recipe)
+    stages = [s for s in recipe.stages if s not in shared]
+    grid = trial_overrides(sweep.grid)
+    run_dir = run_dir.resolve()
+    recipe_path = recipe_path.resolve()
+
+    def trainable(config: dict) -> None:
+        params = {key: config[key] for key in sweep.grid}
+        trial_dir = run_dir / "trials" / trial_id(params)
+        _prepare_trial_dir(run_dir, trial_dir)
+        command = _trial_command(recipe_path, trial_dir, stages, params, overrides, sweep.gpus_per_trial)
+        with (trial_dir / "trial.log").open("w") as log_file:
+            code = subprocess.call(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=recipe_path.parent)
+        if code != 0:
+            tune.report({"status": "failed", "returncode": code})
+            return
+        safety, helpful, details = trial_metrics(trial_dir, recipe)
+        tune.report({"status": "ok", "safety": safety, "helpfulness": helpful, **details})
+
+    # Ray's resource accounting decides how many trials run at once: on a CPU machine a trial asks for
+    # every core (so one at a time); on GPUs, `gpus_per_trial` each (8 GPUs / 1 per trial: 8 at once).
+    cpus = os.cpu_count() or 1
+    resources = {"cpu": cpus, "gpu": 0} if not sweep.gpus_per_trial else {"cpu": 1, "gpu": sweep.gpus_per_trial}
+    ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING, configure_logging=False,
+             ignore_reinit_error=True)  # fmt: skip
+    try:
+        tuner = tune.Tuner(
+            tune.with_resources(trainable, resources),
+            param_space={key: tune.grid_search(values) for key, values in sweep.grid.items()},
+            tune_config=tune.TuneConfig(max_concurrent_trials=sweep.max_concurrent_trials),
+            run_config=tune.RunConfig(name="tune", storage_path=str(run_dir / "sweep"), verbose=1),
+        )  # fmt: skip
+        grid_results = tuner.fit()
+    finally:
+        ray.shutdown()
+    by_id: dict[str, TrialResult] = {}
+    for result in grid_results:
+        params = {key: result.config[key] for key in sweep.grid}
+        metrics = result.metrics or {}
+        status = metrics.get("status", "failed")
+        error = "" if status == "ok" else f"see {run_dir / 'trials' / trial_id(params) / 'trial.log'}"
+        by_id[trial_id(params)] = TrialResult(
+            trial_id(params), params, metrics.get("safety"), metrics.get("helpfulness"), status, error,
+            {k: metrics[k] for k in ("helpfulness_metric", "safety_by_judge") if k in metrics},
+        )  # fmt: skip
+    return [by_id.get(trial_id(p), TrialResult(trial_id(p), p, status="failed", error="not run")) for p in grid]
+
+
+def format_table(trials: list[TrialResult], selection: Selection, recipe: Recipe) -> str:
+    keys = list(recipe.sweep.grid)
+    header = ["trial"] + [k.split(".")[-1] for k in keys] + [f"safety ({recipe.sweep.select.judge})", "helpfulness", ""]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for t in trials:
+        safety = "failed" if t.status != "ok" else ("n/a" if t.safety is None else f"{t.safety:.1%}")
+        helpful = "" if t.helpfulness is None else f"{t.helpfulness:.3f}"
+        mark = "**selected**" if t is selection.trial else ""
+        lines.append("| " + " | ".join([t.trial_id, *(str(t.params[k]) for k in keys), safety, helpful, mark]) + " |")
+    return "\n".join(lines)
+
+
+def plot_heatmap(trials: list[TrialResult], selection: Selection, recipe: Recipe) -> bytes | None:
+    """Helpfulness over the first two swept keys; each cell also shows its safety rate."""
+    keys = list(recipe.sweep.grid)
+    if len(keys) < 2:
+        return None
+    from safealign.eval.report import _png, plt
+
+    xs, ys = recipe.sweep.grid[keys[1]], recipe.sweep.grid[keys[0]]
+    values = [[math.nan] * len(xs) for _ in ys]
+    fig, ax = plt.subplots(figsize=(1.6 * len(xs) + 2.5, 1.2 * len(ys) + 1.5))
+    for t in trials:
+        if t.params[keys[0]] not in ys or t.params[keys[1]] not in xs:
+            continue  # a grid over more than two keys: the first two are drawn
+        i, j = ys.index(t.params[keys[0]]), xs.index(t.params[keys[1]])
+        values[i][j] = math.nan if t.helpfulness is None else t.helpfulness
+        label = "failed" if t.status != "ok" else f"safety {t.safety:.0%}" if t.safety is not None else "n/a"
+        if t.helpfulness is not None:
+            label += f"\nhelpful {t.helpfulness:.2f}"
+        ax.text(j, i, label, ha="center", va="center", fontsize=9)
+        if t is selection.trial:
+            ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=3, ec="black"))
+    image = ax.imshow(values, cmap="viridis", aspect="auto")
+    fig.colorbar(image, ax=ax, label=f"helpfulness ({selection.trial.extra.get('helpfulness_metric', '')})")
+    ax.set_xticks(range(len(xs)), [str(x) for x in xs])
+    ax.set_yticks(range(len(ys)), [str(y) for y in ys])
+    ax.set_xlabel(keys[1])
+    ax.set_ylabel(keys[0])
+    ax.set_title("Sweep: helpfulness (colour), safety (text); outlined: selected")
+    return _png(fig)
+
+
+def run_sweep(recipe_path: Path, overrides: list[str], run_dir: Path | None = None) -> Selection:
+    """The whole sweep: shared stages once, the grid through Ray Tune, selection, table and heat map."""
+    recipe = load_recipe(recipe_path, overrides)
+    if recipe.sweep is None:
+        raise SafeAlignError(f"{recipe_path}: no sweep section; add sweep.grid (see docs/sweep.md)")
+    if recipe.sweep.select.judge not in recipe.eval.judges or "eval" not in recipe.stages:
+        raise SafeAlignError(
+            f"sweep.select.judge: {recipe.sweep.select.judge!r} must be one of eval.judges "
+            f"({', '.join(recipe.eval.judges)}) and the recipe must run the eval stage"
+        )
+    run_dir = run_dir or Path("runs") / recipe.name
+    shared = shared_stages(recipe)
+    if shared:
+        log.info("sweep: running the shared stages (%s) once in %s", ", ".join(shared), run_dir)
+        command = [sys.executable, "-m", "safealign.cli", "run", str(recipe_path), "--run-dir", str(run_dir),
+                   "--set", "sweep=null", *(f"--set={o}" for o in overrides), *(f"--stage={s}" for s in shared)]  # fmt: skip
+        if subprocess.call(command) != 0:
+            raise SafeAlignError(f"sweep: the shared stage(s) {', '.join(shared)} failed (see above)")
+    log.info("sweep: %d trials over %s", len(trial_overrides(recipe.sweep.grid)), ", ".join(recipe.sweep.grid))
+    trials = run_trials(recipe_path, recipe, run_dir, overrides)
+    selection = select_trial(trials, recipe.sweep.select.min_safety)
+    out = run_dir / "sweep"
+    out.mkdir(parents=True, exist_ok=True)
+    table = format_table(trials, selection, recipe)
+    write_text_atomically(out / "table.md", table + "\n\n" + selection.message + "\n")
+    write_text_atomically(out / "results.json", json.dumps({
+        "trials": [asdict(t) for t in trials], "selected": selection.trial.trial_id,
+        "qualified": selection.qualified, "message": selection.message, "rule": recipe.sweep.select.model_dump(),
+    }, indent=2) + "\n")  # fmt: skip
+    heatmap = plot_heatmap(trials, selection, recipe)
+    if heatmap:
+        (out / "heatmap.png").write_bytes(heatmap)
+    print(table)
+    print(selection.message)
+    print(f"sweep: {out / 'table.md'}" + (f", {out / 'heatmap.png'}" if heatmap else ""))
+    return selection
