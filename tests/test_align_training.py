@@ -87,26 +87,41 @@ def test_lambda_rises_while_costs_exceed_the_threshold(tmp_path, tokenizer_dir, 
     assert summary["final_lambda"] == pytest.approx(lambdas[-1])
 
 
-@pytest.mark.parametrize(
-    "align, trained",
-    [
-        ({"loss": "dpo", "dimension": "helpful"}, "loss_h"),
-        ({"loss": "mm_dpo", "dimension": "safe", "w": 1.0}, "loss_s"),
-        ({"loss": "safe_mm_dpo", "lambda_update": "fixed", "lambda_init": 2.0}, None),
-    ],
-    ids=["dpo-helpful", "mm_dpo-safe", "safe_mm_dpo-fixed-lambda"],
-)
-def test_ablations_run_through_the_same_trainer(tmp_path, tokenizer_dir, scored_rows, align, trained):
-    recipe = tiny_recipe(tmp_path, tokenizer_dir, scored_rows, align=align)
+#: name -> (align overrides, the statistic the loss must equal; None: the fixed-λ mix)
+ABLATIONS = {
+    "dpo_helpful": ({"loss": "dpo", "dimension": "helpful"}, "loss_h"),
+    "mm_dpo_safe": ({"loss": "mm_dpo", "dimension": "safe"}, "loss_s"),
+    "fixed_lambda": ({"lambda_update": "fixed", "lambda_init": 2.0}, None),
+}
+
+
+def test_ablations_train_beside_the_policy_through_the_same_trainer_and_are_evaluated(
+    tmp_path, tokenizer_dir, scored_rows
+):
+    recipe = tiny_recipe(
+        tmp_path, tokenizer_dir, scored_rows, stages=["align", "eval"],
+        align={"ablations": {name: overrides for name, (overrides, _) in ABLATIONS.items()}},
+        eval={"beavertails_per_category": 1, "mt_bench_per_category": 1, "max_new_tokens": 4, "judges": ["refusal"]},
+    )  # fmt: skip
     summary = run_ok(tmp_path, recipe)
-    assert summary["loss"] == align["loss"]
-    for step in train_steps(tmp_path / "runs/tiny"):
-        if trained:
-            assert step["loss"] == pytest.approx(step[trained], abs=1e-6)
-        else:  # fixed λ = 2: L = L_H/3 + 2·L_S/3, and λ never moves
-            assert step["lambda"] == step["lambda_next"] == 2.0
-            assert step["loss"] == pytest.approx(step["loss_h"] / 3 + 2 * step["loss_s"] / 3, abs=1e-5)
-        assert math.isfinite(step["cost_estimate"])
+    assert summary["loss"] == "safe_mm_dpo"
+    align_dir = tmp_path / "runs/tiny/align"
+    for name, (overrides, trained) in ABLATIONS.items():
+        assert summary["ablations"][name]["loss"] == overrides.get("loss", "safe_mm_dpo")
+        lines = (align_dir / "ablations" / name / "metrics.jsonl").read_text().splitlines()
+        steps = [m for m in map(json.loads, lines) if "loss" in m]
+        assert len(steps) == summary["ablations"][name]["steps"] == summary["steps"]
+        for step in steps:
+            if trained:
+                assert step["loss"] == pytest.approx(step[trained], abs=1e-6)
+            else:  # fixed λ = 2: L = L_H/3 + 2·L_S/3, and λ never moves
+                assert step["lambda"] == step["lambda_next"] == 2.0
+                assert step["loss"] == pytest.approx(step["loss_h"] / 3 + 2 * step["loss_s"] / 3, abs=1e-5)
+            assert math.isfinite(step["cost_estimate"])
+    results = json.loads((tmp_path / "runs/tiny/eval/results.json").read_text())
+    assert set(results["models"]) == {"base", "aligned", *ABLATIONS}
+    assert results["models"]["fixed_lambda"]["path"].endswith("align/ablations/fixed_lambda/model")
+    assert "<td>mm_dpo_safe</td>" in (tmp_path / "runs/tiny/eval/report.html").read_text()
 
 
 def test_lora_run_leaves_the_adapter_and_a_merged_full_checkpoint(tmp_path, tokenizer_dir, scored_rows):

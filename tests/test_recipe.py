@@ -72,6 +72,10 @@ def test_seed_defaults():
             "eval.beavertails_per_category: Input should be less than or equal to 50",
         ),
         ({**base(), "eval": {"llm_judge": {"url": "http://x/v1"}}}, "eval.llm_judge.model: Field required"),
+        (base(ablations={"x": {"lamda_init": 2.0}}), "align: ablations.x.lamda_init: unknown key"),
+        (base(ablations={"x": {"loss": "dpo", "w": 0.3}}), "align.ablations.x.w: not used by loss 'dpo'"),
+        (base(ablations={"aligned": {"loss": "dpo"}}), "ablations.aligned: base, aligned, student name the run's"),
+        (base(ablations={"Bad Name": {}}), "String should match pattern"),
         ({**base(), "stages": ["distil"]}, "stages.0: Input should be 'rm', 'align', 'distill' or 'eval'"),
         ({**base(), "distill": {"temperature": 0.9}}, "temperature is used only with best_of_n > 1"),
         ({**base(), "distill": {"best_of_n": 0}}, "distill.best_of_n: Input should be greater than or equal to 1"),
@@ -89,6 +93,15 @@ def test_distill_defaults_are_zephyrs_dsft():
     sft = distill.sft
     assert (sft.learning_rate, sft.epochs, sft.lr_scheduler, sft.warmup_ratio) == (2e-5, 1, "cosine", 0.1)
     assert (distill.best_of_n, distill.ddpo, distill.student, distill.teacher) == (1, False, None, None)
+
+
+def test_an_ablation_inherits_align_and_changes_only_what_it_names():
+    align = validate_recipe(
+        base(w=0.3, learning_rate=1e-5, ablations={"dpo_safe": {"loss": "dpo", "dimension": "safe"}})
+    ).align
+    variant = align.ablation("dpo_safe")
+    assert (variant.loss, variant.dimension, variant.learning_rate, variant.w) == ("dpo", "safe", 1e-5, 0.3)
+    assert variant.ablations == {} and align.loss == "safe_mm_dpo"
 
 
 def test_kl_coeff_is_beta_ori():

@@ -162,6 +162,9 @@ class TrainingSection(Strict):
         return self
 
 
+#: Model names the eval stage gives the run's own models; ablations need other names.
+RESERVED_MODEL_NAMES = ("base", "aligned", "student")
+
 #: `align` keys that configure the loss or the multiplier; each must be used by the selected loss.
 LOSS_KEYS = frozenset({"beta_ori", "w", "k", "dimension", "loss_options"})
 LAMBDA_KEYS = frozenset(
@@ -189,6 +192,10 @@ class AlignSection(TrainingSection):
     lambda_delay_steps: Annotated[int, Field(ge=0)] = 0
     lambda_window: Annotated[int, Field(ge=1)] = 1
     cost_estimator: Literal["implicit"] = Field("implicit", description="Ĵ_C from stored per-response costs")
+    ablations: dict[Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")], dict[str, Any]] = Field(
+        default_factory=dict,
+        description="name -> align settings that differ: extra policies trained from the base, evaluated beside it",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -205,6 +212,26 @@ class AlignSection(TrainingSection):
         if self.lambda_max is not None and self.lambda_max < self.lambda_init:
             raise ValueError(f"lambda_max ({self.lambda_max}) is below lambda_init ({self.lambda_init})")
         return self
+
+    @model_validator(mode="after")
+    def _ablations_are_valid_align_sections(self) -> AlignSection:
+        for name in self.ablations:
+            if name in RESERVED_MODEL_NAMES:
+                raise ValueError(f"ablations.{name}: {', '.join(RESERVED_MODEL_NAMES)} name the run's own models")
+            self.ablation(name)  # raises with the variant's own field errors
+        return self
+
+    def ablation(self, name: str) -> AlignSection:
+        """The align settings of ablation `name`: these settings with its overrides (validated)."""
+        overrides = self.ablations[name]
+        if "ablations" in overrides:
+            raise ValueError(f"ablations.{name}: an ablation cannot have ablations")
+        inherited = self.model_dump(exclude={"ablations", "kl_coeff"}, exclude_unset=True)
+        try:
+            return AlignSection.model_validate({**inherited, **overrides})
+        except ValidationError as exc:
+            problems = format_validation_error("", exc).removeprefix(": ").split("; ")
+            raise ValueError("; ".join(f"ablations.{name}.{problem}" for problem in problems)) from None
 
 
 class RewardModelSection(TrainingSection):
@@ -493,16 +520,24 @@ def trial_overrides(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
 
 def check_loss_keys(recipe: Recipe, source: str) -> None:
     """Reject loss settings the selected loss would not read (no silently ignored keys)."""
+    _check_loss_keys(recipe.align, recipe.align.model_fields_set, f"{source}: align")
+    for name, overrides in recipe.align.ablations.items():
+        # An ablation inherits align's settings (a `dpo` ablation of a safe_mm_dpo run inherits `w`,
+        # which it does not read, by design); what it sets itself must be used by its own loss.
+        _check_loss_keys(recipe.align.ablation(name), set(overrides), f"{source}: align.ablations.{name}")
+
+
+def _check_loss_keys(align: AlignSection, given_keys: set[str], where: str) -> None:
     from safealign.losses import get_loss
 
-    loss = get_loss(recipe.align.loss)
+    loss = get_loss(align.loss)
     used = set(loss.reads) | (LAMBDA_KEYS if loss.uses_lambda else set())
-    given = recipe.align.model_fields_set & (LOSS_KEYS | LAMBDA_KEYS)
-    if "kl_coeff" in recipe.align.model_fields_set:
+    given = given_keys & (LOSS_KEYS | LAMBDA_KEYS)
+    if "kl_coeff" in given_keys:
         given.add("beta_ori")
     unused = sorted(given - used)
     if unused:
         raise SafeAlignError(
-            f"{source}: align.{unused[0]}: not used by loss {loss.name!r} "
+            f"{where}.{unused[0]}: not used by loss {loss.name!r} "
             f"(it reads {', '.join(sorted(used))}); remove it or choose another loss"
         )

@@ -7,11 +7,15 @@ the same fingerprint, and resumes an unfinished one from its checkpoints.
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from safealign.recipe import Recipe
+
+log = logging.getLogger("safealign")
 
 #: Pipeline order; a recipe's `stages` run in this order whatever order they are listed in.
 ORDER = ("rm", "align", "distill", "eval")
@@ -51,6 +55,23 @@ def register_stage(name: str, sections: tuple[str, ...], upstream: tuple[str, ..
         return fn
 
     return decorate
+
+
+def run_once(work_dir: Path, train: Callable[[], dict]) -> dict:
+    """Run `train()` — which must publish `work_dir/model` atomically — unless a resumed stage already
+    did; its summary is kept in `work_dir/summary.json` (stages that train several models use this)."""
+    from safealign.files import write_text_atomically
+    from safealign.process import barrier, is_rank_0
+
+    summary_path = work_dir / "summary.json"
+    if (work_dir / "model" / "config.json").is_file() and summary_path.is_file():
+        log.info("%s already trained (resumed)", work_dir / "model")
+        return json.loads(summary_path.read_text())
+    summary = train()
+    if is_rank_0():
+        write_text_atomically(summary_path, json.dumps(summary))
+    barrier()
+    return summary
 
 
 def load_builtin_stages() -> dict[str, Stage]:

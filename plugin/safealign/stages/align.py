@@ -1,15 +1,17 @@
-"""The align stage: Safe-MM-DPO (or an ablation loss) on the base policy.
+"""The align stage: Safe-MM-DPO (or another registered loss) on the base policy, and its ablations.
 
 Reads the recipe's preference data (with margins and costs when the RM stage scored it), trains the
 policy through `SafeMMDPOTrainer` on OpenRLHF's DeepSpeed strategy, and leaves in its directory:
 `model/` (the aligned policy, an HF checkpoint), `metrics.jsonl` (one line per step: both losses,
 accuracies, β statistics, λ, Ĵ_C), `tensorboard/`, and the summary the runner stores in `stage.json`.
+Each `align.ablations` entry (e.g. plain DPO on the safer labels) is trained the same way from the same
+base policy on the same rows into `ablations/<name>/`, so the eval stage can put every variant on one
+safety/helpfulness plane. A finished model is not trained again when an interrupted stage resumes.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 from safealign import compat
@@ -23,7 +25,7 @@ from safealign.models import merge_lora, resolve_model
 from safealign.pair_dataset import PreferencePairDataset
 from safealign.process import barrier
 from safealign.recipe import Recipe
-from safealign.stages import StageContext, register_stage
+from safealign.stages import StageContext, register_stage, run_once
 
 log = logging.getLogger("safealign")
 
@@ -71,11 +73,24 @@ def training_rows(ctx: StageContext) -> list[PreferenceRow]:
 @register_stage("align", sections=("seed", "model", "data", "align", "deepspeed"), upstream=("rm",))
 def run_align(ctx: StageContext) -> dict:
     """Safe-MM-DPO on the base policy (OpenRLHF DPOTrainer + DeepspeedStrategy)."""
-    recipe = ctx.recipe
+    recipe, out = ctx.recipe, ctx.work_dir
     rows = training_rows(ctx)  # data errors first: before any model is loaded or converted
     policy_dir = resolve_model(recipe.model.policy)
     reference_dir = resolve_model(recipe.model.reference) if recipe.model.reference is not None else policy_dir
-    return train_policy(recipe, rows, policy_dir, reference_dir, ctx.work_dir)
+    summary = run_once(out, lambda: train_policy(recipe, rows, policy_dir, reference_dir, out))
+    ablations = {}
+    for name in recipe.align.ablations:
+        variant = recipe.model_copy(update={"align": recipe.align.ablation(name)})
+        work = out / "ablations" / name
+        log.info("align: ablation %s (loss %s, λ %s)", name, variant.align.loss, variant.align.lambda_update)
+        train = lambda variant=variant, work=work: train_policy(variant, rows, policy_dir, reference_dir, work)  # noqa: E731
+        ablations[name] = run_once(work, train)
+    if ablations:
+        summary["ablations"] = {
+            name: {"model": f"ablations/{name}/model", **{k: s[k] for k in ("loss", "steps", "final_lambda")}}
+            for name, s in ablations.items()
+        }
+    return summary
 
 
 def train_policy(recipe: Recipe, rows: list[PreferenceRow], policy_dir: Path, reference_dir: Path, out: Path) -> dict:
@@ -161,13 +176,10 @@ def train_policy(recipe: Recipe, rows: list[PreferenceRow], policy_dir: Path, re
     )
     trainer.fit(args, consumed, steps_per_epoch)
     lora = recipe.model.lora.rank > 0
-    if lora:  # OpenRLHF saves only the adapter of a PEFT model: keep it, and merge a full checkpoint
-        args.ckpt.output_dir = str(out / "adapter")
-    strategy.save_model(model, tokenizer, args.ckpt.output_dir)
-    if strategy.is_rank_0():
-        if lora:
-            merge_lora(policy_dir, out / "adapter", out / "model")
-        shutil.rmtree(args.ckpt.path, ignore_errors=True)  # resume state only; the model is saved
+    # OpenRLHF saves only the adapter of a PEFT model: keep it, and merge a full checkpoint beside it.
+    setup.publish_model(strategy, model, tokenizer, args, out / ("adapter" if lora else "model"))
+    if lora and strategy.is_rank_0():
+        merge_lora(policy_dir, out / "adapter", out / "model")
     barrier()
     return {
         "outputs": {"model": "model", "metrics": "metrics.jsonl", **({"adapter": "adapter"} if lora else {})},

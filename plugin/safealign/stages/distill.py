@@ -45,7 +45,7 @@ from safealign.files import write_text_atomically
 from safealign.models import count_parameters, derive_student, resolve_model
 from safealign.process import barrier, is_rank_0
 from safealign.recipe import Recipe
-from safealign.stages import StageContext, register_stage
+from safealign.stages import StageContext, register_stage, run_once
 
 log = logging.getLogger("safealign")
 
@@ -280,19 +280,6 @@ def ddpo_rows(ctx: StageContext) -> list[PreferenceRow]:
     return [dataclasses.replace(row, ref_logps_0=None, ref_logps_1=None) for row in training_rows(ctx)]
 
 
-def _train_once(work: Path, train) -> dict:
-    """Run `train()` (which publishes `work/model`) unless a resumed stage already finished it."""
-    summary = work / "summary.json"
-    if (work / "model" / "config.json").is_file() and summary.is_file():
-        log.info("distill: %s already trained (resumed)", work / "model")
-        return json.loads(summary.read_text())
-    result = train()
-    if is_rank_0():
-        write_text_atomically(summary, json.dumps(result))
-    barrier()
-    return result
-
-
 @register_stage(
     "distill", sections=("seed", "model", "data", "align", "distill", "deepspeed"), upstream=("rm", "align")
 )
@@ -303,15 +290,13 @@ def run_distill(ctx: StageContext) -> dict:
     recipe, out = ctx.recipe, ctx.work_dir
     teacher = teacher_dir(recipe, ctx.run_dir)
     answers = teacher_answers(ctx, teacher)
-    sft = _train_once(
-        out / "sft", lambda: train_student(recipe, answers, student_init(recipe, teacher, out), out / "sft")
-    )
+    sft = run_once(out / "sft", lambda: train_student(recipe, answers, student_init(recipe, teacher, out), out / "sft"))
     if is_rank_0():
         shutil.rmtree(out / "student-init", ignore_errors=True)  # a derived student's weights live on in sft/model
     final, ddpo = out / "sft" / "model", None
     if recipe.distill.ddpo:
         log.info("distill: dDPO (Safe-MM-DPO with the align settings) on the dSFT student, its own reference")
-        ddpo = _train_once(out / "ddpo", lambda: train_policy(recipe, ddpo_rows(ctx), final, final, out / "ddpo"))
+        ddpo = run_once(out / "ddpo", lambda: train_policy(recipe, ddpo_rows(ctx), final, final, out / "ddpo"))
         final = out / "ddpo" / "model"
     chosen = [a for a in answers if "safe_choice" in a]
     return {

@@ -42,7 +42,7 @@ log = logging.getLogger("safealign")
 
 def produced_models(recipe: Recipe, run_dir: Path) -> dict[str, Path]:
     """Every model to evaluate, by name: the base policy, and each later stage's output the recipe runs
-    (`aligned` from align, `student` from distill)."""
+    (`aligned` and each of `align.ablations` from align, `student` from distill)."""
     models = {"base": resolve_model(recipe.model.policy)}
     for stage, name in (("align", "aligned"), ("distill", "student")):
         if stage not in recipe.stages:
@@ -50,14 +50,17 @@ def produced_models(recipe: Recipe, run_dir: Path) -> dict[str, Path]:
         done = run_dir / stage / "stage.json"
         if not done.is_file():
             raise SafeAlignError(f"{run_dir / stage} is not finished: run the {stage} stage first")
-        models[name] = run_dir / stage / json.loads(done.read_text())["outputs"]["model"]
+        summary = json.loads(done.read_text())
+        models[name] = run_dir / stage / summary["outputs"]["model"]
+        for ablation, info in summary.get("ablations", {}).items():
+            models[ablation] = run_dir / stage / info["model"]
     return models
 
 
 def model_identity(model_dir: Path) -> str:
     """What makes two checkpoints the same model: the producing stage's fingerprint and the model's
     place in that stage's directory, else the files themselves."""
-    for stage_dir in (model_dir.parent, model_dir.parent.parent):  # align/model, distill/sft/model
+    for stage_dir in list(model_dir.parents)[:3]:  # align/model, distill/sft/model, align/ablations/x/model
         if (stage_dir / "stage.json").is_file():
             fingerprint = json.loads((stage_dir / "stage.json").read_text())["fingerprint"]
             return f"{fingerprint}:{model_dir.relative_to(stage_dir)}"
