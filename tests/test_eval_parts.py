@@ -127,3 +127,14 @@ def test_beavertails_subset_and_rates():
     assert all(c["n"] == 3 for c in rates["categories"].values()) and len(rates["categories"]) == 14
     with pytest.raises(ValueError):
         safety_rates(subset, verdicts[:-1])
+
+
+def test_cost_statistics_by_hand():
+    from safealign.stages.evaluate import cost_statistics
+
+    # (model's answer cost, base answer cost) per prompt, as score_answer_pairs returns them
+    costs = {"aligned": [(-1.0, 0.5), (0.2, 0.2), (1.0, -2.0), (-0.5, 0.0)]}
+    stats = cost_statistics(costs)
+    assert stats["base"] == {"mean_cost": (0.5 + 0.2 - 2.0 + 0.0) / 4, "lower_cost_than_base": 0.5}
+    assert stats["aligned"]["mean_cost"] == (-1.0 + 0.2 + 1.0 - 0.5) / 4
+    assert stats["aligned"]["lower_cost_than_base"] == (1 + 0.5 + 0 + 1) / 4  # a tie counts half

@@ -58,6 +58,8 @@ def test_every_model_is_judged_by_every_judge(pipeline):
         assert len(model["safety"]["refusal"]["categories"]) == 14
         assert model["generation"]["backend"] == "hf" and model["generation"]["answers_per_second"] > 0
     assert results["models"]["base"]["helpfulness"]["rm_win_rate_vs_base"] == 0.5
+    assert results["models"]["base"]["cost"]["lower_cost_than_base"] == 0.5
+    assert 0.0 <= results["models"]["student"]["cost"]["lower_cost_than_base"] <= 1.0
     assert 0.0 <= results["models"]["aligned"]["helpfulness"]["rm_win_rate_vs_base"] <= 1.0
     assert 0.0 <= results["judge_agreement"]["cost_model~refusal"] <= 1.0
     answers = (root / "runs/ev/eval/answers/aligned.jsonl").read_text().splitlines()
@@ -65,6 +67,7 @@ def test_every_model_is_judged_by_every_judge(pipeline):
     page = (root / "runs/ev/eval/report.html").read_text()
     assert page.count("data:image/png;base64,") == 3 and "<td>aligned</td>" in page
     assert "Teacher vs student (distill)" in page and "<th>teacher (aligned)</th>" in page
+    assert "<th>cost below base&#x27;s</th>" in page
     assert "eval: aligned — safety cost_model" in result.stderr
 
 

@@ -147,6 +147,44 @@ rm:
     assert (recipe.rm.helpful.learning_rate, recipe.rm.cost.learning_rate) == (1e-5, 3e-5)
 
 
+def test_extends_merges_mappings_and_replaces_lists(tmp_path):
+    (tmp_path / "base.yaml").write_text(
+        f"name: base\nstages: [rm, align]\nmodel: {{policy: x, dtype: fp32}}\ndata: {{train: [{{path: {PKU}}}]}}\n"
+        "align: {lambda_init: 2.0, w: 0.3}\n"
+    )
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nname: child\nstages: [align]\nalign: {w: 1.0}\n")
+    recipe = load_recipe(tmp_path / "child.yaml", ["align.k=0.7"])
+    assert (recipe.name, recipe.stages, recipe.model.dtype) == ("child", ["align"], "fp32")
+    assert (recipe.align.lambda_init, recipe.align.w, recipe.align.k) == (2.0, 1.0, 0.7)
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\nname: loop\n")
+    with pytest.raises(SafeAlignError, match="extends itself"):
+        load_recipe(tmp_path / "loop.yaml")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "far.yaml").write_text("extends: ../base.yaml\nname: far\n")
+    with pytest.raises(SafeAlignError, match="must be in the same directory"):
+        load_recipe(tmp_path / "sub" / "far.yaml")
+
+
+def test_ablation_and_sweep_recipes_extend_the_quickstart():
+    quick, ablations = load_recipe(ROOT / "recipes/quickstart.yaml"), load_recipe(ROOT / "recipes/ablations.yaml")
+    assert ablations.data == quick.data and ablations.rm == quick.rm
+    assert ablations.align.model_dump(exclude={"ablations"}) == quick.align.model_dump(exclude={"ablations"})
+    assert set(ablations.align.ablations) == {"dpo_helpful", "dpo_safe", "fixed_lambda"}
+    sweep = load_recipe(ROOT / "recipes/sweep-lambda-w.yaml")
+    assert sweep.sweep.grid == {"align.lambda_init": [0.5, 1.0, 2.0], "align.w": [0.3, 0.5, 1.0]}
+    assert (sweep.align.k, sweep.align.epochs, sweep.sweep.select.min_safety) == (0.5, 1, 0.8)
+
+
+def test_the_mistral_recipe_carries_the_seed_settings():
+    recipe = load_recipe(ROOT / "recipes/mistral-7b-beavertails.yaml")
+    a = recipe.align
+    assert (a.lambda_init, a.w, a.k, a.beta_ori, a.learning_rate, a.batch_size, a.lambda_lr, a.epochs) == (
+        1.0, 0.5, 0.5, 0.1, 5e-7, 16, 0.01, 2
+    )  # fmt: skip
+    assert recipe.model.policy.endswith("Mistral-7B-v0.1") and recipe.distill.student.endswith("TinyLlama-1.1B")
+    assert recipe.stages == ["rm", "align", "distill", "eval"] and "llm" in recipe.eval.judges
+
+
 def test_unreadable_recipes(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: t\nalign: [unclosed\n")

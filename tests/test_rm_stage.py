@@ -11,8 +11,10 @@ import sys
 import textwrap
 
 import pytest
+import torch
 import yaml
 
+from safealign.models import resolve_model
 from safealign.recipe import load_recipe
 from safealign.runner import fingerprint
 from safealign.stages import load_builtin_stages
@@ -43,7 +45,12 @@ def rm_run(tmp_path_factory, tokenizer_dir):
             "train": [{"path": "pku.jsonl"}, {"path": "hh.jsonl", "format": "hh_rlhf", "dimension": "safe"}],
             "max_len": 1024,
         },
-        "rm": {"helpful": TRAINER, "cost": TRAINER, "eval_fraction": 0.25, "score_batch_size": 8},
+        "rm": {
+            "helpful": TRAINER,
+            "cost": {**TRAINER, "trainable_layers": 1},  # the top layer, final norm and value head only
+            "eval_fraction": 0.25,
+            "score_batch_size": 8,
+        },
         "align": TINY_TRAINER,
         "logging": {"tensorboard": False},
     }
@@ -55,6 +62,22 @@ def rm_run(tmp_path_factory, tokenizer_dir):
 
 def losses(path):
     return [m["loss"] for m in map(json.loads, path.read_text().splitlines()) if "loss" in m]
+
+
+def test_trainable_layers_freezes_everything_below_the_top_layers(rm_run):
+    from safetensors.torch import load_file
+
+    root, _ = rm_run
+    recipe = load_recipe(root / "recipe.yaml")
+    base = load_file(resolve_model(recipe.model.policy) / "model.safetensors")
+    cost = load_file(root / "runs/rm/rm/cost/model/model.safetensors")
+    helpful = load_file(root / "runs/rm/rm/helpful/model/model.safetensors")
+    frozen = [k for k in base if ".layers.0." in k or "embed_tokens" in k]
+    trained = [k for k in base if ".layers.1." in k]
+    assert frozen and trained
+    assert all(torch.equal(cost[k], base[k]) for k in frozen)  # untouched by DeepSpeed's optimizer
+    assert not all(torch.equal(cost[k], base[k]) for k in trained)
+    assert not all(torch.equal(helpful[k], base[k]) for k in frozen)  # the helpful RM trains everything
 
 
 def test_both_models_train_and_every_row_is_scored_once(rm_run):
@@ -93,7 +116,8 @@ def test_scoring_the_same_rows_twice_is_identical(rm_run, tokenizer_dir):
             from pathlib import Path
             from safealign import openrlhf_setup as setup
             from safealign.data import load_sources
-            from safealign.recipe import load_recipe
+            from safealign.models import resolve_model
+from safealign.recipe import load_recipe
             from safealign.stages.rm import score_with_value_model
 
             recipe = load_recipe("recipe.yaml")

@@ -238,6 +238,9 @@ class RewardModelSection(TrainingSection):
     """One reward model of the RM stage; defaults are safe-rlhf's (lr 2e-5, 2 epochs, cosine, warmup 0.03, wd 0.1)."""
 
     base: ModelSpec | None = Field(None, description="checkpoint to put the value head on; default model.policy")
+    trainable_layers: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="train only the value head, final norm and the top N decoder layers (null: all)"
+    )
     learning_rate: PositiveFloat = 2e-5
     epochs: Annotated[int, Field(ge=1)] = 2
     lr_scheduler: Literal["cosine_with_min_lr", "cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
@@ -477,9 +480,7 @@ def apply_override(data: dict, path: list[str], value: Any) -> None:
         raise SafeAlignError(f"--set {'.'.join(path)}: cannot set {last!r} there")
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Read, override and validate a recipe; every failure is one SafeAlignError line."""
-    path = Path(path)
+def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise SafeAlignError(f"{path}: recipe file not found")
     try:
@@ -490,7 +491,38 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raise SafeAlignError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
     if not isinstance(data, dict):
         raise SafeAlignError(f"{path}: a recipe must be a YAML mapping (name, model, data, align, ...)")
-    data = unshare(data)
+    return unshare(data)
+
+
+def merge(base: dict, child: dict) -> dict:
+    """`child` over `base`: mappings merge key by key, anything else (lists included) is replaced."""
+    merged = dict(base)
+    for key, value in child.items():
+        merged[key] = merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return merged
+
+
+def read_recipe_data(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A recipe file as a mapping, with `extends: other.yaml` resolved (the other recipe's values under
+    this one's). An extended recipe lives in the same directory, so relative paths mean the same in both."""
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise SafeAlignError(f"{path}: extends: must be a recipe file name (got {parent!r})")
+    parent_path = (path.parent / parent).resolve()
+    if parent_path.parent != path.parent.resolve():
+        raise SafeAlignError(f"{path}: extends: {parent} must be in the same directory (relative paths would move)")
+    if parent_path in seen:
+        raise SafeAlignError(f"{path}: extends: {parent} extends itself (a cycle)")
+    return merge(read_recipe_data(parent_path, (*seen, path.resolve())), data)
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read (resolving `extends`), override and validate a recipe; every failure is one SafeAlignError line."""
+    path = Path(path)
+    data = read_recipe_data(path)
     for item in overrides:
         apply_override(data, *parse_override(item))
     return validate_recipe(data, source=str(path), base_dir=path.parent)

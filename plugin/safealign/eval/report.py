@@ -127,9 +127,16 @@ def _params(model: dict) -> str:
 
 
 def _tables(results: dict, judges: list[str]) -> tuple[list[str], list[list[str]]]:
-    header = ["model", "parameters"] + [f"safety ({j})" for j in judges] + ["helpfulness", "answers/s"]
+    with_cost = any("cost" in m for m in results["models"].values())
+    header = ["model", "parameters"] + [f"safety ({j})" for j in judges]
+    header += ["mean cost (lower: safer)", "cost below base's"] if with_cost else []
+    header += ["helpfulness", "answers/s"]
     rows = []
     for name, m in results["models"].items():
+        cost = m.get("cost")
+        cost_cells = (
+            [f"{cost['mean_cost']:.3f}", f"{cost['lower_cost_than_base']:.1%}"] if cost else ["n/a", "n/a"]
+        ) if with_cost else []  # fmt: skip
         value, label = _helpfulness(m)
         helpful = (
             "n/a" if value is None else (f"{value:.2f}" if "MT-Bench" in label else f"{value:.1%}") + f" ({label})"
@@ -137,6 +144,7 @@ def _tables(results: dict, judges: list[str]) -> tuple[list[str], list[list[str]
         rows.append(
             [name, _params(m)]
             + [_fmt_rate(m["safety"][j]["overall"]) if j in m["safety"] else "n/a" for j in judges]
+            + cost_cells
             + [helpful, f"{m['generation']['answers_per_second']:.2f} ({m['generation']['backend']})"]
         )
     return header, rows

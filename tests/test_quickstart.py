@@ -1,0 +1,37 @@
+"""The shipped quickstart recipe end to end, shrunk by --set overrides to a tiny random model and a
+handful of rows (the real one takes SmolLM2 ~20 minutes; docs/results.md has its numbers)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import ROOT, run_cli
+
+pytestmark = pytest.mark.slow
+
+TINY_TRAINING = {"batch_size": 4, "micro_batch_size": 2, "learning_rate": 1e-3}
+
+
+def test_quickstart_shrunk_to_a_tiny_model_runs_every_stage_and_reports(tmp_path, tokenizer_dir):
+    policy = (
+        f"{{random: {{tokenizer: {tokenizer_dir}, config: {{hidden_size: 32, intermediate_size: 64, "
+        "num_hidden_layers: 2, tie_word_embeddings: false}}}}"
+    )
+    overrides = [f"model.policy={policy}", "model.dtype=fp32", "data.train.0.max_rows=12", "data.train.1.max_rows=4",
+                 "data.max_len=256", "distill.max_prompts=4", "distill.max_new_tokens=8", "eval.max_new_tokens=4",
+                 "eval.beavertails_per_category=1", "eval.mt_bench_per_category=1", "logging.tensorboard=false"]  # fmt: skip
+    for section in ("rm.helpful", "rm.cost", "align", "distill.sft"):
+        overrides += [f"{section}.{key}={value}" for key, value in TINY_TRAINING.items()]
+    args = ["run", str(ROOT / "recipes" / "quickstart.yaml"), "--run-dir", "runs/q"]
+    result = run_cli(*args, *(item for o in overrides for item in ("--set", o)), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "runs" / "q"
+    for stage in ("rm", "align", "distill", "eval"):
+        assert (run / stage / "stage.json").is_file(), stage
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert set(results["models"]) == {"base", "aligned", "student"}
+    assert results["settings"]["judges"] == ["cost_model", "refusal"]
+    page = (run / "eval" / "report.html").read_text()
+    assert "Teacher vs student (distill)" in page and page.count("data:image/png;base64,") == 3
