@@ -17,13 +17,14 @@ TINY_TRAINING = {"batch_size": 4, "micro_batch_size": 2, "learning_rate": 1e-3}
 def test_quickstart_shrunk_to_a_tiny_model_runs_every_stage_and_reports(tmp_path, tokenizer_dir):
     policy = (
         f"{{random: {{tokenizer: {tokenizer_dir}, config: {{hidden_size: 32, intermediate_size: 64, "
-        "num_hidden_layers: 2, tie_word_embeddings: false}}}}"
+        "num_hidden_layers: 2, tie_word_embeddings: false}}}"
     )
     overrides = [f"model.policy={policy}", "model.dtype=fp32", "data.train.0.max_rows=12", "data.train.1.max_rows=4",
                  "data.max_len=256", "distill.max_prompts=4", "distill.max_new_tokens=8", "eval.max_new_tokens=4",
                  "eval.beavertails_per_category=1", "eval.mt_bench_per_category=1", "logging.tensorboard=false"]  # fmt: skip
     for section in ("rm.helpful", "rm.cost", "align", "distill.sft"):
         overrides += [f"{section}.{key}={value}" for key, value in TINY_TRAINING.items()]
+    overrides += ["rm.helpful.trainable_layers=1", "rm.cost.trainable_layers=1"]  # the tiny model has 2 layers
     args = ["run", str(ROOT / "recipes" / "quickstart.yaml"), "--run-dir", "runs/q"]
     result = run_cli(*args, *(item for o in overrides for item in ("--set", o)), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

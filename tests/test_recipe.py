@@ -132,6 +132,8 @@ def test_overrides(tmp_path):
         load_recipe(path, ["data.train.3.max_rows=1"])
     with pytest.raises(SafeAlignError, match="align.nonsense: unknown key"):
         load_recipe(path, ["align.nonsense=1"])
+    with pytest.raises(SafeAlignError, match=r"--set 'model.policy=\{a: 1\}\}': the value is not valid YAML"):
+        load_recipe(path, ["model.policy={a: 1}}"])
 
 
 def test_an_override_changes_one_place_even_through_yaml_anchors(tmp_path):

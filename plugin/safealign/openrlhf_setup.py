@@ -208,7 +208,7 @@ def load_value_model(path: Path, args: NS, strategy: DeepspeedStrategy, *, train
     )
 
 
-def freeze_below(model, trainable_layers: int | None) -> None:
+def freeze_below(model, trainable_layers: int | None, field: str = "trainable_layers") -> None:
     """Train only the value head, the final norm and the top `trainable_layers` decoder layers.
 
     With 0 the reward model is a linear probe on the frozen model's last-token state: no backward
@@ -220,7 +220,7 @@ def freeze_below(model, trainable_layers: int | None) -> None:
     backbone = getattr(model, model.base_model_prefix)
     layers = backbone.layers
     if trainable_layers > len(layers):
-        raise SafeAlignError(f"trainable_layers={trainable_layers}: the model has {len(layers)} decoder layers")
+        raise SafeAlignError(f"{field}={trainable_layers}: the model has only {len(layers)} decoder layers")
     for parameter in backbone.parameters():
         parameter.requires_grad_(False)
     for module in [backbone.norm, *list(layers)[len(layers) - trainable_layers :]]:

@@ -455,7 +455,10 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, sep, value = item.partition("=")
     if not sep or not key:
         raise SafeAlignError(f"--set {item!r}: expected KEY=VALUE, e.g. align.epochs=1")
-    return key.split("."), yaml.load(value, Loader=RecipeLoader)
+    try:
+        return key.split("."), yaml.load(value, Loader=RecipeLoader)
+    except yaml.YAMLError as exc:
+        raise SafeAlignError(f"--set {item!r}: the value is not valid YAML ({getattr(exc, 'problem', exc)})") from None
 
 
 def apply_override(data: dict, path: list[str], value: Any) -> None:

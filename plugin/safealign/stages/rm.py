@@ -60,7 +60,7 @@ def train_value_model(
     args = setup.openrlhf_args(recipe, section, out)
     strategy = setup.make_strategy(args)
     model = setup.load_value_model(base_dir, args, strategy, trainable=True)
-    setup.freeze_below(model, section.trainable_layers)
+    setup.freeze_below(model, section.trainable_layers, f"rm.{name}.trainable_layers")
     tokenizer = setup.load_tokenizer(base_dir, model, strategy, padding_side="left")
     setup.configure_prompt_format(args, tokenizer, recipe)
     dataset = PreferencePairDataset(
