@@ -53,6 +53,19 @@ def test_grid_expansion_and_trial_ids():
     assert len({trial_id(c) for c in combos}) == 9
 
 
+def test_a_swept_rm_key_gives_every_trial_its_own_rm_stage(tmp_path):
+    from safealign.sweep import _prepare_trial_dir, shared_stages
+
+    data = sweep_recipe({"align.w": [0.3, 1.0]})
+    data["stages"] = ["rm", "align", "eval"]
+    assert shared_stages(validate_recipe(data)) == ["rm"]
+    data["sweep"]["grid"] = {"rm.cost.learning_rate": [1e-5, 2e-5]}
+    assert shared_stages(validate_recipe(data)) == []
+    (tmp_path / "rm").mkdir()  # an rm stage from an earlier sweep in the same run directory
+    _prepare_trial_dir(tmp_path, tmp_path / "trials" / "t", shared=[])
+    assert not (tmp_path / "trials" / "t" / "rm").exists() and (tmp_path / "trials" / "t" / "cache").is_symlink()
+
+
 def sweep_recipe(grid: dict, **extra) -> dict:
     return {"name": "s", "model": {"policy": "x"}, "data": {"train": [{"path": str(PKU)}]},
             "stages": ["align", "eval"], "sweep": {"grid": grid, **extra}}  # fmt: skip

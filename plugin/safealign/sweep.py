@@ -127,11 +127,12 @@ def _trial_command(recipe_path: Path, trial_dir: Path, stages: list[str], params
     return command
 
 
-def _prepare_trial_dir(sweep_dir: Path, trial_dir: Path) -> None:
-    """Link the shared stages and the eval-answer cache into a trial's run directory."""
+def _prepare_trial_dir(sweep_dir: Path, trial_dir: Path, shared: list[str]) -> None:
+    """Link this sweep's shared stages and the eval-answer cache into a trial's run directory (only
+    those: a trial that runs its own rm stage must not write through a link into another's)."""
     trial_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / "cache").mkdir(exist_ok=True)
-    for name in (*SHARED_STAGES, "cache"):  # a stage not run in the sweep dir has nothing to link
+    for name in (*shared, "cache"):
         link, target = trial_dir / name, sweep_dir / name
         if target.exists() and not link.exists():
             link.symlink_to(target.resolve(), target_is_directory=True)
@@ -152,7 +153,7 @@ def run_trials(recipe_path: Path, recipe: Recipe, run_dir: Path, overrides: list
     def trainable(config: dict) -> None:
         params = {key: config[key] for key in sweep.grid}
         trial_dir = run_dir / "trials" / trial_id(params)
-        _prepare_trial_dir(run_dir, trial_dir)
+        _prepare_trial_dir(run_dir, trial_dir, shared)
         command = _trial_command(recipe_path, trial_dir, stages, params, overrides, sweep.gpus_per_trial)
         with (trial_dir / "trial.log").open("w") as log_file:
             code = subprocess.call(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=recipe_path.parent)
