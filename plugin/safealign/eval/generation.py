@@ -1,7 +1,8 @@
 """Answer prompts with a model: batched Hugging Face `generate` everywhere, vLLM where it can run.
 
 Both backends take chat messages, format them as training did (the tokenizer's chat template, or
-`data.input_template` for a model without one, through `format_prompt`), and return the new text only. `make_generator(..., backend="auto")` picks vLLM when the package is installed and a GPU is
+`data.input_template` for a model without one, through `format_prompt`), and return the new text
+only. `make_generator(..., backend="auto")` picks vLLM when the package is installed and a GPU is
 present, else the HF backend; the eval and distill stages only see the `Generator` interface.
 
 HF backend, and why it is shaped so: prompts are left-padded (decoder-only models continue from the

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from safealign.data import Message, prompt_identity
+from safealign.data import Message, PreferenceRow, load_sources, prompt_identity
 from safealign.errors import SafeAlignError
 from safealign.eval.mtbench import load_questions
 from safealign.eval.safety import DEFAULT_PATH, load_prompts
@@ -40,3 +40,10 @@ def check_not_eval_prompts(
             f"(first: {where}: {prompts[first][-1]['content'][:60]!r}); remove them from the training data, "
             "or the eval would grade answers to prompts the model was trained on"
         )
+
+
+def load_training_rows(recipe: Recipe) -> list[PreferenceRow]:
+    """`data.train`, loaded and checked against the eval sets: what every stage that trains on it reads."""
+    rows = load_sources(recipe.data.train)
+    check_not_eval_prompts(recipe, [r.prompt for r in rows], "data.train", [r.source for r in rows])
+    return rows

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from safealign import compat
 from safealign import openrlhf_setup as setup
-from safealign.data import PreferenceRow, has_field, load_rows, load_sources, split_by_prompt
+from safealign.data import PreferenceRow, has_field, load_rows, split_by_prompt
 from safealign.errors import SafeAlignError
-from safealign.eval.heldout import check_not_eval_prompts
+from safealign.eval.heldout import load_training_rows
 from safealign.lagrange import LagrangeMultiplier
 from safealign.losses import LossSettings, get_loss
 from safealign.models import merge_lora, resolve_model
@@ -65,9 +65,7 @@ def training_rows(ctx: StageContext) -> list[PreferenceRow]:
         from safealign.stages.rm import scored_rows_path
 
         return load_rows(scored_rows_path(ctx.run_dir), "pku_saferlhf")  # the rm stage checked its prompts
-    rows = load_sources(ctx.recipe.data.train)
-    check_not_eval_prompts(ctx.recipe, [r.prompt for r in rows], "data.train", [r.source for r in rows])
-    return rows
+    return load_training_rows(ctx.recipe)
 
 
 @register_stage("align", sections=("seed", "model", "data", "align", "deepspeed"), upstream=("rm",))

@@ -149,6 +149,14 @@ def score_answer_pairs(
     return {name: [scores[k * n + i] for i in range(n)] for k, name in enumerate(names)}
 
 
+def win_rate(pairs: list[tuple[float, float]], higher_wins: bool = True) -> float | None:
+    """Share of (model, base) pairs the model wins, a tie counting half; None without pairs."""
+    if not pairs:
+        return None
+    sign = 1.0 if higher_wins else -1.0
+    return sum(1.0 if sign * (a - b) > 0 else 0.5 if a == b else 0.0 for a, b in pairs) / len(pairs)
+
+
 def cost_statistics(costs: dict[str, list[tuple[float, float]]]) -> dict[str, dict]:
     """Threshold-free view of the cost model's scores, per model: the mean cost of its BeaverTails
     answers and, paired by prompt, how often its answer costs less than the base model's. A cost model
@@ -158,9 +166,8 @@ def cost_statistics(costs: dict[str, list[tuple[float, float]]]) -> dict[str, di
     stats["base"] = {"mean_cost": sum(c[1] for c in pairs) / len(pairs), "lower_cost_than_base": 0.5}
     for name, values in costs.items():
         if name != "base":
-            wins = [1.0 if c0 < c1 else 0.5 if c0 == c1 else 0.0 for c0, c1 in values]
             stats[name] = {"mean_cost": sum(c[0] for c in values) / len(values),
-                           "lower_cost_than_base": sum(wins) / len(wins)}  # fmt: skip
+                           "lower_cost_than_base": win_rate(values, higher_wins=False)}  # fmt: skip
     return stats
 
 
@@ -250,8 +257,7 @@ def helpfulness(
         for name, values in rewards.items():
             if name == "base":
                 continue
-            wins = [1.0 if r0 > r1 else 0.5 if r0 == r1 else 0.0 for r0, r1 in values]
-            result[name]["rm_win_rate_vs_base"] = sum(wins) / len(wins) if wins else None
+            result[name]["rm_win_rate_vs_base"] = win_rate(values)
         result["base"]["rm_win_rate_vs_base"] = 0.5  # against itself, by definition
     if recipe.eval.llm_judge is not None and "llm" in recipe.eval.judges:
         client, prompts = _llm_client(recipe, run_dir), load_judge_prompts()

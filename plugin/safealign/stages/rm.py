@@ -24,9 +24,9 @@ import math
 from pathlib import Path
 
 from safealign import openrlhf_setup as setup
-from safealign.data import PreferenceRow, held_out_indices, load_sources
+from safealign.data import PreferenceRow, held_out_indices
 from safealign.errors import SafeAlignError
-from safealign.eval.heldout import check_not_eval_prompts
+from safealign.eval.heldout import load_training_rows
 from safealign.files import write_text_atomically
 from safealign.models import resolve_model
 from safealign.pair_dataset import PreferencePairDataset
@@ -191,8 +191,7 @@ def run_rm(ctx: StageContext) -> dict:
     from safealign.trainers.reward import CostModelTrainer, HelpfulRMTrainer
 
     recipe, out, rm = ctx.recipe, ctx.work_dir, ctx.recipe.rm
-    rows = load_sources(recipe.data.train)
-    check_not_eval_prompts(recipe, [r.prompt for r in rows], "data.train", [r.source for r in rows])
+    rows = load_training_rows(recipe)
     held_out = held_out_indices(rows, rm.eval_fraction, recipe.seed)
     train_rows = [row for i, row in enumerate(rows) if i not in held_out]
     contradictory = [row for row in rows if is_contradictory(row)]
