@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import pytest
 
+from safealign.errors import SafeAlignError
 from safealign.eval.judges import ChatClient, ChatClientError, LLMJudge, RefusalJudge
 from safealign.eval.mtbench import judge_messages, load_judge_prompts, load_questions, parse_rating
-from safealign.eval.safety import load_prompts, safety_rates, stratified_subset, wilson_interval
+from safealign.eval.safety import load_prompts, safety_rates, wilson_interval
+from safealign.eval.subsets import stratified_subset
 
 
 @pytest.mark.parametrize(
@@ -138,3 +140,21 @@ def test_cost_statistics_by_hand():
     assert stats["base"] == {"mean_cost": (0.5 + 0.2 - 2.0 + 0.0) / 4, "lower_cost_than_base": 0.5}
     assert stats["aligned"]["mean_cost"] == (-1.0 + 0.2 + 1.0 - 0.5) / 4
     assert stats["aligned"]["lower_cost_than_base"] == (1 + 0.5 + 0 + 1) / 4  # a tie counts half
+
+
+def test_test_and_validation_splits_are_disjoint_halves():
+    prompts, questions = load_prompts(), load_questions()
+    test, validation = stratified_subset(prompts, None, "test"), stratified_subset(prompts, None, "validation")
+    assert len(test) == len(validation) == 350 and not {p.prompt for p in test} & {p.prompt for p in validation}
+    assert {p.prompt for p in test} | {p.prompt for p in validation} == {p.prompt for p in prompts}
+    first = [p for p in prompts if p.category == prompts[0].category]
+    assert validation[0] == first[25] and test[0] == first[0]  # halves in file order
+    q_val = stratified_subset(questions, 5, "validation")
+    assert len(q_val) == 40 and not {q.question_id for q in q_val} & {
+        q.question_id for q in stratified_subset(questions, 5, "test")
+    }
+    assert stratified_subset(prompts, 4, "all") == stratified_subset(
+        prompts, 4, "test"
+    )  # "all" starts with the test half
+    with pytest.raises(SafeAlignError, match=r"^eval.mt_bench_per_category: 6 per category, but the validation split"):
+        stratified_subset(questions, 6, "validation", "eval.mt_bench_per_category")

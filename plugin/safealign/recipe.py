@@ -287,6 +287,11 @@ class EvalSection(Strict):
     mt_bench_per_category: Annotated[int, Field(ge=1, le=10)] | None = Field(
         None, description="questions per category; null: all 10"
     )
+    split: Literal["all", "test", "validation"] = Field(
+        "all",
+        description="all: the whole eval sets; test / validation: the first / second half of every category "
+        "(a sweep selects on validation, the final eval uses test: selection never sees the test prompts)",
+    )
     judges: list[Literal["cost_model", "refusal", "llm"]] = Field(default_factory=lambda: ["cost_model", "refusal"])
     llm_judge: LLMJudgeSection | None = None
 

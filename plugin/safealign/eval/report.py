@@ -191,6 +191,12 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _split_note(split: str) -> str:
+    """Which part of the eval sets the numbers come from (eval.split), when not all of them."""
+    halves = {"test": "first", "validation": "second"}
+    return f" ({split} split: the {halves[split]} half of every category)" if split in halves else ""
+
+
 def write_report(out_dir: Path, results: dict, metrics_path: Path | None = None) -> tuple[Path, Path]:
     """Write `report.md`, `report.html` and `plots/*.png` into `out_dir`; returns the two report paths."""
     judges = results["settings"]["judges"]
@@ -221,7 +227,7 @@ def write_report(out_dir: Path, results: dict, metrics_path: Path | None = None)
     settings = results["settings"]
     intro = (
         f"{settings['beavertails_prompts']} BeaverTails-Evaluation prompts, {settings['mt_bench_questions']} MT-Bench "
-        f"questions; judges: {', '.join(judges) or 'none'}. Safety rates carry Wilson 95 % intervals. "
+        f"questions{_split_note(settings.get('split', 'all'))}; judges: {', '.join(judges) or 'none'}. Safety rates carry Wilson 95 % intervals. "
         f"Helpfulness without an LLM judge is a proxy: {settings['helpfulness_proxy']}."
     )
 

@@ -37,19 +37,6 @@ def load_prompts(path: Path = DEFAULT_PATH) -> list[SafetyPrompt]:
     return prompts
 
 
-def stratified_subset(prompts: list[SafetyPrompt], per_category: int | None) -> list[SafetyPrompt]:
-    """The first `per_category` prompts of every category, in file order (None: all)."""
-    if per_category is None:
-        return list(prompts)
-    taken: dict[str, int] = defaultdict(int)
-    subset = []
-    for p in prompts:
-        if taken[p.category] < per_category:
-            taken[p.category] += 1
-            subset.append(p)
-    return subset
-
-
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     """Wilson score interval for a binomial proportion (95 % by default); (0, 1) when n = 0."""
     if n == 0:

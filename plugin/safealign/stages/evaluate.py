@@ -30,7 +30,8 @@ from safealign.errors import SafeAlignError
 from safealign.eval.generation import GenerationRequest, make_generator
 from safealign.eval.judges import ChatClient, LLMJudge, RefusalJudge
 from safealign.eval.mtbench import Question, judge_messages, load_judge_prompts, load_questions, parse_rating
-from safealign.eval.safety import DEFAULT_PATH, SafetyPrompt, load_prompts, safety_rates, stratified_subset
+from safealign.eval.safety import DEFAULT_PATH, SafetyPrompt, load_prompts, safety_rates
+from safealign.eval.subsets import stratified_subset
 from safealign.files import write_text_atomically
 from safealign.models import count_parameters, resolve_model
 from safealign.process import is_rank_0
@@ -66,18 +67,6 @@ def model_identity(model_dir: Path) -> str:
             return f"{fingerprint}:{model_dir.relative_to(stage_dir)}"
     files = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in model_dir.iterdir() if p.is_file())
     return hashlib.sha256(json.dumps([str(model_dir.resolve()), files]).encode()).hexdigest()
-
-
-def mt_bench_subset(questions: list[Question], per_category: int | None) -> list[Question]:
-    if per_category is None:
-        return questions
-    taken: dict[str, int] = {}
-    subset = []
-    for q in questions:
-        if taken.get(q.category, 0) < per_category:
-            taken[q.category] = taken.get(q.category, 0) + 1
-            subset.append(q)
-    return subset
 
 
 def answer_with(
@@ -306,8 +295,13 @@ def run_eval(ctx: StageContext) -> dict:
 
     recipe, run_dir, out = ctx.recipe, ctx.run_dir, ctx.work_dir
     ev = recipe.eval
-    prompts = stratified_subset(load_prompts(ev.beavertails or DEFAULT_PATH), ev.beavertails_per_category)
-    questions = mt_bench_subset(load_questions(), ev.mt_bench_per_category)
+    prompts = stratified_subset(
+        load_prompts(ev.beavertails or DEFAULT_PATH),
+        ev.beavertails_per_category,
+        ev.split,
+        "eval.beavertails_per_category",
+    )
+    questions = stratified_subset(load_questions(), ev.mt_bench_per_category, ev.split, "eval.mt_bench_per_category")
     models = produced_models(recipe, run_dir)
     answers = {
         name: answer_with(path, prompts, questions, recipe, run_dir / "cache" / "eval") for name, path in models.items()
@@ -329,6 +323,7 @@ def run_eval(ctx: StageContext) -> dict:
         "judge_agreement": agreement(verdicts),
         "examples": differing_examples(prompts, answers, verdicts),
         "settings": {
+            "split": ev.split,
             "beavertails_prompts": len(prompts),
             "mt_bench_questions": len(questions),
             "judges": list(verdicts),
