@@ -140,6 +140,7 @@ def test_cost_statistics_by_hand():
     assert stats["base"] == {"mean_cost": (0.5 + 0.2 - 2.0 + 0.0) / 4, "lower_cost_than_base": 0.5}
     assert stats["aligned"]["mean_cost"] == (-1.0 + 0.2 + 1.0 - 0.5) / 4
     assert stats["aligned"]["lower_cost_than_base"] == (1 + 0.5 + 0 + 1) / 4  # a tie counts half
+    assert stats["aligned"]["sign_test_p"] == 1.0  # 2 lower, 1 higher, 1 tie (left out): no evidence
 
 
 def test_test_and_validation_splits_are_disjoint_halves():
@@ -153,8 +154,19 @@ def test_test_and_validation_splits_are_disjoint_halves():
     assert len(q_val) == 40 and not {q.question_id for q in q_val} & {
         q.question_id for q in stratified_subset(questions, 5, "test")
     }
-    assert stratified_subset(prompts, 4, "all") == stratified_subset(
-        prompts, 4, "test"
-    )  # "all" starts with the test half
+    # "all" starts with the test half
+    assert stratified_subset(prompts, 4, "all") == stratified_subset(prompts, 4, "test")
     with pytest.raises(SafeAlignError, match=r"^eval.mt_bench_per_category: 6 per category, but the validation split"):
         stratified_subset(questions, 6, "validation", "eval.mt_bench_per_category")
+
+
+def test_paired_tests_by_hand():
+    from safealign.eval.safety import paired_change, sign_test_p
+
+    assert sign_test_p(0, 5) == pytest.approx(2 / 32)  # 5 flips, all one way: not yet p < 0.05
+    assert sign_test_p(9, 1) == pytest.approx(2 * 11 / 1024)  # P(X <= 1 | n=10) = (1 + 10) / 2^10
+    assert sign_test_p(3, 3) == 1.0 and sign_test_p(0, 0) == 1.0
+    change = paired_change([True, True, False, True, True], [False, True, True, False, True])
+    assert change == {"safer": 2, "less_safe": 1, "p_value": 1.0}
+    with pytest.raises(ValueError):
+        paired_change([True], [True, False])

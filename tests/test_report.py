@@ -129,3 +129,12 @@ def test_report_opens_in_headless_chromium(tmp_path):
     image = Image.open(shot).convert("L")
     dark = sum(1 for p in image.getdata() if p < 128)
     assert image.size == (1100, 2400) and dark > 0.01 * image.size[0] * image.size[1]  # drawn, not blank
+
+
+def test_report_has_the_paired_comparison(tmp_path):
+    data = results(False)
+    data["models"]["aligned"]["vs_base"] = {"cost_model": {"safer": 9, "less_safe": 1, "p_value": 0.0215}}
+    md, _ = write_report(tmp_path, data, None)
+    text = md.read_text()
+    assert "## Compared with the base, prompt by prompt" in text
+    assert "| aligned | cost_model | 9 | 1 | 0.021 |" in text

@@ -191,6 +191,31 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def paired_table(results: dict, judges: list[str]) -> tuple[list[str], list[list[str]]] | None:
+    """Each model against the base on the same prompts: how many verdicts flipped each way and the exact
+    McNemar p-value per judge, and the cost sign test. "Measurably safer" means p < 0.05 here, not
+    non-overlapping intervals."""
+    rows = []
+    for name, m in results["models"].items():
+        for judge in judges:
+            change = m.get("vs_base", {}).get(judge)
+            if change:
+                rows.append([name, judge, str(change["safer"]), str(change["less_safe"]), f"{change['p_value']:.3f}"])
+        cost = m.get("cost", {})
+        if "sign_test_p" in cost:
+            rows.append(
+                [
+                    name,
+                    "cost (paired, lower)",
+                    f"{cost['lower_cost_than_base']:.1%} of prompts",
+                    "",
+                    f"{cost['sign_test_p']:.3f}",
+                ]
+            )
+    header = ["model", "judge", "safer than base on", "less safe on", "p (exact, two-sided)"]
+    return (header, rows) if rows else None
+
+
 def _split_note(split: str) -> str:
     """Which part of the eval sets the numbers come from (eval.split), when not all of them."""
     halves = {"test": "first", "validation": "second"}
@@ -216,6 +241,7 @@ def write_report(out_dir: Path, results: dict, metrics_path: Path | None = None)
 
     header, rows = _tables(results, judges)
     distilled = teacher_vs_student(results, judges)
+    paired = paired_table(results, judges)
     cat_header, cat_rows = ["category"] + list(results["models"]), []
     if primary:
         categories = sorted(next(iter(results["models"].values()))["safety"][primary]["categories"])
@@ -239,6 +265,8 @@ def write_report(out_dir: Path, results: dict, metrics_path: Path | None = None)
     ):
         if plots[name]:
             md += [f"## {title}", "", f"![{title}](plots/{name}.png)", ""]
+    if paired:
+        md += ["## Compared with the base, prompt by prompt", "", _markdown_table(*paired), ""]
     if distilled:
         md += ["## Teacher vs student (distill)", "", _markdown_table(*distilled), ""]
     if cat_rows:
@@ -280,6 +308,7 @@ def write_report(out_dir: Path, results: dict, metrics_path: Path | None = None)
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;font-size:14px}}
 th{{background:#f3f3f3}}img{{max-width:100%}}.ex{{border-left:3px solid #ddd;padding-left:1em}}</style></head><body>
 <h1>SafeAlign evaluation report</h1><p>{html.escape(intro)}</p>{_html_table(header, rows)}{images}
+{"<h2>Compared with the base, prompt by prompt</h2>" + _html_table(*paired) if paired else ""}
 {"<h2>Teacher vs student (distill)</h2>" + _html_table(*distilled) if distilled else ""}
 {"<h2>Per-category safety (" + html.escape(primary) + " judge)</h2>" + _html_table(cat_header, cat_rows) if cat_rows else ""}
 {"<h2>Judge agreement</h2>" + _html_table(["judges", "agreement"], agreement) if agreement else ""}

@@ -78,3 +78,26 @@ def safety_rates(prompts: list[SafetyPrompt], verdicts: list[bool]) -> dict:
         "overall": Rate(sum(verdicts), len(verdicts)).to_json(),
         "categories": {c: Rate(sum(v), len(v)).to_json() for c, v in sorted(by_category.items())},
     }
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """Two-sided exact binomial p-value of `wins` against `losses` under "no difference" (p = 1/2).
+
+    The paired test for two models on the same prompts: ties carry no information and are left out,
+    so with verdicts it is the exact McNemar test on the discordant prompts, with costs the sign test.
+    Overlapping Wilson intervals of two rates do not mean "no difference" when the prompts are shared;
+    this does."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def paired_change(verdicts: list[bool], base_verdicts: list[bool]) -> dict:
+    """How a model's verdicts differ from the base model's on the same prompts, with the exact McNemar p."""
+    if len(verdicts) != len(base_verdicts):
+        raise ValueError(f"{len(verdicts)} verdicts but {len(base_verdicts)} for the base")
+    safer = sum(v and not b for v, b in zip(verdicts, base_verdicts))
+    less_safe = sum(b and not v for v, b in zip(verdicts, base_verdicts))
+    return {"safer": safer, "less_safe": less_safe, "p_value": sign_test_p(safer, less_safe)}

@@ -30,7 +30,7 @@ from safealign.errors import SafeAlignError
 from safealign.eval.generation import GenerationRequest, make_generator
 from safealign.eval.judges import ChatClient, LLMJudge, RefusalJudge
 from safealign.eval.mtbench import Question, judge_messages, load_judge_prompts, load_questions, parse_rating
-from safealign.eval.safety import DEFAULT_PATH, SafetyPrompt, load_prompts, safety_rates
+from safealign.eval.safety import DEFAULT_PATH, SafetyPrompt, load_prompts, paired_change, safety_rates, sign_test_p
 from safealign.eval.subsets import stratified_subset
 from safealign.files import write_text_atomically
 from safealign.models import count_parameters, resolve_model
@@ -155,8 +155,10 @@ def cost_statistics(costs: dict[str, list[tuple[float, float]]]) -> dict[str, di
     stats["base"] = {"mean_cost": sum(c[1] for c in pairs) / len(pairs), "lower_cost_than_base": 0.5}
     for name, values in costs.items():
         if name != "base":
+            lower, higher = sum(a < b for a, b in values), sum(a > b for a, b in values)
             stats[name] = {"mean_cost": sum(c[0] for c in values) / len(values),
-                           "lower_cost_than_base": win_rate(values, higher_wins=False)}  # fmt: skip
+                           "lower_cost_than_base": win_rate(values, higher_wins=False),
+                           "sign_test_p": sign_test_p(lower, higher)}  # fmt: skip
     return stats
 
 
@@ -314,6 +316,11 @@ def run_eval(ctx: StageContext) -> dict:
                 "path": str(models[name]),
                 "parameters": count_parameters(models[name]),
                 "safety": {judge: safety_rates(prompts, verdicts[judge][name]) for judge in verdicts},
+                "vs_base": {
+                    judge: paired_change(verdicts[judge][name], verdicts[judge]["base"])
+                    for judge in verdicts
+                    if name != "base"
+                },
                 **({"cost": cost_stats[name]} if name in cost_stats else {}),
                 "helpfulness": helpful[name],
                 "generation": {k: answers[name][k] for k in ("backend", "answers_per_second", "new_tokens")},
