@@ -21,7 +21,7 @@ quickstart: setup
 	$(BIN)/safealign run recipes/quickstart.yaml
 
 lint: setup
-	$(BIN)/ruff check plugin tests
+	$(BIN)/ruff check plugin tests charts benchmarks
 
 test: lint
 	@# CI (CI=true, root, Debian) adds Chromium for the report's browser test; elsewhere that test is skipped.

@@ -1,0 +1,169 @@
+{{/*
+The stage Job: everything a stage chart renders is here once; a stage chart passes its stage name.
+Usage: {{ include "safealign.job" (dict "stage" "align" "ctx" .) }}
+*/}}
+{{- define "safealign.job" -}}
+{{- $v := .ctx.Values -}}
+{{- $nodes := int $v.job.nodes -}}
+{{- $job := include "safealign.fullname" . -}}
+apiVersion: batch/v1
+kind: Job
+metadata:
+  name: {{ $job }}
+  namespace: {{ .ctx.Release.Namespace }}
+  labels:
+    {{- include "safealign.labels" . | nindent 4 }}
+    {{- with $v.scheduling.kueueQueue }}
+    kueue.x-k8s.io/queue-name: {{ . }}
+    {{- end }}
+spec:
+  {{- if gt $nodes 1 }}
+  completionMode: Indexed
+  completions: {{ $nodes }}
+  parallelism: {{ $nodes }}
+  {{- end }}
+  backoffLimit: {{ $v.job.backoffLimit }}
+  {{- with $v.job.activeDeadlineSeconds }}
+  activeDeadlineSeconds: {{ . }}
+  {{- end }}
+  {{- if ne $v.job.ttlSecondsAfterFinished nil }}
+  ttlSecondsAfterFinished: {{ $v.job.ttlSecondsAfterFinished }}
+  {{- end }}
+  {{- if $v.job.podFailurePolicy }}
+  podFailurePolicy:
+    rules:
+      # A recipe or data error exits 2 (one line in the log): retrying cannot fix it.
+      - action: FailJob
+        onExitCodes:
+          containerName: {{ .stage }}
+          operator: In
+          values: [2]
+      # Evicted or preempted (node drain, Kueue preemption, spot reclaim): retry without counting it,
+      # the stage resumes from its last checkpoint on the runs volume.
+      - action: Ignore
+        onPodConditions:
+          - type: DisruptionTarget
+            status: "True"
+  {{- end }}
+  template:
+    metadata:
+      labels:
+        {{- include "safealign.labels" . | nindent 8 }}
+      annotations:
+        checksum/recipe: {{ $v.recipe | sha256sum }}
+    spec:
+      restartPolicy: Never
+      {{- if gt $nodes 1 }}
+      subdomain: {{ $job }}
+      {{- end }}
+      {{- with $v.scheduling.priorityClassName }}
+      priorityClassName: {{ . }}
+      {{- end }}
+      {{- with $v.image.pullSecrets }}
+      imagePullSecrets:
+        {{- range . }}
+        - name: {{ . }}
+        {{- end }}
+      {{- end }}
+      securityContext:
+        {{- toYaml $v.securityContext.pod | nindent 8 }}
+      {{- with $v.scheduling.nodeSelector }}
+      nodeSelector:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $v.scheduling.tolerations }}
+      tolerations:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $v.scheduling.affinity }}
+      affinity:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      containers:
+        - name: {{ .stage }}
+          image: {{ include "safealign.image" . }}
+          imagePullPolicy: {{ $v.image.pullPolicy }}
+          command: {{ include "safealign.command" . }}
+          workingDir: /runs
+          env:
+            - name: SAFEALIGN_CACHE
+              value: /models/safealign
+            - name: HF_HOME
+              value: /models/huggingface
+            - name: HF_HUB_OFFLINE
+              value: {{ ternary "0" "1" $v.job.hubOnline | quote }}
+            {{- if gt $nodes 1 }}
+            - name: NODE_RANK
+              valueFrom:
+                fieldRef:
+                  fieldPath: metadata.annotations['batch.kubernetes.io/job-completion-index']
+            {{- end }}
+            {{- with $v.secrets.hubToken }}
+            - name: HF_TOKEN
+              valueFrom:
+                secretKeyRef:
+                  name: {{ .name }}
+                  key: {{ .key }}
+            {{- end }}
+            {{- with $v.secrets.judgeApiKey }}
+            - name: {{ .env }}
+              valueFrom:
+                secretKeyRef:
+                  name: {{ .name }}
+                  key: {{ .key }}
+            {{- end }}
+            {{- with $v.job.env }}
+            {{- toYaml . | nindent 12 }}
+            {{- end }}
+          {{- if gt $nodes 1 }}
+          ports:
+            - name: rendezvous
+              containerPort: {{ $v.job.rendezvousPort }}
+          {{- end }}
+          resources:
+            requests:
+              {{- toYaml $v.resources.requests | nindent 14 }}
+              {{- if gt (int $v.resources.gpusPerNode) 0 }}
+              nvidia.com/gpu: {{ $v.resources.gpusPerNode }}
+              {{- end }}
+            limits:
+              {{- with $v.resources.limits }}
+              {{- toYaml . | nindent 14 }}
+              {{- end }}
+              {{- if gt (int $v.resources.gpusPerNode) 0 }}
+              nvidia.com/gpu: {{ $v.resources.gpusPerNode }}
+              {{- end }}
+          securityContext:
+            {{- toYaml $v.securityContext.container | nindent 12 }}
+          volumeMounts:
+            - name: recipe
+              mountPath: /recipe
+              readOnly: true
+            - name: runs
+              mountPath: /runs
+            - name: model-cache
+              mountPath: /models
+            - name: dshm
+              mountPath: /dev/shm
+            - name: tmp
+              mountPath: /tmp
+      volumes:
+        - name: recipe
+          configMap:
+            name: {{ include "safealign.recipeConfigMap" . }}
+        - name: runs
+          persistentVolumeClaim:
+            claimName: {{ include "safealign.runsClaim" . }}
+        - name: model-cache
+          persistentVolumeClaim:
+            claimName: {{ include "safealign.modelCacheClaim" . }}
+        # NCCL and DataLoader workers need far more shared memory than the container default of 64 MiB.
+        - name: dshm
+          emptyDir:
+            medium: Memory
+            {{- with $v.storage.shmSizeLimit }}
+            sizeLimit: {{ . }}
+            {{- end }}
+        - name: tmp
+          emptyDir: {}
+{{- end -}}

@@ -1,0 +1,151 @@
+"""The stage charts, rendered by Helm's engine and checked like helm-unittest does: by path.
+
+Every rendered object is also validated against the Kubernetes OpenAPI schemas of 1.29-1.33 with
+kubernetes-validate in strict mode (a misspelt field fails). No API server runs here; the real-cluster
+test is tests/test_kubernetes_cluster.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+from chart_render import CHARTS, RECIPE, STAGES, render
+
+KUBE_VERSIONS = ("1.29.0", "1.30.0", "1.31.0", "1.32.0", "1.33.0")
+
+
+@pytest.fixture(scope="module")
+def helm():
+    return pytest.importorskip("helm_python", reason="helm-python-sdk is a test dependency: pip install -e '.[test]'")
+
+
+def job_of(objects: dict) -> dict:
+    (job,) = objects["Job"]
+    return job
+
+
+def container(objects: dict) -> dict:
+    (c,) = job_of(objects)["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_each_stage_renders_a_complete_release(helm, stage):
+    objects = render(stage)
+    assert sorted(k for k in objects if k != "NOTES") == ["ConfigMap", "Job", "PersistentVolumeClaim", "Pod"]
+    c = container(objects)
+    assert c["command"] == ["torchrun", "--standalone", "--nproc-per-node=8", "-m", "safealign.cli",
+                            "run", "/recipe/recipe.yaml", "--stage", stage, "--run-dir", "/runs/demo"]  # fmt: skip
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 8 == c["resources"]["requests"]["nvidia.com/gpu"]
+    assert objects["ConfigMap"][0]["data"]["recipe.yaml"].strip() == RECIPE.strip()
+    assert {m["mountPath"] for m in c["volumeMounts"]} == {"/recipe", "/runs", "/models", "/dev/shm", "/tmp"}
+    spec = job_of(objects)["spec"]
+    pod = spec["template"]["spec"]
+    assert pod["restartPolicy"] == "Never" and pod["securityContext"]["runAsNonRoot"] is True
+    assert {v["name"]: v for v in pod["volumes"]}["dshm"]["emptyDir"]["medium"] == "Memory"
+    assert spec["backoffLimit"] == 2 and spec["ttlSecondsAfterFinished"] == 604800
+    assert spec["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [2]
+    assert {p["metadata"]["name"] for p in objects["PersistentVolumeClaim"]} == {"demo-runs", "demo-model-cache"}
+    assert all(
+        p["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep" for p in objects["PersistentVolumeClaim"]
+    )
+    test_pod = objects["Pod"][0]
+    assert test_pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert test_pod["spec"]["containers"][0]["command"] == ["safealign", "validate", "/recipe/recipe.yaml"]
+    assert "helm test demo -n ml" in objects["NOTES"][0]["text"]
+
+
+def test_multi_node_is_an_indexed_job_with_rendezvous(helm):
+    objects = render("align", {"job": {"nodes": 2}, "resources": {"gpusPerNode": 4}})
+    spec = job_of(objects)["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 2, 2)
+    assert spec["template"]["spec"]["subdomain"] == "demo"
+    (service,) = objects["Service"]
+    assert service["metadata"]["name"] == "demo" and service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    assert service["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
+    c = container(objects)
+    assert c["command"][:7] == ["torchrun", "--nnodes=2", "--nproc-per-node=4", "--node-rank=$(NODE_RANK)",
+                                "--rdzv-backend=c10d", "--rdzv-endpoint=demo-0.demo:29400", "--rdzv-id=demo"]  # fmt: skip
+    rank = {e["name"]: e for e in c["env"]}["NODE_RANK"]
+    assert (
+        rank["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    )
+
+
+def test_single_gpu_and_cpu_run_safealign_directly(helm):
+    for gpus in (0, 1):
+        c = container(render("eval", {"resources": {"gpusPerNode": gpus}}))
+        assert c["command"][:2] == ["safealign", "run"]
+        assert ("nvidia.com/gpu" in c["resources"]["requests"]) is (gpus == 1)
+
+
+def test_scheduling_secrets_and_existing_claims(helm):
+    objects = render(
+        "align",
+        {
+            "scheduling": {"nodeSelector": {"gpu": "h100"}, "priorityClassName": "training", "kueueQueue": "team-a",
+                           "affinity": {"nodeAffinity": {}}},
+            "secrets": {"hubToken": {"name": "hf", "key": "token"},
+                        "judgeApiKey": {"name": "judge", "key": "api-key", "env": "OPENAI_API_KEY"}},
+            "storage": {"runs": {"existingClaim": "shared-runs"}, "modelCache": {"existingClaim": "models"}},
+            "runName": "mistral-seed",
+            "job": {"activeDeadlineSeconds": 86400},
+        },
+    )  # fmt: skip
+    job = job_of(objects)
+    pod = job["spec"]["template"]["spec"]
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert pod["nodeSelector"] == {"gpu": "h100"} and pod["priorityClassName"] == "training"
+    assert job["spec"]["activeDeadlineSeconds"] == 86400
+    env = {e["name"]: e for e in container(objects)["env"]}
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "token"}
+    assert env["OPENAI_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "judge", "key": "api-key"}
+    assert all("value" not in e for n, e in env.items() if n in ("HF_TOKEN", "OPENAI_API_KEY"))  # never a value
+    claims = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v
+    }
+    assert claims == {"runs": "shared-runs", "model-cache": "models"}
+    assert "PersistentVolumeClaim" not in objects  # existing claims: nothing created
+    assert container(objects)["command"][-1] == "/runs/mistral-seed"
+
+
+def test_existing_recipe_configmap_and_missing_recipe(helm):
+    objects = render("rm", {"recipe": "", "recipeConfigMap": "run-42-recipe"})
+    assert "ConfigMap" not in objects
+    assert {v["name"]: v for v in job_of(objects)["spec"]["template"]["spec"]["volumes"]}["recipe"]["configMap"] == {
+        "name": "run-42-recipe"
+    }
+    with pytest.raises(helm.HelmRenderError, match="recipe is empty: pass the recipe file with --set-file"):
+        render("rm", {"recipe": ""})
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"jobs": {}}, "jobs"),  # unknown key (misspelt "job")
+        ({"resources": {"gpusPerNode": "8"}}, "gpusPerNode"),
+        ({"job": {"nodes": -1}}, "nodes"),
+        ({"storage": {"runs": {"size": "lots"}}}, "size"),
+        ({"secrets": {"judgeApiKey": {"name": "judge", "key": "k"}}}, "judgeApiKey"),
+    ],
+)
+def test_schema_rejects_bad_values(helm, values, message):
+    with pytest.raises(helm.HelmValuesError) as caught:
+        render("align", values)
+    assert message in str(caught.value)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_lint_strict(helm, stage):
+    report = helm.lint(CHARTS / f"safealign-{stage}", {"recipe": RECIPE}, strict=True)
+    assert not report["errors"], report
+    assert not [m for m in report["messages"] if m["severity"] >= 2], report["messages"]
+
+
+@pytest.mark.parametrize("version", KUBE_VERSIONS)
+def test_rendered_objects_are_valid_kubernetes(helm, version):
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    for stage, values in [(s, {}) for s in STAGES] + [("align", {"job": {"nodes": 2}})]:
+        for kind, objects in render(stage, values).items():
+            for obj in objects if kind != "NOTES" else []:
+                kubernetes_validate.validate(obj, version, strict=True)  # raises on any unknown field
