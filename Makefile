@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.safealign-installed
 
-.PHONY: setup quickstart test lint clean
+.PHONY: setup quickstart test lint manifests clean
 
 setup: $(STAMP)
 
@@ -19,6 +19,10 @@ $(STAMP): setup.cfg pyproject.toml requirements/cpu-no-deps.txt
 
 quickstart: setup
 	$(BIN)/safealign run recipes/quickstart.yaml
+
+# manifests/: the plain YAML the charts render for the documented example (drift-tested).
+manifests: setup
+	$(BIN)/python -m safealign.k8s.manifests
 
 lint: setup
 	$(BIN)/ruff check plugin tests charts benchmarks

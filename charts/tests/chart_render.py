@@ -1,4 +1,4 @@
-"""Render the stage charts with Helm's own engine (helm-python-sdk: Helm v4's Go SDK, no helm binary)."""
+"""Render a stage chart into objects by kind, through the same renderer `safealign submit` uses."""
 
 from __future__ import annotations
 
@@ -6,20 +6,19 @@ from pathlib import Path
 
 import yaml
 
-CHARTS = Path(__file__).resolve().parents[1]
-REPO = CHARTS.parent
+from safealign.k8s.charts import CHARTS, render_manifests
+
+REPO = Path(__file__).resolve().parents[2]
 STAGES = ("rm", "align", "distill", "eval")
 RECIPE = (REPO / "recipes" / "mistral-7b-beavertails.yaml").read_text()
+
+assert CHARTS.resolve() == (REPO / "charts").resolve(), "the package's charts link must point at charts/"
 
 
 def render(stage: str, values: dict | None = None, name: str = "demo", namespace: str = "ml") -> dict[str, list[dict]]:
     """Rendered objects by kind (template order), from `values` on top of the chart's defaults."""
-    import helm_python as helm
-
-    chart = helm.Chart.load(CHARTS / f"safealign-{stage}")
-    manifests = chart.render({"recipe": RECIPE, **(values or {})}, name=name, namespace=namespace)
     objects: dict[str, list[dict]] = {}
-    for path, text in manifests.items():
+    for path, text in render_manifests(stage, {"recipe": RECIPE, **(values or {})}, name, namespace).items():
         if path.endswith("NOTES.txt"):
             objects.setdefault("NOTES", []).append({"text": text})
             continue

@@ -24,6 +24,10 @@ EPILOG = """examples:
   safealign validate recipes/mistral-7b-beavertails.yaml   check a recipe without running it
   safealign losses                                         list the registered losses
   safealign report runs/quickstart                         rewrite a run's report.md / report.html
+  safealign submit recipes/mistral-7b-beavertails.yaml -n ml --values gpu.yaml --wait
+                                                           every stage as a Kubernetes Job, in order
+  safealign status mistral-7b-beavertails -n ml            the run's stage Jobs
+  safealign logs mistral-7b-beavertails -n ml --stage align -f
 """
 
 
@@ -37,6 +41,10 @@ def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a recipe value by its dotted path (list items by index), e.g. align.lambda_init=2; repeatable",
     )
+
+
+def _add_cluster_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--namespace", "-n", default="default", help="Kubernetes namespace (default: default)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +80,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="validate a recipe (and its data files) without running it")
     _add_recipe_args(validate)
+    validate.add_argument(
+        "--flatten",
+        action="store_true",
+        help="print the recipe as one self-contained YAML (extends resolved, --set applied), e.g. for a ConfigMap",
+    )
+
+    submit = commands.add_parser(
+        "submit",
+        help="run a recipe's stages as Kubernetes Jobs, each after the previous one succeeded",
+        description="Create the recipe ConfigMap, the run and model-cache PVCs and the stage Jobs from the "
+        "charts in charts/ (same objects as helm install). Idempotent: finished stages are skipped, a running "
+        "one is adopted. Without --wait it starts the next stage and returns; with --wait it drives the run to "
+        "the end, streaming pod logs, and stops at the first failed stage naming its pod. Uses your kubeconfig.",
+    )
+    _add_recipe_args(submit)
+    _add_cluster_args(submit)
+    submit.add_argument("--stages", nargs="+", metavar="STAGE", help="only these of the recipe's stages")
+    submit.add_argument("--values", "-f", dest="values", action="append", default=[], type=Path, metavar="FILE",
+                        help="chart values (image, resources, scheduling, storage, secrets); repeatable")  # fmt: skip
+    submit.add_argument("--run", help="run name (default: the recipe's name); Jobs are <run>-<stage>")
+    submit.add_argument("--wait", action="store_true", help="wait for every stage, streaming logs")
+    submit.add_argument("--poll", type=float, default=10.0, help="seconds between status checks (default 10)")
+
+    status = commands.add_parser("status", help="the stage Jobs of a submitted run")
+    status.add_argument("run", help="the run name (the recipe's name unless --run was given)")
+    _add_cluster_args(status)
+
+    logs = commands.add_parser("logs", help="the logs of a submitted run's stage pods")
+    logs.add_argument("run", help="the run name")
+    _add_cluster_args(logs)
+    logs.add_argument("--stage", help="only this stage")
+    logs.add_argument("--follow", "-f", action="store_true", help="keep streaming")
 
     commands.add_parser("losses", help="list the preference losses a recipe can name in align.loss")
 
@@ -102,6 +142,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "validate":
         from safealign.data import load_sources
 
+        if args.flatten:
+            from safealign.recipe import flatten_recipe
+
+            print(flatten_recipe(args.recipe, args.overrides), end="")
+            return 0
         rows = load_sources(recipe.data.train)
         print(
             f"{args.recipe}: ok (recipe {recipe.name!r}, stages {', '.join(recipe.stages)}, {len(rows)} training pairs)"
@@ -138,6 +183,24 @@ def _report(run_dir: Path) -> int:
     return 0
 
 
+def _kubernetes(args: argparse.Namespace) -> int:
+    from safealign.k8s import submit as k8s
+
+    if args.command == "submit":
+        k8s.submit(args.recipe, args.namespace, stages=args.stages, overrides=args.overrides, values_files=args.values,
+                   run=args.run, wait=args.wait, poll=args.poll)  # fmt: skip
+    elif args.command == "status":
+        rows = k8s.status(args.run, args.namespace)
+        if not rows:
+            raise SafeAlignError(f"no Jobs for run {args.run!r} in namespace {args.namespace}")
+        for r in rows:
+            took = f"{r['seconds']} s" if r["seconds"] is not None else ""
+            print(f"{r['stage']:8s} {r['job']:40s} {r['state']:10s} {r['started']:26s} {took}")
+    else:
+        k8s.logs(args.run, args.namespace, args.stage, args.follow)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging()
@@ -149,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
 
             run_sweep(args.recipe, args.overrides, args.run_dir)
             return 0
+        if args.command in ("submit", "status", "logs"):
+            return _kubernetes(args)
         if args.command == "losses":
             from safealign.losses import available_losses, get_loss
 

@@ -527,13 +527,24 @@ def read_recipe_data(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     return merge(read_recipe_data(parent_path, (*seen, path.resolve())), data)
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Read (resolving `extends`), override and validate a recipe; every failure is one SafeAlignError line."""
-    path = Path(path)
+def _overridden_data(path: Path, overrides: list[str]) -> dict:
     data = read_recipe_data(path)
     for item in overrides:
         apply_override(data, *parse_override(item))
-    return validate_recipe(data, source=str(path), base_dir=path.parent)
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read (resolving `extends`), override and validate a recipe; every failure is one SafeAlignError line."""
+    path = Path(path)
+    return validate_recipe(_overridden_data(path, overrides), source=str(path), base_dir=path.parent)
+
+
+def flatten_recipe(path: str | Path, overrides: list[str] = ()) -> str:
+    """The recipe as one self-contained YAML document (`extends:` resolved, overrides applied), validated
+    first: what goes into a Kubernetes ConfigMap, where the recipe's siblings do not exist."""
+    load_recipe(path, overrides)
+    return yaml.safe_dump(_overridden_data(Path(path), overrides), sort_keys=False, allow_unicode=True)
 
 
 def validate_recipe(data: dict, source: str = "recipe", base_dir: Path | None = None) -> Recipe:

@@ -120,18 +120,21 @@ spec:
             - name: rendezvous
               containerPort: {{ $v.job.rendezvousPort }}
           {{- end }}
+          {{- /* quantities as strings: the API takes both, typed clients (kubernetes>=35) only strings */}}
           resources:
             requests:
-              {{- toYaml $v.resources.requests | nindent 14 }}
+              {{- range $name, $quantity := $v.resources.requests }}
+              {{ $name }}: {{ $quantity | toString | quote }}
+              {{- end }}
               {{- if gt (int $v.resources.gpusPerNode) 0 }}
-              nvidia.com/gpu: {{ $v.resources.gpusPerNode }}
+              nvidia.com/gpu: {{ $v.resources.gpusPerNode | toString | quote }}
               {{- end }}
             limits:
-              {{- with $v.resources.limits }}
-              {{- toYaml . | nindent 14 }}
+              {{- range $name, $quantity := $v.resources.limits }}
+              {{ $name }}: {{ $quantity | toString | quote }}
               {{- end }}
               {{- if gt (int $v.resources.gpusPerNode) 0 }}
-              nvidia.com/gpu: {{ $v.resources.gpusPerNode }}
+              nvidia.com/gpu: {{ $v.resources.gpusPerNode | toString | quote }}
               {{- end }}
           securityContext:
             {{- toYaml $v.securityContext.container | nindent 12 }}
