@@ -106,3 +106,22 @@ def test_an_llm_judge_without_its_secret_is_refused_before_anything_is_created()
         "eval.llm_judge.api_key_env is OPENAI_API_KEY but the chart values give no secrets.judgeApiKey"
     )
     assert state.events == []  # nothing reached the API server
+
+
+def test_a_sweep_recipe_is_shared_stages_then_an_indexed_trials_job_then_selection(tmp_path):
+    recipe = RECIPE.parents[1] / "recipes" / "sweep-lambda-w.yaml"
+    state = StandIn(outcomes={"sweep-lambda-w-sweep-trials": 1})  # some trial failed: the Job fails
+    lines: list[str] = []
+    with Server(state) as api_client:
+        cluster = k8s.Cluster(api_client, namespace="ml")
+        with pytest.raises(SafeAlignError, match="stage sweep-trials failed"):  # no trial succeeded
+            k8s.submit(recipe, "ml", cluster=cluster, poll=0.01, say=lines.append, wait=True)
+    assert state.posted("jobs") == ["sweep-lambda-w-sweep-shared", "sweep-lambda-w-sweep-trials"]
+    trials = state.objects[("jobs", "ml", "sweep-lambda-w-sweep-trials")]["spec"]
+    assert trials["completions"] == 9 and trials["completionMode"] == "Indexed"
+    assert trials["template"]["spec"]["containers"][0]["command"][-2:] == ["--trial-index", "$(TRIAL_INDEX)"]
+    with Server(StandIn()) as api_client:
+        done = k8s.submit(
+            recipe, "ml", cluster=k8s.Cluster(api_client, namespace="ml"), poll=0.01, say=lines.append, wait=True
+        )
+    assert done == ["sweep-shared", "sweep-trials", "sweep-select"]

@@ -120,3 +120,32 @@ def test_a_ray_tune_sweep_shares_the_rm_stage_and_selects_a_trial(tmp_path, toke
     assert not (out / "align").exists()  # only the shared stage ran in the sweep directory
     assert (out / "sweep" / "heatmap.png").read_bytes().startswith(b"\x89PNG")
     assert "| lambda_init=0.5,w=0.0 | 0.5 | 0.0 |" in (out / "sweep" / "table.md").read_text()
+    # The same sweep in parts, as a Kubernetes Indexed Job runs it: one grid point per process, then the rule.
+    (out / "trials" / ids[1] / "result.json").unlink()
+    select = run_cli("sweep", "sweep.yaml", "--part", "select", cwd=tmp_path)
+    assert select.returncode == 0 and "| failed |" in (out / "sweep" / "table.md").read_text()  # trial 1: not run
+    trial = run_cli("sweep", "sweep.yaml", "--part", "trial", "--trial-index", "1", cwd=tmp_path, timeout=600)
+    assert trial.returncode == 0, trial.stderr[-2000:]
+    assert json.loads((out / "trials" / ids[1] / "result.json").read_text())["params"] == {
+        "align.lambda_init": 2.0,
+        "align.w": 0.0,
+    }
+    select = run_cli("sweep", "sweep.yaml", "--part", "select", cwd=tmp_path)
+    assert json.loads((out / "sweep" / "results.json").read_text())["selected"] == summary["selected"]
+
+
+def test_sweep_parts_check_their_inputs(tmp_path, tokenizer_dir):
+    write_jsonl(tmp_path / "pku.jsonl", pku_rows(4))
+    recipe = {
+        "name": "sw", "stages": ["rm", "align", "eval"], "model": tiny_policy(tokenizer_dir),
+        "data": {"train": [{"path": "pku.jsonl"}]},
+        "sweep": {"grid": {"align.lambda_init": [0.5, 2.0]}, "select": {"judge": "cost_model"}},
+    }  # fmt: skip
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(recipe))
+    for args, message in [
+        (["--part", "trial", "--trial-index", "2"], "--trial-index 2: the grid has trials 0..1"),
+        (["--part", "trial", "--trial-index", "0"], "shared stage(s) rm not run yet"),
+        (["--trial-index", "0"], "--trial-index goes with --part trial"),
+    ]:
+        result = run_cli("sweep", "sweep.yaml", *args, cwd=tmp_path)
+        assert result.returncode == 2 and message in result.stderr, result.stderr[-500:]

@@ -9,7 +9,7 @@ import yaml
 from safealign.k8s.charts import CHARTS, render_manifests
 
 REPO = Path(__file__).resolve().parents[2]
-STAGES = ("rm", "align", "distill", "eval")
+STAGES = ("rm", "align", "distill", "eval", "sweep")
 RECIPE = (REPO / "recipes" / "mistral-7b-beavertails.yaml").read_text()
 
 assert CHARTS.resolve() == (REPO / "charts").resolve(), "the package's charts link must point at charts/"

@@ -30,7 +30,7 @@ def container(objects: dict) -> dict:
     return c
 
 
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage", [s for s in STAGES if s != "sweep"])
 def test_each_stage_renders_a_complete_release(helm, stage):
     objects = render(stage)
     assert sorted(k for k in objects if k != "NOTES") == ["ConfigMap", "Job", "PersistentVolumeClaim", "Pod"]
@@ -72,6 +72,26 @@ def test_multi_node_is_an_indexed_job_with_rendezvous(helm):
     assert (
         rank["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
     )
+
+
+def test_sweep_trials_are_one_indexed_job_pod_per_grid_point(helm):
+    objects = render(
+        "sweep", {"sweep": {"part": "trial", "trials": 9, "parallelism": 3}, "resources": {"gpusPerNode": 1}}
+    )
+    spec = job_of(objects)["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 9, 3)
+    assert spec["backoffLimitPerIndex"] == 2 and "backoffLimit" not in spec  # a failing trial fails alone
+    assert spec["podFailurePolicy"]["rules"][0]["action"] == "FailIndex"
+    c = container(objects)
+    assert c["command"] == ["safealign", "sweep", "/recipe/recipe.yaml", "--run-dir", "/runs/demo",
+                            "--part", "trial", "--trial-index", "$(TRIAL_INDEX)"]  # fmt: skip
+    assert "TRIAL_INDEX" in {e["name"] for e in c["env"]} and "Service" not in objects
+    shared = job_of(render("sweep", {"sweep": {"part": "shared"}}))["spec"]
+    assert "completionMode" not in shared and shared["backoffLimit"] == 2
+    with pytest.raises(SafeAlignError, match="sweep.trials: set it to the number of grid points"):
+        render("sweep", {"sweep": {"part": "trial"}})
+    with pytest.raises(SafeAlignError, match="job.nodes > 1 is not supported for sweep trials"):
+        render("sweep", {"sweep": {"part": "trial", "trials": 9}, "job": {"nodes": 2}})
 
 
 def test_single_gpu_and_cpu_run_safealign_directly(helm):
@@ -147,7 +167,11 @@ def test_lint_strict(helm, stage):
 @pytest.mark.parametrize("version", KUBE_VERSIONS)
 def test_rendered_objects_are_valid_kubernetes(helm, version):
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
-    for stage, values in [(s, {}) for s in STAGES] + [("align", {"job": {"nodes": 2}})]:
+    cases = [(s, {}) for s in STAGES] + [
+        ("align", {"job": {"nodes": 2}}),
+        ("sweep", {"sweep": {"part": "trial", "trials": 9}}),
+    ]
+    for stage, values in cases:
         for kind, objects in render(stage, values).items():
             for obj in objects if kind != "NOTES" else []:
                 kubernetes_validate.validate(obj, version, strict=True)  # raises on any unknown field

@@ -77,6 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_recipe_args(sweep)
     sweep.add_argument("--run-dir", type=Path, help="run directory (default: runs/<recipe name>)")
+    sweep.add_argument(
+        "--part",
+        choices=("all", "shared", "trial", "select"),
+        default="all",
+        help="all (default) | shared: the shared stages only | trial: one grid point (--trial-index, no Ray; "
+        "what each pod of a Kubernetes Indexed Job runs) | select: the rule over finished trials",
+    )
+    sweep.add_argument("--trial-index", type=int, metavar="N", help="with --part trial: the grid point (0-based)")
 
     validate = commands.add_parser("validate", help="validate a recipe (and its data files) without running it")
     _add_recipe_args(validate)
@@ -210,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sweep":
             from safealign.sweep import run_sweep
 
-            run_sweep(args.recipe, args.overrides, args.run_dir)
+            run_sweep(args.recipe, args.overrides, args.run_dir, args.part, args.trial_index)
             return 0
         if args.command in ("submit", "status", "logs"):
             return _kubernetes(args)

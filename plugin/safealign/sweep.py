@@ -138,30 +138,52 @@ def _prepare_trial_dir(sweep_dir: Path, trial_dir: Path, shared: list[str]) -> N
             link.symlink_to(target.resolve(), target_is_directory=True)
 
 
+def run_trial(recipe_path: Path, recipe: Recipe, run_dir: Path, overrides: list[str], params: dict) -> TrialResult:
+    """One grid point: the non-shared stages in a fresh process in `trials/<id>/`. The result is also
+    written to `trials/<id>/result.json`, which is what selection reads (whoever ran the trial: Ray Tune
+    here, or one pod of a Kubernetes Indexed Job)."""
+    shared = shared_stages(recipe)
+    stages = [s for s in recipe.stages if s not in shared]
+    trial_dir = run_dir / "trials" / trial_id(params)
+    _prepare_trial_dir(run_dir, trial_dir, shared)
+    command = _trial_command(recipe_path, trial_dir, stages, params, overrides, recipe.sweep.gpus_per_trial)
+    with (trial_dir / "trial.log").open("w") as log_file:
+        code = subprocess.call(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=recipe_path.parent)
+    if code != 0:
+        result = TrialResult(
+            trial_id(params), params, status="failed", error=f"exit {code}; see {trial_dir / 'trial.log'}"
+        )
+    else:
+        safety, helpful, details = trial_metrics(trial_dir, recipe)
+        result = TrialResult(trial_id(params), params, safety, helpful, "ok", "", details)
+    write_text_atomically(trial_dir / "result.json", json.dumps(asdict(result), indent=2) + "\n")
+    return result
+
+
+def collect_trials(run_dir: Path, recipe: Recipe) -> list[TrialResult]:
+    """Every grid point's result, in grid order; a trial without a result file counts as not run."""
+    results = []
+    for params in trial_overrides(recipe.sweep.grid):
+        path = run_dir / "trials" / trial_id(params) / "result.json"
+        if path.is_file():
+            results.append(TrialResult(**json.loads(path.read_text())))
+        else:
+            results.append(TrialResult(trial_id(params), params, status="failed", error="not run"))
+    return results
+
+
 def run_trials(recipe_path: Path, recipe: Recipe, run_dir: Path, overrides: list[str]) -> list[TrialResult]:
     """Every grid point through Ray Tune; a trial that fails is recorded as failed, not fatal."""
     import ray
     from ray import tune
 
     sweep = recipe.sweep
-    shared = shared_stages(recipe)
-    stages = [s for s in recipe.stages if s not in shared]
-    grid = trial_overrides(sweep.grid)
     run_dir = run_dir.resolve()
     recipe_path = recipe_path.resolve()
 
     def trainable(config: dict) -> None:
-        params = {key: config[key] for key in sweep.grid}
-        trial_dir = run_dir / "trials" / trial_id(params)
-        _prepare_trial_dir(run_dir, trial_dir, shared)
-        command = _trial_command(recipe_path, trial_dir, stages, params, overrides, sweep.gpus_per_trial)
-        with (trial_dir / "trial.log").open("w") as log_file:
-            code = subprocess.call(command, stdout=log_file, stderr=subprocess.STDOUT, cwd=recipe_path.parent)
-        if code != 0:
-            tune.report({"status": "failed", "returncode": code})
-            return
-        safety, helpful, details = trial_metrics(trial_dir, recipe)
-        tune.report({"status": "ok", "safety": safety, "helpfulness": helpful, **details})
+        result = run_trial(recipe_path, recipe, run_dir, overrides, {key: config[key] for key in sweep.grid})
+        tune.report({"status": result.status, "safety": result.safety, "helpfulness": result.helpfulness})
 
     # Ray's resource accounting decides how many trials run at once: on a CPU machine a trial asks for
     # every core (so one at a time); on GPUs, `gpus_per_trial` each (8 GPUs / 1 per trial: 8 at once).
@@ -176,20 +198,10 @@ def run_trials(recipe_path: Path, recipe: Recipe, run_dir: Path, overrides: list
             tune_config=tune.TuneConfig(max_concurrent_trials=sweep.max_concurrent_trials),
             run_config=tune.RunConfig(name="tune", storage_path=str(run_dir / "sweep"), verbose=1),
         )  # fmt: skip
-        grid_results = tuner.fit()
+        tuner.fit()
     finally:
         ray.shutdown()
-    by_id: dict[str, TrialResult] = {}
-    for result in grid_results:
-        params = {key: result.config[key] for key in sweep.grid}
-        metrics = result.metrics or {}
-        status = metrics.get("status", "failed")
-        error = "" if status == "ok" else f"see {run_dir / 'trials' / trial_id(params) / 'trial.log'}"
-        by_id[trial_id(params)] = TrialResult(
-            trial_id(params), params, metrics.get("safety"), metrics.get("helpfulness"), status, error,
-            {k: metrics[k] for k in ("helpfulness_metric", "safety_by_judge") if k in metrics},
-        )  # fmt: skip
-    return [by_id.get(trial_id(p), TrialResult(trial_id(p), p, status="failed", error="not run")) for p in grid]
+    return collect_trials(run_dir, recipe)
 
 
 def format_table(trials: list[TrialResult], selection: Selection, recipe: Recipe) -> str:
@@ -235,26 +247,21 @@ def plot_heatmap(trials: list[TrialResult], selection: Selection, recipe: Recipe
     return _png(fig)
 
 
-def run_sweep(recipe_path: Path, overrides: list[str], run_dir: Path | None = None) -> Selection:
-    """The whole sweep: shared stages once, the grid through Ray Tune, selection, table and heat map."""
-    recipe = load_recipe(recipe_path, overrides)
-    if recipe.sweep is None:
-        raise SafeAlignError(f"{recipe_path}: no sweep section; add sweep.grid (see docs/sweep.md)")
-    if recipe.sweep.select.judge not in recipe.eval.judges or "eval" not in recipe.stages:
-        raise SafeAlignError(
-            f"sweep.select.judge: {recipe.sweep.select.judge!r} must be one of eval.judges "
-            f"({', '.join(recipe.eval.judges)}) and the recipe must run the eval stage"
-        )
-    run_dir = run_dir or Path("runs") / recipe.name
-    shared = shared_stages(recipe)
-    if shared:
-        log.info("sweep: running the shared stages (%s) once in %s", ", ".join(shared), run_dir)
-        command = [sys.executable, "-m", "safealign.cli", "run", str(recipe_path), "--run-dir", str(run_dir),
-                   "--set", "sweep=null", *(f"--set={o}" for o in overrides), *(f"--stage={s}" for s in shared)]  # fmt: skip
-        if subprocess.call(command) != 0:
-            raise SafeAlignError(f"sweep: the shared stage(s) {', '.join(shared)} failed (see above)")
-    log.info("sweep: %d trials over %s", len(trial_overrides(recipe.sweep.grid)), ", ".join(recipe.sweep.grid))
-    trials = run_trials(recipe_path, recipe, run_dir, overrides)
+#: `safealign sweep --part`: all of it here, or one piece per Kubernetes Job (docs/kubernetes.md).
+PARTS = ("all", "shared", "trial", "select")
+
+
+def run_shared(recipe_path: Path, overrides: list[str], run_dir: Path, shared: list[str]) -> None:
+    """The stages every trial shares, once, in the sweep's run directory."""
+    log.info("sweep: running the shared stages (%s) once in %s", ", ".join(shared), run_dir)
+    command = [sys.executable, "-m", "safealign.cli", "run", str(recipe_path), "--run-dir", str(run_dir),
+               "--set", "sweep=null", *(f"--set={o}" for o in overrides), *(f"--stage={s}" for s in shared)]  # fmt: skip
+    if subprocess.call(command) != 0:
+        raise SafeAlignError(f"sweep: the shared stage(s) {', '.join(shared)} failed (see above)")
+
+
+def write_selection(recipe: Recipe, run_dir: Path, trials: list[TrialResult]) -> Selection:
+    """The seed's rule over the trials, then table.md, results.json and heatmap.png in `sweep/`."""
     selection = select_trial(trials, recipe.sweep.select.min_safety)
     out = run_dir / "sweep"
     out.mkdir(parents=True, exist_ok=True)
@@ -271,3 +278,51 @@ def run_sweep(recipe_path: Path, overrides: list[str], run_dir: Path | None = No
     print(selection.message)
     print(f"sweep: {out / 'table.md'}" + (f", {out / 'heatmap.png'}" if heatmap else ""))
     return selection
+
+
+def run_sweep(
+    recipe_path: Path,
+    overrides: list[str],
+    run_dir: Path | None = None,
+    part: str = "all",
+    trial_index: int | None = None,
+) -> Selection | None:
+    """The whole sweep (shared stages once, the grid through Ray Tune, selection, table and heat map), or
+    one `part` of it: `shared`, `trial` (grid point `trial_index`, no Ray: a Kubernetes Indexed Job's pod
+    runs one each), `select` (over the trials' result files)."""
+    recipe = load_recipe(recipe_path, overrides)
+    if recipe.sweep is None:
+        raise SafeAlignError(f"{recipe_path}: no sweep section; add sweep.grid (see docs/sweep.md)")
+    if recipe.sweep.select.judge not in recipe.eval.judges or "eval" not in recipe.stages:
+        raise SafeAlignError(
+            f"sweep.select.judge: {recipe.sweep.select.judge!r} must be one of eval.judges "
+            f"({', '.join(recipe.eval.judges)}) and the recipe must run the eval stage"
+        )
+    if (part == "trial") != (trial_index is not None):
+        raise SafeAlignError("--trial-index goes with --part trial (and --part trial needs --trial-index)")
+    run_dir = (run_dir or Path("runs") / recipe.name).resolve()
+    shared = shared_stages(recipe)
+    grid = trial_overrides(recipe.sweep.grid)
+    if part in ("all", "shared") and shared:
+        run_shared(recipe_path, overrides, run_dir, shared)
+    if part == "shared":
+        return None
+    if part == "trial":
+        if not 0 <= trial_index < len(grid):
+            raise SafeAlignError(f"--trial-index {trial_index}: the grid has trials 0..{len(grid) - 1}")
+        missing = [s for s in shared if not (run_dir / s / "stage.json").is_file()]
+        if missing:
+            raise SafeAlignError(
+                f"sweep trial: shared stage(s) {', '.join(missing)} not run yet in {run_dir} (--part shared)"
+            )
+        result = run_trial(recipe_path.resolve(), recipe, run_dir, overrides, grid[trial_index])
+        if result.status != "ok":
+            raise SafeAlignError(f"sweep trial {result.trial_id} failed: {result.error}")
+        print(f"sweep trial {result.trial_id}: safety {result.safety}, helpfulness {result.helpfulness}")
+        return None
+    if part == "all":
+        log.info("sweep: %d trials over %s", len(grid), ", ".join(recipe.sweep.grid))
+        trials = run_trials(recipe_path, recipe, run_dir, overrides)
+    else:
+        trials = collect_trials(run_dir, recipe)
+    return write_selection(recipe, run_dir, trials)

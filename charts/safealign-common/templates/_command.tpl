@@ -1,12 +1,20 @@
 {{/*
-The container's command. One process on <= 1 GPU; torchrun across the node's GPUs otherwise; across
+The container's command: `safealign run --stage <stage>` (the sweep chart: `safealign sweep --part <part>`,
+one grid point per pod of an Indexed Job for part "trial"). One process on <= 1 GPU; torchrun across the node's GPUs otherwise; across
 nodes, torchrun with a c10d rendezvous on pod 0 of the Indexed Job (reached through the headless
 Service as <job>-0.<service>), the node rank being the pod's completion index.
 */}}
 {{- define "safealign.command" -}}
 {{- $v := .ctx.Values -}}
 {{- $job := include "safealign.fullname" . -}}
-{{- $run := list "run" "/recipe/recipe.yaml" "--stage" .stage "--run-dir" (printf "/runs/%s" (include "safealign.runName" .)) -}}
+{{- $runDir := printf "/runs/%s" (include "safealign.runName" .) -}}
+{{- $run := list "run" "/recipe/recipe.yaml" "--stage" .stage "--run-dir" $runDir -}}
+{{- if eq .stage "sweep" -}}
+{{- $run = list "sweep" "/recipe/recipe.yaml" "--run-dir" $runDir "--part" $v.sweep.part -}}
+{{- if eq $v.sweep.part "trial" -}}
+{{- $run = concat $run (list "--trial-index" "$(TRIAL_INDEX)") -}}
+{{- end -}}
+{{- end -}}
 {{- $run = concat $run $v.job.extraArgs -}}
 {{- if gt (int $v.job.nodes) 1 -}}
 {{- $rdzv := printf "%s-0.%s:%d" $job $job (int $v.job.rendezvousPort) -}}

@@ -6,6 +6,9 @@ Usage: {{ include "safealign.job" (dict "stage" "align" "ctx" .) }}
 {{- $v := .ctx.Values -}}
 {{- $nodes := int $v.job.nodes -}}
 {{- $job := include "safealign.fullname" . -}}
+{{- $trials := and (eq .stage "sweep") (eq $v.sweep.part "trial") -}}
+{{- if and $trials (gt $nodes 1) }}{{ fail "job.nodes > 1 is not supported for sweep trials: give each trial one node (sweep.gpus_per_trial in the recipe)" }}{{ end -}}
+{{- if and $trials (lt (int $v.sweep.trials) 1) }}{{ fail "sweep.trials: set it to the number of grid points (safealign submit does)" }}{{ end -}}
 apiVersion: batch/v1
 kind: Job
 metadata:
@@ -21,8 +24,16 @@ spec:
   completionMode: Indexed
   completions: {{ $nodes }}
   parallelism: {{ $nodes }}
-  {{- end }}
   backoffLimit: {{ $v.job.backoffLimit }}
+  {{- else if $trials }}
+  # One pod per grid point; a failing trial retries and fails alone, the others go on.
+  completionMode: Indexed
+  completions: {{ $v.sweep.trials }}
+  parallelism: {{ $v.sweep.parallelism }}
+  backoffLimitPerIndex: {{ $v.job.backoffLimit }}
+  {{- else }}
+  backoffLimit: {{ $v.job.backoffLimit }}
+  {{- end }}
   {{- with $v.job.activeDeadlineSeconds }}
   activeDeadlineSeconds: {{ . }}
   {{- end }}
@@ -33,7 +44,7 @@ spec:
   podFailurePolicy:
     rules:
       # A recipe or data error exits 2 (one line in the log): retrying cannot fix it.
-      - action: FailJob
+      - action: {{ ternary "FailIndex" "FailJob" $trials }}
         onExitCodes:
           containerName: {{ .stage }}
           operator: In
@@ -92,8 +103,8 @@ spec:
               value: /models/huggingface
             - name: HF_HUB_OFFLINE
               value: {{ ternary "0" "1" $v.job.hubOnline | quote }}
-            {{- if gt $nodes 1 }}
-            - name: NODE_RANK
+            {{- if or (gt $nodes 1) $trials }}
+            - name: {{ ternary "TRIAL_INDEX" "NODE_RANK" $trials }}
               valueFrom:
                 fieldRef:
                   fieldPath: metadata.annotations['batch.kubernetes.io/job-completion-index']

@@ -18,12 +18,7 @@ from safealign.errors import SafeAlignError
 
 #: The charts directory (a link to the repository's `charts/`, shipped inside the package).
 CHARTS = Path(__file__).resolve().parent / "charts"
-STAGE_CHARTS = {
-    "rm": "safealign-rm",
-    "align": "safealign-align",
-    "distill": "safealign-distill",
-    "eval": "safealign-eval",
-}
+STAGE_CHARTS = {stage: f"safealign-{stage}" for stage in ("rm", "align", "distill", "eval", "sweep")}
 
 
 def _helm():

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from safealign.k8s.submit import deep_merge, plan_run, read_values
+from safealign.k8s.submit import deep_merge, plan_run, read_values, stage_steps
 from safealign.recipe import flatten_recipe
 
 REPO = Path(__file__).resolve().parents[3]
@@ -48,7 +48,7 @@ def render_example() -> dict[str, str]:
     text = flatten_recipe(RECIPE)
     stages = ["rm", "align", "distill", "eval"]
     values = read_values([VALUES])
-    plan = plan_run(text, RUN, NAMESPACE, stages, values)
+    plan = plan_run(text, RUN, NAMESPACE, stage_steps(stages), values)
     files = {
         "00-shared.yaml": HEADER.format(what=f"The run's recipe ({recipe_path}) and its PVCs: apply first.")
         + _dump(plan.shared)
@@ -57,7 +57,7 @@ def render_example() -> dict[str, str]:
         files[f"0{number}-{stage}.yaml"] = HEADER.format(
             what=f"Stage {stage}: apply after the previous stage's Job completed."
         ) + _dump([job])
-    two_nodes = plan_run(text, RUN, NAMESPACE, ["align"], deep_merge(values, {"job": {"nodes": 2}}))
+    two_nodes = plan_run(text, RUN, NAMESPACE, stage_steps(["align"]), deep_merge(values, {"job": {"nodes": 2}}))
     files["02-align-2-nodes.yaml"] = HEADER.format(
         what="Stage align on 2 nodes x 8 GPUs (Indexed Job + headless Service): instead of 02-align.yaml."
     ) + _dump([o for o in two_nodes.shared if o["kind"] == "Service"] + [two_nodes.jobs[0][1]])

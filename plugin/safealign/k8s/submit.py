@@ -28,7 +28,7 @@ import yaml
 
 from safealign.errors import SafeAlignError
 from safealign.k8s.charts import render_objects
-from safealign.recipe import flatten_recipe, load_recipe
+from safealign.recipe import flatten_recipe, load_recipe, trial_overrides
 
 RUN_LABEL = "safealign.dev/run"
 MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -76,16 +76,38 @@ class Plan:
     jobs: list[tuple[str, dict]] = field(default_factory=list)
 
 
-def plan_run(recipe_text: str, run: str, namespace: str, stages: list[str], values: dict) -> Plan:
-    """Render the shared objects (recipe ConfigMap, PVCs) and each stage's Job from the charts."""
-    if not stages:
+#: One Job of a run: (name, stage chart, chart values on top of the user's). The Job is `<run>-<name>`.
+Step = tuple[str, str, dict]
+
+
+def stage_steps(stages: list[str]) -> list[Step]:
+    return [(stage, stage, {}) for stage in stages]
+
+
+def sweep_steps(recipe, parallelism: int | None = None) -> list[Step]:
+    """A sweep on Kubernetes: its shared stages, one Indexed Job pod per grid point, then the rule."""
+    trials = len(trial_overrides(recipe.sweep.grid))
+    per_trial = {"part": "trial", "trials": trials, **({"parallelism": parallelism} if parallelism else {})}
+    return [
+        ("sweep-shared", "sweep", {"sweep": {"part": "shared"}}),
+        ("sweep-trials", "sweep", {"sweep": per_trial}),
+        ("sweep-select", "sweep", {"sweep": {"part": "select"}}),
+    ]
+
+
+def plan_run(recipe_text: str, run: str, namespace: str, steps: list[Step], values: dict) -> Plan:
+    """Render the shared objects (recipe ConfigMap, PVCs) and each step's Job from the charts."""
+    if not steps:
         raise SafeAlignError("no stages to submit")
     shared_claims = {
         "runs": values.get("storage", {}).get("runs", {}).get("existingClaim") or f"{run}-runs",
         "modelCache": values.get("storage", {}).get("modelCache", {}).get("existingClaim") or f"{run}-model-cache",
     }
     # Rendered once under the run's own name: the chart names them <run>-recipe, <run>-runs, <run>-model-cache.
-    first = render_objects(stages[0], deep_merge(values, {"recipe": recipe_text, "runName": run}), run, namespace)
+    first_chart, first_values = steps[0][1], deep_merge(values, steps[0][2])
+    first = render_objects(
+        first_chart, deep_merge(first_values, {"recipe": recipe_text, "runName": run}), run, namespace
+    )
     shared = [o for o in first if o["kind"] in ("ConfigMap", "PersistentVolumeClaim")]
     stage_values = deep_merge(
         values,
@@ -98,9 +120,9 @@ def plan_run(recipe_text: str, run: str, namespace: str, stages: list[str], valu
         },
     )
     plan = Plan(run, namespace, shared_claims["runs"], shared)
-    for stage in stages:
-        objects = render_objects(stage, stage_values, f"{run}-{stage}", namespace)
-        plan.jobs.append((stage, next(o for o in objects if o["kind"] == "Job")))
+    for step, chart, extra in steps:
+        objects = render_objects(chart, deep_merge(stage_values, extra), f"{run}-{step}", namespace)
+        plan.jobs.append((step, next(o for o in objects if o["kind"] == "Job")))
         plan.shared += [o for o in objects if o["kind"] == "Service"]  # multi-node stages' headless Services
     for obj in plan.shared + [job for _, job in plan.jobs]:
         _not_helm_managed(obj)
@@ -237,8 +259,8 @@ def failure_message(cluster: Cluster, stage: str, job) -> str:
 class LogFollower:
     """Streams each pod of a Job once it has started, in background threads, lines prefixed by pod."""
 
-    def __init__(self, cluster: Cluster, stage: str, say: Callable[[str], None]) -> None:
-        self.cluster, self.stage, self.say = cluster, stage, say
+    def __init__(self, cluster: Cluster, container: str, say: Callable[[str], None]) -> None:
+        self.cluster, self.container, self.say = cluster, container, say
         self.threads: dict[str, threading.Thread] = {}
 
     def poll(self, job_name: str) -> None:
@@ -251,7 +273,7 @@ class LogFollower:
 
     def _follow(self, pod: str) -> None:
         try:
-            self.cluster.stream_log(pod, self.stage, True, lambda line: self.say(f"[{pod}] {line}"))
+            self.cluster.stream_log(pod, self.container, True, lambda line: self.say(f"[{pod}] {line}"))
         except Exception as exc:  # a log stream that breaks must not stop the run
             self.say(f"[{pod}] (log stream ended: {exc})")
 
@@ -260,20 +282,26 @@ class LogFollower:
             thread.join(timeout)
 
 
-def wait_for(cluster: Cluster, stage: str, name: str, poll: float, say: Callable[[str], None]) -> None:
-    """Wait until the stage's Job finishes, streaming its pods' logs; raise naming the pod if it failed."""
-    follower = LogFollower(cluster, stage, say)
+def wait_for(cluster: Cluster, step: str, name: str, poll: float, say: Callable[[str], None]) -> None:
+    """Wait until the step's Job finishes, streaming its pods' logs; raise naming the pod if it failed.
+    A sweep's trials Job fails when any trial failed; the run goes on to selection if any succeeded."""
+    follower = None
     while True:
         job = cluster.job(name)
         if job is None:
-            raise SafeAlignError(f"stage {stage}: Job {name} disappeared while running (deleted?)")
+            raise SafeAlignError(f"stage {step}: Job {name} disappeared while running (deleted?)")
+        follower = follower or LogFollower(cluster, job.spec.template.spec.containers[0].name, say)
         follower.poll(name)
         state = _job_state(job)
         if state in ("Succeeded", "Failed"):
             follower.join()
+            if state == "Failed" and step == "sweep-trials" and (job.status.succeeded or 0) > 0:
+                say(f"stage {step}: {job.status.failed or 0} trial pod(s) failed, {job.status.succeeded} succeeded: "
+                    "selecting among the finished trials")  # fmt: skip
+                return
             if state == "Failed":
-                raise SafeAlignError(failure_message(cluster, stage, job))
-            say(f"stage {stage}: succeeded (Job {name})")
+                raise SafeAlignError(failure_message(cluster, step, job))
+            say(f"stage {step}: succeeded (Job {name})")
             return
         time.sleep(poll)
 
@@ -293,18 +321,17 @@ def submit(
 ) -> list[str]:
     """Submit (or advance) a run; returns the stages that have succeeded when it returns."""
     recipe = load_recipe(recipe_path, list(overrides))
-    if recipe.sweep is not None:
-        raise SafeAlignError(
-            f"{recipe_path} has a sweep section: submit its trials with `safealign sweep` on the cluster"
-        )
     unknown = sorted(set(stages or ()) - set(recipe.stages))
     if unknown:
         raise SafeAlignError(f"--stages {', '.join(unknown)}: not in the recipe's stages ({', '.join(recipe.stages)})")
+    if recipe.sweep is not None and stages is not None:
+        raise SafeAlignError("--stages: a sweep recipe is submitted whole (shared stages, trials, selection)")
     selected = [s for s in recipe.stages if stages is None or s in stages]
     name = run_name(run or recipe.name)
     values = read_values(list(values_files))
     check_judge_secret(recipe, selected, values)
-    plan = plan_run(flatten_recipe(recipe_path, list(overrides)), name, namespace, selected, values)
+    steps = sweep_steps(recipe) if recipe.sweep is not None else stage_steps(selected)
+    plan = plan_run(flatten_recipe(recipe_path, list(overrides)), name, namespace, steps, values)
     cluster = cluster or Cluster(namespace=namespace)
     for obj in plan.shared:
         cluster.apply_shared(obj, say)
