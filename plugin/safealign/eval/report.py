@@ -55,6 +55,8 @@ def plot_tradeoff(results: dict, judge: str) -> bytes | None:
         return None
     label = _helpfulness(next(iter(results["models"].values())))[1]
     fig, ax = plt.subplots(figsize=(5.5, 4))
+    span = (max(h for _, h, _ in points) - min(h for _, h, _ in points)) or 1.0
+    placed: list[tuple[float, float]] = []
     for name, helpful, safety in points:
         low, high = safety["ci95"]
         ax.errorbar(
@@ -65,7 +67,10 @@ def plot_tradeoff(results: dict, judge: str) -> bytes | None:
             capsize=4,
             label=name,
         )
-        ax.annotate(name, (helpful, safety["rate"]), textcoords="offset points", xytext=(6, 6))
+        # Models on (almost) the same spot get their labels stacked, not drawn over each other.
+        near = sum(abs(helpful - x) < 0.04 * span and abs(safety["rate"] - y) < 0.04 for x, y in placed)
+        placed.append((helpful, safety["rate"]))
+        ax.annotate(name, (helpful, safety["rate"]), textcoords="offset points", xytext=(6, 6 - 11 * near))
     ax.set_xlabel(label)
     ax.set_ylabel(f"BeaverTails safety rate ({judge} judge)")
     ax.set_ylim(-0.02, 1.12)  # headroom for labels of points at 100 %
