@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 from k8s_standin import Server, StandIn
 
 from safealign.errors import SafeAlignError
@@ -125,3 +126,31 @@ def test_a_sweep_recipe_is_shared_stages_then_an_indexed_trials_job_then_selecti
             recipe, "ml", cluster=k8s.Cluster(api_client, namespace="ml"), poll=0.01, say=lines.append, wait=True
         )
     assert done == ["sweep-shared", "sweep-trials", "sweep-select"]
+
+
+def test_an_unreachable_cluster_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    from safealign.cli import main
+
+    kubeconfig = tmp_path / "config"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "x",
+        "clusters": [{"name": "x", "cluster": {"server": "http://127.0.0.1:9"}}],  # nothing listens on port 9
+        "contexts": [{"name": "x", "context": {"cluster": "x", "user": "x"}}], "users": [{"name": "x", "user": {}}],
+    }))  # fmt: skip
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    assert main(["status", "some-run", "-n", "ml"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("safealign: error: cannot reach the Kubernetes API server") and err.count("\n") == 1
+
+
+def test_an_api_refusal_is_a_one_line_error(capsys, monkeypatch):
+    from kubernetes.client import ApiException
+
+    from safealign.cli import main
+
+    def refuse(*args, **kwargs):
+        raise ApiException(status=403, reason="Forbidden", http_resp=None)
+
+    monkeypatch.setattr(k8s, "status", refuse)
+    assert main(["status", "some-run", "-n", "ml"]) == 2
+    assert capsys.readouterr().err == "safealign: error: Kubernetes API (403 Forbidden): Forbidden\n"

@@ -192,6 +192,25 @@ def _report(run_dir: Path) -> int:
 
 
 def _kubernetes(args: argparse.Namespace) -> int:
+    """submit / status / logs; the API server's refusals and an unreachable cluster become one line."""
+    import json
+
+    from kubernetes.client import ApiException
+    from urllib3.exceptions import HTTPError
+
+    try:
+        return _kubernetes_command(args)
+    except ApiException as exc:
+        try:
+            message = json.loads(exc.body or "{}").get("message") or exc.reason
+        except ValueError:
+            message = exc.reason
+        raise SafeAlignError(f"Kubernetes API ({exc.status} {exc.reason}): {message}") from None
+    except HTTPError as exc:
+        raise SafeAlignError(f"cannot reach the Kubernetes API server ({exc}); check your kubeconfig context") from None
+
+
+def _kubernetes_command(args: argparse.Namespace) -> int:
     from safealign.k8s import submit as k8s
 
     if args.command == "submit":

@@ -16,6 +16,7 @@ drives it to the end, streaming each stage's pod logs.
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -176,7 +177,8 @@ class Cluster:
                 config.load_incluster_config()
             except config.ConfigException:
                 try:
-                    config.load_kube_config()
+                    # $KUBECONFIG as it is now (the client reads it once, at import)
+                    config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None)
                 except (config.ConfigException, FileNotFoundError) as exc:
                     raise SafeAlignError(f"no Kubernetes cluster configured ({exc}): set KUBECONFIG") from None
             api_client = client.ApiClient()
@@ -252,7 +254,7 @@ def failure_message(cluster: Cluster, stage: str, job) -> str:
     where = "; ".join(details) or "no pod reported an exit code"
     return (
         f"stage {stage} failed: Job {name}: {reason}; {where}. "
-        f"Logs: safealign logs {job.metadata.labels.get(RUN_LABEL, '')} --stage {stage} -n {cluster.namespace}"
+        f"Logs: safealign logs {(job.metadata.labels or {}).get(RUN_LABEL, 'RUN')} --stage {stage} -n {cluster.namespace}"
     )
 
 
