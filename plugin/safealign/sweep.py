@@ -247,10 +247,6 @@ def plot_heatmap(trials: list[TrialResult], selection: Selection, recipe: Recipe
     return _png(fig)
 
 
-#: `safealign sweep --part`: all of it here, or one piece per Kubernetes Job (docs/kubernetes.md).
-PARTS = ("all", "shared", "trial", "select")
-
-
 def run_shared(recipe_path: Path, overrides: list[str], run_dir: Path, shared: list[str]) -> None:
     """The stages every trial shares, once, in the sweep's run directory."""
     log.info("sweep: running the shared stages (%s) once in %s", ", ".join(shared), run_dir)
