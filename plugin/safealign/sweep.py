@@ -226,6 +226,7 @@ def plot_heatmap(trials: list[TrialResult], selection: Selection, recipe: Recipe
     xs, ys = recipe.sweep.grid[keys[1]], recipe.sweep.grid[keys[0]]
     values = [[math.nan] * len(xs) for _ in ys]
     fig, ax = plt.subplots(figsize=(1.6 * len(xs) + 2.5, 1.2 * len(ys) + 1.5))
+    cells: list[tuple[int, int, str]] = []
     for t in trials:
         if t.params[keys[0]] not in ys or t.params[keys[1]] not in xs:
             continue  # a grid over more than two keys: the first two are drawn
@@ -234,10 +235,13 @@ def plot_heatmap(trials: list[TrialResult], selection: Selection, recipe: Recipe
         label = "failed" if t.status != "ok" else f"safety {t.safety:.0%}" if t.safety is not None else "n/a"
         if t.helpfulness is not None:
             label += f"\nhelpful {t.helpfulness:.2f}"
-        ax.text(j, i, label, ha="center", va="center", fontsize=9)
         if t is selection.trial:
             ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=3, ec="black"))
+        cells.append((i, j, label))
     image = ax.imshow(values, cmap="viridis", aspect="auto")
+    for i, j, label in cells:  # dark text on viridis' light end, white on its dark end
+        shade = image.norm(values[i][j]) if not math.isnan(values[i][j]) else 1.0
+        ax.text(j, i, label, ha="center", va="center", fontsize=9, color="black" if shade > 0.5 else "white")
     fig.colorbar(image, ax=ax, label=f"helpfulness ({selection.trial.extra.get('helpfulness_metric', '')})")
     ax.set_xticks(range(len(xs)), [str(x) for x in xs])
     ax.set_yticks(range(len(ys)), [str(y) for y in ys])
