@@ -15,8 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from safealign.k8s.submit import deep_merge, plan_run, read_values, stage_steps
-from safealign.recipe import flatten_recipe
+from safealign.k8s.submit import plan_run, read_values, stage_steps
+from safealign.recipe import flatten_recipe, merge
 
 REPO = Path(__file__).resolve().parents[3]
 RECIPE = REPO / "recipes" / "mistral-7b-beavertails.yaml"
@@ -57,7 +57,7 @@ def render_example() -> dict[str, str]:
         files[f"0{number}-{stage}.yaml"] = HEADER.format(
             what=f"Stage {stage}: apply after the previous stage's Job completed."
         ) + _dump([job])
-    two_nodes = plan_run(text, RUN, NAMESPACE, stage_steps(["align"]), deep_merge(values, {"job": {"nodes": 2}}))
+    two_nodes = plan_run(text, RUN, NAMESPACE, stage_steps(["align"]), merge(values, {"job": {"nodes": 2}}))
     files["02-align-2-nodes.yaml"] = HEADER.format(
         what="Stage align on 2 nodes x 8 GPUs (Indexed Job + headless Service): instead of 02-align.yaml."
     ) + _dump([o for o in two_nodes.shared if o["kind"] == "Service"] + [two_nodes.jobs[0][1]])

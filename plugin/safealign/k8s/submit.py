@@ -29,7 +29,7 @@ import yaml
 
 from safealign.errors import SafeAlignError
 from safealign.k8s.charts import render_objects
-from safealign.recipe import flatten_recipe, load_recipe, trial_overrides
+from safealign.recipe import flatten_recipe, load_recipe, merge, trial_overrides
 
 RUN_LABEL = "safealign.dev/run"
 MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -44,15 +44,6 @@ def run_name(name: str) -> str:
     return label
 
 
-def deep_merge(base: dict, top: dict) -> dict:
-    merged = dict(base)
-    for key, value in top.items():
-        merged[key] = (
-            deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
-        )
-    return merged
-
-
 def read_values(paths: list[Path]) -> dict:
     """Helm-style values files, later ones winning (`--values` / `-f`)."""
     values: dict = {}
@@ -62,7 +53,7 @@ def read_values(paths: list[Path]) -> dict:
         data = yaml.safe_load(path.read_text()) or {}
         if not isinstance(data, dict):
             raise SafeAlignError(f"--values {path}: must be a YAML mapping of chart values")
-        values = deep_merge(values, data)
+        values = merge(values, data)
     return values
 
 
@@ -105,12 +96,10 @@ def plan_run(recipe_text: str, run: str, namespace: str, steps: list[Step], valu
         "modelCache": values.get("storage", {}).get("modelCache", {}).get("existingClaim") or f"{run}-model-cache",
     }
     # Rendered once under the run's own name: the chart names them <run>-recipe, <run>-runs, <run>-model-cache.
-    first_chart, first_values = steps[0][1], deep_merge(values, steps[0][2])
-    first = render_objects(
-        first_chart, deep_merge(first_values, {"recipe": recipe_text, "runName": run}), run, namespace
-    )
+    first_chart, first_values = steps[0][1], merge(values, steps[0][2])
+    first = render_objects(first_chart, merge(first_values, {"recipe": recipe_text, "runName": run}), run, namespace)
     shared = [o for o in first if o["kind"] in ("ConfigMap", "PersistentVolumeClaim")]
-    stage_values = deep_merge(
+    stage_values = merge(
         values,
         {
             "recipe": "",
@@ -122,7 +111,7 @@ def plan_run(recipe_text: str, run: str, namespace: str, steps: list[Step], valu
     )
     plan = Plan(run, namespace, shared_claims["runs"], shared)
     for step, chart, extra in steps:
-        objects = render_objects(chart, deep_merge(stage_values, extra), f"{run}-{step}", namespace)
+        objects = render_objects(chart, merge(stage_values, extra), f"{run}-{step}", namespace)
         plan.jobs.append((step, next(o for o in objects if o["kind"] == "Job")))
         plan.shared += [o for o in objects if o["kind"] == "Service"]  # multi-node stages' headless Services
     for obj in plan.shared + [job for _, job in plan.jobs]:
