@@ -195,8 +195,13 @@ def _kubernetes(args: argparse.Namespace) -> int:
     """submit / status / logs; the API server's refusals and an unreachable cluster become one line."""
     import json
 
-    from kubernetes.client import ApiException
-    from urllib3.exceptions import HTTPError
+    try:
+        from kubernetes.client import ApiException
+        from urllib3.exceptions import HTTPError
+    except ImportError:
+        raise SafeAlignError(
+            f"`safealign {args.command}` needs the Kubernetes client: pip install 'safealign[k8s]'"
+        ) from None
 
     try:
         return _kubernetes_command(args)

@@ -541,9 +541,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 
 
 def flatten_recipe(path: str | Path, overrides: list[str] = ()) -> str:
-    """The recipe as one self-contained YAML document (`extends:` resolved, overrides applied), validated
-    first: what goes into a Kubernetes ConfigMap, where the recipe's siblings do not exist."""
-    load_recipe(path, overrides)
+    """The recipe as one self-contained YAML document (`extends:` resolved, overrides applied): what goes
+    into a Kubernetes ConfigMap, where the recipe's siblings do not exist. Callers validate it first
+    (`load_recipe`), as they need the Recipe anyway."""
     return yaml.safe_dump(_overridden_data(Path(path), overrides), sort_keys=False, allow_unicode=True)
 
 

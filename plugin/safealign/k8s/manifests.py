@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from safealign.k8s.submit import plan_run, read_values, stage_steps
-from safealign.recipe import flatten_recipe, merge
+from safealign.recipe import flatten_recipe, load_recipe, merge
 
 REPO = Path(__file__).resolve().parents[3]
 RECIPE = REPO / "recipes" / "mistral-7b-beavertails.yaml"
@@ -45,6 +45,7 @@ def _dump(objects: list[dict]) -> str:
 def render_example() -> dict[str, str]:
     """File name -> content of every manifest in `manifests/`."""
     recipe_path = RECIPE.relative_to(REPO)
+    load_recipe(RECIPE)  # validated before anything is rendered from it
     text = flatten_recipe(RECIPE)
     stages = ["rm", "align", "distill", "eval"]
     values = read_values([VALUES])
