@@ -16,6 +16,12 @@ import torch
 from tqdm import tqdm
 
 
+def length_order(items: list[tuple]) -> list[int]:
+    """Item indices by the longer response's token count, ties by index: batches of similar length.
+    (benchmarks/throughput.py swaps this for file order to measure what sorting buys.)"""
+    return sorted(range(len(items)), key=lambda i: (max(items[i][0].shape[-1], items[i][2].shape[-1]), i))
+
+
 def score_pairs(
     dataset,
     forward: Callable[[tuple], tuple[torch.Tensor, ...]],
@@ -25,7 +31,7 @@ def score_pairs(
 ) -> torch.Tensor:
     """`forward(batch)`'s per-row outputs for every item of `dataset`: shape `[len(dataset), k]`, float64."""
     items = [dataset[i] for i in range(len(dataset))]
-    order = sorted(range(len(items)), key=lambda i: (max(items[i][0].shape[-1], items[i][2].shape[-1]), i))
+    order = length_order(items)
     batches = [order[j : j + batch_size] for j in range(0, len(order), batch_size)]
     world, rank = getattr(strategy, "world_size", 1), strategy.get_rank()
     mine = batches[rank::world]
