@@ -62,6 +62,7 @@ def test_no_jit_compiled_ops():
         optim_config={"type": "AdamW", "params": {"lr": 1e-5, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0}},
     )
     assert config["optimizer"]["params"]["torch_adam"] is True
+    assert config["optimizer"]["params"]["fused"] is True  # torch's single-kernel CPU AdamW
 
 
 def test_nothing_is_patched_where_a_gpu_is_present():

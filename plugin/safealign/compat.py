@@ -168,8 +168,10 @@ def avoid_jit_ops() -> None:
     """Patch 4: keep DeepSpeed from JIT-compiling C++ ops with g++ on first use (~90 s each).
 
     DeepSpeed builds FusedAdam for an "AdamW" optimizer block and a shared-memory all-reduce op when its
-    CPU backend starts. Ask for torch's own AdamW (`torch_adam: true`, numerically the same update) and
-    skip the shared-memory op (gloo does the all-reduce instead).
+    CPU backend starts. Ask for torch's own AdamW (`torch_adam: true`, numerically the same update) in
+    its fused CPU kernel (`fused: true`: one pass over the parameters instead of a dozen element-wise
+    ops; on SmolLM2's 135M parameters 0.09 s per step instead of 0.7 s, docs/benchmarks.md), and skip the
+    shared-memory op (gloo does the all-reduce instead).
     """
     if not _mark("avoid_jit_ops"):
         return
@@ -185,7 +187,7 @@ def avoid_jit_ops() -> None:
         config = original(*args, **kwargs)
         optimizer = config.get("optimizer")
         if optimizer and optimizer.get("type") == "AdamW":
-            optimizer["params"]["torch_adam"] = True
+            optimizer["params"].update(torch_adam=True, fused=True)
         return config
 
     ds_strategy.get_train_ds_config = get_train_ds_config
