@@ -9,11 +9,13 @@ every variant once, so drift in the machine's speed hits all of them alike):
 - `openrlhf_dpo`: OpenRLHF's `DPOTrainer` (plain DPO, helpfulness labels), reference model resident;
 - `safe_mm_dpo_ref`: our `SafeMMDPOTrainer` with `safe_mm_dpo`, reference model resident;
 - `safe_mm_dpo_cached`: the same with the reference log-probs precomputed in the rows (as the rm stage
-  stores them), no reference model in memory.
+  stores them: computed once, before the rounds, by the rm stage's own code in a process of its own),
+  no reference model in memory.
 
 Each run is a fresh child process (this command is the one run that spawns and collects them), so the
-peak resident memory of one variant cannot leak into another's: reported as the child's peak RSS from
-the moment its models start loading (the kernel's VmHWM, reset there) minus its RSS at that moment (on a GPU the same role is played by torch.cuda.max_memory_allocated).
+peak memory of one variant cannot leak into another's: reported as the child's peak resident set from
+the moment its models start loading (the kernel's VmHWM, reset there) minus its resident set at that
+moment; on a GPU, CUDA's peak allocated memory from that moment minus what was allocated then.
 Step time is the wall time between optimizer steps, the first step of each run (allocation, warm-up)
 left out; medians over all rounds. RM margins and costs in the rows are synthetic: they change the loss's
 values, not its cost. Results: benchmarks/results/<model>.json and the table printed (docs/benchmarks.md).
@@ -29,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -52,6 +55,21 @@ MODELS = {
 }
 
 
+@dataclass(frozen=True)
+class Setting:
+    """What every run of one benchmark shares: model, batch shape and DeepSpeed's ZeRO stage."""
+
+    model: str
+    steps: int
+    batch: int
+    micro: int
+    max_len: int
+    zero_stage: int
+
+    def child_args(self) -> list[str]:
+        return [f"--{key.replace('_', '-')}={value}" for key, value in asdict(self).items()]
+
+
 def _status(field: str) -> float:
     """A memory field of /proc/self/status (Linux), in MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -60,49 +78,85 @@ def _status(field: str) -> float:
     return float("nan")
 
 
-def reset_peak_rss() -> float:
-    """Restart the kernel's peak-RSS counter (VmHWM) at the current RSS, which it returns: the peak read
-    later then covers only what runs after this point."""
+def start_memory_count() -> float:
+    """Restart the peak-memory counter here and return the memory in use now, MiB: the peak read later
+    covers only what runs after this point. On a GPU, CUDA's allocator counters (GPU memory is what
+    limits a run there); on a CPU, the kernel's peak resident set (VmHWM, reset through clear_refs)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
     Path("/proc/self/clear_refs").write_text("5")
     return _status("VmRSS")
 
 
-def recipe_for(model: str, batch: int, micro: int, max_len: int, out: Path):
+def peak_memory() -> float:
+    """The peak since `start_memory_count`, MiB (same counter)."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else _status("VmHWM")
+
+
+def recipe_for(setting: Setting, out: Path):
     from safealign.recipe import validate_recipe
 
     return validate_recipe(
         {
             "name": "bench",
-            "model": {"policy": MODELS[model], "dtype": "fp32"},
-            "data": {"train": [{"path": str(DATA)}], "max_len": max_len, "eval_fraction": 0.0},
+            "model": {"policy": MODELS[setting.model], "dtype": "fp32"},
+            "data": {"train": [{"path": str(DATA)}], "max_len": setting.max_len, "eval_fraction": 0.0},
             "align": {
                 "loss": "safe_mm_dpo",
-                "batch_size": batch,
-                "micro_batch_size": micro,
+                "batch_size": setting.batch,
+                "micro_batch_size": setting.micro,
                 "epochs": 1,
                 "learning_rate": 1e-6,
                 "checkpoint_steps": 100000,  # never: checkpoint I/O is not what is measured
             },  # fmt: skip
             "logging": {"tensorboard": False},
+            "deepspeed": {"zero_stage": setting.zero_stage},
         },
         base_dir=out,
     )
 
 
-def child(variant: str, model: str, steps: int, batch: int, micro: int, max_len: int) -> dict:
-    """One measured run: build the variant, train `steps` optimizer steps, report timings and memory."""
-    from safealign import openrlhf_setup as setup
-    from safealign._openrlhf import DeepspeedStrategy  # (after the CPU patches, as everywhere)
+def bench_rows(setting: Setting) -> list:
+    """The measured rows: enough for `steps` + 1 optimizer steps, with what the rm stage would add
+    (synthetic margins and costs: their values do not change the cost of a step)."""
     from safealign.data import load_rows
+
+    rows = load_rows(DATA, "pku_saferlhf")[: (setting.steps + 1) * setting.batch]
+    rng = random.Random(0)
+    for row in rows:
+        row.delta_h, row.delta_s = rng.uniform(0, 2), rng.uniform(0, 2)
+        row.cost_0, row.cost_1 = rng.uniform(-1, 1), rng.uniform(-1, 1)
+    return rows
+
+
+def reference_child(setting: Setting, path: Path) -> None:
+    """The rm stage's reference pass over the measured rows, written to `path` for the cached runs. Its
+    own process: the cached runs' memory must not include a reference model loaded and freed before."""
+    from safealign import openrlhf_setup as setup
+    from safealign.stages.rm import reference_logps
+
+    out = Path(tempfile.mkdtemp(prefix="bench-reference-"))
+    recipe = recipe_for(setting, out)
+    args = setup.openrlhf_args(recipe, recipe.align, out)
+    path.write_text(json.dumps(reference_logps(recipe, bench_rows(setting), args)))
+
+
+def child(variant: str, setting: Setting, reference: Path) -> dict:
+    """One measured run: build the variant, train `steps` optimizer steps, report timings and memory."""
+    from safealign._openrlhf import DeepspeedStrategy  # (after the CPU patches, as everywhere)
     from safealign.models import resolve_model
 
     out = Path(tempfile.mkdtemp(prefix=f"bench-{variant}-"))
-    recipe = recipe_for(model, batch, micro, max_len, out)
-    rows = load_rows(DATA, "pku_saferlhf")[: (steps + 1) * batch]
-    rng = random.Random(0)
-    for row in rows:  # what the rm stage would add; values do not change the cost of a step
-        row.delta_h, row.delta_s = rng.uniform(0, 2), rng.uniform(0, 2)
-        row.cost_0, row.cost_1 = rng.uniform(-1, 1), rng.uniform(-1, 1)
+    recipe = recipe_for(setting, out)
+    rows = bench_rows(setting)
+    if variant == "safe_mm_dpo_cached":
+        for index, (l0, l1) in json.loads(reference.read_text()).items():
+            rows[int(index)].ref_logps_0, rows[int(index)].ref_logps_1 = l0, l1
     policy = resolve_model(recipe.model.policy)
 
     stamps: list[float] = []
@@ -114,32 +168,24 @@ def child(variant: str, model: str, steps: int, batch: int, micro: int, max_len:
         return result
 
     DeepspeedStrategy.optimizer_step = timed
-    base_rss = reset_peak_rss()
+    base_mb = start_memory_count()
     start = time.perf_counter()
     if variant == "openrlhf_dpo":
         _openrlhf_dpo(recipe, rows, policy, out)
     else:
         from safealign.stages.align import train_policy
 
-        if variant == "safe_mm_dpo_cached":
-            from safealign.stages.rm import reference_logps
-
-            args = setup.openrlhf_args(recipe, recipe.align, out / "ref")
-            for index, (l0, l1) in reference_logps(recipe, rows, args).items():
-                rows[index].ref_logps_0, rows[index].ref_logps_1 = l0, l1
-            base_rss = reset_peak_rss()  # the reference pass is the rm stage's work, done once: not this run's
-            start = time.perf_counter()
         train_policy(recipe, rows, policy, policy, out)
     # optimizer_step runs once per micro-batch; DeepSpeed steps the optimizer at the accumulation boundary.
-    per_step = max(1, batch // micro)
+    per_step = max(1, setting.batch // setting.micro)
     boundaries = [start] + stamps[per_step - 1 :: per_step]
     step_times = [b - a for a, b in zip(boundaries, boundaries[1:])][1:]  # drop the warm-up step
     return {
         "variant": variant,
         "step_seconds": step_times,
-        "peak_rss_mb": _status("VmHWM"),
-        "base_rss_mb": base_rss,
-        "tokens_per_step": _tokens_per_step(policy, rows, batch, max_len),
+        "peak_mb": peak_memory(),
+        "base_mb": base_mb,
+        "tokens_per_step": _tokens_per_step(policy, rows, setting.batch, setting.max_len),
     }
 
 
@@ -195,14 +241,20 @@ def summarise(runs: list[dict]) -> dict:
             "median_step_s": median,
             "steps": len(steps),
             "tokens_per_s": results[0]["tokens_per_step"] / median,
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
-            "model_memory_mb": max(r["peak_rss_mb"] - r["base_rss_mb"] for r in results),
+            "peak_mb": max(r["peak_mb"] for r in results),
+            "model_memory_mb": max(r["peak_mb"] - r["base_mb"] for r in results),
         }
     base = table["openrlhf_dpo"]
     for row in table.values():
         row["step_ratio"] = row["median_step_s"] / base["median_step_s"]
         row["memory_ratio"] = row["model_memory_mb"] / base["model_memory_mb"]
     return table
+
+
+def results_path(setting: Setting) -> Path:
+    """benchmarks/results/<model>.json for the recipes' ZeRO stage 2, <model>-zero<N>.json otherwise."""
+    suffix = "" if setting.zero_stage == 2 else f"-zero{setting.zero_stage}"
+    return HERE / "results" / f"{setting.model}{suffix}.json"
 
 
 def main() -> None:
@@ -213,41 +265,48 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--micro", type=int, default=2)
     parser.add_argument("--max-len", type=int, default=160)
-    parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=2,
+                        help="DeepSpeed ZeRO stage of every variant (2: the recipes' default)")  # fmt: skip
+    parser.add_argument("--child", choices=(*VARIANTS, "reference"), help=argparse.SUPPRESS)
+    parser.add_argument("--reference", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        print("RESULT " + json.dumps(child(args.child, args.model, args.steps, args.batch, args.micro, args.max_len)))
+    setting = Setting(args.model, args.steps, args.batch, args.micro, args.max_len, args.zero_stage)
+    if args.child == "reference":
+        reference_child(setting, args.reference)
         return
+    if args.child:
+        print("RESULT " + json.dumps(child(args.child, setting, args.reference)))
+        return
+
+    def run_child(variant: str) -> str:
+        command = [sys.executable, __file__, "--child", variant, *setting.child_args(), "--reference", str(reference)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            sys.exit(f"{variant} failed:\n{done.stderr[-3000:]}")
+        return done.stdout
+
+    reference = Path(tempfile.mkdtemp(prefix="bench-")) / "reference_logps.json"
+    run_child("reference")
     runs = []
     for round_ in range(args.rounds):
         for variant in VARIANTS:
-            command = [sys.executable, __file__, "--child", variant, "--model", args.model, "--steps", str(args.steps),
-                       "--batch", str(args.batch), "--micro", str(args.micro), "--max-len", str(args.max_len)]  # fmt: skip
-            done = subprocess.run(command, capture_output=True, text=True)
-            line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if done.returncode != 0 or line is None:
-                sys.exit(f"{variant} failed:\n{done.stderr[-3000:]}")
+            line = next((x for x in run_child(variant).splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                sys.exit(f"{variant} printed no result")
             runs.append(json.loads(line.removeprefix("RESULT ")))
-            print(
-                f"round {round_ + 1}: {variant} median {statistics.median(runs[-1]['step_seconds']):.3f} s/step",
-                flush=True,
-            )
+            median = statistics.median(runs[-1]["step_seconds"])
+            print(f"round {round_ + 1}: {variant} median {median:.3f} s/step", flush=True)
     table = summarise(runs)
-    settings = {k: getattr(args, k) for k in ("model", "rounds", "steps", "batch", "micro", "max_len")}
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / f"{args.model}.json").write_text(
-        json.dumps({"settings": settings, "table": table, "runs": runs}, indent=2) + "\n"
-    )
-    print(
-        f"\n{args.model}: batch {args.batch} (micro {args.micro}), max_len {args.max_len}, {args.rounds} rounds x {args.steps} steps"
-    )
-    print(
-        "| variant | s/step (median) | × OpenRLHF DPO | tokens/s | peak RSS MiB | model+training MiB | × OpenRLHF DPO |"
-    )
+    path = results_path(setting)
+    path.parent.mkdir(exist_ok=True)
+    settings = {**asdict(setting), "rounds": args.rounds}
+    path.write_text(json.dumps({"settings": settings, "table": table, "runs": runs}, indent=2) + "\n")
+    print(f"\n{settings}")
+    print("| variant | s/step (median) | × OpenRLHF DPO | tokens/s | peak MiB | model+training MiB | × OpenRLHF DPO |")
     print("|---|---|---|---|---|---|---|")
     for variant, r in table.items():
         print(f"| {variant} | {r['median_step_s']:.3f} | {r['step_ratio']:.2f} | {r['tokens_per_s']:.0f} | "
-              f"{r['peak_rss_mb']:.0f} | {r['model_memory_mb']:.0f} | {r['memory_ratio']:.2f} |")  # fmt: skip
+              f"{r['peak_mb']:.0f} | {r['model_memory_mb']:.0f} | {r['memory_ratio']:.2f} |")  # fmt: skip
 
 
 if __name__ == "__main__":
