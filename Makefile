@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.safealign-installed
 
-.PHONY: setup quickstart test lint manifests clean
+.PHONY: setup quickstart test lint manifests bench clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,17 @@ quickstart: setup
 # manifests/: the plain YAML the charts render for the documented example (drift-tested).
 manifests: setup
 	$(BIN)/python -m safealign.k8s.manifests
+
+# Every measurement of docs/benchmarks.md, on a quiet machine (~55 min on 2 CPU cores); results in
+# benchmarks/results/, tables printed. Never part of `make test`: timings are not assertions.
+BENCH_RUN := runs/bench-quickstart
+bench: setup
+	$(BIN)/python benchmarks/dpo_step.py --model tiny --rounds 3 --steps 3
+	$(BIN)/python benchmarks/dpo_step.py --model smollm2 --rounds 2 --steps 3
+	$(BIN)/python benchmarks/throughput.py
+	rm -rf $(BENCH_RUN)
+	$(BIN)/safealign run recipes/quickstart.yaml --run-dir $(BENCH_RUN)
+	$(BIN)/python benchmarks/stage_times.py $(BENCH_RUN)
 
 lint: setup
 	$(BIN)/ruff check plugin tests charts benchmarks

@@ -1,26 +1,41 @@
-"""The benchmark's arithmetic (benchmarks/dpo_step.py), on hand-made runs; the timings themselves are
-measured by running the benchmark, never in tests."""
+"""The benchmarks' arithmetic (benchmarks/*.py), on hand-made inputs; the timings themselves are
+measured by running the benchmarks, never in tests."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
-spec = importlib.util.spec_from_file_location(
-    "dpo_step", Path(__file__).resolve().parents[1] / "benchmarks" / "dpo_step.py"
-)
-dpo_step = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(dpo_step)
+from conftest import pku_rows, tiny_recipe, write_jsonl
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ as a module (benchmarks/ is not a package: its scripts are run by path)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+dpo_step, throughput, stage_times = (load_benchmark(n) for n in ("dpo_step", "throughput", "stage_times"))
 
 
 def run(variant: str, steps: list[float], peak: float, base: float = 1000.0) -> dict:
     return {
         "variant": variant,
         "step_seconds": steps,
-        "peak_rss_mb": peak,
-        "base_rss_mb": base,
+        "peak_mb": peak,
+        "base_mb": base,
         "tokens_per_step": 2000.0,
     }
 
@@ -40,3 +55,61 @@ def test_summary_takes_medians_over_rounds_and_ratios_to_openrlhf_dpo():
     # memory: the worst round's peak above the RSS before loading; cached 300 MiB vs DPO's 450 MiB
     assert table["safe_mm_dpo_cached"]["memory_ratio"] == pytest.approx(300 / 450)
     assert table["openrlhf_dpo"]["step_ratio"] == 1.0 and table["openrlhf_dpo"]["memory_ratio"] == 1.0
+
+
+def test_padding_share_counts_both_responses_padded_to_the_batch_longest():
+    def item(a: int, b: int) -> tuple:
+        return (torch.ones(1, a), None, torch.ones(1, b), None, {})
+
+    items = [item(2, 4), item(8, 8), item(3, 1), item(7, 6)]
+    # batches of 2 in the order [0, 2 | 3, 1]: 2*2*4 + 2*2*8 = 48 tokens forwarded, 39 real
+    assert throughput.padding_share(items, [0, 2, 3, 1], 2) == pytest.approx(1 - 39 / 48)
+    # file order pairs 0 with 1 (padded to 8) and 2 with 3 (to 7): 60 forwarded
+    assert throughput.padding_share(items, [0, 1, 2, 3], 2) == pytest.approx(1 - 39 / 60)
+
+
+def test_stage_times_reads_finished_stages_in_pipeline_order(tmp_path):
+    for name, seconds in (("eval", 40.5), ("rm", 300.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "stage.json").write_text(f'{{"stage": "{name}", "seconds": {seconds}}}')
+    (tmp_path / ".align.partial").mkdir()  # an unfinished stage has no time yet
+    assert stage_times.stage_times(tmp_path) == {"rm": 300.0, "eval": 40.5}
+
+
+def test_stage_times_of_a_run_with_no_finished_stage_says_so(tmp_path):
+    with pytest.raises(SystemExit, match="no finished stage"):
+        stage_times.stage_times(tmp_path)
+
+
+@pytest.mark.slow
+def test_throughput_runs_the_stages_own_code_and_both_arms_do_the_same_work(tmp_path, tokenizer_dir):
+    """A run on a tiny random model (not a measurement): it keeps the script working as the stages change,
+    and checks what its comparison rests on: same rows, same answers, less padding when sorted."""
+    data = write_jsonl(tmp_path / "train.jsonl", pku_rows(12))
+    recipe = tiny_recipe(
+        tmp_path, tokenizer_dir, data, rm={"score_batch_size": 4},
+        eval={"beavertails_per_category": 1, "mt_bench_per_category": 1, "max_new_tokens": 6, "batch_size": 5},
+    )  # fmt: skip
+    settings = yaml.safe_load(recipe.read_text())
+    settings["data"]["max_len"] = 512  # room for the responses' own lengths: sorting has something to sort
+    recipe.write_text(yaml.safe_dump(settings))
+    out = tmp_path / "throughput.json"
+    script = str(BENCHMARKS / "throughput.py")
+    command = [sys.executable, script, "--recipe", str(recipe), "--rounds", "1", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    scoring, generation = result["scoring"]["table"], result["generation"]
+    assert scoring["length-sorted"]["rows"] == scoring["file order"]["rows"] == 12
+    assert scoring["length-sorted"]["padding_share"] < scoring["file order"]["padding_share"]
+    assert [arm["answers"] for arm in generation["table"].values()] == [14, 14]  # one prompt per category
+    assert generation["identical_answers"] == 14  # greedy batched decoding equals one by one
+    assert "| length-sorted | 12 |" in done.stdout
+
+
+def test_results_of_another_zero_stage_do_not_overwrite_the_default_ones():
+    setting = dpo_step.Setting("smollm2", steps=3, batch=8, micro=2, max_len=160, zero_stage=2)
+    assert dpo_step.results_path(setting).name == "smollm2.json"
+    other = dpo_step.Setting("smollm2", steps=3, batch=8, micro=2, max_len=160, zero_stage=0)
+    assert dpo_step.results_path(other).name == "smollm2-zero0.json"
+    assert "--zero-stage=0" in other.child_args() and "--max-len=160" in other.child_args()

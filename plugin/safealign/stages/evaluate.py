@@ -69,6 +69,19 @@ def model_identity(model_dir: Path) -> str:
     return hashlib.sha256(json.dumps([str(model_dir.resolve()), files]).encode()).hexdigest()
 
 
+def eval_prompts(recipe: Recipe) -> tuple[list[SafetyPrompt], list[Question]]:
+    """The BeaverTails prompts and MT-Bench questions the recipe's eval section selects."""
+    ev = recipe.eval
+    prompts = stratified_subset(
+        load_prompts(ev.beavertails or DEFAULT_PATH),
+        ev.beavertails_per_category,
+        ev.split,
+        "eval.beavertails_per_category",
+    )
+    questions = stratified_subset(load_questions(), ev.mt_bench_per_category, ev.split, "eval.mt_bench_per_category")
+    return prompts, questions
+
+
 def answer_with(
     model_dir: Path, prompts: list[SafetyPrompt], questions: list[Question], recipe: Recipe, cache: Path
 ) -> dict:
@@ -297,13 +310,7 @@ def run_eval(ctx: StageContext) -> dict:
 
     recipe, run_dir, out = ctx.recipe, ctx.run_dir, ctx.work_dir
     ev = recipe.eval
-    prompts = stratified_subset(
-        load_prompts(ev.beavertails or DEFAULT_PATH),
-        ev.beavertails_per_category,
-        ev.split,
-        "eval.beavertails_per_category",
-    )
-    questions = stratified_subset(load_questions(), ev.mt_bench_per_category, ev.split, "eval.mt_bench_per_category")
+    prompts, questions = eval_prompts(recipe)
     models = produced_models(recipe, run_dir)
     answers = {
         name: answer_with(path, prompts, questions, recipe, run_dir / "cache" / "eval") for name, path in models.items()
