@@ -140,18 +140,23 @@ def reference_child(setting: Setting, path: Path) -> None:
     from safealign import openrlhf_setup as setup
     from safealign.stages.rm import reference_logps
 
-    out = Path(tempfile.mkdtemp(prefix="bench-reference-"))
-    recipe = recipe_for(setting, out)
-    args = setup.openrlhf_args(recipe, recipe.align, out)
-    path.write_text(json.dumps(reference_logps(recipe, bench_rows(setting), args)))
+    with tempfile.TemporaryDirectory(prefix="bench-reference-") as tmp:
+        recipe = recipe_for(setting, Path(tmp))
+        args = setup.openrlhf_args(recipe, recipe.align, Path(tmp))
+        path.write_text(json.dumps(reference_logps(recipe, bench_rows(setting), args)))
 
 
 def child(variant: str, setting: Setting, reference: Path) -> dict:
-    """One measured run: build the variant, train `steps` optimizer steps, report timings and memory."""
+    """One measured run in a scratch directory removed afterwards (each run saves a trained model)."""
+    with tempfile.TemporaryDirectory(prefix=f"bench-{variant}-") as tmp:
+        return measured_run(variant, setting, reference, Path(tmp))
+
+
+def measured_run(variant: str, setting: Setting, reference: Path, out: Path) -> dict:
+    """Build the variant, train `steps` optimizer steps, report timings and memory."""
     from safealign._openrlhf import DeepspeedStrategy  # (after the CPU patches, as everywhere)
     from safealign.models import resolve_model
 
-    out = Path(tempfile.mkdtemp(prefix=f"bench-{variant}-"))
     recipe = recipe_for(setting, out)
     rows = bench_rows(setting)
     if variant == "safe_mm_dpo_cached":
@@ -285,7 +290,8 @@ def main() -> None:
             sys.exit(f"{variant} failed:\n{done.stderr[-3000:]}")
         return done.stdout
 
-    reference = Path(tempfile.mkdtemp(prefix="bench-")) / "reference_logps.json"
+    scratch = tempfile.TemporaryDirectory(prefix="bench-")  # removed when this process ends
+    reference = Path(scratch.name) / "reference_logps.json"
     run_child("reference")
     runs = []
     for round_ in range(args.rounds):

@@ -78,14 +78,16 @@ def scoring(recipe, rounds: int) -> dict:
 
     rows = load_training_rows(recipe)
     policy = resolve_model(recipe.model.policy)
-    args = setup.openrlhf_args(recipe, recipe.rm.helpful, Path(tempfile.mkdtemp(prefix="bench-scoring-")))
     arms = {"length-sorted": length_order, "file order": lambda items: list(range(len(items)))}
     results: dict[str, list[dict]] = {arm: [] for arm in arms}
-    for round_ in range(rounds):
-        for arm, order in arms.items():
-            measured = measure_scoring(recipe, policy, rows, args, order)
-            results[arm].append(measured)
-            print(f"round {round_ + 1}: scoring {arm}: {measured['rows'] / measured['seconds']:.2f} rows/s", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench-scoring-") as tmp:
+        args = setup.openrlhf_args(recipe, recipe.rm.helpful, Path(tmp))
+        for round_ in range(rounds):
+            for arm, order in arms.items():
+                measured = measure_scoring(recipe, policy, rows, args, order)
+                results[arm].append(measured)
+                rate = measured["rows"] / measured["seconds"]
+                print(f"round {round_ + 1}: scoring {arm}: {rate:.2f} rows/s", flush=True)
 
     table = {}
     for arm, runs in results.items():
