@@ -262,6 +262,31 @@ def results_path(setting: Setting) -> Path:
     return HERE / "results" / f"{setting.model}{suffix}.json"
 
 
+def alternate(setting: Setting, rounds: int) -> list[dict]:
+    """The reference pass once, then `rounds` rounds of every variant, each in a fresh child process."""
+    with tempfile.TemporaryDirectory(prefix="bench-") as scratch:
+        reference = Path(scratch) / "reference_logps.json"
+
+        def run_child(variant: str) -> str:
+            command = [sys.executable, __file__, "--child", variant, *setting.child_args(), f"--reference={reference}"]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                sys.exit(f"{variant} failed:\n{done.stderr[-3000:]}")
+            return done.stdout
+
+        run_child("reference")
+        runs = []
+        for round_ in range(rounds):
+            for variant in VARIANTS:
+                line = next((x for x in run_child(variant).splitlines() if x.startswith("RESULT ")), None)
+                if line is None:
+                    sys.exit(f"{variant} printed no result")
+                runs.append(json.loads(line.removeprefix("RESULT ")))
+                median = statistics.median(runs[-1]["step_seconds"])
+                print(f"round {round_ + 1}: {variant} median {median:.3f} s/step", flush=True)
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="tiny")
@@ -283,25 +308,7 @@ def main() -> None:
         print("RESULT " + json.dumps(child(args.child, setting, args.reference)))
         return
 
-    def run_child(variant: str) -> str:
-        command = [sys.executable, __file__, "--child", variant, *setting.child_args(), "--reference", str(reference)]
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            sys.exit(f"{variant} failed:\n{done.stderr[-3000:]}")
-        return done.stdout
-
-    scratch = tempfile.TemporaryDirectory(prefix="bench-")  # removed when this process ends
-    reference = Path(scratch.name) / "reference_logps.json"
-    run_child("reference")
-    runs = []
-    for round_ in range(args.rounds):
-        for variant in VARIANTS:
-            line = next((x for x in run_child(variant).splitlines() if x.startswith("RESULT ")), None)
-            if line is None:
-                sys.exit(f"{variant} printed no result")
-            runs.append(json.loads(line.removeprefix("RESULT ")))
-            median = statistics.median(runs[-1]["step_seconds"])
-            print(f"round {round_ + 1}: {variant} median {median:.3f} s/step", flush=True)
+    runs = alternate(setting, args.rounds)
     table = summarise(runs)
     path = results_path(setting)
     path.parent.mkdir(exist_ok=True)

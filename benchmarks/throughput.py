@@ -43,6 +43,12 @@ def padding_share(items: list[tuple], order: list[int], batch_size: int) -> floa
     return 1 - real / padded
 
 
+def rates(runs: list[dict], *counts: str) -> dict:
+    """The median seconds of an arm's rounds, and each count (the same every round) per median second."""
+    seconds = statistics.median(r["seconds"] for r in runs)
+    return {"median_seconds": seconds, **{f"{count}_per_s": runs[0][count] / seconds for count in counts}}
+
+
 def measure_scoring(recipe, policy: Path, rows: list, args, order) -> dict:
     """One pass of the rm stage's scoring with `order` in place of `scoring.length_order`: seconds in
     `score_pairs`, rows scored, padding share."""
@@ -89,11 +95,8 @@ def scoring(recipe, rounds: int) -> dict:
                 rate = measured["rows"] / measured["seconds"]
                 print(f"round {round_ + 1}: scoring {arm}: {rate:.2f} rows/s", flush=True)
 
-    table = {}
-    for arm, runs in results.items():
-        seconds = statistics.median(r["seconds"] for r in runs)
-        table[arm] = {"rows": runs[0]["rows"], "median_seconds": seconds, "rows_per_s": runs[0]["rows"] / seconds,
-                      "padding_share": runs[0]["padding"]}  # fmt: skip
+    table = {arm: {"rows": runs[0]["rows"], **rates(runs, "rows"), "padding_share": runs[0]["padding"]}
+             for arm, runs in results.items()}  # fmt: skip
     return {"batch_size": recipe.rm.score_batch_size, "max_len": recipe.data.max_len, "table": table, "runs": results}
 
 
@@ -124,11 +127,9 @@ def generation(recipe, rounds: int) -> dict:
             results[arm].append({"seconds": stats.seconds, "answers": stats.answers, "new_tokens": stats.new_tokens})
             print(f"round {round_ + 1}: generation {arm}: {stats.answers_per_second:.3f} answers/s", flush=True)
 
-    table = {}
-    for arm, runs in results.items():
-        seconds = statistics.median(r["seconds"] for r in runs)
-        table[arm] = {"answers": runs[0]["answers"], "median_seconds": seconds,
-                      "answers_per_s": runs[0]["answers"] / seconds, "new_tokens_per_s": runs[0]["new_tokens"] / seconds}  # fmt: skip
+    table = {
+        arm: {"answers": runs[0]["answers"], **rates(runs, "answers", "new_tokens")} for arm, runs in results.items()
+    }
     batched, single = answers.values()
     return {
         "batch_size": ev.batch_size,
