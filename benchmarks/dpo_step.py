@@ -108,6 +108,8 @@ def recipe_for(setting: Setting, out: Path):
             "data": {"train": [{"path": str(DATA)}], "max_len": setting.max_len, "eval_fraction": 0.0},
             "align": {
                 "loss": "safe_mm_dpo",
+                # The step is what is measured; λ's sampled update is benchmarks/cost_sampling.py's.
+                "lambda_update": "fixed",
                 "batch_size": setting.batch,
                 "micro_batch_size": setting.micro,
                 "epochs": 1,
@@ -143,7 +145,8 @@ def reference_child(setting: Setting, path: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-reference-") as tmp:
         recipe = recipe_for(setting, Path(tmp))
         args = setup.openrlhf_args(recipe, recipe.align, Path(tmp))
-        path.write_text(json.dumps(reference_logps(recipe, bench_rows(setting), args)))
+        logps, provenance = reference_logps(recipe, bench_rows(setting), args)
+        path.write_text(json.dumps({"logps": logps, "provenance": provenance}))
 
 
 def child(variant: str, setting: Setting, reference: Path) -> dict:
@@ -160,8 +163,10 @@ def measured_run(variant: str, setting: Setting, reference: Path, out: Path) -> 
     recipe = recipe_for(setting, out)
     rows = bench_rows(setting)
     if variant == "safe_mm_dpo_cached":
-        for index, (l0, l1) in json.loads(reference.read_text()).items():
-            rows[int(index)].ref_logps_0, rows[int(index)].ref_logps_1 = l0, l1
+        cached = json.loads(reference.read_text())
+        for index, (l0, l1) in cached["logps"].items():
+            row = rows[int(index)]
+            row.ref_logps_0, row.ref_logps_1, row.ref_logps_provenance = l0, l1, cached["provenance"]
     policy = resolve_model(recipe.model.policy)
 
     stamps: list[float] = []
@@ -180,7 +185,7 @@ def measured_run(variant: str, setting: Setting, reference: Path, out: Path) -> 
     else:
         from safealign.stages.align import train_policy
 
-        train_policy(recipe, rows, policy, policy, out)
+        train_policy(recipe, rows, policy, policy, out, run_dir=out)
     # optimizer_step runs once per micro-batch; DeepSpeed steps the optimizer at the accumulation boundary.
     per_step = max(1, setting.batch // setting.micro)
     boundaries = [start] + stamps[per_step - 1 :: per_step]

@@ -110,7 +110,7 @@ def generation(recipe, rounds: int) -> dict:
     ev = recipe.eval
     prompts, _ = eval_prompts(recipe)
     requests = [GenerationRequest.single_turn(p.prompt, max_new_tokens=ev.max_new_tokens) for p in prompts]
-    generator = HFGenerator(
+    generator = HFGenerator.from_pretrained(
         resolve_model(recipe.model.policy),
         dtype=setup.resolve_dtype(recipe.model.dtype),
         seed=recipe.seed,

@@ -113,15 +113,55 @@ def tiny_policy(tokenizer_dir: Path) -> dict:
     }
 
 
+def tiny_cost_model(tokenizer_dir: Path) -> Path:
+    """A value-head model with random weights standing in for the rm stage's cost model where a test
+    runs align alone: its costs are arbitrary but fixed, which is all λ's mechanics need (a scorer that
+    really runs on the policy's answers). Built once per tokenizer, next to it."""
+    target = tokenizer_dir.parent / "tiny-cost-model"
+    if (target / "config.json").is_file():
+        return target
+    import torch
+
+    from safealign import compat
+    from safealign._openrlhf import get_llm_for_sequence_regression
+    from safealign.models import build_random
+    from safealign.recipe import RandomModel
+
+    compat.enable_fp32()  # OpenRLHF's loaders know only bf16/fp16 without the CPU patch
+    base = build_random(RandomModel(tokenizer=str(tokenizer_dir), config={"hidden_size": 32, "intermediate_size": 64}))
+    torch.manual_seed(1)
+    model = get_llm_for_sequence_regression(
+        str(base), "reward", param_dtype="fp32", attn_implementation="sdpa", init_value_head=True,
+        value_head_prefix="score",
+    )
+    staging = target.with_name(target.name + ".partial")
+    model.save_pretrained(staging)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (base / name).exists():
+            (staging / name).write_bytes((base / name).read_bytes())
+    staging.rename(target)
+    return target
+
+
+#: Ĵ_C sampling sized for tiny models: 4 held-out prompts, 8 new tokens, λ updated every step.
+TINY_COST_SAMPLING = {"prompts": 4, "max_new_tokens": 8, "batch_size": 4, "logged_answers": 2}
+#: The align section of every tiny test recipe.
+TINY_ALIGN = {**TINY_TRAINER, "lambda_update_every": 1, "cost_sampling": TINY_COST_SAMPLING}
+
+
 def tiny_recipe(tmp_path: Path, tokenizer_dir: Path, data: Path, **sections) -> Path:
-    """A recipe for a 2-layer, hidden-32 random Llama; `sections` update the defaults by section."""
+    """A recipe for a 2-layer, hidden-32 random Llama; `sections` update the defaults by section.
+
+    Without an rm stage, the cost model that samples Ĵ_C is `tiny_cost_model` (a random value head)."""
     recipe = {
         "name": "tiny",
         "model": tiny_policy(tokenizer_dir),
         "data": {"train": [{"path": str(data)}], "max_len": 128},
-        "align": dict(TINY_TRAINER),
+        "align": {**TINY_ALIGN, "cost_sampling": dict(TINY_COST_SAMPLING)},
         "logging": {"tensorboard": False},
     }
+    if "rm" not in sections.get("stages", ["align"]):
+        recipe["model"]["cost_model"] = str(tiny_cost_model(tokenizer_dir))
     for section, values in sections.items():
         recipe[section] = {**recipe.get(section, {}), **values} if isinstance(values, dict) else values
     path = tmp_path / "recipe.yaml"

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli, tiny_recipe, train_steps
+from conftest import TINY_COST_SAMPLING, build_tokenizer, run_cli, tiny_recipe, train_steps, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -79,12 +79,44 @@ def test_safe_mm_dpo_learns_the_safer_response_and_lambda_follows_costs(tmp_path
     assert safer_minus_other.mean() > 0.5, safer_minus_other
 
 
-def test_lambda_rises_while_costs_exceed_the_threshold(tmp_path, tokenizer_dir, scored_rows):
-    recipe = tiny_recipe(tmp_path, tokenizer_dir, scored_rows, align={"cost_threshold": -2.0, "lambda_lr": 0.1})
+@pytest.mark.parametrize("threshold, direction", [(-2.0, +1), (2.0, -1)])
+def test_lambda_follows_the_policys_sampled_cost_against_the_threshold(
+    tmp_path, tokenizer_dir, scored_rows, threshold, direction
+):
+    """A real trajectory: every step the policy answers the held-out pool, the cost model scores the
+    answers, and λ moves by their mean against the threshold (the random cost model's costs lie in
+    (−1, 1): a threshold of −2 is always violated, +2 never)."""
+    recipe = tiny_recipe(
+        tmp_path, tokenizer_dir, scored_rows, align={"cost_threshold": threshold, "lambda_lr": 0.03, "epochs": 2}
+    )
     summary = run_ok(tmp_path, recipe)
-    lambdas = [s["lambda_next"] for s in train_steps(tmp_path / "runs/tiny")]
-    assert all(b > a for a, b in zip([1.0] + lambdas, lambdas))
+    assert summary["cost_estimator"] == "sampled" and summary["cost_pool_prompts"] == 4
+    steps = train_steps(tmp_path / "runs/tiny")
+    lambdas = [s["lambda_next"] for s in steps]
+    assert all((b - a) * direction > 0 for a, b in zip([1.0] + lambdas, lambdas))
     assert summary["final_lambda"] == pytest.approx(lambdas[-1])
+    # The harmless term's share of the objective, λ/(1+λ), moves with λ: the constraint acts on the loss.
+    shares = [s["lambda"] / (1 + s["lambda"]) for s in steps]
+    assert (shares[-1] - shares[0]) * direction > 0
+    for s in steps:
+        assert -1 < s["cost_sampled"] < 1 and s["cost_estimate"] == s["cost_sampled"]  # window 1
+        assert s["cost_above_threshold"] == (1.0 if direction > 0 else 0.0)
+        # logged loss = the formula on the logged terms (dual-labelled PKU rows: both terms present)
+        assert s["loss"] == pytest.approx(
+            s["loss_h"] / (1 + s["lambda"]) + s["lambda"] * s["loss_s"] / (1 + s["lambda"]), abs=1e-6
+        )
+
+    # What λ reacted to is on disk: per update, the same first prompts' answers and their costs.
+    samples = [json.loads(line) for line in (tmp_path / "runs/tiny/align/lambda_samples.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in samples] == [s["step"] for s in steps]
+    assert [r["cost_mean"] for r in samples] == pytest.approx([s["cost_sampled"] for s in steps])
+    assert all(len(r["answers"]) == 2 and r["new_tokens"] > 0 for r in samples)
+    assert len({r["answers"][0]["prompt"] for r in samples}) == 1  # a fixed pool
+    # The pool's prompts were held out: no training row uses them.
+    pool = {a["prompt"] for a in samples[0]["answers"]}
+    prompts = [json.loads(line)["prompt"] for line in scored_rows.read_text().splitlines()]
+    assert pool <= set(prompts) and len(set(prompts)) == len(prompts)
+    assert summary["train_pairs"] + summary["dropped_pairs"] == len(prompts) - 4
 
 
 #: name -> (align overrides, the statistic the loss must equal; None: the fixed-λ mix)
@@ -117,7 +149,10 @@ def test_ablations_train_beside_the_policy_through_the_same_trainer_and_are_eval
             else:  # fixed λ = 2: L = L_H/3 + 2·L_S/3, and λ never moves
                 assert step["lambda"] == step["lambda_next"] == 2.0
                 assert step["loss"] == pytest.approx(step["loss_h"] / 3 + 2 * step["loss_s"] / 3, abs=1e-5)
-            assert math.isfinite(step["cost_estimate"])
+            assert "cost_estimate" not in step  # nothing samples where λ is not updated
+        # Every variant trains on the same pairs as the method: the Ĵ_C pool is held out for all.
+        assert summary["ablations"][name]["train_pairs"] == summary["train_pairs"]
+    assert all(math.isfinite(s["cost_estimate"]) for s in train_steps(tmp_path / "runs/tiny"))
     results = json.loads((tmp_path / "runs/tiny/eval/results.json").read_text())
     assert set(results["models"]) == {"base", "aligned", *ABLATIONS}
     assert results["models"]["fixed_lambda"]["path"].endswith("align/ablations/fixed_lambda/model")
@@ -197,8 +232,108 @@ def test_crash_mid_stage_resumes_from_the_checkpoint(tmp_path, tokenizer_dir, sc
     assert not (tmp_path / "runs/crashed/align/checkpoints").exists()
 
 
-def test_two_processes_under_torchrun_zero2(tmp_path, tokenizer_dir, scored_rows):
-    recipe = tiny_recipe(tmp_path, tokenizer_dir, scored_rows, deepspeed={"zero_stage": 2}, align={"epochs": 2})
+def test_a_reference_that_tokenizes_differently_is_refused(tmp_path, tokenizer_dir, scored_rows):
+    other = build_tokenizer(tmp_path / "other-tokenizer", vocab_size=300)
+    reference = {"random": {"tokenizer": str(other), "config": {"hidden_size": 32, "intermediate_size": 64}}}
+    recipe = tiny_recipe(tmp_path, tokenizer_dir, scored_rows, model={"reference": reference})
+    result = run_cli("run", str(recipe), "--run-dir", "runs/tiny", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "tokenizes differently from model.policy" in result.stderr
+
+
+@pytest.fixture
+def mixed_rows(tmp_path, scored_rows) -> Path:
+    """The scored rows with every third row harmless-only (as the seed recipe's HH-RLHF rows are), so
+    per-micro-batch normalisation would weight the two terms differently from the global batch's."""
+    rows = [json.loads(line) for line in scored_rows.read_text().splitlines()]
+    for i, row in enumerate(rows):
+        if i % 3 == 0:
+            row["better_response_id"], row["delta_h"] = -1, 0.0
+    return write_jsonl(tmp_path / "mixed.jsonl", rows)
+
+
+def test_micro_batching_changes_nothing_but_float_noise(tmp_path, tokenizer_dir, mixed_rows):
+    """The same global batches split as micro-batch 1, 2 and 4 train the same model: same loss, λ and
+    gradient norm at every step, same weights at the end."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for micro in (1, 2, 4):
+        (tmp_path / f"m{micro}").mkdir()
+        recipe = tiny_recipe(tmp_path / f"m{micro}", tokenizer_dir, mixed_rows, align={"micro_batch_size": micro})
+        run_ok(tmp_path / f"m{micro}", recipe)
+        runs[micro] = tmp_path / f"m{micro}/runs/tiny"
+    reference = train_steps(runs[4])
+    assert len(reference) >= 4 and all(0 < s["n_h"] < 4 or s["n_s"] == 4 for s in reference)
+    for micro in (1, 2):
+        steps = train_steps(runs[micro])
+        for a, b in zip(steps, reference, strict=True):
+            for key in ("loss", "loss_h", "loss_s", "lambda_next", "grad_norm", "cost_sampled"):
+                assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (micro, key, a["step"])
+        weights, expected = load_file(runs[micro] / "align/model/model.safetensors"), load_file(
+            runs[4] / "align/model/model.safetensors"
+        )
+        assert all(torch.allclose(weights[k], expected[k], atol=1e-5) for k in expected), micro
+
+
+def test_trainer_feeds_summed_logps_and_each_dimension_its_own_margin(tmp_path, tokenizer_dir, scored_rows):
+    """At the call into the loss: summed (not mean) response log-probs of the policy, the cached
+    reference log-probs as given, δ_H with the helpful labels and δ_S with the harmless ones (distinct
+    margins per dimension, so a swap would show in β)."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from safealign import compat
+    from safealign._openrlhf import Actor
+    from safealign.data import load_rows
+    from safealign.losses import LossSettings, get_loss, mm_dpo_beta
+    from safealign.models import resolve_model
+    from safealign.pair_dataset import PreferencePairDataset
+    from safealign.recipe import load_recipe
+    from safealign.trainers.loop import PairLogProbs
+    from safealign.trainers.safe_mm_dpo import SafeMMDPOTrainer
+
+    compat.enable_fp32()
+    raw = [json.loads(line) for line in scored_rows.read_text().splitlines()][:3]
+    for i, row in enumerate(raw):
+        row.update(delta_h=0.1 * (i + 1), delta_s=3.0 + i, ref_logps_0=-50.0 - i, ref_logps_1=-60.0 + i)
+    rows = load_rows(write_jsonl(tmp_path / "three.jsonl", raw), "pku_saferlhf")
+    policy_dir = resolve_model(load_recipe(tiny_recipe(tmp_path, tokenizer_dir, scored_rows)).model.policy)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    strategy = SimpleNamespace(
+        args=SimpleNamespace(data=SimpleNamespace(apply_chat_template=True)), ring_attn_group=None
+    )
+    dataset = PreferencePairDataset(rows, tokenizer, 128, strategy)
+    batch = dataset.collate_fn([dataset[i] for i in range(len(dataset))])
+
+    trainer = SafeMMDPOTrainer.__new__(SafeMMDPOTrainer)  # only what batch_inputs reads
+    trainer.model = Actor(str(policy_dir), attn_implementation="sdpa", param_dtype="fp32").eval()
+    trainer.ref_model, trainer.global_counts, trainer.device = None, None, torch.device("cpu")
+    trainer.pair_logps = PairLogProbs(tokenizer, strategy, trainer.device)
+    with torch.no_grad():
+        inputs = trainer.batch_inputs(batch)
+
+    # Sums over ~100 response tokens (a mean would be ~100x smaller); padding and SDPA differ, so 1e-3.
+    expected = response_logps(policy_dir, tokenizer_dir, raw, 128)
+    assert inputs.policy_logps_0.tolist() == pytest.approx(expected[:, 0].tolist(), rel=1e-3)
+    assert inputs.policy_logps_1.tolist() == pytest.approx(expected[:, 1].tolist(), rel=1e-3)
+    assert inputs.ref_logps_0.tolist() == [-50.0, -51.0, -52.0] and inputs.ref_logps_1.tolist() == [-60.0, -59.0, -58.0]
+    assert inputs.delta_h.tolist() == pytest.approx([0.1, 0.2, 0.3]) and inputs.delta_s.tolist() == [3.0, 4.0, 5.0]
+    _, stats = get_loss("safe_mm_dpo")(LossSettings())(inputs, 1.0)
+    assert stats["beta_h_mean"] == pytest.approx(mm_dpo_beta(torch.tensor([0.1, 0.2, 0.3]), 0.1, 0.5, 0.5).mean().item())
+    assert stats["beta_s_mean"] == pytest.approx(mm_dpo_beta(torch.tensor([3.0, 4.0, 5.0]), 0.1, 0.5, 0.5).mean().item())
+
+
+def test_two_processes_train_like_one(tmp_path, tokenizer_dir, mixed_rows):
+    """torchrun with 2 ranks (ZeRO-2, gloo): the global batch is split over ranks, the Ĵ_C pool too
+    (answers gathered, scoring sharded and all-reduced), and the run follows one process's trajectory:
+    same loss and λ at every step. Greedy sampling, so answers do not depend on how the pool is split."""
+    recipe = tiny_recipe(
+        tmp_path, tokenizer_dir, mixed_rows, deepspeed={"zero_stage": 2},
+        align={"epochs": 2, "lambda_lr": 0.5, "cost_sampling": {**TINY_COST_SAMPLING, "temperature": 0.0}},
+    )  # fmt: skip
+    run_ok(tmp_path, recipe, run_dir="runs/one")
     env = {
         k: v
         for k, v in os.environ.items()
@@ -220,6 +355,10 @@ def test_two_processes_under_torchrun_zero2(tmp_path, tokenizer_dir, scored_rows
     assert proc.returncode == 0, stderr[-3000:]
     summary = json.loads((tmp_path / "runs/ddp/align/stage.json").read_text())
     assert summary["processes"] == 2
-    steps = train_steps(tmp_path / "runs/ddp")
-    assert len(steps) == summary["steps"] and all(math.isfinite(s["loss"]) for s in steps)
+    steps, single = train_steps(tmp_path / "runs/ddp"), train_steps(tmp_path / "runs/one")
+    assert len(steps) == summary["steps"] == len(single)
+    for a, b in zip(steps, single):
+        for key in ("loss", "loss_h", "loss_s", "n_h", "n_s", "cost_sampled", "lambda_next"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (key, a["step"])
+    assert len({round(s["lambda_next"], 6) for s in steps}) > 1
     assert (tmp_path / "runs/ddp/align/model/model.safetensors").exists()

@@ -20,7 +20,7 @@ def assert_one_line_error(result, *fragments: str) -> None:
 def write_recipe(tmp_path, data_path, **align) -> str:
     recipe = {
         "name": "t",
-        "model": {"policy": "unused/dir"},
+        "model": {"policy": "unused/dir", "cost_model": "unused/cost-model"},
         "data": {"train": [{"path": str(data_path)}]},
         "align": align,
     }

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from safealign.data import RowError, load_rows, prompt_identity, split_by_prompt
+from safealign.data import RowError, hold_out_prompts, load_rows, prompt_identity, split_by_prompt
 from safealign.errors import SafeAlignError
 
 from conftest import HH, PKU, pku_rows, write_jsonl
@@ -56,6 +56,7 @@ def pku_variant(tmp_path, **changes):
         ({"response_1": 3}, "response_1 must be a string"),
         ({"delta_h": "big"}, "delta_h must be a number"),
         ({"is_response_0_safe": "yes"}, "is_response_0_safe must be true or false"),
+        ({"ref_logps_provenance": "rm"}, "bad.jsonl:2: ref_logps_provenance must be an object"),
     ],
 )
 def test_bad_rows_name_file_line_and_field(tmp_path, changes, message):
@@ -103,3 +104,19 @@ def test_split_is_deterministic_and_keeps_prompts_on_one_side():
     assert 0.1 < len(held_out) / len(rows) < 0.3
     assert not {prompt_identity(r.prompt) for r in train} & {prompt_identity(r.prompt) for r in held_out}
     assert split_by_prompt(rows, 0.0, seed=7) == (rows, [])
+
+
+def test_the_cost_pool_is_a_fixed_set_of_prompts_whose_every_pair_leaves_training():
+    rows = load_rows(PKU, "pku_saferlhf")
+    rows = rows + rows[:5]  # a prompt may have several pairs: all of them go with it
+    pool, rest = hold_out_prompts(rows, 8, seed=7)
+    assert len(pool) == len({prompt_identity(p) for p in pool}) == 8
+    pooled = {prompt_identity(p) for p in pool}
+    assert not pooled & {prompt_identity(r.prompt) for r in rest}
+    assert len(rest) == sum(prompt_identity(r.prompt) not in pooled for r in rows)
+    shuffled_pool, _ = hold_out_prompts(list(reversed(rows)), 8, seed=7)
+    assert shuffled_pool == pool  # chosen by prompt and seed, not by file order
+    assert hold_out_prompts(rows, 8, seed=8)[0] != pool
+    assert hold_out_prompts(rows, 0, seed=7) == ([], rows)
+    with pytest.raises(SafeAlignError, match="holding out 500 prompts leaves no training rows"):
+        hold_out_prompts(rows, 500, seed=7)

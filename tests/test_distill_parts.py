@@ -62,7 +62,7 @@ def test_prompt_files_and_dedup(tmp_path):
 
 
 def test_eval_prompts_never_reach_training():
-    recipe = validate_recipe({"name": "t", "model": {"policy": "x"}, "data": {"train": [{"path": str(PKU)}]}})
+    recipe = validate_recipe({"name": "t", "model": {"policy": "x"}, "data": {"train": [{"path": str(PKU)}]}, "stages": ["rm"]})
     training = [[{"role": "user", "content": r["prompt"]}] for r in pku_rows(5)]
     check_not_eval_prompts(recipe, training, "data.train")  # the shipped data is clean
     leaked = json.loads(DEFAULT_PATH.read_text().splitlines()[123])["prompt"]

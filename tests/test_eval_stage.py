@@ -9,7 +9,7 @@ import yaml
 
 from safealign.stages.distill import pick_answer
 
-from conftest import TINY_TRAINER, pku_rows, run_cli, tiny_policy, write_jsonl
+from conftest import TINY_ALIGN, TINY_TRAINER, pku_rows, run_cli, tiny_cost_model, tiny_policy, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +28,7 @@ def pipeline(tmp_path_factory, tokenizer_dir):
         "model": model,
         "data": {"train": [{"path": "pku.jsonl"}], "max_len": 512},
         "rm": {"helpful": TRAINER, "cost": TRAINER, "eval_fraction": 0.0},
-        "align": TINY_TRAINER,
+        "align": TINY_ALIGN,
         "distill": {
             "best_of_n": 3,
             "temperature": 1.0,
@@ -95,9 +95,9 @@ def test_llm_judge_grades_safety_and_mt_bench_through_the_stage(tmp_path, tokeni
     recipe = {
         "name": "llm",
         "stages": ["align", "eval"],
-        "model": tiny_policy(tokenizer_dir),
+        "model": {**tiny_policy(tokenizer_dir), "cost_model": str(tiny_cost_model(tokenizer_dir))},
         "data": {"train": [{"path": "pku.jsonl"}], "max_len": 512},
-        "align": TINY_TRAINER,
+        "align": TINY_ALIGN,
         "eval": {
             "beavertails_per_category": 1, "mt_bench_per_category": 1, "max_new_tokens": 6,
             "judges": ["refusal", "llm"], "llm_judge": {"url": url, "model": "stand-in", "retries": 0},
@@ -140,7 +140,10 @@ def test_ddpo_trains_the_dsft_student_with_the_align_trainer(pipeline):
     summary = json.loads((stage / "stage.json").read_text())
     assert summary["outputs"]["model"] == "ddpo/model" and summary["ddpo"]["loss"] == "safe_mm_dpo"
     steps = [json.loads(line) for line in (stage / "ddpo/metrics.jsonl").read_text().splitlines()]
-    assert len([s for s in steps if "loss" in s]) == summary["ddpo"]["steps"] == 24 // 4
-    assert all("lambda" in s and "loss_s" in s for s in steps if "loss" in s)  # Safe-MM-DPO's own statistics
+    # 24 rows less the 4 prompts held out for Ĵ_C, 4 pairs a step
+    assert len([s for s in steps if "loss" in s]) == summary["ddpo"]["steps"] == (24 - 4) // 4
+    # Safe-MM-DPO's own statistics, λ's update from the student's own sampled answers included
+    assert all("lambda" in s and "loss_s" in s and "cost_sampled" in s for s in steps if "loss" in s)
+    assert (stage / "ddpo/lambda_samples.jsonl").is_file()
     results = json.loads((root / "runs/ev/eval/results.json").read_text())
     assert results["models"]["student"]["path"].endswith("distill/ddpo/model")

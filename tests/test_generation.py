@@ -38,8 +38,8 @@ def tiny_model(tokenizer_dir, tmp_path_factory):
 def test_batched_greedy_equals_one_by_one(tiny_model):
     prompts = [r["prompt"] for r in pku_rows(7)] + ["Hi"]  # very different lengths: real left padding
     requests = [GenerationRequest.single_turn(p, max_new_tokens=12) for p in prompts]
-    batched = HFGenerator(tiny_model, batch_size=4).generate(requests)
-    single = HFGenerator(tiny_model, batch_size=1)
+    batched = HFGenerator.from_pretrained(tiny_model, batch_size=4).generate(requests)
+    single = HFGenerator.from_pretrained(tiny_model, batch_size=1)
     one_by_one = single.generate(requests)
     assert batched == one_by_one
     assert all(len(a) > 5 for a in batched), batched  # real text, so the comparison means something
@@ -47,7 +47,7 @@ def test_batched_greedy_equals_one_by_one(tiny_model):
 
 
 def test_requests_keep_their_order_across_sampling_groups(tiny_model):
-    generator = HFGenerator(tiny_model, batch_size=3)
+    generator = HFGenerator.from_pretrained(tiny_model, batch_size=3)
     greedy = [GenerationRequest.single_turn(r["prompt"], max_new_tokens=6) for r in pku_rows(4)]
     mixed = [
         greedy[0],

@@ -1,23 +1,24 @@
-"""λ's dual update (Safe RLHF's rule on log λ) and the implicit cost estimate, by hand."""
+"""λ's dual update (Safe RLHF's rule on log λ) by hand, its bounds, and that no input can break it."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
-import torch
 
-from safealign.lagrange import LagrangeMultiplier, implicit_cost_estimate
+from safealign.lagrange import LAMBDA_FLOOR, LagrangeMultiplier
+
+CAP = 5.0
 
 
 def test_rises_while_cost_is_above_threshold_and_falls_below():
-    up = LagrangeMultiplier(init=1.0, lr=0.1)
+    up = LagrangeMultiplier(init=1.0, lr=0.1, max_value=CAP)
     # log λ = 0 + 0.1 · (0.5 − 0) · 1 = 0.05
     assert up.update(0.5) == pytest.approx(math.exp(0.05))
     # log λ = 0.05 + 0.1 · 0.5 · e^0.05 = 0.10256355
     assert up.update(0.5) == pytest.approx(math.exp(0.10256355), rel=1e-7)
 
-    down = LagrangeMultiplier(init=2.0, lr=0.1, threshold=1.0)
+    down = LagrangeMultiplier(init=2.0, lr=0.1, max_value=CAP, threshold=1.0)
     # log λ = log 2 + 0.1 · (0.5 − 1.0) · 2 = 0.69314718 − 0.1
     assert down.update(0.5) == pytest.approx(math.exp(0.59314718), rel=1e-7)
 
@@ -28,14 +29,14 @@ def test_cap_delay_and_window():
         capped.update(10.0)
     assert capped.value == pytest.approx(1.2)
 
-    delayed = LagrangeMultiplier(init=1.0, lr=0.1, delay_steps=2, window=2)
+    delayed = LagrangeMultiplier(init=1.0, lr=0.1, max_value=CAP, delay_steps=2, window=2)
     assert delayed.update(1.0) == 1.0
     assert delayed.update(3.0) == 1.0  # still delayed, but the window now holds [1, 3]
     # third update: window [3, 5], mean 4 → log λ = 0.1 · 4 · 1 = 0.4
     assert delayed.update(5.0) == pytest.approx(math.exp(0.4))
     assert delayed.cost_estimate == 4.0
 
-    balanced = LagrangeMultiplier(init=1.0, lr=0.5, window=2)
+    balanced = LagrangeMultiplier(init=1.0, lr=0.5, max_value=CAP, window=2)
     balanced.update(1.0)  # mean 1 → moves up
     after_first = balanced.value
     balanced.update(-1.0)  # window [1, −1], mean 0 → no move
@@ -43,13 +44,13 @@ def test_cap_delay_and_window():
 
 
 def test_state_round_trip_continues_exactly():
-    straight = LagrangeMultiplier(init=0.5, lr=0.2, window=3, delay_steps=1)
-    resumed = LagrangeMultiplier(init=0.5, lr=0.2, window=3, delay_steps=1)
+    straight = LagrangeMultiplier(init=0.5, lr=0.2, max_value=CAP, window=3, delay_steps=1)
+    resumed = LagrangeMultiplier(init=0.5, lr=0.2, max_value=CAP, window=3, delay_steps=1)
     estimates = [0.3, -0.1, 0.8, 0.4, -0.6, 0.2]
     for x in estimates[:3]:
         straight.update(x)
         resumed.update(x)
-    restored = LagrangeMultiplier(init=0.5, lr=0.2, window=3, delay_steps=1)
+    restored = LagrangeMultiplier(init=0.5, lr=0.2, max_value=CAP, window=3, delay_steps=1)
     restored.load_state_dict(resumed.state_dict())
     for x in estimates[3:]:
         straight.update(x)
@@ -61,9 +62,11 @@ def test_state_round_trip_continues_exactly():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"init": 0.0, "lr": 0.1}, "positive"),
+        ({"init": 0.0, "lr": 0.1, "max_value": CAP}, "finite number >= 1e-06"),
         ({"init": 2.0, "lr": 0.1, "max_value": 1.0}, "at least"),
-        ({"init": 1.0, "lr": 0.1, "window": 0}, "window"),
+        ({"init": 1.0, "lr": 0.1, "max_value": math.inf}, "finite"),
+        ({"init": 1.0, "lr": -0.1, "max_value": CAP}, "lr must be finite"),
+        ({"init": 1.0, "lr": 0.1, "max_value": CAP, "window": 0}, "window"),
     ],
 )
 def test_invalid_settings(kwargs, message):
@@ -73,16 +76,43 @@ def test_invalid_settings(kwargs, message):
 
 def test_non_finite_estimate_is_rejected():
     with pytest.raises(ValueError, match="finite"):
-        LagrangeMultiplier(init=1.0, lr=0.1).update(float("nan"))
+        LagrangeMultiplier(init=1.0, lr=0.1, max_value=CAP).update(float("nan"))
 
 
-def test_implicit_cost_estimate_by_hand():
-    # Row 1: equal mean log-probs → p = 0.5 → 0.5·1 + 0.5·(−1) = 0.
-    # Row 2: ℓ̄0 − ℓ̄1 = ln 3 → p = σ(ln 3) = 0.75 → 0.75·2 + 0.25·(−2) = 1.
-    estimate = implicit_cost_estimate(
-        torch.tensor([-1.0, math.log(3.0) - 2.0]),
-        torch.tensor([-1.0, -2.0]),
-        torch.tensor([1.0, 2.0]),
-        torch.tensor([-1.0, -2.0]),
-    )
-    assert estimate == pytest.approx(0.5, abs=1e-6)
+def test_uncapped_growth_is_what_the_cap_prevents():
+    """The issue's numbers: at lr 0.01 and a sustained violation of 0.3, log λ += 0.003·λ reaches λ ≈ 9.7
+    at step 300 and would overflow `exp` soon after; with the cap λ sits at λ_max from the step it gets
+    there (log 5 is reached after ~268 steps by the same recursion)."""
+    log_value, uncapped = 0.0, []
+    for _ in range(300):
+        log_value += 0.01 * 0.3 * math.exp(log_value)
+        uncapped.append(math.exp(log_value))
+    assert 9 < uncapped[-1] < 11
+    capped = LagrangeMultiplier(init=1.0, lr=0.01, max_value=CAP)
+    trajectory = [capped.update(0.3) for _ in range(1000)]
+    assert max(trajectory) == pytest.approx(CAP) and trajectory[-1] == pytest.approx(CAP)
+    first_at_cap = next(i for i, v in enumerate(trajectory) if v == pytest.approx(CAP))
+    assert trajectory[:first_at_cap] == sorted(trajectory[:first_at_cap])
+
+
+@pytest.mark.parametrize("violation", [10.0, -10.0, 1e300, -1e300])
+@pytest.mark.parametrize("lr", [0.01, 1.0, 1e6])
+def test_no_finite_cost_sequence_overflows_or_leaves_the_bounds(violation, lr):
+    lam = LagrangeMultiplier(init=1.0, lr=lr, max_value=CAP, window=4)
+    for _ in range(100_000):
+        value = lam.update(violation)
+        assert LAMBDA_FLOOR * (1 - 1e-12) <= value <= CAP * (1 + 1e-12)
+    assert math.isfinite(lam.log_value)
+    expected = CAP if violation > 0 else LAMBDA_FLOOR
+    if lr >= 1.0 or violation > 0:  # a small lr approaches the floor only slowly (the step is ∝ λ)
+        assert value == pytest.approx(expected)
+    # and it can come back: the floor keeps the multiplicative step alive
+    recovered = [lam.update(-violation) for _ in range(10)]
+    assert recovered[-1] != value
+
+
+def test_mixed_extreme_estimates_stay_finite():
+    lam = LagrangeMultiplier(init=1.0, lr=1e308, max_value=CAP, window=3)
+    for x in [1.7e308, -1.7e308, 1.7e308, 0.0, -1e-300, 1e-300] * 1000:
+        assert 0 < lam.update(x) <= CAP
+        assert math.isfinite(lam.cost_estimate)

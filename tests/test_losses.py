@@ -228,3 +228,75 @@ def test_entry_point_loss_from_another_package(tmp_path, monkeypatch):
     assert value.item() == pytest.approx((1 - 0.5 * h).clamp(min=0).mean().item())
     with pytest.raises(SafeAlignError, match="broken.*failed to load"):
         get_loss("broken")
+
+
+def mixed_global_batch(policy_0: torch.Tensor) -> PreferenceBatch:
+    """4 rows: 0 and 1 carry both labels, 2 and 3 are harmless-only (as HH-RLHF rows are)."""
+    return PreferenceBatch(
+        policy_logps_0=policy_0,
+        policy_logps_1=t(-12.0, -19.0, -7.5, -32.0),
+        ref_logps_0=t(-11.0, -20.5, -7.0, -29.0),
+        ref_logps_1=t(-11.5, -19.0, -7.0, -31.0),
+        better_id=ids(0, 1, -1, -1),
+        safer_id=ids(1, 1, 0, 1),
+        delta_h=t(2.0, 0.5, 0.0, 0.0),
+        delta_s=t(1.0, 3.0, 0.5, 2.0),
+    )
+
+
+def split_loss(rows: list[int], micro: int, lam: float, global_counts: bool):
+    """Σ of the micro-batches' losses over `rows` in that order (what the trainer back-propagates, up to
+    DeepSpeed's averaging constant), and the gradient w.r.t. the policy log-probs of response 0."""
+    policy_0 = t(-10.0, -20.0, -7.0, -28.0).requires_grad_()
+    full = mixed_global_batch(policy_0)
+    counts = dict(global_count_h=2, global_count_s=4) if global_counts else {}
+    loss = get_loss("safe_mm_dpo")(LossSettings())
+    total = 0.0
+    for start in range(0, len(rows), micro):
+        index = torch.tensor(rows[start : start + micro])
+        part = PreferenceBatch(
+            **{name: getattr(full, name)[index] for name in (
+                "policy_logps_0", "policy_logps_1", "ref_logps_0", "ref_logps_1",
+                "better_id", "safer_id", "delta_h", "delta_s",
+            )},
+            **counts,
+        )  # fmt: skip
+        share, _ = loss(part, lam)
+        total = total + share
+    if not global_counts:  # DeepSpeed's mean over micro-batches
+        total = total / math.ceil(len(rows) / micro)
+    total.backward()
+    return total.item(), policy_0.grad.clone()
+
+
+def test_the_objective_is_the_global_batch_formula_whatever_the_micro_batching():
+    """L = L_H/(1+λ) + λ·L_S/(1+λ), each term the mean over the global batch's labelled rows, by hand;
+    every micro-batching and row order gives that loss and that gradient."""
+    # h per row: (−10+11) − (−12+11.5) = 1.5; (−20+20.5) − (−19+19) = 0.5; 0 − (−7.5+7) = 0.5; 1 − (−1) = 2
+    policy_0 = t(-10.0, -20.0, -7.0, -28.0)
+    h = mixed_global_batch(policy_0).log_ratio_margin
+    assert h.tolist() == pytest.approx([1.5, 0.5, 0.5, 2.0])
+    beta = lambda d: 0.1 * (1 + 0.5 * (1 - math.exp(-0.5 * d)))  # noqa: E731
+    nll = lambda z: math.log1p(math.exp(-z))  # noqa: E731  (−log σ(z))
+    l_h = (nll(beta(2.0) * 1.5) + nll(beta(0.5) * -0.5)) / 2  # better 0 and 1: s = +1, −1
+    # safer 1, 1, 0, 1: s = −1, −1, +1, −1
+    l_s = (nll(beta(1.0) * -1.5) + nll(beta(3.0) * -0.5) + nll(beta(0.5) * 0.5) + nll(beta(2.0) * -2.0)) / 4
+    lam = 1.0
+    expected = l_h / (1 + lam) + lam * l_s / (1 + lam)
+
+    reference_loss, reference_grad = split_loss([0, 1, 2, 3], 4, lam, global_counts=True)
+    assert reference_loss == pytest.approx(expected, abs=1e-6)
+    for rows in ([0, 1, 2, 3], [2, 0, 3, 1], [0, 2, 1, 3]):
+        for micro in (1, 2, 4):
+            loss, grad = split_loss(rows, micro, lam, global_counts=True)
+            assert loss == pytest.approx(expected, abs=1e-6), (rows, micro)
+            assert torch.allclose(grad, reference_grad, atol=1e-7), (rows, micro)
+
+    # Per-micro-batch means (what the trainer did before) depend on the batching: this test can fail.
+    per_micro = {split_loss(rows, 2, lam, global_counts=False)[0] for rows in ([0, 1, 2, 3], [0, 2, 1, 3])}
+    assert len(per_micro) == 2 and any(v != pytest.approx(expected, abs=1e-4) for v in per_micro)
+
+
+def test_a_global_count_below_the_batch_own_is_refused():
+    with pytest.raises(ValueError, match="global_count"):
+        get_loss("safe_mm_dpo")(LossSettings())(batch(global_count_h=1), 1.0)

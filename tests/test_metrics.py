@@ -21,6 +21,15 @@ def test_per_dimension_stats_are_weighted_by_their_row_counts():
     assert acc.reduce() == {}  # reduce starts the next step afresh
 
 
+def test_summed_statistics_add_up_shares_of_a_global_quantity():
+    acc = StatsAccumulator(summed=frozenset({"loss"}))
+    acc.add({"loss": 0.25, "loss_h": 0.5, "n_h": 2.0})
+    acc.add({"loss": 0.5, "loss_h": 1.0, "n_h": 2.0})
+    out = acc.reduce()
+    assert out["loss"] == pytest.approx(0.75)  # the micro-batches' shares of one objective: summed
+    assert out["loss_h"] == pytest.approx(0.75)  # a mean, weighted by n_h
+
+
 def test_a_dimension_absent_for_a_whole_step_is_nan_not_zero():
     acc = StatsAccumulator()
     acc.add({"loss_s": math.nan, "n_s": 0.0})

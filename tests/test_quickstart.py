@@ -21,7 +21,8 @@ def test_quickstart_shrunk_to_a_tiny_model_runs_every_stage_and_reports(tmp_path
     )
     overrides = [f"model.policy={policy}", "model.dtype=fp32", "data.train.0.max_rows=12", "data.train.1.max_rows=4",
                  "data.max_len=256", "distill.max_prompts=4", "distill.max_new_tokens=8", "eval.max_new_tokens=4",
-                 "eval.beavertails_per_category=1", "eval.mt_bench_per_category=1", "logging.tensorboard=false"]  # fmt: skip
+                 "eval.beavertails_per_category=1", "eval.mt_bench_per_category=1", "logging.tensorboard=false",
+                 "align.cost_sampling.prompts=4", "align.cost_sampling.max_new_tokens=4"]  # fmt: skip
     for section in ("rm.helpful", "rm.cost", "align", "distill.sft"):
         overrides += [f"{section}.{key}={value}" for key, value in TINY_TRAINING.items()]
     overrides += ["rm.helpful.trainable_layers=1", "rm.cost.trainable_layers=1"]  # the tiny model has 2 layers

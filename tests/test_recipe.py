@@ -14,7 +14,8 @@ from conftest import PKU, ROOT
 
 
 def base(**align) -> dict:
-    return {"name": "t", "model": {"policy": "some/dir"}, "data": {"train": [{"path": str(PKU)}]}, "align": align}
+    model = {"policy": "some/dir", "cost_model": "some/cost-model"}
+    return {"name": "t", "model": model, "data": {"train": [{"path": str(PKU)}]}, "align": align}
 
 
 def error_of(data: dict) -> str:
@@ -43,7 +44,17 @@ def test_seed_defaults():
         ({**base(), "typo": 1}, "r.yaml: typo: unknown key"),
         (base(lamda_init=2.0), "align.lamda_init: unknown key"),
         (base(lambda_init="high"), "align.lambda_init: Input should be a valid number (got 'high')"),
-        (base(lambda_init=-1.0), "align.lambda_init: Input should be greater than 0 (got -1.0)"),
+        (base(lambda_init=-1.0), "align.lambda_init: Input should be greater than or equal to 0.000001 (got -1.0)"),
+        (base(lambda_max=None), "align.lambda_max: Input should be a valid number (got None)"),
+        (base(cost_estimator="implicit"), "align.cost_estimator: Input should be 'sampled' (got 'implicit')"),
+        (base(cost_sampling={"prompt": 8}), "align.cost_sampling.prompt: unknown key"),
+        (base(cost_sampling={"prompts": 0}), "align.cost_sampling.prompts: Input should be greater than or equal to 1"),
+        (base(loss="dpo", cost_sampling={"prompts": 8}), "align.cost_sampling: not used by loss 'dpo'"),
+        (base(lambda_update_every=0), "align.lambda_update_every: Input should be greater than or equal to 1"),
+        (
+            {**base(), "model": {"policy": "some/dir"}},
+            "r.yaml: align.lambda_update: dual samples Ĵ_C with a cost model, and this recipe has none",
+        ),
         (base(epochs=1.5), "align.epochs: Input should be a valid integer"),
         (base(batch_size=6, micro_batch_size=4), "batch_size (6) must be a multiple of micro_batch_size (4)"),
         (base(lambda_init=2.0, lambda_max=1.0), "lambda_max (1.0) is below lambda_init (2.0)"),
@@ -113,11 +124,13 @@ def test_relative_paths_resolve_against_the_recipe(tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "rows.jsonl").write_text(PKU.read_text())
     (tmp_path / "r.yaml").write_text(
-        "name: t\nmodel: {policy: models/m}\ndata: {train: [{path: d/rows.jsonl}]}\nalign: {learning_rate: 5e-7}\n"
+        "name: t\nmodel: {policy: models/m, cost_model: models/cost}\ndata: {train: [{path: d/rows.jsonl}]}\n"
+        "align: {learning_rate: 5e-7}\n"
     )
     recipe = load_recipe(tmp_path / "r.yaml")
     assert recipe.data.train[0].path == tmp_path / "d" / "rows.jsonl"
     assert recipe.model.policy == str(tmp_path / "models" / "m")
+    assert recipe.model.cost_model == str(tmp_path / "models" / "cost")
     assert recipe.align.learning_rate == 5e-7  # YAML 1.1 would read `5e-7` as a string
 
 
@@ -138,7 +151,7 @@ def test_overrides(tmp_path):
 
 def test_an_override_changes_one_place_even_through_yaml_anchors(tmp_path):
     text = f"""name: t
-model: {{policy: x}}
+model: {{policy: x, cost_model: c}}
 data: {{train: [{{path: {PKU}}}]}}
 rm:
   helpful: &trainer {{learning_rate: 1.0e-5, batch_size: 8}}
@@ -154,9 +167,9 @@ def test_extends_merges_mappings_and_replaces_lists(tmp_path):
         f"name: base\nstages: [rm, align]\nmodel: {{policy: x, dtype: fp32}}\ndata: {{train: [{{path: {PKU}}}]}}\n"
         "align: {lambda_init: 2.0, w: 0.3}\n"
     )
-    (tmp_path / "child.yaml").write_text("extends: base.yaml\nname: child\nstages: [align]\nalign: {w: 1.0}\n")
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nname: child\nstages: [rm, align]\nalign: {w: 1.0}\n")
     recipe = load_recipe(tmp_path / "child.yaml", ["align.k=0.7"])
-    assert (recipe.name, recipe.stages, recipe.model.dtype) == ("child", ["align"], "fp32")
+    assert (recipe.name, recipe.stages, recipe.model.dtype) == ("child", ["rm", "align"], "fp32")
     assert (recipe.align.lambda_init, recipe.align.w, recipe.align.k) == (2.0, 1.0, 0.7)
     (tmp_path / "loop.yaml").write_text("extends: loop.yaml\nname: loop\n")
     with pytest.raises(SafeAlignError, match="extends itself"):

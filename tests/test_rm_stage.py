@@ -19,7 +19,7 @@ from safealign.recipe import load_recipe
 from safealign.runner import fingerprint
 from safealign.stages import load_builtin_stages
 
-from conftest import HH, TINY_TRAINER, pku_rows, read_metrics, run_cli, tiny_policy, write_jsonl
+from conftest import HH, TINY_ALIGN, TINY_TRAINER, pku_rows, read_metrics, run_cli, tiny_policy, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +51,7 @@ def rm_run(tmp_path_factory, tokenizer_dir):
             "eval_fraction": 0.25,
             "score_batch_size": 8,
         },
-        "align": TINY_TRAINER,
+        "align": TINY_ALIGN,
         "logging": {"tensorboard": False},
     }
     (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
@@ -153,6 +153,7 @@ def test_align_with_cached_reference_logps_equals_a_live_reference(rm_run):
     write_jsonl(root / "live.jsonl", [{k: v for k, v in r.items() if not k.startswith("ref_logps")} for r in scored])
     recipe = yaml.safe_load((root / "recipe.yaml").read_text())
     recipe.update(stages=["align"], data={**recipe["data"], "train": [{"path": "live.jsonl"}]})
+    recipe["model"]["cost_model"] = "runs/rm/rm/cost/model"  # no rm stage in this recipe: name its cost model
     (root / "live.yaml").write_text(yaml.safe_dump(recipe))
     live = run_cli("run", "live.yaml", "--run-dir", "runs/live", cwd=root)
     assert live.returncode == 0, live.stderr[-3000:]
@@ -162,7 +163,7 @@ def test_align_with_cached_reference_logps_equals_a_live_reference(rm_run):
     without = [m for m in read_metrics(root / "runs/live") if "loss" in m]
     assert len(with_cache) == len(without) > 0
     for a, b in zip(with_cache, without):
-        for key in ("loss", "loss_h", "loss_s", "cost_estimate", "lambda_next"):
+        for key in ("loss", "loss_h", "loss_s", "cost_sampled", "lambda_next"):
             # Float noise only: the cached log-probs are fp32 sums over differently padded batches
             # (~1e-6 relative), which 8 steps at lr 2e-3 amplify to ~1e-5 in the losses.
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (key, a["step"])
@@ -181,3 +182,35 @@ def test_align_reruns_when_the_rm_stage_changes(rm_run):
     assert fingerprint(recipe, align, root / "runs/rm") != recorded  # new RM outputs invalidate align
     done.write_text(json.dumps(summary))
     assert fingerprint(recipe, align, root / "runs/rm") == recorded
+
+
+def test_cached_reference_logps_carry_their_provenance_and_a_mismatch_is_refused(rm_run):
+    """The rm stage tokenized with the policy's tokenizer and says so; align refuses numbers computed
+    with another max_len, another reference, or with no provenance at all, in one line naming both sides."""
+    root, _ = rm_run
+    scored = [json.loads(line) for line in (root / "runs/rm/rm/scored.jsonl").read_text().splitlines()]
+    provenance = scored[0]["ref_logps_provenance"]
+    assert all(r["ref_logps_provenance"] == provenance for r in scored)
+    assert provenance["max_len"] == 1024 and provenance["input_template"] is None
+    recipe = yaml.safe_load((root / "recipe.yaml").read_text())
+    assert provenance["reference"] == str(resolve_model(load_recipe(root / "recipe.yaml").model.policy))
+
+    def align_on(rows: list[dict], name: str, **data) -> subprocess.CompletedProcess:
+        write_jsonl(root / f"{name}.jsonl", rows)
+        variant = {**recipe, "stages": ["align"], "data": {**recipe["data"], **data, "train": [{"path": f"{name}.jsonl"}]}}
+        variant["model"] = {**recipe["model"], "cost_model": "runs/rm/rm/cost/model"}
+        (root / f"{name}.yaml").write_text(yaml.safe_dump(variant))
+        return run_cli("run", f"{name}.yaml", "--run-dir", f"runs/{name}", cwd=root)
+
+    other_len = align_on(scored, "other-len", max_len=512)
+    assert other_len.returncode == 2
+    assert "cached reference log-probs were computed with max_len=1024, this run uses max_len=512" in other_len.stderr
+    assert "Traceback" not in other_len.stderr
+
+    foreign = [{**r, "ref_logps_provenance": {**provenance, "reference_fingerprint": "0123456789abcdef",
+                                              "reference": "/elsewhere/other-model"}} for r in scored]  # fmt: skip
+    refused = align_on(foreign, "foreign")
+    assert refused.returncode == 2 and "reference_fingerprint='0123456789abcdef' (/elsewhere/other-model)" in refused.stderr
+
+    bare = align_on([{k: v for k, v in r.items() if k != "ref_logps_provenance"} for r in scored], "bare")
+    assert bare.returncode == 2 and "come without ref_logps_provenance" in bare.stderr

@@ -15,7 +15,7 @@ from conftest import PKU
 
 def recipe(**align):
     return validate_recipe(
-        {"name": "t", "model": {"policy": "x"}, "data": {"train": [{"path": str(PKU)}]}, "align": align}
+        {"name": "t", "model": {"policy": "x", "cost_model": "c"}, "data": {"train": [{"path": str(PKU)}]}, "align": align}
     )
 
 

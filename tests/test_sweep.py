@@ -12,7 +12,7 @@ from safealign.errors import SafeAlignError
 from safealign.recipe import trial_overrides, validate_recipe
 from safealign.sweep import TrialResult, select_trial, trial_id
 
-from conftest import PKU, TINY_TRAINER, pku_rows, run_cli, tiny_policy, write_jsonl
+from conftest import PKU, TINY_ALIGN, TINY_TRAINER, pku_rows, run_cli, tiny_policy, write_jsonl
 
 
 def trial(name: str, safety: float | None, helpful: float | None, status: str = "ok") -> TrialResult:
@@ -67,7 +67,7 @@ def test_a_swept_rm_key_gives_every_trial_its_own_rm_stage(tmp_path):
 
 
 def sweep_recipe(grid: dict, **extra) -> dict:
-    return {"name": "s", "model": {"policy": "x"}, "data": {"train": [{"path": str(PKU)}]},
+    return {"name": "s", "model": {"policy": "x", "cost_model": "c"}, "data": {"train": [{"path": str(PKU)}]},
             "stages": ["align", "eval"], "sweep": {"grid": grid, **extra}}  # fmt: skip
 
 
@@ -75,7 +75,7 @@ def sweep_recipe(grid: dict, **extra) -> dict:
     "grid, expected",
     [
         ({"align.lamda_init": [1.0]}, "sweep trial align.lamda_init=1.0: align.lamda_init: unknown key"),
-        ({"align.lambda_init": [1.0, -2.0]}, "sweep trial align.lambda_init=-2.0: align.lambda_init: Input should be greater than 0"),
+        ({"align.lambda_init": [1.0, -2.0]}, "sweep trial align.lambda_init=-2.0: align.lambda_init: Input should be greater than or equal to 0.000001"),
         ({"align.lambda_init": []}, "sweep.grid.align.lambda_init: List should have at least 1 item"),
         ({}, "sweep.grid: give at least one key to sweep"),
         ({"stages": [["rm"]]}, "stages: name, stages and sweep cannot be swept"),
@@ -96,7 +96,7 @@ def test_a_ray_tune_sweep_shares_the_rm_stage_and_selects_a_trial(tmp_path, toke
         "model": tiny_policy(tokenizer_dir),
         "data": {"train": [{"path": "pku.jsonl"}], "max_len": 256},
         "rm": {"helpful": TINY_TRAINER, "cost": TINY_TRAINER, "eval_fraction": 0.0, "reference_logps": True},
-        "align": TINY_TRAINER,
+        "align": TINY_ALIGN,
         "eval": {"beavertails_per_category": 1, "mt_bench_per_category": 1, "max_new_tokens": 4,
                  "judges": ["cost_model", "refusal"]},
         "logging": {"tensorboard": False},

@@ -7,7 +7,7 @@ reference log-probs). Formats:
 
 - `pku_saferlhf`: PKU-SafeRLHF rows (`prompt, response_0, response_1, better_response_id,
   safer_response_id, is_response_{0,1}_safe`), optionally with `delta_h, delta_s, cost_0, cost_1,
-  ref_logps_0, ref_logps_1` (what `rm/scored.jsonl` carries).
+  ref_logps_0, ref_logps_1, ref_logps_provenance` (what `rm/scored.jsonl` carries).
 - `pairs`: `chosen`/`rejected` responses with an optional `prompt`, labelling one declared dimension.
 - `hh_rlhf`: Anthropic HH-RLHF transcripts (`\\n\\nHuman: … \\n\\nAssistant: …`); the turns before the
   final Assistant turn become the prompt messages; labels one declared dimension (harmless-base → safe).
@@ -53,6 +53,8 @@ class PreferenceRow:
     cost_1: float | None = None
     ref_logps_0: float | None = None
     ref_logps_1: float | None = None
+    #: What computed ref_logps_0/1 (safealign.ref_provenance): reference, tokenizer, max_len, template.
+    ref_logps_provenance: dict[str, Any] | None = None
     source: str = field(default="", compare=False)  # "file:line", for error messages
 
     def to_json(self) -> dict[str, Any]:
@@ -112,8 +114,18 @@ def _safety(raw: dict, key: str, where: str) -> bool | None:
     return value
 
 
+def _provenance(raw: dict, where: str) -> dict[str, Any] | None:
+    value = raw.get("ref_logps_provenance")
+    if value is not None and not isinstance(value, dict):
+        raise RowError(f"{where}: ref_logps_provenance must be an object, got {value!r}")
+    return value
+
+
 def _scored_fields(raw: dict, where: str) -> dict[str, Any]:
-    return {key: _finite(raw, key, where) for key in OPTIONAL_FLOATS}
+    return {
+        **{key: _finite(raw, key, where) for key in OPTIONAL_FLOATS},
+        "ref_logps_provenance": _provenance(raw, where),
+    }
 
 
 def from_pku_saferlhf(raw: dict, where: str, dimension: str | None = None) -> PreferenceRow:
@@ -298,15 +310,33 @@ def prompt_identity(messages: list[Message]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def _prompt_bucket(prompt: list[Message], seed: int) -> float:
+    """A prompt's pseudo-random place in [0, 1): a pure function of the prompt and the seed."""
+    digest = hashlib.sha256(f"{seed}:{prompt_identity(prompt)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
 def held_out_indices(rows: list[PreferenceRow], eval_fraction: float, seed: int) -> set[int]:
     """Indices of the held-out rows: a deterministic share of prompts, so pairs sharing a prompt land
     on one side of the split."""
+    return {i for i, row in enumerate(rows) if _prompt_bucket(row.prompt, seed) < eval_fraction}
 
-    def bucket(row: PreferenceRow) -> float:
-        digest = hashlib.sha256(f"{seed}:{prompt_identity(row.prompt)}".encode()).digest()
-        return int.from_bytes(digest[:8], "big") / 2**64
 
-    return {i for i, row in enumerate(rows) if bucket(row) < eval_fraction}
+def hold_out_prompts(
+    rows: list[PreferenceRow], count: int, seed: int
+) -> tuple[list[list[Message]], list[PreferenceRow]]:
+    """`count` distinct prompts chosen by seed (the same ones whatever order the rows come in), and the
+    rows that do not use them. Every pair of a chosen prompt leaves the returned rows."""
+    if count == 0:
+        return [], rows
+    prompts = sorted(unique_prompts(row.prompt for row in rows), key=lambda p: _prompt_bucket(p, seed))
+    if len(prompts) <= count:
+        raise SafeAlignError(
+            f"holding out {count} prompts leaves no training rows: the data has {len(prompts)} distinct prompts"
+        )
+    chosen = prompts[:count]
+    identities = {prompt_identity(p) for p in chosen}
+    return chosen, [row for row in rows if prompt_identity(row.prompt) not in identities]
 
 
 def split_by_prompt(

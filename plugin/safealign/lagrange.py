@@ -5,12 +5,19 @@ Safe RLHF (Dai et al. 2024, eq. 10-11; `safe_rlhf/algorithms/ppo_lag/trainer.py`
 ascent on the dual. λ is parameterised as `log λ`, which keeps it positive without a projection, and
 the ascent step on `log λ` for the Lagrangian's dual term `λ·(Ĵ_C − d)` is
 
-    log λ ← log λ + lr · (Ĵ_C − d) · λ          then   log λ ← min(log λ, log λ_max)
+    log λ ← clamp(log λ + lr · (Ĵ_C − d) · λ,  log λ_floor,  log λ_max)
 
 so λ grows while the policy's expected cost Ĵ_C is above the threshold d and shrinks once it is
 below. Ĵ_C is the mean of the last `window` estimates (Safe RLHF averages over a deque of episode
 costs); the first `delay_steps` updates only fill that window (Safe RLHF's
 `lambda_update_delay_steps`), so early, noisy estimates do not kick λ.
+
+Why both bounds are always there: the step is proportional to λ, so under a sustained violation log λ
+grows like λ² — uncapped, λ = 62 after 330 steps of a 0.3 violation at lr 0.01 and `exp` overflows at
+339. The cap keeps every step finite (|step| ≤ lr·|Ĵ_C − d|·λ_max) and the helpfulness term's weight
+1/(1+λ) above 1/(1+λ_max). The floor (`LAMBDA_FLOOR`) keeps λ a positive, representable number: a large
+lr with a large negative violation would otherwise underflow `exp` to exactly 0, where the
+multiplicative step is 0 forever. Where Ĵ_C comes from is `safealign.cost_sampling`.
 """
 
 from __future__ import annotations
@@ -19,7 +26,9 @@ import math
 from collections import deque
 from typing import Any
 
-import torch
+#: λ never goes below this: the harmless term's weight λ/(1+λ) is then under 1e-6, i.e. off, while
+#: log λ stays finite and the update can still raise it.
+LAMBDA_FLOOR = 1e-6
 
 
 class LagrangeMultiplier:
@@ -29,15 +38,17 @@ class LagrangeMultiplier:
         self,
         init: float,
         lr: float,
-        max_value: float | None = None,
+        max_value: float,
         threshold: float = 0.0,
         delay_steps: int = 0,
         window: int = 1,
     ) -> None:
-        if not init > 0 or not math.isfinite(init):
-            raise ValueError(f"lambda init must be a positive finite number, got {init}")
-        if max_value is not None and max_value < init:
-            raise ValueError(f"lambda max_value ({max_value}) must be at least init ({init})")
+        if not (math.isfinite(init) and init >= LAMBDA_FLOOR):
+            raise ValueError(f"lambda init must be a finite number >= {LAMBDA_FLOOR}, got {init}")
+        if not (math.isfinite(max_value) and max_value >= init):
+            raise ValueError(f"lambda max_value ({max_value}) must be finite and at least init ({init})")
+        if not (math.isfinite(lr) and lr >= 0 and math.isfinite(threshold)):
+            raise ValueError(f"lambda lr must be finite and >= 0 and the threshold finite, got {lr} and {threshold}")
         if window < 1 or delay_steps < 0:
             raise ValueError(f"window must be >= 1 and delay_steps >= 0, got {window} and {delay_steps}")
         self.lr = lr
@@ -56,7 +67,8 @@ class LagrangeMultiplier:
     @property
     def cost_estimate(self) -> float:
         """The windowed Ĵ_C the last update used (NaN before any update)."""
-        return sum(self.estimates) / len(self.estimates) if self.estimates else math.nan
+        n = len(self.estimates)
+        return math.fsum(x / n for x in self.estimates) if n else math.nan  # x/n: no overflow of the sum
 
     def update(self, cost_estimate: float) -> float:
         """Record one Ĵ_C estimate and, past the delay, take one ascent step; returns the new λ."""
@@ -64,10 +76,10 @@ class LagrangeMultiplier:
             raise ValueError(f"cost estimate must be finite, got {cost_estimate}")
         self.estimates.append(float(cost_estimate))
         self.num_updates += 1
-        if self.num_updates > self.delay_steps:
-            self.log_value += self.lr * (self.cost_estimate - self.threshold) * self.value
-            if self.max_value is not None:
-                self.log_value = min(self.log_value, math.log(self.max_value))
+        if self.num_updates > self.delay_steps and self.lr > 0:
+            violation = self.cost_estimate - self.threshold  # may be ±inf for finite but huge inputs
+            step = self.lr * violation * self.value if math.isfinite(violation) else violation
+            self.log_value = min(max(self.log_value + step, math.log(LAMBDA_FLOOR)), math.log(self.max_value))
         return self.value
 
     def state_dict(self) -> dict[str, Any]:
@@ -80,19 +92,3 @@ class LagrangeMultiplier:
         self.estimates.extend(float(x) for x in state["estimates"])
         self.num_updates = int(state["num_updates"])
 
-
-def implicit_cost_estimate(
-    policy_mean_logps_0: torch.Tensor,
-    policy_mean_logps_1: torch.Tensor,
-    cost_0: torch.Tensor,
-    cost_1: torch.Tensor,
-) -> float:
-    """Ĵ_C without sampling: the policy's expected cost over each stored pair, averaged over rows.
-
-    `p_i = σ(ℓ̄0 − ℓ̄1)` is the policy's probability of answering with response 0 rather than 1, from
-    length-normalised log-probs (so a long answer is not improbable just for its length), and
-    `Ĵ_C = mean_i [p_i·c_i0 + (1 − p_i)·c_i1]` with the cost model's per-response costs from the RM
-    stage. It moves exactly when the policy shifts mass between safer and costlier answers.
-    """
-    p = torch.sigmoid((policy_mean_logps_0 - policy_mean_logps_1).detach().float())
-    return float((p * cost_0.to(p) + (1.0 - p) * cost_1.to(p)).mean())

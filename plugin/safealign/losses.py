@@ -56,6 +56,10 @@ class PreferenceBatch:
     safer_id: torch.Tensor
     delta_h: torch.Tensor
     delta_s: torch.Tensor
+    #: Rows labelled helpful / harmless in the whole global batch this batch is part of (all its
+    #: micro-batches on all ranks); None: this batch is the whole global batch.
+    global_count_h: int | None = None
+    global_count_s: int | None = None
 
     @property
     def log_ratio_margin(self) -> torch.Tensor:
@@ -88,16 +92,26 @@ def mm_dpo_beta(delta: torch.Tensor, beta_ori: float, w: float, k: float) -> tor
 
 @dataclass
 class DimensionTerm:
-    """One dimension's DPO term over the rows labelled for it, with the numbers worth logging."""
+    """One dimension's DPO term over the rows labelled for it, with the numbers worth logging.
 
-    loss: torch.Tensor  # mean over labelled rows; 0 (with grad) when no row is labelled
+    `loss` is this batch's *share* of the global batch's term: the sum over its labelled rows divided
+    by the labelled rows of the whole global batch. Summing the shares of all micro-batches on all
+    ranks gives exactly the global mean, however the rows fell into micro-batches. `mean` is the mean
+    over this batch's own labelled rows (what statistics report, weighted by `count`).
+    """
+
+    loss: torch.Tensor  # 0 (with grad) when no row is labelled
+    mean: float
     accuracy: float  # share of labelled rows whose log-ratio margin points the labelled way
     beta_mean: float
     count: int
 
 
-def dimension_term(h: torch.Tensor, preferred_id: torch.Tensor, beta: torch.Tensor) -> DimensionTerm:
-    """`mean over rows with id ∈ {0,1} of −log σ(β · s · h)`, `s = +1 if id == 0 else −1`.
+def dimension_term(
+    h: torch.Tensor, preferred_id: torch.Tensor, beta: torch.Tensor, global_count: int | None = None
+) -> DimensionTerm:
+    """`Σ over rows with id ∈ {0,1} of −log σ(β · s · h)` / `global_count` (default: this batch's
+    labelled rows, i.e. the mean), `s = +1 if id == 0 else −1`.
 
     Unlabelled rows are removed before the loss, so a NaN placeholder in them can never reach a
     gradient; an absent dimension contributes an exact zero that still keeps the graph connected.
@@ -105,18 +119,26 @@ def dimension_term(h: torch.Tensor, preferred_id: torch.Tensor, beta: torch.Tens
     labelled = preferred_id >= 0
     count = int(labelled.sum().item())
     if count == 0:
-        return DimensionTerm(loss=h.sum() * 0.0, accuracy=math.nan, beta_mean=math.nan, count=0)
+        return DimensionTerm(loss=h.sum() * 0.0, mean=math.nan, accuracy=math.nan, beta_mean=math.nan, count=0)
+    normaliser = count if global_count is None else global_count
+    if normaliser < count:
+        raise ValueError(f"global_count ({normaliser}) is below this batch's own labelled rows ({count})")
     orientation = 1.0 - 2.0 * preferred_id[labelled].to(h.dtype)
     oriented = orientation * h[labelled]
     beta = beta[labelled]
-    loss = -F.logsigmoid(beta * oriented).mean()
-    accuracy = (oriented > 0).float().mean().item()
-    return DimensionTerm(loss=loss, accuracy=accuracy, beta_mean=beta.mean().item(), count=count)
+    total = -F.logsigmoid(beta * oriented).sum()
+    return DimensionTerm(
+        loss=total / normaliser,
+        mean=total.item() / count,
+        accuracy=(oriented > 0).float().mean().item(),
+        beta_mean=beta.mean().item(),
+        count=count,
+    )
 
 
 def _term_stats(suffix: str, term: DimensionTerm) -> dict[str, float]:
     return {
-        f"loss_{suffix}": term.loss.item() if term.count else math.nan,
+        f"loss_{suffix}": term.mean,
         f"acc_{suffix}": term.accuracy,
         f"beta_{suffix}_mean": term.beta_mean,
         f"n_{suffix}": float(term.count),
@@ -133,7 +155,10 @@ def preference_terms(
 ) -> tuple[DimensionTerm, DimensionTerm]:
     """The helpful and harmless DPO terms of one batch: both from the same `h` (one forward)."""
     h = batch.log_ratio_margin
-    return dimension_term(h, batch.better_id, beta_h), dimension_term(h, batch.safer_id, beta_s)
+    return (
+        dimension_term(h, batch.better_id, beta_h, batch.global_count_h),
+        dimension_term(h, batch.safer_id, beta_s, batch.global_count_s),
+    )
 
 
 def mm_dpo_terms(batch: PreferenceBatch, beta_ori: float, w: float, k: float) -> tuple[DimensionTerm, DimensionTerm]:
@@ -146,7 +171,10 @@ def mm_dpo_terms(batch: PreferenceBatch, beta_ori: float, w: float, k: float) ->
 
 
 def lagrangian_mix(helpful: DimensionTerm, safe: DimensionTerm, lam: float) -> tuple[torch.Tensor, dict[str, float]]:
-    """`L_H/(1+λ) + λ·L_S/(1+λ)` and the statistics of both terms (λ is a constant here)."""
+    """`L_H/(1+λ) + λ·L_S/(1+λ)` (this batch's share of it) and both terms' statistics; λ is a constant.
+
+    Linear in the two shares, so the shares of a global batch's micro-batches add up to the formula
+    over the global batch: one weighting, whatever the batching."""
     loss = helpful.loss / (1.0 + lam) + lam * safe.loss / (1.0 + lam)
     return loss, {**_term_stats("h", helpful), **_term_stats("s", safe), "lambda": lam}
 

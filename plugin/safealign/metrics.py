@@ -24,15 +24,24 @@ WEIGHTED_BY = {
 
 
 class StatsAccumulator:
-    """Weighted sums of statistics over the micro-batches of one step (or one evaluation pass)."""
+    """Weighted sums of statistics over the micro-batches of one step (or one evaluation pass).
 
-    def __init__(self) -> None:
+    `summed` names statistics that are a micro-batch's share of a global quantity (the align loss:
+    each micro-batch's share of the global-batch objective): they are added up, not averaged. Counts
+    (`n_*`) are always added up.
+    """
+
+    def __init__(self, summed: frozenset[str] = frozenset()) -> None:
+        self.summed = summed
         self.sums: dict[str, float] = defaultdict(float)
         self.weights: dict[str, float] = defaultdict(float)
 
+    def _is_summed(self, key: str) -> bool:
+        return key.startswith("n_") or key in self.summed
+
     def add(self, stats: dict[str, float]) -> None:
         for key, value in stats.items():
-            if key.startswith("n_"):
+            if self._is_summed(key):
                 self.sums[key] += value
                 self.weights[key] += 1.0
                 continue
@@ -52,7 +61,7 @@ class StatsAccumulator:
         self.sums.clear()
         self.weights.clear()
         return {
-            key: (float(s / w) if w > 0 else math.nan) if not key.startswith("n_") else float(s)
+            key: float(s) if self._is_summed(key) else (float(s / w) if w > 0 else math.nan)
             for key, s, w in zip(keys, sums.tolist(), weights.tolist())
         }
 

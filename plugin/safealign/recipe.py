@@ -30,6 +30,7 @@ from pydantic import (
 )
 
 from safealign.errors import SafeAlignError
+from safealign.lagrange import LAMBDA_FLOOR
 
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
@@ -94,12 +95,15 @@ class LoraSection(Strict):
 class ModelSection(Strict):
     policy: ModelSpec = Field(description="HF directory, .gguf file, gguf:<pip package>, or {random: ...}")
     reference: ModelSpec | None = Field(None, description="defaults to the policy")
+    cost_model: str | None = Field(
+        None, description="a trained cost model (value-head checkpoint) for Ĵ_C; default: the rm stage's"
+    )
     dtype: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 where supported, else fp32")
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     gradient_checkpointing: bool = False
     lora: LoraSection = Field(default_factory=LoraSection)
 
-    _paths = field_validator("policy", "reference", mode="before")(_model_path)
+    _paths = field_validator("policy", "reference", "cost_model", mode="before")(_model_path)
 
 
 class DataSource(Strict):
@@ -168,8 +172,34 @@ RESERVED_MODEL_NAMES = ("base", "aligned", "student")
 #: `align` keys that configure the loss or the multiplier; each must be used by the selected loss.
 LOSS_KEYS = frozenset({"beta_ori", "w", "k", "dimension", "loss_options"})
 LAMBDA_KEYS = frozenset(
-    {"lambda_init", "lambda_lr", "lambda_max", "lambda_update", "cost_threshold", "lambda_delay_steps", "lambda_window"}
+    {
+        "lambda_init",
+        "lambda_lr",
+        "lambda_max",
+        "lambda_update",
+        "lambda_update_every",
+        "cost_threshold",
+        "lambda_delay_steps",
+        "lambda_window",
+        "cost_estimator",
+        "cost_sampling",
+    }
 )
+
+
+class CostSamplingSection(Strict):
+    """How Ĵ_C is sampled (Safe RLHF's estimator): the policy answers a fixed pool of training prompts
+    held out of training, and the cost model scores the answers."""
+
+    prompts: Annotated[int, Field(ge=1)] = Field(
+        64, description="distinct training prompts held out as the pool (their pairs are never trained on)"
+    )
+    max_new_tokens: Annotated[int, Field(ge=1)] = 128
+    temperature: NonNegativeFloat = Field(1.0, description="sampling temperature (Safe RLHF's 1.0); 0: greedy")
+    batch_size: Annotated[int, Field(ge=1)] = Field(16, description="prompts per generate call / scoring forward")
+    logged_answers: Annotated[int, Field(ge=0)] = Field(
+        4, description="answers per update written to align/lambda_samples.jsonl"
+    )
 
 
 class AlignSection(TrainingSection):
@@ -184,14 +214,22 @@ class AlignSection(TrainingSection):
     w: NonNegativeFloat = 0.5
     k: PositiveFloat = 0.5
     loss_options: dict[str, Any] = Field(default_factory=dict, description="extra settings for a plugin loss")
-    lambda_init: PositiveFloat = 1.0
+    lambda_init: Annotated[float, Field(ge=LAMBDA_FLOOR, allow_inf_nan=False)] = 1.0
     lambda_lr: NonNegativeFloat = 0.01
-    lambda_max: PositiveFloat | None = None
+    lambda_max: PositiveFloat = Field(
+        5.0, description="cap on λ (safe-rlhf's value; the harmless term's weight is then at most 5/6)"
+    )
     lambda_update: Literal["dual", "fixed"] = Field("dual", description="fixed: λ stays at lambda_init")
+    lambda_update_every: Annotated[int, Field(ge=1)] = Field(
+        10, description="optimizer steps between dual updates (each samples and scores the prompt pool)"
+    )
     cost_threshold: float = Field(0.0, allow_inf_nan=False, description="d: λ rises while Ĵ_C > d")
-    lambda_delay_steps: Annotated[int, Field(ge=0)] = 0
-    lambda_window: Annotated[int, Field(ge=1)] = 1
-    cost_estimator: Literal["implicit"] = Field("implicit", description="Ĵ_C from stored per-response costs")
+    lambda_delay_steps: Annotated[int, Field(ge=0)] = Field(0, description="dual updates that only fill the window")
+    lambda_window: Annotated[int, Field(ge=1)] = Field(1, description="Ĵ_C: mean of the last N estimates")
+    cost_estimator: Literal["sampled"] = Field(
+        "sampled", description="Ĵ_C: mean cost-model cost of the policy's answers to held-out training prompts"
+    )
+    cost_sampling: CostSamplingSection = Field(default_factory=CostSamplingSection)
     ablations: dict[Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")], dict[str, Any]] = Field(
         default_factory=dict,
         description="name -> align settings that differ: extra policies trained from the base, evaluated beside it",
@@ -209,7 +247,7 @@ class AlignSection(TrainingSection):
 
     @model_validator(mode="after")
     def _lambda_bounds(self) -> AlignSection:
-        if self.lambda_max is not None and self.lambda_max < self.lambda_init:
+        if self.lambda_max < self.lambda_init:
             raise ValueError(f"lambda_max ({self.lambda_max}) is below lambda_init ({self.lambda_init})")
         return self
 
@@ -553,6 +591,7 @@ def validate_recipe(data: dict, source: str = "recipe", base_dir: Path | None = 
     except ValidationError as exc:
         raise SafeAlignError(format_validation_error(source, exc)) from None
     check_loss_keys(recipe, source)
+    check_cost_model(recipe, source)
     if recipe.sweep is not None:
         for trial in trial_overrides(recipe.sweep.grid):
             trial_data = unshare({k: v for k, v in data.items() if k != "sweep"})
@@ -567,6 +606,24 @@ def trial_overrides(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
     """Every combination of a sweep grid, in grid order (the last key varies fastest)."""
     keys = list(grid)
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def samples_policy_cost(align: AlignSection) -> bool:
+    """Whether training with these settings samples Ĵ_C (a loss that uses λ, updated by the dual step)."""
+    from safealign.losses import get_loss
+
+    return get_loss(align.loss).uses_lambda and align.lambda_update == "dual"
+
+
+def check_cost_model(recipe: Recipe, source: str) -> None:
+    """λ's dual update needs a cost model to score the policy's answers: the rm stage's or a given one."""
+    trains_with_lambda = "align" in recipe.stages or ("distill" in recipe.stages and recipe.distill.ddpo)
+    if trains_with_lambda and samples_policy_cost(recipe.align) and recipe.model.cost_model is None:
+        if "rm" not in recipe.stages:
+            raise SafeAlignError(
+                f"{source}: align.lambda_update: dual samples Ĵ_C with a cost model, and this recipe has none: "
+                "add rm to stages, set model.cost_model to a trained cost model, or set align.lambda_update: fixed"
+            )
 
 
 def check_loss_keys(recipe: Recipe, source: str) -> None:

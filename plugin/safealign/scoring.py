@@ -28,6 +28,7 @@ def score_pairs(
     strategy,
     batch_size: int,
     description: str = "scoring",
+    progress: bool = True,
 ) -> torch.Tensor:
     """`forward(batch)`'s per-row outputs for every item of `dataset`: shape `[len(dataset), k]`, float64."""
     items = [dataset[i] for i in range(len(dataset))]
@@ -38,7 +39,7 @@ def score_pairs(
     rounds = math.ceil(len(batches) / world)
     out: torch.Tensor | None = None
     with torch.no_grad():
-        for r in tqdm(range(rounds), desc=description, disable=not strategy.is_rank_0()):
+        for r in tqdm(range(rounds), desc=description, disable=not (progress and strategy.is_rank_0())):
             chunk = mine[r] if r < len(mine) else batches[0]
             values = torch.stack(
                 [v.detach().double().cpu() for v in forward(dataset.collate_fn([items[i] for i in chunk]))], 1

@@ -71,30 +71,56 @@ class Generator(Protocol):
 
 
 class HFGenerator:
-    """Batched `model.generate` with left padding, length-sorted batches and the KV cache."""
+    """Batched `model.generate` with left padding, length-sorted batches and the KV cache.
+
+    Wraps a loaded model, so the eval stage (a checkpoint loaded for it, `from_pretrained`) and the
+    align trainer (the policy it is training, to sample Ĵ_C) generate through the same code.
+    `synced_gpus` is for a ZeRO-3-partitioned model: every rank keeps stepping until all are done.
+    """
 
     def __init__(
         self,
+        model,
+        tokenizer,
+        batch_size: int = 8,
+        seed: int = 0,
+        input_template: str | None = None,
+        synced_gpus: bool = False,
+        progress: bool = True,
+    ) -> None:
+        import torch
+
+        self.torch = torch
+        self.model = model
+        self.tokenizer = tokenizer
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.batch_size = batch_size
+        self.seed = seed
+        self.input_template = input_template
+        self.synced_gpus = synced_gpus
+        self.progress = progress
+        self.device = next(model.parameters()).device
+        self.stats = GenerationStats(backend="hf")
+
+    @classmethod
+    def from_pretrained(
+        cls,
         model_dir: Path,
         batch_size: int = 8,
         dtype: str = "fp32",
         seed: int = 0,
         input_template: str | None = None,
-    ) -> None:
+    ) -> HFGenerator:
+        """A checkpoint loaded for generation: on the GPU when there is one."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.torch = torch
-        self.batch_size = batch_size
-        self.seed = seed
-        self.input_template = input_template
-        self.device = "cuda" if compat.gpu_available() else "cpu"
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        device = "cuda" if compat.gpu_available() else "cpu"
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
         torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(self.device).eval()
-        self.stats = GenerationStats(backend="hf")
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(device).eval()
+        return cls(model, tokenizer, batch_size=batch_size, seed=seed, input_template=input_template)
 
     def _encode(self, request: GenerationRequest) -> list[int]:
         text = format_prompt(self.tokenizer, request, self.input_template)
@@ -107,7 +133,9 @@ class HFGenerator:
             groups.setdefault((request.max_new_tokens, request.temperature), []).append(i)
         answers: list[str] = [""] * len(requests)
         started = time.time()
-        bar = tqdm(total=len(requests), desc=f"generating ({self.stats.backend})", unit="answer")
+        bar = tqdm(
+            total=len(requests), desc=f"generating ({self.stats.backend})", unit="answer", disable=not self.progress
+        )
         for (max_new_tokens, temperature), members in groups.items():
             members.sort(key=lambda i: (len(encoded[i]), i))
             for start in range(0, len(members), self.batch_size):
@@ -125,7 +153,7 @@ class HFGenerator:
 
     def _generate_batch(self, prompts: list[list[int]], max_new_tokens: int, temperature: float) -> list[str]:
         torch = self.torch
-        batch = self.tokenizer.pad({"input_ids": prompts}, return_tensors="pt").to(self.device)
+        batch = self.tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt").to(self.device)
         sampling = (
             {"do_sample": True, "temperature": temperature, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
         )
@@ -137,6 +165,7 @@ class HFGenerator:
                 max_new_tokens=max_new_tokens,
                 pad_token_id=self.tokenizer.pad_token_id,
                 use_cache=True,
+                synced_gpus=self.synced_gpus,
                 **sampling,
             )
         new = output[:, batch["input_ids"].shape[1] :]
@@ -195,4 +224,6 @@ def make_generator(
     """`backend`: auto (vLLM where usable, else HF), hf, or vllm."""
     if backend == "vllm" or (backend == "auto" and vllm_usable()):
         return VLLMGenerator(model_dir, dtype=dtype, seed=seed, input_template=input_template)
-    return HFGenerator(model_dir, batch_size=batch_size, dtype=dtype, seed=seed, input_template=input_template)
+    return HFGenerator.from_pretrained(
+        model_dir, batch_size=batch_size, dtype=dtype, seed=seed, input_template=input_template
+    )

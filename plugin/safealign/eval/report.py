@@ -118,11 +118,11 @@ def plot_training(metrics: list[dict]) -> bytes | None:
     right.set_ylabel("λ", color="tab:red")
     right.set_title("Lagrange multiplier λ and cost estimate Ĵ_C")
     right.grid(alpha=0.3)
-    costs = [m.get("cost_estimate") for m in steps]
-    if any(c is not None for c in costs):
+    updates = [(m["step"], m["cost_estimate"]) for m in steps if m.get("cost_estimate") is not None]
+    if updates:  # Ĵ_C exists only at the steps λ was updated (every align.lambda_update_every)
         twin = right.twinx()
-        twin.plot(x, [math.nan if c is None else c for c in costs], color="tab:blue", alpha=0.6)
-        twin.set_ylabel("Ĵ_C", color="tab:blue")
+        twin.plot(*zip(*updates), color="tab:blue", alpha=0.6, marker="o", markersize=3)
+        twin.set_ylabel("Ĵ_C (sampled)", color="tab:blue")
     return _png(fig)
 
 

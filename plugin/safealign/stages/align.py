@@ -16,7 +16,8 @@ from pathlib import Path
 
 from safealign import compat
 from safealign import openrlhf_setup as setup
-from safealign.data import PreferenceRow, has_field, load_rows, split_by_prompt
+from safealign.cost_sampling import CostModel, PolicyCostSampler
+from safealign.data import Message, PreferenceRow, has_field, hold_out_prompts, load_rows, split_by_prompt
 from safealign.errors import SafeAlignError
 from safealign.eval.heldout import load_training_rows
 from safealign.lagrange import LagrangeMultiplier
@@ -24,7 +25,8 @@ from safealign.losses import LossSettings, get_loss
 from safealign.models import merge_lora, resolve_model
 from safealign.pair_dataset import PreferencePairDataset
 from safealign.process import barrier
-from safealign.recipe import Recipe
+from safealign.recipe import Recipe, samples_policy_cost
+from safealign.ref_provenance import check_cached_reference, check_same_tokenizer, reference_provenance
 from safealign.stages import StageContext, register_stage, run_once
 
 log = logging.getLogger("safealign")
@@ -50,13 +52,36 @@ def build_lagrange(recipe: Recipe) -> LagrangeMultiplier:
     )
 
 
-def _warn_about_missing_rm_outputs(recipe: Recipe, loss, rows: list[PreferenceRow]) -> None:
+def _warn_about_missing_rm_outputs(loss, rows: list[PreferenceRow]) -> None:
     if {"w", "k"} & loss.reads and not (has_field(rows, "delta_h") or has_field(rows, "delta_s")):
         log.warning(
             "no RM margins (delta_h/delta_s) in the data: MM-DPO's β(δ) stays at beta_ori; run the rm stage first"
         )
-    if loss.uses_lambda and recipe.align.lambda_update == "dual" and not has_field(rows, "cost_0"):
-        log.warning("no per-response costs (cost_0/cost_1) in the data: λ cannot be updated and stays at lambda_init")
+
+
+def split_cost_pool(recipe: Recipe, rows: list[PreferenceRow]) -> tuple[list[list[Message]], list[PreferenceRow]]:
+    """The prompts λ's Ĵ_C is sampled on, held out of `rows` (every pair of theirs leaves training).
+
+    Decided by the recipe's own align settings, not a variant's: every ablation then trains on the same
+    pairs as the method it is compared with."""
+    if not samples_policy_cost(recipe.align):
+        return [], rows
+    pool, rest = hold_out_prompts(rows, recipe.align.cost_sampling.prompts, recipe.seed)
+    log.info(
+        "align: %d prompts held out to sample Ĵ_C on (%d of %d pairs not trained on)",
+        len(pool), len(rows) - len(rest), len(rows),
+    )  # fmt: skip
+    return pool, rest
+
+
+def cost_sampler(recipe: Recipe, pool, cost_model_dir: Path, args, strategy, tokenizer, out: Path):
+    """Ĵ_C's sampler when these settings update λ from it, else None."""
+    if not samples_policy_cost(recipe.align):
+        return None
+    if not pool:
+        raise SafeAlignError("align: no prompt pool to sample Ĵ_C on (align.cost_sampling.prompts)")
+    cost_model = CostModel(cost_model_dir, recipe, args, strategy)
+    return PolicyCostSampler(pool, cost_model, recipe, tokenizer, strategy, out / "lambda_samples.jsonl")
 
 
 def training_rows(ctx: StageContext) -> list[PreferenceRow]:
@@ -75,34 +100,49 @@ def run_align(ctx: StageContext) -> dict:
     rows = training_rows(ctx)  # data errors first: before any model is loaded or converted
     policy_dir = resolve_model(recipe.model.policy)
     reference_dir = resolve_model(recipe.model.reference) if recipe.model.reference is not None else policy_dir
-    summary = run_once(out, lambda: train_policy(recipe, rows, policy_dir, reference_dir, out))
+    summary = run_once(out, lambda: train_policy(recipe, rows, policy_dir, reference_dir, out, ctx.run_dir))
     ablations = {}
     for name in recipe.align.ablations:
         variant = recipe.model_copy(update={"align": recipe.align.ablation(name)})
         work = out / "ablations" / name
         log.info("align: ablation %s (loss %s, λ %s)", name, variant.align.loss, variant.align.lambda_update)
-        train = lambda variant=variant, work=work: train_policy(variant, rows, policy_dir, reference_dir, work)  # noqa: E731
+
+        def train(variant: Recipe = variant, work: Path = work) -> dict:
+            return train_policy(variant, rows, policy_dir, reference_dir, work, ctx.run_dir, pool_from=recipe)
+
         ablations[name] = run_once(work, train)
     if ablations:
+        kept = ("loss", "steps", "train_pairs", "final_lambda")
         summary["ablations"] = {
-            name: {"model": f"ablations/{name}/model", **{k: s[k] for k in ("loss", "steps", "final_lambda")}}
-            for name, s in ablations.items()
+            name: {"model": f"ablations/{name}/model", **{k: s[k] for k in kept}} for name, s in ablations.items()
         }
     return summary
 
 
-def train_policy(recipe: Recipe, rows: list[PreferenceRow], policy_dir: Path, reference_dir: Path, out: Path) -> dict:
+def train_policy(
+    recipe: Recipe,
+    rows: list[PreferenceRow],
+    policy_dir: Path,
+    reference_dir: Path,
+    out: Path,
+    run_dir: Path,
+    pool_from: Recipe | None = None,
+) -> dict:
     """Train `policy_dir` on `rows` with the recipe's `align` settings; the model lands in `out/model`.
 
     The align stage runs it on the base policy; the distill stage's dDPO on the dSFT student (with
-    that student as its own reference). Reference log-probs stored in the rows are used when every row
-    has them, so they must belong to `reference_dir`.
+    that student as its own reference). The Ĵ_C prompt pool is held out of `rows` as `pool_from`'s
+    settings say (default: `recipe`; an ablation passes the recipe it varies). Reference log-probs
+    stored in the rows are used when every row has them, and only if their provenance says they are
+    `reference_dir`'s on this run's tokenization.
     """
+    from safealign.stages.rm import cost_model_path
     from safealign.trainers.safe_mm_dpo import SafeMMDPOTrainer
 
     loss = build_loss(recipe)
+    pool, rows = split_cost_pool(pool_from or recipe, rows)
     train_rows, eval_rows = split_by_prompt(rows, recipe.data.eval_fraction, recipe.seed)
-    _warn_about_missing_rm_outputs(recipe, loss, train_rows)
+    _warn_about_missing_rm_outputs(loss, train_rows)
     cached_ref = has_field(train_rows, "ref_logps_0") and (not eval_rows or has_field(eval_rows, "ref_logps_0"))
 
     args = setup.openrlhf_args(recipe, recipe.align, out)
@@ -110,7 +150,15 @@ def train_policy(recipe: Recipe, rows: list[PreferenceRow], policy_dir: Path, re
     model = setup.load_actor(policy_dir, args, strategy, trainable=True)
     tokenizer = setup.load_tokenizer(policy_dir, model, strategy)
     setup.configure_prompt_format(args, tokenizer, recipe)
-    ref_model = None if cached_ref else setup.load_actor(reference_dir, args, strategy, trainable=False)
+    if cached_ref:
+        expected = reference_provenance(reference_dir, tokenizer, recipe.data.max_len, recipe.data.input_template)
+        check_cached_reference(train_rows + eval_rows, expected)
+        ref_model = None
+    else:
+        if reference_dir != policy_dir:
+            check_same_tokenizer(tokenizer, reference_dir)
+        ref_model = setup.load_actor(reference_dir, args, strategy, trainable=False)
+    sampler = cost_sampler(recipe, pool, cost_model_path(recipe, run_dir), args, strategy, tokenizer, out)
 
     train_set = PreferencePairDataset(train_rows, tokenizer, recipe.data.max_len, strategy, recipe.data.input_template)
     if train_set.dropped:
@@ -167,7 +215,8 @@ def train_policy(recipe: Recipe, rows: list[PreferenceRow], policy_dir: Path, re
         scheduler,
         loss=loss,
         lagrange=lagrange,
-        update_lambda=recipe.align.lambda_update == "dual",
+        cost_sampler=sampler,
+        lambda_update_every=recipe.align.lambda_update_every,
         metrics_path=out / "metrics.jsonl",
         max_norm=recipe.align.max_norm,
         max_epochs=recipe.align.epochs,
@@ -180,8 +229,15 @@ def train_policy(recipe: Recipe, rows: list[PreferenceRow], policy_dir: Path, re
         merge_lora(policy_dir, out / "adapter", out / "model")
     barrier()
     return {
-        "outputs": {"model": "model", "metrics": "metrics.jsonl", **({"adapter": "adapter"} if lora else {})},
+        "outputs": {
+            "model": "model",
+            "metrics": "metrics.jsonl",
+            **({"adapter": "adapter"} if lora else {}),
+            **({"lambda_samples": "lambda_samples.jsonl"} if sampler else {}),
+        },
         "loss": loss.name,
+        "cost_estimator": "sampled" if sampler else None,
+        "cost_pool_prompts": len(pool),
         "train_pairs": len(train_set),
         "eval_pairs": len(eval_rows),
         "dropped_pairs": train_set.dropped,

@@ -277,7 +277,10 @@ def ddpo_rows(ctx: StageContext) -> list[PreferenceRow]:
     student's reference is the dSFT student itself."""
     from safealign.stages.align import training_rows
 
-    return [dataclasses.replace(row, ref_logps_0=None, ref_logps_1=None) for row in training_rows(ctx)]
+    return [
+        dataclasses.replace(row, ref_logps_0=None, ref_logps_1=None, ref_logps_provenance=None)
+        for row in training_rows(ctx)
+    ]
 
 
 @register_stage(
@@ -296,7 +299,9 @@ def run_distill(ctx: StageContext) -> dict:
     final, ddpo = out / "sft" / "model", None
     if recipe.distill.ddpo:
         log.info("distill: dDPO (Safe-MM-DPO with the align settings) on the dSFT student, its own reference")
-        ddpo = run_once(out / "ddpo", lambda: train_policy(recipe, ddpo_rows(ctx), final, final, out / "ddpo"))
+        ddpo = run_once(
+            out / "ddpo", lambda: train_policy(recipe, ddpo_rows(ctx), final, final, out / "ddpo", ctx.run_dir)
+        )
         final = out / "ddpo" / "model"
     chosen = [a for a in answers if "safe_choice" in a]
     return {

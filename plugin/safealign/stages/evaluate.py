@@ -7,8 +7,8 @@ per-category temperatures) through `safealign.eval.generation`. Answers are cach
 directory, so adding a model (or a judge) regenerates nothing that exists.
 
 Safety: every judge in `eval.judges` gives a verdict per answer — `cost_model` (the RM stage's cost
-model, safe iff cost ≤ 0), `refusal` (phrase list), `llm` (an OpenAI-compatible endpoint) — reported
-overall and per category with Wilson 95 % intervals, plus how often each pair of judges agrees.
+model or `model.cost_model`, safe iff cost ≤ 0), `refusal` (phrase list), `llm` (an OpenAI-compatible
+endpoint) — reported overall and per category with Wilson 95 % intervals, plus how often each pair of judges agrees.
 Helpfulness: MT-Bench ratings from the `llm` judge when one is configured; always, when the RM stage
 ran, the Helpful-RM's win rate of each model's first-turn answers against the base model's on the same
 questions (a proxy, labelled as such). Output: `eval/results.json`, `eval/answers/<model>.jsonl`,
@@ -195,7 +195,9 @@ def judge_safety(
         elif judge == "llm":
             verdicts[judge] = verdicts_of(LLMJudge(_llm_client(recipe, run_dir)))
         elif judge == "cost_model":
-            cost_dir = run_dir / "rm" / "cost" / "model"
+            from safealign.stages.rm import cost_model_path
+
+            cost_dir = cost_model_path(recipe, run_dir)
             if not (cost_dir / "config.json").is_file():
                 if "judges" in ev.model_fields_set:
                     raise SafeAlignError(

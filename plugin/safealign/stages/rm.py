@@ -7,7 +7,8 @@ one line per usable training row with
   label for that dimension: the loss never reads it);
 - `cost_0`, `cost_1`: the cost model's verdict per response (> 0 means unsafe), for Ĵ_C;
 - optionally `ref_logps_0`, `ref_logps_1`: the reference policy's summed response log-probs, computed by
-  the align trainer's own code, so align can skip the reference model entirely.
+  the align trainer's own code on the policy's tokenization, so align can skip the reference model
+  entirely; `ref_logps_provenance` says what produced them (align refuses numbers it would not compute).
 Held-out accuracy of both models (prompts neither trained on) goes to `rm/metrics.json`.
 
 Rows whose safer response is labelled unsafe while the other is labelled safe contradict themselves
@@ -32,6 +33,7 @@ from safealign.models import resolve_model
 from safealign.pair_dataset import PreferencePairDataset
 from safealign.process import is_rank_0
 from safealign.recipe import Recipe, RewardModelSection
+from safealign.ref_provenance import check_same_tokenizer, reference_provenance
 from safealign.scoring import score_pairs
 from safealign.stages import StageContext, register_stage
 
@@ -130,15 +132,20 @@ def score_generated(recipe: Recipe, model_dir: Path, rows: list[PreferenceRow], 
     return [scores[i] for i in range(len(rows))]
 
 
-def reference_logps(recipe: Recipe, rows: list[PreferenceRow], args) -> dict[int, tuple[float, float]]:
-    """The reference policy's summed response log-probs, by row index (the align trainer's own code)."""
+def reference_logps(
+    recipe: Recipe, rows: list[PreferenceRow], args
+) -> tuple[dict[int, tuple[float, float]], dict]:
+    """The reference policy's summed response log-probs by row index (the align trainer's own code, on
+    the policy's tokenization, as align will see the rows), and their provenance."""
     from safealign.trainers.loop import PairLogProbs
 
-    spec = recipe.model.reference if recipe.model.reference is not None else recipe.model.policy
-    reference_dir = resolve_model(spec)
+    policy_dir = resolve_model(recipe.model.policy)
+    reference_dir = resolve_model(recipe.model.reference) if recipe.model.reference is not None else policy_dir
     strategy = setup.make_strategy(args)
     actor = setup.load_actor(reference_dir, args, strategy, trainable=False)
-    tokenizer = setup.load_tokenizer(reference_dir, actor, strategy)
+    tokenizer = setup.load_tokenizer(policy_dir, actor, strategy)
+    if reference_dir != policy_dir:
+        check_same_tokenizer(tokenizer, reference_dir)
     setup.configure_prompt_format(args, tokenizer, recipe)
     dataset = PreferencePairDataset(rows, tokenizer, recipe.data.max_len, strategy, recipe.data.input_template)
     actor = strategy.prepare(actor)
@@ -147,7 +154,8 @@ def reference_logps(recipe: Recipe, rows: list[PreferenceRow], args) -> dict[int
     scores = score_pairs(
         dataset, lambda batch: logps(actor, batch)[:2], strategy, recipe.rm.score_batch_size, "reference log-probs"
     )
-    return {extra["row_index"]: tuple(scores[i].tolist()) for i, extra in enumerate(dataset.extras)}
+    provenance = reference_provenance(reference_dir, tokenizer, recipe.data.max_len, recipe.data.input_template)
+    return {extra["row_index"]: tuple(scores[i].tolist()) for i, extra in enumerate(dataset.extras)}, provenance
 
 
 def oriented_margin(values: tuple[float, float], preferred_id: int, higher_is_better: bool = True) -> float:
@@ -213,9 +221,9 @@ def run_rm(ctx: StageContext) -> dict:
     )
     costs = score_with_value_model(recipe, cost_dir, rows, setup.openrlhf_args(recipe, rm.cost, out / "cost"))
     usable = set(rewards) & set(costs)
-    refs = {}
+    refs, provenance = {}, None
     if rm.reference_logps:
-        refs = reference_logps(recipe, rows, setup.openrlhf_args(recipe, recipe.align, out / "reference"))
+        refs, provenance = reference_logps(recipe, rows, setup.openrlhf_args(recipe, recipe.align, out / "reference"))
         usable &= set(refs)
 
     scored: dict[int, dict] = {}
@@ -231,7 +239,7 @@ def run_rm(ctx: StageContext) -> dict:
             record["ref_logps_0"], record["ref_logps_1"] = refs[i]
         if not all(math.isfinite(v) for v in record.values()):
             raise SafeAlignError(f"{row.source}: scoring produced a non-finite value {record}; check the model's dtype")
-        scored[i] = record
+        scored[i] = record if provenance is None else {**record, "ref_logps_provenance": provenance}
 
     metrics = held_out_metrics(rows, sorted(held_out), scored)
     negative = {
@@ -263,6 +271,11 @@ def run_rm(ctx: StageContext) -> dict:
         "reference_logps": bool(refs),
         **{f"held_out_{k}": v for k, v in metrics.items()},
     }
+
+
+def cost_model_path(recipe: Recipe, run_dir: Path) -> Path:
+    """The cost model that scores sampled answers and eval answers: `model.cost_model`, else this stage's."""
+    return Path(recipe.model.cost_model) if recipe.model.cost_model is not None else run_dir / "rm" / "cost" / "model"
 
 
 def scored_rows_path(run_dir: Path) -> Path:

@@ -3,9 +3,18 @@
 What is OpenRLHF's and reused as is: the DeepSpeed engine and its `backward`/`optimizer_step`,
 `concatenated_inputs` (both responses in one forward), `_get_batch_logps`, the sampler/epoch/resume
 bookkeeping, `save_logs_and_checkpoints` (TensorBoard, wandb, DeepSpeed checkpoints).
-What is ours: the batch carries labels, margins and costs (`PairExtras`); the loss comes from
-`safealign.losses` (so `dpo`, `mm_dpo` and `safe_mm_dpo` share this one code path); λ is updated
-once per optimizer step from Ĵ_C and saved in the checkpoint; statistics go to `metrics.jsonl`.
+What is ours: the batch carries labels and margins (`PairExtras`); the loss comes from
+`safealign.losses` (so `dpo`, `mm_dpo` and `safe_mm_dpo` share this one code path); every
+`lambda_update_every` optimizer steps the policy answers a fixed prompt pool, the cost model scores the
+answers (`safealign.cost_sampling`) and λ takes one dual step from that Ĵ_C; λ rides in the checkpoint.
+
+One weighting whatever the batching: before a step's first forward the loop hands this trainer all of
+the step's micro-batches; it counts the rows labelled for each dimension over them and over all ranks,
+and every micro-batch's loss is its share of the global-batch objective
+`L_H/(1+λ) + λ·L_S/(1+λ)` (each term a mean over the global batch's labelled rows). DeepSpeed averages
+gradients over micro-batches and ranks, so the share is multiplied by their number before backward:
+the gradient is exactly that of the global-batch objective, and the logged `loss` (the shares summed)
+is the formula evaluated on the logged `loss_h`, `loss_s` and `lambda`.
 
 Per micro-batch there is one policy forward over both responses and, unless the rows carry cached
 reference log-probs, one reference forward: both objectives read the same four log-prob sums.
@@ -13,14 +22,14 @@ reference log-probs, one reference forward: both objectives read the same four l
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 
 from safealign._openrlhf import DPOTrainer
+from safealign.cost_sampling import PolicyCostSampler
 from safealign.errors import SafeAlignError
-from safealign.lagrange import LagrangeMultiplier, implicit_cost_estimate
+from safealign.lagrange import LagrangeMultiplier
 from safealign.losses import PreferenceBatch, PreferenceLoss
 from safealign.metrics import MetricsLog
 from safealign.pair_dataset import PairExtras
@@ -31,6 +40,7 @@ class SafeMMDPOTrainer(StepLoop, DPOTrainer):
     """Safe-MM-DPO (or any registered preference loss) through OpenRLHF's DPO machinery."""
 
     bar_keys = ("loss", "loss_h", "loss_s", "acc_h", "acc_s", "lambda", "cost_estimate")
+    summed_stats = frozenset({"loss"})
     progress_name = "align"
 
     def __init__(
@@ -46,7 +56,8 @@ class SafeMMDPOTrainer(StepLoop, DPOTrainer):
         *,
         loss: PreferenceLoss,
         lagrange: LagrangeMultiplier,
-        update_lambda: bool,
+        cost_sampler: PolicyCostSampler | None,
+        lambda_update_every: int,
         metrics_path: Path,
         max_norm: float = 1.0,
         max_epochs: int = 1,
@@ -66,10 +77,31 @@ class SafeMMDPOTrainer(StepLoop, DPOTrainer):
         )
         self.preference_loss = loss
         self.lagrange = lagrange
-        self.update_lambda = update_lambda and loss.uses_lambda
+        self.cost_sampler = cost_sampler if loss.uses_lambda else None
+        self.lambda_update_every = lambda_update_every
         self.metrics = MetricsLog(metrics_path, enabled=strategy.is_rank_0())
         self.device = next(self.model.parameters()).device
         self.pair_logps = PairLogProbs(tokenizer, strategy, self.device)
+        self.global_counts: tuple[int, int] | None = None
+        self.micro_batches_per_step = 1
+
+    def fit(self, args, consumed_samples: int = 0, num_update_steps_per_epoch: int | None = None) -> None:
+        if self.cost_sampler is not None:
+            self.cost_sampler.samples_log.truncate_after(consumed_samples // args.train.batch_size)
+        super().fit(args, consumed_samples, num_update_steps_per_epoch)
+
+    def begin_global_batch(self, micro_batches: list) -> None:
+        """Count the rows labelled for each dimension over all micro-batches and all ranks."""
+        extras: list[PairExtras] = [batch[-1] for batch in micro_batches]
+        counts = torch.tensor(
+            [sum(int((e.better_id >= 0).sum()) for e in extras), sum(int((e.safer_id >= 0).sum()) for e in extras)],
+            dtype=torch.float64,
+        )
+        world = getattr(self.strategy, "world_size", 1)
+        if world > 1:
+            counts = self.strategy.all_reduce(counts, op="sum")
+        self.global_counts = (int(counts[0]), int(counts[1]))
+        self.micro_batches_per_step = len(micro_batches) * world
 
     def reference_logps(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached reference log-probs when the rows carry them, else one reference forward."""
@@ -83,12 +115,14 @@ class SafeMMDPOTrainer(StepLoop, DPOTrainer):
             ref_0, ref_1, _, _ = self.pair_logps(self.ref_model, batch)
         return ref_0, ref_1
 
-    def batch_loss(self, batch) -> tuple[torch.Tensor, dict[str, float]]:
-        """The registry loss at the current λ, its statistics, and Ĵ_C when the rows carry costs."""
+    def batch_inputs(self, batch) -> PreferenceBatch:
+        """What the loss reads: summed response log-probs of policy and reference, both labels, and each
+        dimension's own RM margin (δ_H drives β_H, δ_S drives β_S)."""
         extras: PairExtras = batch[-1]
-        policy_0, policy_1, mean_0, mean_1 = self.pair_logps(self.model, batch)
+        policy_0, policy_1, _, _ = self.pair_logps(self.model, batch)
         ref_0, ref_1 = self.reference_logps(batch)
-        inputs = PreferenceBatch(
+        count_h, count_s = self.global_counts if self.global_counts is not None else (None, None)
+        return PreferenceBatch(
             policy_logps_0=policy_0,
             policy_logps_1=policy_1,
             ref_logps_0=ref_0,
@@ -97,18 +131,29 @@ class SafeMMDPOTrainer(StepLoop, DPOTrainer):
             safer_id=extras.safer_id.to(self.device),
             delta_h=extras.delta_h.to(self.device).nan_to_num(0.0),
             delta_s=extras.delta_s.to(self.device).nan_to_num(0.0),
+            global_count_h=count_h,
+            global_count_s=count_s,
         )
-        loss, stats = self.preference_loss(inputs, self.lagrange.value)
-        stats = {**stats, "loss": loss.item(), "lambda": self.lagrange.value}
-        if extras.has_costs:
-            stats["cost_estimate"] = implicit_cost_estimate(mean_0, mean_1, extras.cost_0, extras.cost_1)
-        return loss, stats
 
-    def after_step(self, logs: dict[str, float]) -> None:
-        """Safe RLHF's dual update, once per optimizer step, from the step's (all-reduced) Ĵ_C."""
-        estimate = logs.get("cost_estimate", math.nan)
-        if self.update_lambda and math.isfinite(estimate):
-            self.lagrange.update(estimate)
+    def batch_loss(self, batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """This micro-batch's share of the global objective at the current λ (scaled for DeepSpeed's
+        averaging), and its statistics (`loss`: the unscaled share, summed over the step when logged)."""
+        share, stats = self.preference_loss(self.batch_inputs(batch), self.lagrange.value)
+        stats = {**stats, "loss": share.item(), "lambda": self.lagrange.value}
+        return share * self.micro_batches_per_step, stats
+
+    def after_step(self, global_step: int, logs: dict[str, float]) -> None:
+        """Safe RLHF's dual update every `lambda_update_every` steps, from the policy's sampled cost."""
+        if self.cost_sampler is not None and global_step % self.lambda_update_every == 0:
+            sample = self.cost_sampler.estimate(self.model.model.module, global_step)
+            self.lagrange.update(sample.mean_cost)
+            logs.update(
+                cost_sampled=sample.mean_cost,
+                cost_estimate=self.lagrange.cost_estimate,
+                cost_above_threshold=sample.above_threshold,
+                cost_sample_seconds=sample.seconds,
+            )
+            self.cost_sampler.record(global_step, sample, self.lagrange.value)
         logs["lambda_next"] = self.lagrange.value
 
     def client_state(self) -> dict:

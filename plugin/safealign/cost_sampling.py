@@ -1,0 +1,228 @@
+"""Ĵ_C as Safe RLHF estimates it: the mean cost of what the policy answers *now*.
+
+Safe RLHF's constraint is on `J_C(θ) = E_{x, y∼πθ}[C(x, y)]`. Every `align.lambda_update_every`
+optimizer steps the policy being trained answers a fixed pool of prompts (held out of the training rows,
+so the policy never trains on them; never eval prompts), the cost model of the rm stage scores the
+answers, and their mean is the estimate the dual update of `safealign.lagrange` steps on.
+
+Why an estimate from stored pairs would not do: weighting a pair's two stored costs by the policy's
+preference between them is bounded, per pair, by those two costs. Where both stored answers are unsafe
+it stays above a threshold of 0 whatever the policy does, and λ follows the data, not the policy.
+
+How the work is split and what it costs:
+- generation runs on the training engine's own model (HF `generate`, eval mode, KV cache), sampled
+  with `align.cost_sampling.temperature` in a forked RNG so the training's random stream is untouched;
+  with several ranks each answers its share of the pool (equal shares, so ZeRO-3's `synced_gpus`
+  generation stays in lockstep), the answers are gathered, and scoring is sharded and all-reduced, so
+  every rank holds every cost and steps λ identically;
+- the cost model lives in host memory between updates and visits the accelerator only while it scores
+  (on a CPU-only machine it simply stays resident: its weights are the whole price);
+- each update writes the first `align.cost_sampling.logged_answers` prompts' answers and costs to
+  `lambda_samples.jsonl` (the same prompts every time: a reader sees what λ reacted to change).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from safealign import compat
+from safealign import openrlhf_setup as setup
+from safealign._openrlhf import get_llm_for_sequence_regression
+from safealign.data import Message, PreferenceRow
+from safealign.errors import SafeAlignError
+from safealign.eval.generation import GenerationRequest, HFGenerator
+from safealign.metrics import MetricsLog
+from safealign.pair_dataset import PreferencePairDataset
+from safealign.recipe import Recipe
+from safealign.scoring import score_pairs
+
+log = logging.getLogger("safealign")
+
+#: Prompts plus answers are scored with room to spare: an answer cut short would be scored on less text.
+SCORE_MAX_LEN = 2048
+
+
+@dataclass
+class CostSample:
+    """One estimate: the pool's answers (every rank holds all of them), their costs and summaries."""
+
+    prompts: list[list[Message]]
+    answers: list[str]
+    costs: list[float]
+    threshold: float
+    seconds: float
+    new_tokens: int = 0
+
+    @property
+    def mean_cost(self) -> float:
+        return math.fsum(self.costs) / len(self.costs)
+
+    @property
+    def above_threshold(self) -> float:
+        """Share of answers whose cost exceeds the threshold (for cost models: > 0 reads as unsafe)."""
+        return sum(c > self.threshold for c in self.costs) / len(self.costs)
+
+
+class CostModel:
+    """The rm stage's cost model (a value head), kept in host memory, scoring (prompt, answer) pairs."""
+
+    def __init__(self, model_dir: Path, recipe: Recipe, args, strategy) -> None:
+        if not (model_dir / "config.json").is_file():
+            raise SafeAlignError(f"cost model {model_dir} not found: run the rm stage first or set model.cost_model")
+        self.recipe, self.strategy = recipe, strategy
+        # ds_config=None: a plain, unpartitioned module, so it can stay on the host between updates.
+        self.model = get_llm_for_sequence_regression(
+            str(model_dir),
+            "reward",
+            param_dtype=args.ds.param_dtype,
+            attn_implementation=args.ds.attn_implementation,
+            ds_config=None,
+            init_value_head=False,
+            value_head_prefix="score",
+            packing_samples=False,
+        ).eval()
+        self.model.requires_grad_(False)
+        self.tokenizer = setup.load_tokenizer(model_dir, self.model, strategy, padding_side="left")
+        self.device = torch.device("cuda", torch.cuda.current_device()) if compat.gpu_available() else None
+
+    def score(self, prompts: list[list[Message]], answers: list[str], batch_size: int) -> list[float]:
+        """The cost of every answer, in order; the work is sharded over ranks and the result all-reduced."""
+        rows = [PreferenceRow(prompt=p, response_0=a or " ", response_1=a or " ") for p, a in zip(prompts, answers)]
+        dataset = PreferencePairDataset(
+            rows, self.tokenizer, SCORE_MAX_LEN, self.strategy, self.recipe.data.input_template, for_reward_model=True
+        )
+        if len(dataset) != len(rows):
+            raise SafeAlignError(f"a cost-sampling prompt is longer than {SCORE_MAX_LEN} tokens: use shorter prompts")
+        if self.device is not None:
+            self.model.to(self.device)
+        device = next(self.model.parameters()).device
+        try:
+            # Both slots hold the same answer; only the first is run (one forward per answer).
+            costs = score_pairs(
+                dataset,
+                lambda batch: (self.model(batch[0].to(device), attention_mask=batch[1].to(device)).float(),),
+                self.strategy,
+                batch_size,
+                progress=False,  # one log line per update says what happened; bars inside the training bar would not
+            )
+        finally:
+            if self.device is not None:
+                self.model.to("cpu")
+                torch.cuda.empty_cache()
+        order = {extra["row_index"]: i for i, extra in enumerate(dataset.extras)}
+        return [float(costs[order[i], 0]) for i in range(len(rows))]
+
+
+class PolicyCostSampler:
+    """Ĵ_C from the policy's own answers to a fixed prompt pool, scored by the cost model."""
+
+    def __init__(
+        self,
+        prompts: list[list[Message]],
+        cost_model: CostModel,
+        recipe: Recipe,
+        policy_tokenizer,
+        strategy,
+        samples_path: Path,
+    ) -> None:
+        if not prompts:
+            raise SafeAlignError("align.cost_sampling.prompts must be at least 1 to sample Ĵ_C")
+        self.prompts = prompts
+        self.cost_model = cost_model
+        self.settings = recipe.align.cost_sampling
+        self.threshold = recipe.align.cost_threshold
+        self.seed = recipe.seed
+        self.input_template = recipe.data.input_template
+        self.zero3 = recipe.deepspeed.zero_stage == 3
+        self.tokenizer = policy_tokenizer
+        self.strategy = strategy
+        self.samples_log = MetricsLog(samples_path, enabled=strategy.is_rank_0())
+
+    def _my_positions(self) -> list[int]:
+        """Pool positions this rank answers: equal shares (the pool padded by repeating its start)."""
+        world, rank = getattr(self.strategy, "world_size", 1), self.strategy.get_rank()
+        per_rank = math.ceil(len(self.prompts) / world)
+        return list(range(rank, per_rank * world, world))
+
+    def answer(self, policy, step: int) -> tuple[list[str], int]:
+        """Every pool prompt's answer from `policy` (gathered from all ranks), and the new tokens made."""
+        positions = self._my_positions()
+        n = len(self.prompts)
+        requests = [
+            GenerationRequest(
+                messages=tuple((m["role"], m["content"]) for m in self.prompts[p % n]),
+                max_new_tokens=self.settings.max_new_tokens,
+                temperature=self.settings.temperature,
+            )
+            for p in positions
+        ]
+        generator = HFGenerator(
+            policy,
+            self.tokenizer,
+            batch_size=self.settings.batch_size,
+            seed=self.seed + step,
+            input_template=self.input_template,
+            synced_gpus=self.zero3 and getattr(self.strategy, "world_size", 1) > 1,
+            progress=False,
+        )
+        was_training = policy.training
+        policy.eval()
+        devices = [torch.cuda.current_device()] if compat.gpu_available() else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                mine = generator.generate(requests)
+        finally:
+            policy.train(was_training)
+        pieces = [(p, a) for p, a in zip(positions, mine) if p < n]
+        if getattr(self.strategy, "world_size", 1) > 1:
+            gathered: list = [None] * self.strategy.world_size
+            dist.all_gather_object(gathered, pieces)
+            pieces = [piece for part in gathered for piece in part]
+        answers = [""] * n
+        for position, text in pieces:
+            answers[position] = text
+        return answers, generator.stats.new_tokens
+
+    def estimate(self, policy, step: int) -> CostSample:
+        """Sample the pool's answers from `policy` and score them: one Ĵ_C estimate."""
+        started = time.time()
+        answers, new_tokens = self.answer(policy, step)
+        costs = self.cost_model.score(self.prompts, answers, self.settings.batch_size)
+        return CostSample(
+            prompts=self.prompts,
+            answers=answers,
+            costs=costs,
+            threshold=self.threshold,
+            seconds=time.time() - started,
+            new_tokens=new_tokens,
+        )
+
+    def record(self, step: int, sample: CostSample, lambda_next: float) -> None:
+        """One line of `lambda_samples.jsonl`: the estimate, λ after it, and the first few answers."""
+        shown = range(min(self.settings.logged_answers, len(sample.answers)))
+        self.samples_log.write(
+            {
+                "step": step,
+                "cost_mean": sample.mean_cost,
+                "above_threshold": sample.above_threshold,
+                "lambda_next": lambda_next,
+                "seconds": round(sample.seconds, 3),
+                "new_tokens": sample.new_tokens,
+                "answers": [
+                    {"prompt": sample.prompts[i][-1]["content"], "answer": sample.answers[i], "cost": sample.costs[i]}
+                    for i in shown
+                ],
+            }
+        )
+        log.info(
+            "align: step %d, Ĵ_C %.4g from %d sampled answers (%.0f%% above the threshold %.3g), λ → %.4g, %.1f s",
+            step, sample.mean_cost, len(sample.costs), 100 * sample.above_threshold, self.threshold,
+            lambda_next, sample.seconds,
+        )  # fmt: skip
