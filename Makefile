@@ -34,6 +34,7 @@ bench: setup
 	rm -rf $(BENCH_RUN)
 	$(BIN)/safealign run recipes/quickstart.yaml --run-dir $(BENCH_RUN)
 	$(BIN)/python benchmarks/stage_times.py $(BENCH_RUN)
+	$(BIN)/python benchmarks/cost_sampling.py $(BENCH_RUN)
 
 lint: setup
 	$(BIN)/ruff check plugin tests charts benchmarks

@@ -276,6 +276,20 @@ def test_micro_batching_changes_nothing_but_float_noise(tmp_path, tokenizer_dir,
         assert all(torch.allclose(weights[k], expected[k], atol=1e-5) for k in expected), micro
 
 
+def test_zero3_samples_from_the_partitioned_policy_like_zero2(tmp_path, tokenizer_dir, scored_rows):
+    """Under ZeRO-3 the policy's weights are partitioned: generating Ĵ_C's answers gathers them through
+    DeepSpeed's hooks. Same answers' costs and the same λ as ZeRO-2."""
+    runs = {}
+    for stage in (2, 3):
+        (tmp_path / f"z{stage}").mkdir()
+        recipe = tiny_recipe(tmp_path / f"z{stage}", tokenizer_dir, scored_rows, deepspeed={"zero_stage": stage})
+        run_ok(tmp_path / f"z{stage}", recipe)
+        runs[stage] = train_steps(tmp_path / f"z{stage}/runs/tiny")
+    for a, b in zip(runs[3], runs[2], strict=True):
+        for key in ("cost_sampled", "lambda_next", "loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (key, a["step"])
+
+
 def test_trainer_feeds_summed_logps_and_each_dimension_its_own_margin(tmp_path, tokenizer_dir, scored_rows):
     """At the call into the loss: summed (not mean) response log-probs of the policy, the cached
     reference log-probs as given, δ_H with the helpful labels and δ_S with the harmless ones (distinct
