@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -171,9 +172,7 @@ def tiny_recipe(tmp_path: Path, tokenizer_dir: Path, data: Path, **sections) -> 
 
 def run_cli(*args: str, cwd: Path, timeout: float = 600, extra_env: dict | None = None) -> subprocess.CompletedProcess:
     """`safealign ARGS` in a fresh process (DeepSpeed keeps a process group per process)."""
-    env = {**os.environ, **(extra_env or {})}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = {**clean_env(), **(extra_env or {})}
     return subprocess.run(
         [sys.executable, "-m", "safealign.cli", *args],
         cwd=cwd,
@@ -182,6 +181,31 @@ def run_cli(*args: str, cwd: Path, timeout: float = 600, extra_env: dict | None 
         text=True,
         timeout=timeout,
     )
+
+
+def clean_env() -> dict:
+    """This environment without a distributed launcher's variables (each `safealign run` is its own world)."""
+    env = dict(os.environ)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def kill_when(args: list[str], cwd: Path, ready, timeout: float = 300) -> None:
+    """Start `safealign ARGS` and SIGKILL it as soon as `ready()` holds (polled every 20 ms): a crash at
+    the worst moment, with no chance to clean up. Fails if the run ended first."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "safealign.cli", *args],
+        cwd=cwd, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if ready():
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -12,13 +12,21 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import TINY_COST_SAMPLING, build_tokenizer, run_cli, tiny_recipe, train_steps, write_jsonl
+from conftest import (
+    TINY_COST_SAMPLING,
+    build_tokenizer,
+    clean_env,
+    kill_when,
+    run_cli,
+    tiny_recipe,
+    train_steps,
+    write_jsonl,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -195,29 +203,17 @@ def test_crash_mid_stage_resumes_from_the_checkpoint(tmp_path, tokenizer_dir, sc
     reference = run_ok(tmp_path, recipe, run_dir="runs/straight")
     expected = train_steps(tmp_path / "runs/straight")
 
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    }
     partial = tmp_path / "runs/crashed/.align.partial"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "safealign.cli", "run", str(recipe), "--run-dir", "runs/crashed"],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
+
+    def checkpointed() -> bool:
         metrics = partial / "metrics.jsonl"
-        if (
+        return (
             metrics.exists()
             and len(metrics.read_text().splitlines()) >= 8
             and (partial / "checkpoints" / "latest").exists()
-        ):
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.02)
-    proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+        )
+
+    kill_when(["run", str(recipe), "--run-dir", "runs/crashed"], tmp_path, checkpointed)
     assert not (tmp_path / "runs/crashed/align").exists()  # nothing half-finished is published
 
     result = run_cli("run", str(recipe), "--run-dir", "runs/crashed", cwd=tmp_path)
@@ -348,11 +344,7 @@ def test_two_processes_train_like_one(tmp_path, tokenizer_dir, mixed_rows):
         align={"epochs": 2, "lambda_lr": 0.5, "cost_sampling": {**TINY_COST_SAMPLING, "temperature": 0.0}},
     )  # fmt: skip
     run_ok(tmp_path, recipe, run_dir="runs/one")
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    }
+    env = clean_env()
     with socket.socket() as sock:  # torchrun's --master_port 0 hangs the static rendezvous: pick one
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from safealign.models import build_random, derive_student
 from safealign.recipe import RandomModel
 
-from conftest import build_tokenizer, pku_rows, run_cli, write_jsonl
+from conftest import build_tokenizer, kill_when, pku_rows, run_cli, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -126,3 +126,28 @@ def test_a_student_without_a_chat_template_is_a_clear_error(tmp_path, tokenizer_
     assert result.returncode == 2
     assert "distill.student has no chat template: set data.input_template" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_interrupted_distill_stage_resumes_from_its_checkpoint(tmp_path, tokenizer_dir, distilled):
+    """SIGKILL distill once the student's dSFT has a checkpoint; the rerun reuses the cached teacher
+    answers and the derived student, resumes the dSFT, and ends where an uninterrupted run ends."""
+    recipe = distill_recipe(tmp_path, tokenizer_dir, sft={**SFT, "checkpoint_steps": 1})
+    partial = tmp_path / "runs/d/.distill.partial"
+
+    def checkpointed() -> bool:
+        metrics = partial / "sft" / "metrics.jsonl"
+        return metrics.exists() and len(metrics.read_text().splitlines()) >= 6 and (
+            partial / "sft" / "checkpoints" / "latest"
+        ).exists()
+
+    kill_when(["run", recipe], tmp_path, checkpointed)
+    result = run_cli("run", recipe, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "teacher answers from" in result.stderr and "resumed from" in result.stderr
+    _, straight, _ = distilled
+    ours = tmp_path / "runs/d/distill"
+    answers = lambda d: [json.loads(line)["answer"] for line in (d / "teacher_answers.jsonl").read_text().splitlines()]  # noqa: E731
+    assert answers(ours) == answers(straight)
+    final = lambda d: [m for m in map(json.loads, (d / "sft/metrics.jsonl").read_text().splitlines()) if "loss" in m]  # noqa: E731
+    assert [m["step"] for m in final(ours)] == [m["step"] for m in final(straight)]
+    assert final(ours)[-1]["loss"] == pytest.approx(final(straight)[-1]["loss"], rel=1e-4)

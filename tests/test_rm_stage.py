@@ -19,7 +19,7 @@ from safealign.recipe import load_recipe
 from safealign.runner import fingerprint
 from safealign.stages import load_builtin_stages
 
-from conftest import HH, TINY_ALIGN, TINY_TRAINER, pku_rows, read_metrics, run_cli, tiny_policy, write_jsonl
+from conftest import HH, TINY_ALIGN, TINY_TRAINER, kill_when, pku_rows, read_metrics, run_cli, tiny_policy, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -214,3 +214,40 @@ def test_cached_reference_logps_carry_their_provenance_and_a_mismatch_is_refused
 
     bare = align_on([{k: v for k, v in r.items() if k != "ref_logps_provenance"} for r in scored], "bare")
     assert bare.returncode == 2 and "come without ref_logps_provenance" in bare.stderr
+
+
+def test_an_interrupted_rm_stage_resumes_from_its_checkpoint(tmp_path, tokenizer_dir):
+    """SIGKILL the rm stage once the Helpful-RM has a checkpoint; the rerun resumes it (a value model's
+    DeepSpeed engine, not an Actor) and scores exactly what an uninterrupted run scores."""
+    write_jsonl(tmp_path / "pku.jsonl", pku_rows(24))
+    trainer = {**TINY_TRAINER, "epochs": 4, "checkpoint_steps": 1}
+    recipe = {
+        "name": "rmk",
+        "stages": ["rm"],
+        "model": tiny_policy(tokenizer_dir),
+        "data": {"train": [{"path": "pku.jsonl"}], "max_len": 256},
+        "rm": {"helpful": trainer, "cost": trainer, "eval_fraction": 0.0, "reference_logps": False},
+        "logging": {"tensorboard": False},
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    straight = run_cli("run", "recipe.yaml", "--run-dir", "runs/straight", cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    helpful = tmp_path / "runs/crashed/.rm.partial/helpful"
+
+    def checkpointed() -> bool:
+        metrics = helpful / "metrics.jsonl"
+        return metrics.exists() and len(metrics.read_text().splitlines()) >= 6 and (
+            helpful / "checkpoints" / "latest"
+        ).exists()
+
+    kill_when(["run", "recipe.yaml", "--run-dir", "runs/crashed"], tmp_path, checkpointed)
+    resumed = run_cli("run", "recipe.yaml", "--run-dir", "runs/crashed", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    expected = [json.loads(line) for line in (tmp_path / "runs/straight/rm/scored.jsonl").read_text().splitlines()]
+    got = [json.loads(line) for line in (tmp_path / "runs/crashed/rm/scored.jsonl").read_text().splitlines()]
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        for key in ("delta_h", "delta_s", "cost_0", "cost_1"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key

@@ -277,11 +277,13 @@ def publish_model(strategy: DeepspeedStrategy, model, tokenizer, args: NS, targe
 def resume_state(strategy: DeepspeedStrategy, engine, args: NS) -> dict:
     """The client state of the newest DeepSpeed checkpoint in `args.ckpt.path` ({} to start fresh).
 
-    `engine` is the DeepSpeed engine (`actor.model` for an Actor, the model itself for a value model).
+    `engine`: an OpenRLHF Actor (its DeepSpeed engine is `actor.model`) or a prepared value model, which
+    is the engine itself — whose attribute lookups fall through to the wrapped module, so
+    `getattr(engine, "model")` would hand OpenRLHF the value model's backbone instead.
     """
     if not os.path.isdir(args.ckpt.path):
         return {}
-    load_path, states = strategy.load_ckpt(getattr(engine, "model", engine), args.ckpt.path)
+    load_path, states = strategy.load_ckpt(engine.model if isinstance(engine, Actor) else engine, args.ckpt.path)
     if load_path is None:
         return {}
     log.info("resumed from %s: %d pairs already trained", load_path, states.get("consumed_samples", 0))
