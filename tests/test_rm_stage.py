@@ -251,3 +251,22 @@ def test_an_interrupted_rm_stage_resumes_from_its_checkpoint(tmp_path, tokenizer
     for a, b in zip(got, expected):
         for key in ("delta_h", "delta_s", "cost_0", "cost_1"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+
+
+def test_reward_models_train_with_gradient_checkpointing_when_the_recipe_asks(tokenizer_dir):
+    """As OpenRLHF's train_rm does: `model.gradient_checkpointing` reaches the value models being trained."""
+    from types import SimpleNamespace as NS
+
+    from safealign import compat
+    from safealign.models import build_random
+    from safealign.openrlhf_setup import load_value_model
+    from safealign.recipe import RandomModel
+
+    compat.enable_fp32()
+    base = build_random(RandomModel(tokenizer=str(tokenizer_dir), config={"hidden_size": 32, "intermediate_size": 64}))
+    strategy = NS(get_ds_train_config=lambda: None, get_ds_eval_config=lambda: None)
+    for enabled in (True, False):
+        args = NS(ds=NS(param_dtype="fp32", attn_implementation="sdpa"), model=NS(gradient_checkpointing_enable=enabled))
+        assert load_value_model(base, args, strategy, trainable=True).is_gradient_checkpointing is enabled
+    scorer = load_value_model(base, args, strategy, trainable=False)
+    assert not scorer.is_gradient_checkpointing

@@ -195,8 +195,9 @@ def load_actor(path: Path, args: NS, strategy: DeepspeedStrategy, *, trainable: 
 def load_value_model(path: Path, args: NS, strategy: DeepspeedStrategy, *, trainable: bool):
     """OpenRLHF's value-head model (`score` head on the last token): a fresh head on a causal LM to
     train, or a trained reward/cost model to score with. Reward models are fully fine-tuned
-    (`model.lora` is the policy's), so what is saved is always a complete checkpoint."""
-    return get_llm_for_sequence_regression(
+    (`model.lora` is the policy's), so what is saved is always a complete checkpoint; to train, they take
+    `model.gradient_checkpointing` as OpenRLHF's `train_rm` does (a 7B RM at 1024 tokens needs it)."""
+    model = get_llm_for_sequence_regression(
         str(path),
         "reward",
         param_dtype=args.ds.param_dtype,
@@ -206,6 +207,9 @@ def load_value_model(path: Path, args: NS, strategy: DeepspeedStrategy, *, train
         value_head_prefix="score",
         packing_samples=False,
     )
+    if trainable and args.model.gradient_checkpointing_enable:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
 
 def freeze_below(model, trainable_layers: int | None, field: str = "trainable_layers") -> None:
