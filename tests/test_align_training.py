@@ -237,6 +237,44 @@ def test_a_reference_that_tokenizes_differently_is_refused(tmp_path, tokenizer_d
     assert "tokenizes differently from model.policy" in result.stderr
 
 
+def torchrun_cli(*args: str, cwd: Path, nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node N -m safealign.cli ARGS` (gloo on CPU); a hang is killed with its workers."""
+    with socket.socket() as sock:  # torchrun's --master_port 0 hangs the static rendezvous: pick one
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", port,
+               "-m", "safealign.cli", *args]  # fmt: skip
+    proc = subprocess.Popen(
+        command, cwd=cwd, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:  # a hang: take torchrun's workers down with it
+            os.killpg(proc.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+def test_a_stale_partial_dir_is_wiped_once_under_two_ranks(tmp_path, tokenizer_dir, scored_rows):
+    """A stale `.align.partial` that looks finished (model/config.json, summary.json): with --force rank 0
+    wipes it and every rank trains. Before the process group existed ahead of the runner, the wipe was
+    not fenced and rank 1 could find the stale model, skip training and leave rank 0 alone in a collective.
+    (Whether that race strikes depends on timing; the mechanism that closes it — the group up before the
+    runner, rank 0's decisions broadcast — is checked directly in test_runner.py.)"""
+    recipe = tiny_recipe(tmp_path, tokenizer_dir, scored_rows, deepspeed={"zero_stage": 2})
+    stale = tmp_path / "runs/ddp/.align.partial"
+    (stale / "model").mkdir(parents=True)
+    (stale / "model" / "config.json").write_text("{}")
+    (stale / "summary.json").write_text(json.dumps({"loss": "stale", "steps": 0}))
+    (stale / "fingerprint").write_text("stale")
+    result = torchrun_cli("run", str(recipe), "--run-dir", "runs/ddp", "--force", cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs/ddp/align/stage.json").read_text())
+    assert summary["processes"] == 2 and summary["loss"] == "safe_mm_dpo" and summary["steps"] > 0
+    assert len(train_steps(tmp_path / "runs/ddp")) == summary["steps"]
+
+
 @pytest.fixture
 def mixed_rows(tmp_path, scored_rows) -> Path:
     """The scored rows with every third row harmless-only (as the seed recipe's HH-RLHF rows are), so
@@ -344,21 +382,8 @@ def test_two_processes_train_like_one(tmp_path, tokenizer_dir, mixed_rows):
         align={"epochs": 2, "lambda_lr": 0.5, "cost_sampling": {**TINY_COST_SAMPLING, "temperature": 0.0}},
     )  # fmt: skip
     run_ok(tmp_path, recipe, run_dir="runs/one")
-    env = clean_env()
-    with socket.socket() as sock:  # torchrun's --master_port 0 hangs the static rendezvous: pick one
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-         "-m", "safealign.cli", "run", str(recipe), "--run-dir", "runs/ddp"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )  # fmt: skip
-    try:
-        _, stderr = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:  # a hang: take torchrun's workers down with it
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, stderr[-3000:]
+    result = torchrun_cli("run", str(recipe), "--run-dir", "runs/ddp", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "runs/ddp/align/stage.json").read_text())
     assert summary["processes"] == 2
     steps, single = train_steps(tmp_path / "runs/ddp"), train_steps(tmp_path / "runs/one")

@@ -1,9 +1,13 @@
-"""This process's place in the (possibly one-process) distributed world; no heavy imports."""
+"""This process's place in the (possibly one-process) distributed world; heavy imports stay inside."""
 
 from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def ensure_process_env() -> None:
@@ -26,3 +30,31 @@ def barrier() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def init_process_group(timeout: timedelta = timedelta(minutes=60)) -> None:
+    """Under a launcher (WORLD_SIZE > 1), join the process group now: before any stage decides what to
+    skip, resume or wipe, so `barrier()` and `agree()` hold from the first line (DeepSpeed later finds
+    the group up and uses it). gloo on CPUs; NCCL on GPUs, with this rank's device set first."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return
+    from safealign import compat
+
+    if compat.gpu_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend="nccl" if compat.gpu_available() else "gloo", timeout=timeout)
+
+
+def agree(value: T) -> T:
+    """Rank 0's `value` on every rank: a decision about shared files ("is this stage done?", "is this
+    model already trained?") made once, so no rank can act on a file rank 0 is about to replace."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -26,7 +26,7 @@ import yaml
 
 from safealign import __version__
 from safealign.errors import SafeAlignError
-from safealign.process import barrier, is_rank_0
+from safealign.process import agree, barrier, is_rank_0
 from safealign.recipe import Recipe
 from safealign.stages import ORDER, Stage, StageContext, load_builtin_stages
 
@@ -75,11 +75,12 @@ def run_stage(recipe: Recipe, run_dir: Path, stage: Stage, force: bool = False) 
     final_dir, work_dir = run_dir / stage.name, run_dir / f".{stage.name}.partial"
     expected = fingerprint(recipe, stage, run_dir)
     done = final_dir / STAGE_FILE
-    if not force and done.is_file():
-        summary = json.loads(done.read_text())
-        if summary.get("fingerprint") == expected:
+    finished = json.loads(done.read_text()) if not force and done.is_file() else None
+    finished = agree(finished)  # rank 0 decides: the others must not race its rename of the directory
+    if finished is not None:
+        if finished.get("fingerprint") == expected:
             log.info("%s: up to date (%s); --force to run it again", stage.name, final_dir)
-            return summary
+            return finished
         log.info("%s: recipe or data changed since the last run; running it again", stage.name)
 
     if is_rank_0():

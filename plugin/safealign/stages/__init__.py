@@ -61,10 +61,10 @@ def run_once(work_dir: Path, train: Callable[[], dict]) -> dict:
     """Run `train()` — which must publish `work_dir/model` atomically — unless a resumed stage already
     did; its summary is kept in `work_dir/summary.json` (stages that train several models use this)."""
     from safealign.files import write_text_atomically
-    from safealign.process import barrier, is_rank_0
+    from safealign.process import agree, barrier, is_rank_0
 
     summary_path = work_dir / "summary.json"
-    if (work_dir / "model" / "config.json").is_file() and summary_path.is_file():
+    if agree((work_dir / "model" / "config.json").is_file() and summary_path.is_file()):
         log.info("%s already trained (resumed)", work_dir / "model")
         return json.loads(summary_path.read_text())
     summary = train()

@@ -43,7 +43,7 @@ from safealign.eval.generation import GenerationRequest, make_generator
 from safealign.eval.heldout import check_not_eval_prompts
 from safealign.files import write_text_atomically
 from safealign.models import count_parameters, derive_student, resolve_model
-from safealign.process import barrier, is_rank_0
+from safealign.process import agree, barrier, is_rank_0
 from safealign.recipe import Recipe
 from safealign.stages import StageContext, register_stage, run_once
 
@@ -136,7 +136,7 @@ def rerank(ctx: StageContext, prompts: list[list[Message]], candidates: list[lis
 def teacher_answers(ctx: StageContext, teacher: Path) -> list[dict]:
     """One answer per prompt from the teacher (greedy, or best-of-n re-ranked), cached in the work dir."""
     recipe, path = ctx.recipe, ctx.work_dir / ANSWERS
-    if path.is_file():
+    if agree(path.is_file()):
         log.info("distill: teacher answers from %s (resumed)", path)
         return [record for _, record in read_jsonl(path)]
     distill = recipe.distill

@@ -31,7 +31,7 @@ from safealign.eval.heldout import load_training_rows
 from safealign.files import write_text_atomically
 from safealign.models import resolve_model
 from safealign.pair_dataset import PreferencePairDataset
-from safealign.process import is_rank_0
+from safealign.process import agree, is_rank_0
 from safealign.recipe import Recipe, RewardModelSection
 from safealign.ref_provenance import check_same_tokenizer, reference_provenance
 from safealign.scoring import score_pairs
@@ -55,7 +55,7 @@ def train_value_model(
     """Train one value-head model on `rows` (resumable); returns its checkpoint directory."""
     recipe, out = ctx.recipe, ctx.work_dir / name
     target = out / "model"
-    if (target / "config.json").is_file():
+    if agree((target / "config.json").is_file()):
         log.info("rm: %s model already trained in %s", name, target)
         return target
     base_dir = resolve_model(section.base if section.base is not None else recipe.model.policy)
