@@ -63,3 +63,42 @@ def test_requests_keep_their_order_across_sampling_groups(tiny_model):
 def test_auto_backend_is_hf_without_a_gpu(tiny_model):
     assert not vllm_usable()
     assert isinstance(make_generator(tiny_model), HFGenerator)
+
+
+def test_vllm_gets_token_ids_without_a_bos_for_an_input_template(monkeypatch, tokenizer_dir):
+    """vLLM cannot run here (no GPU): a stand-in `vllm` module records what VLLMGenerator hands it. With
+    data.input_template the prompt goes as token ids tokenized without special tokens, as the HF path and
+    OpenRLHF's datasets tokenize it (vLLM's own text path would prepend a BOS)."""
+    import sys
+    import types
+
+    from transformers import AutoTokenizer
+
+    from safealign.eval.generation import VLLMGenerator
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer.add_bos_token = True  # a tokenizer that would add a BOS if asked to add special tokens
+    calls = {}
+
+    class FakeLLM:
+        def __init__(self, **kwargs):
+            calls["engine"] = kwargs
+
+        def get_tokenizer(self):
+            return tokenizer
+
+        def generate(self, prompts, params, use_tqdm=True):
+            calls["prompts"] = prompts
+            return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=" ok ")]) for _ in prompts]
+
+    fake = types.ModuleType("vllm")
+    fake.LLM = FakeLLM
+    fake.SamplingParams = lambda **kwargs: kwargs
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+
+    generator = VLLMGenerator("model-dir", dtype="bf16", input_template="Human: {}\nAssistant: ")
+    assert generator.generate([GenerationRequest.single_turn("Hi there")]) == ["ok"]
+    (prompt,) = calls["prompts"]
+    expected = tokenizer("Human: Hi there\nAssistant: ", add_special_tokens=False)["input_ids"]
+    assert prompt == {"prompt_token_ids": expected}
+    assert calls["engine"]["dtype"] == "bfloat16"

@@ -97,6 +97,7 @@ def run_stage(recipe: Recipe, run_dir: Path, stage: Stage, force: bool = False) 
     started = time.time()
     summary = stage.run(StageContext(recipe=recipe, run_dir=run_dir, work_dir=work_dir))
     summary = {"stage": stage.name, "fingerprint": expected, "seconds": round(time.time() - started, 1), **summary}
+    barrier()  # every rank is done reading its work dir (e.g. counting a model's parameters) before rank 0 moves it
 
     if is_rank_0():
         (work_dir / STAGE_FILE).write_text(json.dumps(summary, indent=2) + "\n")

@@ -195,8 +195,12 @@ class VLLMGenerator:
         if self.input_template is None:
             outputs = self.llm.chat([r.chat() for r in requests], params, use_tqdm=True)
         else:
+            # Token ids, not text: vLLM would tokenize text with the BOS that neither the HF path nor
+            # OpenRLHF's training datasets add (add_special_tokens=False everywhere else).
+            tokenizer = self.llm.get_tokenizer()
             texts = [format_prompt(None, r, self.input_template) for r in requests]
-            outputs = self.llm.generate(texts, params, use_tqdm=True)
+            ids = [{"prompt_token_ids": tokenizer(t, add_special_tokens=False)["input_ids"]} for t in texts]
+            outputs = self.llm.generate(ids, params, use_tqdm=True)
         self.stats.answers += len(requests)
         self.stats.seconds += time.time() - started
         return [out.outputs[0].text.strip() for out in outputs]
@@ -213,6 +217,11 @@ def vllm_usable() -> bool:
     return True
 
 
+def resolve_backend(backend: str) -> str:
+    """`auto` is vLLM where usable, else HF; `hf` and `vllm` are themselves."""
+    return "vllm" if backend == "vllm" or (backend == "auto" and vllm_usable()) else "hf"
+
+
 def make_generator(
     model_dir: Path,
     backend: str = "auto",
@@ -222,7 +231,7 @@ def make_generator(
     input_template: str | None = None,
 ) -> Generator:
     """`backend`: auto (vLLM where usable, else HF), hf, or vllm."""
-    if backend == "vllm" or (backend == "auto" and vllm_usable()):
+    if resolve_backend(backend) == "vllm":
         return VLLMGenerator(model_dir, dtype=dtype, seed=seed, input_template=input_template)
     return HFGenerator.from_pretrained(
         model_dir, batch_size=batch_size, dtype=dtype, seed=seed, input_template=input_template

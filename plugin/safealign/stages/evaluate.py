@@ -27,7 +27,7 @@ from pathlib import Path
 from safealign import openrlhf_setup as setup
 from safealign.data import PreferenceRow
 from safealign.errors import SafeAlignError
-from safealign.eval.generation import GenerationRequest, make_generator
+from safealign.eval.generation import GenerationRequest, make_generator, resolve_backend
 from safealign.eval.judges import ChatClient, LLMJudge, RefusalJudge
 from safealign.eval.mtbench import Question, judge_messages, load_judge_prompts, load_questions, parse_rating
 from safealign.eval.safety import DEFAULT_PATH, SafetyPrompt, load_prompts, paired_change, safety_rates, sign_test_p
@@ -87,7 +87,14 @@ def answer_with(
 ) -> dict:
     """The model's BeaverTails answers and MT-Bench turns, from the cache when generated before."""
     ev = recipe.eval
-    settings = {"max_new_tokens": ev.max_new_tokens, "seed": recipe.seed, "input_template": recipe.data.input_template}
+    dtype, backend = setup.resolve_dtype(recipe.model.dtype), resolve_backend(ev.backend)
+    settings = {
+        "max_new_tokens": ev.max_new_tokens,
+        "seed": recipe.seed,
+        "input_template": recipe.data.input_template,
+        "backend": backend,  # vLLM and HF sample differently; bf16 and fp32 answer differently
+        "dtype": dtype,
+    }
     key_source = [model_identity(model_dir), settings, [p.prompt for p in prompts], [q.question_id for q in questions]]
     key = hashlib.sha256(json.dumps(key_source).encode()).hexdigest()[:20]
     path = cache / f"{model_dir.name}-{key}.json"
@@ -95,8 +102,7 @@ def answer_with(
         log.info("eval: answers of %s from the cache (%s)", model_dir, path.name)
         return json.loads(path.read_text())
 
-    dtype = setup.resolve_dtype(recipe.model.dtype)
-    generator = make_generator(model_dir, ev.backend, ev.batch_size, dtype, recipe.seed, recipe.data.input_template)
+    generator = make_generator(model_dir, backend, ev.batch_size, dtype, recipe.seed, recipe.data.input_template)
     safety = generator.generate(
         [GenerationRequest.single_turn(p.prompt, max_new_tokens=ev.max_new_tokens) for p in prompts]
     )
