@@ -78,3 +78,31 @@ def test_bad_data_stops_run_with_one_line(tmp_path, rows, fragments):
     path = write_recipe(tmp_path, write_jsonl(tmp_path / "d.jsonl", rows))
     assert_one_line_error(run_cli("run", path, cwd=tmp_path), *fragments)
     assert not (tmp_path / "runs" / "t" / "align").exists()
+
+
+def test_validate_checks_the_batches_split_over_a_world_size():
+    """The seed recipe on one 8-GPU node validates; on two nodes (16 ranks) its batch of 16 at micro-batch
+    2 cannot split, and the error says which sizes would."""
+    from conftest import ROOT
+
+    seed = str(ROOT / "recipes" / "mistral-7b-beavertails.yaml")
+    ok = run_cli("validate", seed, "--world-size", "8", cwd=ROOT)
+    assert ok.returncode == 0, ok.stderr
+    assert_one_line_error(
+        run_cli("validate", seed, "--world-size", "16", cwd=ROOT),
+        "rm.helpful.batch_size=16 does not split over 16 processes × micro_batch_size 2: use a multiple of 32 "
+        "(e.g. 32), or micro_batch_size 1",
+    )
+    fixed = run_cli("validate", seed, "--world-size", "16", "--set", "rm.helpful.micro_batch_size=1",
+                    "--set", "rm.cost.micro_batch_size=1", "--set", "align.micro_batch_size=1",
+                    "--set", "distill.sft.micro_batch_size=1", cwd=ROOT)  # fmt: skip
+    assert fixed.returncode == 0, fixed.stderr
+    assert_one_line_error(run_cli("validate", seed, "--world-size", "0", cwd=ROOT), "--world-size 0: must be at least 1")
+
+
+def test_a_job_that_asks_for_gpus_refuses_to_train_without_one(tmp_path):
+    """The charts set SAFEALIGN_REQUIRE_GPU=1 on GPU Jobs: no visible GPU is a one-line error, exit 2."""
+    path = write_recipe(tmp_path, write_jsonl(tmp_path / "d.jsonl", pku_rows(5)))
+    result = run_cli("run", path, cwd=tmp_path, extra_env={"SAFEALIGN_REQUIRE_GPU": "1"})
+    assert_one_line_error(result, "SAFEALIGN_REQUIRE_GPU=1 (this Job asks for GPUs) but no GPU is visible")
+    assert not (tmp_path / "runs").exists()  # refused before anything was written

@@ -154,3 +154,20 @@ def test_an_api_refusal_is_a_one_line_error(capsys, monkeypatch):
     monkeypatch.setattr(k8s, "status", refuse)
     assert main(["status", "some-run", "-n", "ml"]) == 2
     assert capsys.readouterr().err == "safealign: error: Kubernetes API (403 Forbidden): Forbidden\n"
+
+
+def test_batches_that_cannot_split_over_the_jobs_processes_are_refused_before_anything_is_created(tmp_path):
+    """Two nodes × 8 GPUs = 16 ranks: the seed's batch 16 at micro-batch 2 cannot split; submit says so
+    before creating any object (a 2-node align Job would otherwise fail at once, on the cluster)."""
+    two_nodes = tmp_path / "two-nodes.yaml"
+    two_nodes.write_text("job: {nodes: 2}\nresources: {gpusPerNode: 8}\n")
+    state = StandIn()
+    _, _, error = run_submit(state, stages=["align"], values_files=[VALUES, two_nodes])
+    assert error == (
+        "stage align (16 processes from the values): align.batch_size=16 does not split over 16 processes × "
+        "micro_batch_size 2: use a multiple of 32 (e.g. 32), or micro_batch_size 1"
+    )
+    assert state.events == []
+    done, _, error = run_submit(state, stages=["align"], values_files=[VALUES, two_nodes],
+                                overrides=["align.micro_batch_size=1"], wait=True)  # fmt: skip
+    assert error is None and done == ["align"]

@@ -175,3 +175,37 @@ def test_rendered_objects_are_valid_kubernetes(helm, version):
         for kind, objects in render(stage, values).items():
             for obj in objects if kind != "NOTES" else []:
                 kubernetes_validate.validate(obj, version, strict=True)  # raises on any unknown field
+
+
+def test_torchrun_stages_check_the_recipe_against_their_world_size_first(helm, tmp_path):
+    """torchrun reports a worker's exit 2 as its own exit 1, which the Job would retry as a crash. So a
+    multi-process stage runs `safealign validate --world-size` in an init container, with the --set items
+    of job.extraArgs, and a failure there (exit 2) fails the Job. The rendered command is run here, on
+    the seed recipe: 2 nodes × 8 GPUs cannot split its batch of 16 at micro-batch 2."""
+    import subprocess
+    import sys
+
+    from chart_render import REPO
+
+    values = {"job": {"nodes": 2, "extraArgs": ["--force", "--set", "align.micro_batch_size=1"]},
+              "resources": {"gpusPerNode": 8}}  # fmt: skip
+    spec = job_of(render("align", values))["spec"]
+    (init,) = spec["template"]["spec"]["initContainers"]
+    assert init["command"] == ["safealign", "validate", "/recipe/recipe.yaml", "--world-size", "16",
+                               "--stage", "align", "--set", "align.micro_batch_size=1"]  # fmt: skip
+    assert {"action": "FailJob", "onExitCodes": {"containerName": "validate", "operator": "In", "values": [2]}} in (
+        spec["podFailurePolicy"]["rules"]
+    )
+    env = {e["name"]: e.get("value") for e in container(render("align", values))["env"]}
+    assert env["SAFEALIGN_REQUIRE_GPU"] == "1"
+
+    seed = str(REPO / "recipes" / "mistral-7b-beavertails.yaml")
+    for command, code in ((init["command"], 0), (init["command"][:-2], 2)):
+        local = [sys.executable, "-m", "safealign.cli", *[seed if a == "/recipe/recipe.yaml" else a for a in command[1:]]]
+        result = subprocess.run(local, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        assert result.returncode == code, result.stderr
+
+    one_gpu = job_of(render("align", {"resources": {"gpusPerNode": 1}}))["spec"]["template"]["spec"]
+    assert "initContainers" not in one_gpu  # one process: `safealign run` exits 2 itself
+    cpu = container(render("align", {"resources": {"gpusPerNode": 0}}))
+    assert "SAFEALIGN_REQUIRE_GPU" not in {e["name"] for e in cpu["env"]}

@@ -89,6 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="validate a recipe (and its data files) without running it")
     _add_recipe_args(validate)
     validate.add_argument(
+        "--world-size",
+        type=int,
+        metavar="N",
+        help="also check that every training stage's batch splits over N processes (nodes × GPUs per node)",
+    )
+    validate.add_argument(
+        "--stage", action="append", dest="stages", metavar="NAME",
+        help="with --world-size: check only this stage's training sections (repeatable; default: the recipe's stages)",
+    )  # fmt: skip
+    validate.add_argument(
         "--flatten",
         action="store_true",
         help="print the recipe as one self-contained YAML (extends resolved, --set applied), e.g. for a ConfigMap",
@@ -143,8 +153,25 @@ def _configure_logging() -> None:
     logger.propagate = False
 
 
+def require_gpu() -> None:
+    """A Job that asks for GPUs sets SAFEALIGN_REQUIRE_GPU=1 (the charts do): finding none is an error,
+    not a 7B model training on the CPU for days."""
+    import os
+
+    if os.environ.get("SAFEALIGN_REQUIRE_GPU") == "1":
+        from safealign import compat
+
+        if not compat.gpu_available():
+            raise SafeAlignError(
+                "SAFEALIGN_REQUIRE_GPU=1 (this Job asks for GPUs) but no GPU is visible: check the node's NVIDIA "
+                "driver and device plugin, the pod's nvidia.com/gpu request, and that the image's PyTorch is a CUDA build"
+            )
+
+
 def _run(args: argparse.Namespace) -> int:
-    from safealign.recipe import load_recipe
+    import os
+
+    from safealign.recipe import check_world_size, load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     if args.command == "validate":
@@ -155,6 +182,10 @@ def _run(args: argparse.Namespace) -> int:
 
             print(flatten_recipe(args.recipe, args.overrides), end="")
             return 0
+        if args.world_size is not None:
+            if args.world_size < 1:
+                raise SafeAlignError(f"--world-size {args.world_size}: must be at least 1")
+            check_world_size(recipe, args.world_size, args.stages)
         rows = load_sources(recipe.data.train)
         print(
             f"{args.recipe}: ok (recipe {recipe.name!r}, stages {', '.join(recipe.stages)}, {len(rows)} training pairs)"
@@ -168,6 +199,8 @@ def _run(args: argparse.Namespace) -> int:
     from safealign.process import init_process_group
     from safealign.runner import run_recipe
 
+    require_gpu()
+    check_world_size(recipe, int(os.environ.get("WORLD_SIZE", "1")), args.stages)
     init_process_group()  # under torchrun: before the runner decides what to skip, resume or wipe
     run_dir = args.run_dir or Path("runs") / recipe.name
     summaries = run_recipe(recipe, run_dir, args.stages, args.force)
@@ -244,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sweep":
             from safealign.sweep import run_sweep
 
+            require_gpu()
             run_sweep(args.recipe, args.overrides, args.run_dir, args.part, args.trial_index)
             return 0
         if args.command in ("submit", "status", "logs"):

@@ -608,6 +608,34 @@ def trial_overrides(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
+def training_sections(recipe: Recipe, stages: list[str] | None = None) -> dict[str, TrainingSection]:
+    """Every training section the given stages (default: the recipe's) run, by recipe key."""
+    stages = recipe.stages if stages is None else stages
+    sections: dict[str, TrainingSection] = {}
+    if "rm" in stages:
+        sections.update({"rm.helpful": recipe.rm.helpful, "rm.cost": recipe.rm.cost})
+    if "align" in stages or ("distill" in stages and recipe.distill.ddpo):
+        sections["align"] = recipe.align
+    if "distill" in stages:
+        sections["distill.sft"] = recipe.distill.sft
+    return sections
+
+
+def check_world_size(recipe: Recipe, world_size: int, stages: list[str] | None = None) -> None:
+    """Every global batch must split evenly into micro-batches over `world_size` processes; the first one
+    that does not is a one-line error saying which sizes would."""
+    for key, section in training_sections(recipe, stages).items():
+        group = section.micro_batch_size * world_size
+        if section.batch_size % group:
+            fits = [m for m in range(1, section.batch_size + 1) if section.batch_size % (m * world_size) == 0]
+            micro = f", or micro_batch_size {' / '.join(map(str, fits))}" if fits else ""
+            raise SafeAlignError(
+                f"{key}.batch_size={section.batch_size} does not split over {world_size} processes × "
+                f"micro_batch_size {section.micro_batch_size}: use a multiple of {group} "
+                f"(e.g. {group * math.ceil(section.batch_size / group)}){micro}"
+            )
+
+
 def samples_policy_cost(align: AlignSection) -> bool:
     """Whether training with these settings samples Ĵ_C (a loss that uses λ, updated by the dual step)."""
     from safealign.losses import get_loss

@@ -25,3 +25,30 @@ Service as <job>-0.<service>), the node rank being the pod's completion index.
 {{- toJson (concat (list "safealign") $run) -}}
 {{- end -}}
 {{- end -}}
+
+
+{{/*
+Whether the stage runs under torchrun (several processes), and the init container's command that checks
+the recipe first, in the pod, with the world size the Job gives it: torchrun turns a worker's exit 2 into
+its own exit 1, so a recipe error inside torchrun would be retried as a crash instead of failing the Job.
+`--set` items of job.extraArgs are passed on, so the check sees the recipe the stage will run.
+*/}}
+{{- define "safealign.torchrun" -}}
+{{- $v := .ctx.Values -}}
+{{- if or (gt (int $v.job.nodes) 1) (gt (int $v.resources.gpusPerNode) 1) }}true{{ end -}}
+{{- end -}}
+
+{{- define "safealign.validateCommand" -}}
+{{- $v := .ctx.Values -}}
+{{- $world := mul (int $v.job.nodes) (max 1 (int $v.resources.gpusPerNode)) -}}
+{{- $args := list "safealign" "validate" "/recipe/recipe.yaml" "--world-size" (toString $world) "--stage" .stage -}}
+{{- $extra := $v.job.extraArgs -}}
+{{- range $i, $a := $extra -}}
+{{- if hasPrefix "--set=" $a -}}
+{{- $args = append $args $a -}}
+{{- else if and (eq $a "--set") (lt (add1 $i) (len $extra)) -}}
+{{- $args = concat $args (list $a (index $extra (add1 $i))) -}}
+{{- end -}}
+{{- end -}}
+{{- toJson $args -}}
+{{- end -}}

@@ -7,6 +7,7 @@ Usage: {{ include "safealign.job" (dict "stage" "align" "ctx" .) }}
 {{- $nodes := int $v.job.nodes -}}
 {{- $job := include "safealign.fullname" . -}}
 {{- $trials := and (eq .stage "sweep") (eq $v.sweep.part "trial") -}}
+{{- $precheck := and (ne .stage "sweep") (include "safealign.torchrun" .) -}}
 {{- if and $trials (gt $nodes 1) }}{{ fail "job.nodes > 1 is not supported for sweep trials: give each trial one node (sweep.gpus_per_trial in the recipe)" }}{{ end -}}
 {{- if and $trials (lt (int $v.sweep.trials) 1) }}{{ fail "sweep.trials: set it to the number of grid points (safealign submit does)" }}{{ end -}}
 apiVersion: batch/v1
@@ -49,6 +50,13 @@ spec:
           containerName: {{ .stage }}
           operator: In
           values: [2]
+      {{- if $precheck }}
+      - action: FailJob
+        onExitCodes:
+          containerName: validate
+          operator: In
+          values: [2]
+      {{- end }}
       # Evicted or preempted (node drain, Kueue preemption, spot reclaim): retry without counting it,
       # the stage resumes from its last checkpoint on the runs volume.
       - action: Ignore
@@ -90,6 +98,23 @@ spec:
       affinity:
         {{- toYaml . | nindent 8 }}
       {{- end }}
+      {{- if $precheck }}
+      initContainers:
+        # The recipe, checked against this Job's world size before torchrun starts (see _command.tpl).
+        - name: validate
+          image: {{ include "safealign.image" . }}
+          imagePullPolicy: {{ $v.image.pullPolicy }}
+          command: {{ include "safealign.validateCommand" . }}
+          workingDir: /tmp
+          securityContext:
+            {{- toYaml $v.securityContext.container | nindent 12 }}
+          volumeMounts:
+            - name: recipe
+              mountPath: /recipe
+              readOnly: true
+            - name: tmp
+              mountPath: /tmp
+      {{- end }}
       containers:
         - name: {{ .stage }}
           image: {{ include "safealign.image" . }}
@@ -97,6 +122,11 @@ spec:
           command: {{ include "safealign.command" . }}
           workingDir: /runs
           env:
+            {{- if gt (int $v.resources.gpusPerNode) 0 }}
+            # No visible GPU in a pod that asked for some is an error (exit 2), not days of CPU training.
+            - name: SAFEALIGN_REQUIRE_GPU
+              value: "1"
+            {{- end }}
             - name: SAFEALIGN_CACHE
               value: /models/safealign
             - name: HF_HOME

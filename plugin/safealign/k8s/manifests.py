@@ -58,9 +58,12 @@ def render_example() -> dict[str, str]:
         files[f"0{number}-{stage}.yaml"] = HEADER.format(
             what=f"Stage {stage}: apply after the previous stage's Job completed."
         ) + _dump([job])
-    two_nodes = plan_run(text, RUN, NAMESPACE, stage_steps(["align"]), merge(values, {"job": {"nodes": 2}}))
+    # 16 ranks cannot split the seed's batch of 16 at micro-batch 2: this Job runs micro-batch 1.
+    two_nodes_values = merge(values, {"job": {"nodes": 2, "extraArgs": ["--set", "align.micro_batch_size=1"]}})
+    two_nodes = plan_run(text, RUN, NAMESPACE, stage_steps(["align"]), two_nodes_values)
     files["02-align-2-nodes.yaml"] = HEADER.format(
-        what="Stage align on 2 nodes x 8 GPUs (Indexed Job + headless Service): instead of 02-align.yaml."
+        what="Stage align on 2 nodes x 8 GPUs (Indexed Job + headless Service), micro-batch 1 so the batch of 16 "
+        "splits over 16 ranks: instead of 02-align.yaml."
     ) + _dump([o for o in two_nodes.shared if o["kind"] == "Service"] + [two_nodes.jobs[0][1]])
     return files
 

@@ -29,7 +29,7 @@ import yaml
 
 from safealign.errors import SafeAlignError
 from safealign.k8s.charts import render_objects
-from safealign.recipe import flatten_recipe, load_recipe, merge, trial_overrides
+from safealign.recipe import check_world_size, flatten_recipe, load_recipe, merge, trial_overrides
 
 RUN_LABEL = "safealign.dev/run"
 MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -297,6 +297,27 @@ def wait_for(cluster: Cluster, step: str, name: str, poll: float, say: Callable[
         time.sleep(poll)
 
 
+def job_world_size(job: dict) -> int:
+    """Processes a rendered stage Job runs: its pods (an Indexed Job has one per node) × the GPUs each
+    asks for (torchrun starts one rank per GPU; a pod without GPUs runs one process)."""
+    spec = job["spec"]
+    container = spec["template"]["spec"]["containers"][0]
+    gpus = int(container.get("resources", {}).get("limits", {}).get("nvidia.com/gpu", 0))
+    return int(spec.get("completions") or 1) * max(1, gpus)
+
+
+def check_job_batches(recipe, jobs: list[tuple[str, dict]]) -> None:
+    """Refuse, before anything is created, a training stage whose batches cannot split over its Job's
+    processes. (A sweep's parts are left to the pods' own check: how they spread over GPUs is the sweep
+    chart's, not one torchrun world.)"""
+    for stage, job in jobs:
+        if stage in ("rm", "align", "distill"):
+            try:
+                check_world_size(recipe, job_world_size(job), [stage])
+            except SafeAlignError as exc:
+                raise SafeAlignError(f"stage {stage} ({job_world_size(job)} processes from the values): {exc}") from None
+
+
 def submit(
     recipe_path: Path,
     namespace: str,
@@ -323,6 +344,7 @@ def submit(
     check_judge_secret(recipe, selected, values)
     steps = sweep_steps(recipe) if recipe.sweep is not None else stage_steps(selected)
     plan = plan_run(flatten_recipe(recipe_path, list(overrides)), name, namespace, steps, values)
+    check_job_batches(recipe, plan.jobs)
     cluster = cluster or Cluster(namespace=namespace)
     for obj in plan.shared:
         cluster.apply_shared(obj, say)
