@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -206,6 +207,30 @@ def kill_when(args: list[str], cwd: Path, ready, timeout: float = 300) -> None:
         time.sleep(0.02)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+
+def torchrun_cli(*args: str, cwd: Path, nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node N -m safealign.cli ARGS` (gloo on CPU)."""
+    return torchrun("-m", "safealign.cli", *args, cwd=cwd, nproc=nproc, timeout=timeout)
+
+
+def torchrun(*target: str, cwd: Path, nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node N TARGET...` in a clean environment; a hang is killed with its workers."""
+    with socket.socket() as sock:  # torchrun's --master_port 0 hangs the static rendezvous: pick one
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", port,
+               *target]  # fmt: skip
+    proc = subprocess.Popen(
+        command, cwd=cwd, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:  # a hang: take torchrun's workers down with it
+            os.killpg(proc.pid, signal.SIGKILL)
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

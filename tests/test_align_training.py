@@ -7,11 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,10 +15,10 @@ import torch
 from conftest import (
     TINY_COST_SAMPLING,
     build_tokenizer,
-    clean_env,
     kill_when,
     run_cli,
     tiny_recipe,
+    torchrun_cli,
     train_steps,
     write_jsonl,
 )
@@ -235,25 +230,6 @@ def test_a_reference_that_tokenizes_differently_is_refused(tmp_path, tokenizer_d
     result = run_cli("run", str(recipe), "--run-dir", "runs/tiny", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "tokenizes differently from model.policy" in result.stderr
-
-
-def torchrun_cli(*args: str, cwd: Path, nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node N -m safealign.cli ARGS` (gloo on CPU); a hang is killed with its workers."""
-    with socket.socket() as sock:  # torchrun's --master_port 0 hangs the static rendezvous: pick one
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", port,
-               "-m", "safealign.cli", *args]  # fmt: skip
-    proc = subprocess.Popen(
-        command, cwd=cwd, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:  # a hang: take torchrun's workers down with it
-            os.killpg(proc.pid, signal.SIGKILL)
-    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
 def test_a_stale_partial_dir_is_wiped_once_under_two_ranks(tmp_path, tokenizer_dir, scored_rows):

@@ -7,9 +7,19 @@ import json
 import pytest
 import yaml
 
+from safealign.eval.mtbench import load_questions
 from safealign.stages.distill import pick_answer
 
-from conftest import TINY_ALIGN, TINY_TRAINER, pku_rows, run_cli, tiny_cost_model, tiny_policy, write_jsonl
+from conftest import (
+    TINY_ALIGN,
+    TINY_TRAINER,
+    pku_rows,
+    run_cli,
+    tiny_cost_model,
+    tiny_policy,
+    torchrun_cli,
+    write_jsonl,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -147,3 +157,80 @@ def test_ddpo_trains_the_dsft_student_with_the_align_trainer(pipeline):
     assert (stage / "ddpo/lambda_samples.jsonl").is_file()
     results = json.loads((root / "runs/ev/eval/results.json").read_text())
     assert results["models"]["student"]["path"].endswith("distill/ddpo/model")
+
+
+def test_eval_under_two_ranks_generates_and_judges_once(tmp_path, tokenizer_dir, judge_api):
+    """torchrun with 2 ranks (gloo): each rank answers half the prompts, the answers are gathered, the LLM
+    judge (a local stand-in server) is asked once per distinct conversation by rank 0 alone, and the
+    results equal a one-process run's."""
+    url, api = judge_api
+    write_jsonl(tmp_path / "pku.jsonl", pku_rows(12))
+    recipe = {
+        "name": "ranks",
+        "stages": ["eval"],
+        "model": tiny_policy(tokenizer_dir),
+        "data": {"train": [{"path": "pku.jsonl"}], "max_len": 512},
+        "eval": {
+            "beavertails_per_category": 1, "mt_bench_per_category": 1, "max_new_tokens": 6,
+            "judges": ["refusal", "llm"], "llm_judge": {"url": url, "model": "stand-in", "retries": 0},
+        },
+        "logging": {"tensorboard": False},
+    }  # fmt: skip
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    single = run_cli("run", "recipe.yaml", "--run-dir", "runs/one", cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    asked_by_one = sum(not any("[[rating]]" in m["content"] for m in r["body"]["messages"]) for r in api.requests)
+    api.requests.clear()
+
+    two = torchrun_cli("run", "recipe.yaml", "--run-dir", "runs/two", cwd=tmp_path, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    # Rank 0 alone asked, each distinct conversation once; the safety questions are the one-process run's.
+    assert len({json.dumps(r["body"]["messages"]) for r in api.requests}) == len(api.requests) > 0
+    safety_asks = [r for r in api.requests if not any("[[rating]]" in m["content"] for m in r["body"]["messages"])]
+    assert len(safety_asks) == asked_by_one
+
+    def answers(run: str) -> list[dict]:
+        path = tmp_path / f"runs/{run}/eval/answers/base.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    # Greedy answers are the same however the prompts are split (sampled ones, MT-Bench's creative
+    # categories, depend on the batches they were drawn in, sharded or not).
+    greedy = {q.question_id for q in load_questions() if q.temperature == 0.0}
+    for a, b in zip(answers("two"), answers("one"), strict=True):
+        if "answer" in a or a["question_id"] in greedy:
+            assert a == b
+    one, both = (json.loads((tmp_path / f"runs/{r}/eval/results.json").read_text()) for r in ("one", "two"))
+    assert one["models"]["base"]["safety"] == both["models"]["base"]["safety"]
+    assert len(list((tmp_path / "runs/two/cache/eval").iterdir())) == 1  # one writer, one file
+
+
+def test_every_stage_runs_under_two_ranks(tmp_path, tokenizer_dir):
+    """rm → align → distill (best-of-n, dDPO) → eval under torchrun with 2 ranks (gloo, ZeRO-2): the
+    whole pipeline runs as one world, and every stage's outputs are published once."""
+    write_jsonl(tmp_path / "pku.jsonl", pku_rows(24))
+    model = tiny_policy(tokenizer_dir)
+    model["policy"]["random"]["config"]["tie_word_embeddings"] = False
+    recipe = {
+        "name": "ranks",
+        "stages": ["rm", "align", "distill", "eval"],
+        "model": model,
+        "data": {"train": [{"path": "pku.jsonl"}], "max_len": 512},
+        "rm": {"helpful": TRAINER, "cost": TRAINER, "eval_fraction": 0.0},
+        "align": TINY_ALIGN,
+        "distill": {"best_of_n": 2, "temperature": 1.0, "max_prompts": 8, "max_new_tokens": 8, "ddpo": True,
+                    "sft": TINY_TRAINER},  # fmt: skip
+        "eval": {"beavertails_per_category": 1, "mt_bench_per_category": 1, "max_new_tokens": 6},
+        "logging": {"tensorboard": False},
+        "deepspeed": {"zero_stage": 2},
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = torchrun_cli("run", "recipe.yaml", cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "runs/ranks"
+    for stage in ("rm", "align", "distill", "eval"):
+        assert (run / stage / "stage.json").is_file(), stage
+    assert json.loads((run / "align/stage.json").read_text())["processes"] == 2
+    assert len((run / "distill/teacher_answers.jsonl").read_text().splitlines()) == 8
+    results = json.loads((run / "eval/results.json").read_text())
+    assert set(results["models"]) == {"base", "aligned", "student"}
+    assert results["models"]["base"]["generation"]["backend"] == "hf × 2 ranks"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from safealign.eval.generation import GenerationRequest, HFGenerator, make_generator, vllm_usable
@@ -102,3 +104,41 @@ def test_vllm_gets_token_ids_without_a_bos_for_an_input_template(monkeypatch, to
     expected = tokenizer("Human: Hi there\nAssistant: ", add_special_tokens=False)["input_ids"]
     assert prompt == {"prompt_token_ids": expected}
     assert calls["engine"]["dtype"] == "bfloat16"
+
+
+SHARD_SCRIPT = """
+import json, torch.distributed as dist
+from safealign.eval.generation import GenerationRequest, GenerationStats, ShardedGenerator
+from safealign.process import init_process_group
+
+class Echo:  # stands in for a model: answers with the prompt, records what it was asked
+    def __init__(self):
+        self.stats, self.seen = GenerationStats(backend="echo"), []
+    def generate(self, requests):
+        self.seen += [r.messages[0][1] for r in requests]
+        self.stats.new_tokens += len(requests)
+        return [r.messages[0][1].upper() for r in requests]
+
+init_process_group()
+inner = Echo()
+sharded = ShardedGenerator(inner)
+answers = sharded.generate([GenerationRequest.single_turn(f"q{i}") for i in range(5)])
+with open(f"rank{dist.get_rank()}.json", "w") as out:
+    json.dump({"seen": inner.seen, "answers": answers, "answers_n": sharded.stats.answers,
+               "tokens": sharded.stats.new_tokens, "backend": sharded.stats.backend}, out)
+"""
+
+
+def test_sharded_generation_splits_requests_over_ranks_and_gathers_them_in_order(tmp_path):
+    """Under torchrun (2 ranks, gloo) each rank's generator is asked every other request, and every rank
+    gets all answers back in request order, with the world's counts."""
+    from conftest import torchrun
+
+    (tmp_path / "shard.py").write_text(SHARD_SCRIPT)
+    result = torchrun(str(tmp_path / "shard.py"), cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["seen"] == ["q0", "q2", "q4"] and ranks[1]["seen"] == ["q1", "q3"]
+    for r in ranks:
+        assert r["answers"] == ["Q0", "Q1", "Q2", "Q3", "Q4"]
+        assert (r["answers_n"], r["tokens"], r["backend"]) == (5, 5, "echo × 2 ranks")

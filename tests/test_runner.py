@@ -85,25 +85,18 @@ init_process_group()
 rank = dist.get_rank()
 decided = agree({"seen_by": rank})          # each rank sees something else; rank 0's view wins
 barrier()
-print(f"{rank} {decided['seen_by']} {dist.get_backend()}")
+with open(f"rank{rank}.txt", "w") as out:  # one file per rank: two processes' prints interleave on one pipe
+    out.write(f"{rank} {decided['seen_by']} {dist.get_backend()}")
 """
 
 
 def test_under_a_launcher_the_group_exists_before_any_stage_and_rank_0_decides(tmp_path):
     """What the runner relies on under torchrun: `init_process_group` (called by `safealign run` before the
     runner) makes `barrier` real from the first line, and `agree` hands every rank rank 0's decision."""
-    import socket
-    import subprocess
-    import sys
-
-    from conftest import clean_env
+    from conftest import torchrun
 
     script = tmp_path / "agree.py"
     script.write_text(AGREE_SCRIPT)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port, str(script)]
-    result = subprocess.run(command, cwd=tmp_path, env=clean_env(), capture_output=True, text=True, timeout=120)
+    result = torchrun(str(script), cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert sorted(result.stdout.split("\n")[:2]) == ["0 0 gloo", "1 0 gloo"], result.stdout
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["0 0 gloo", "1 0 gloo"]

@@ -70,6 +70,17 @@ def select_stages(recipe: Recipe, requested: list[str] | None) -> list[Stage]:
     return [stages[name] for name in ORDER if name in names]
 
 
+def release_memory() -> None:
+    """Free what a finished stage's models, optimizers and engines held (host and GPU caches)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def run_stage(recipe: Recipe, run_dir: Path, stage: Stage, force: bool = False) -> dict:
     """Run one stage unless its finished outputs are current; returns its summary."""
     final_dir, work_dir = run_dir / stage.name, run_dir / f".{stage.name}.partial"
@@ -98,6 +109,7 @@ def run_stage(recipe: Recipe, run_dir: Path, stage: Stage, force: bool = False) 
     summary = stage.run(StageContext(recipe=recipe, run_dir=run_dir, work_dir=work_dir))
     summary = {"stage": stage.name, "fingerprint": expected, "seconds": round(time.time() - started, 1), **summary}
     barrier()  # every rank is done reading its work dir (e.g. counting a model's parameters) before rank 0 moves it
+    release_memory()  # the next stage (a generator, another trainer) starts with the accelerator empty
 
     if is_rank_0():
         (work_dir / STAGE_FILE).write_text(json.dumps(summary, indent=2) + "\n")

@@ -13,6 +13,7 @@ decoding of a batch equals one-by-one decoding (a test checks it), so batching i
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from tqdm import tqdm
 from safealign import compat
 from safealign.data import flatten_messages
 from safealign.errors import SafeAlignError
+
+log = logging.getLogger("safealign")
 
 
 @dataclass(frozen=True)
@@ -206,6 +209,43 @@ class VLLMGenerator:
         return [out.outputs[0].text.strip() for out in outputs]
 
 
+class ShardedGenerator:
+    """A generator split over the ranks of a torchrun world: each rank answers every `world`-th request
+    on its own GPU, and every rank gets all answers back in request order (gathered), so what follows —
+    judging, caching by rank 0 — sees one set of answers, generated once."""
+
+    def __init__(self, inner: Generator) -> None:
+        import torch.distributed as dist
+
+        self.inner = inner
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.stats = GenerationStats(backend=f"{inner.stats.backend} × {self.world} ranks")
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[str]:
+        import torch.distributed as dist
+
+        mine = list(range(self.rank, len(requests), self.world))
+        started, tokens_before = time.time(), self.inner.stats.new_tokens
+        answers = self.inner.generate([requests[i] for i in mine]) if mine else []
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, (list(zip(mine, answers)), self.inner.stats.new_tokens - tokens_before))
+        ordered = [""] * len(requests)
+        for part, _ in gathered:
+            for i, text in part:
+                ordered[i] = text
+        # The world's throughput: every answer and token, over this call's wall time.
+        self.stats.answers += len(requests)
+        self.stats.new_tokens += sum(tokens for _, tokens in gathered)
+        self.stats.seconds += time.time() - started
+        return ordered
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def vllm_usable() -> bool:
     """vLLM needs its package and a GPU; on anything else the HF backend runs."""
     if not compat.gpu_available():
@@ -230,9 +270,34 @@ def make_generator(
     seed: int = 0,
     input_template: str | None = None,
 ) -> Generator:
-    """`backend`: auto (vLLM where usable, else HF), hf, or vllm."""
+    """`backend`: auto (vLLM where usable, else HF), hf, or vllm.
+
+    In one process vLLM spreads the model over every visible GPU by tensor parallelism (the eval chart
+    runs that way). Under torchrun the HF backend runs on each rank's own GPU and the requests are
+    sharded over the ranks (`ShardedGenerator`): a vLLM engine per rank would fight the training world
+    for the same GPUs and process group."""
+    if world_size() > 1:
+        if resolve_backend(backend) == "vllm":
+            log.warning("generation: %d processes (torchrun): the HF backend, sharded over the ranks, instead of "
+                        "vLLM; run the eval stage as one process to use vLLM's tensor parallelism", world_size())  # fmt: skip
+        return ShardedGenerator(
+            HFGenerator.from_pretrained(
+                model_dir, batch_size=batch_size, dtype=dtype, seed=seed, input_template=input_template
+            )
+        )
     if resolve_backend(backend) == "vllm":
-        return VLLMGenerator(model_dir, dtype=dtype, seed=seed, input_template=input_template)
+        return VLLMGenerator(
+            model_dir, dtype=dtype, seed=seed, input_template=input_template, tensor_parallel_size=tensor_parallel()
+        )
     return HFGenerator.from_pretrained(
         model_dir, batch_size=batch_size, dtype=dtype, seed=seed, input_template=input_template
     )
+
+
+def tensor_parallel() -> int:
+    """vLLM's tensor-parallel size in one process: every visible GPU (a power of two, which divides the
+    attention heads of the models we ship recipes for)."""
+    import torch
+
+    count = torch.cuda.device_count()
+    return 1 << (count.bit_length() - 1) if count else 1

@@ -152,7 +152,15 @@ class ChatClient:
         raise ChatClientError(f"judge endpoint {self.url} failed after {self.retries + 1} attempts: {last_error}")
 
     def complete(self, conversations: Sequence[list[dict]]) -> list[str]:
-        """The endpoint's answer to every conversation, from the cache where it has been asked before."""
+        """The endpoint's answer to every conversation, from the cache where it has been asked before.
+
+        Under torchrun only rank 0 calls the endpoint and appends to the cache; every rank gets its
+        answers (each conversation is paid for once, and the cache file has one writer)."""
+        from safealign.process import agree, is_rank_0
+
+        return agree(self._complete(conversations) if is_rank_0() else None)
+
+    def _complete(self, conversations: Sequence[list[dict]]) -> list[str]:
         keys = [self._key(messages) for messages in conversations]
         missing = sorted({k for k in keys if k not in self._cache})
         by_key = dict(zip(keys, conversations))

@@ -34,7 +34,7 @@ from safealign.eval.safety import DEFAULT_PATH, SafetyPrompt, load_prompts, pair
 from safealign.eval.subsets import stratified_subset
 from safealign.files import write_text_atomically
 from safealign.models import count_parameters, resolve_model
-from safealign.process import is_rank_0
+from safealign.process import agree, barrier, is_rank_0
 from safealign.recipe import Recipe
 from safealign.stages import StageContext, register_stage
 
@@ -98,7 +98,7 @@ def answer_with(
     key_source = [model_identity(model_dir), settings, [p.prompt for p in prompts], [q.question_id for q in questions]]
     key = hashlib.sha256(json.dumps(key_source).encode()).hexdigest()[:20]
     path = cache / f"{model_dir.name}-{key}.json"
-    if path.is_file():
+    if agree(path.is_file()):
         log.info("eval: answers of %s from the cache (%s)", model_dir, path.name)
         return json.loads(path.read_text())
 
@@ -132,7 +132,9 @@ def answer_with(
     }
     del generator
     gc.collect()
-    write_text_atomically(path, json.dumps(result))
+    if is_rank_0():  # every rank holds all answers (sharded generation gathers them); one writes
+        write_text_atomically(path, json.dumps(result))
+    barrier()
     return result
 
 
