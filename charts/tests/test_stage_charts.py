@@ -35,8 +35,11 @@ def test_each_stage_renders_a_complete_release(helm, stage):
     objects = render(stage)
     assert sorted(k for k in objects if k != "NOTES") == ["ConfigMap", "Job", "PersistentVolumeClaim", "Pod"]
     c = container(objects)
-    assert c["command"] == ["torchrun", "--standalone", "--nproc-per-node=8", "-m", "safealign.cli",
-                            "run", "/recipe/recipe.yaml", "--stage", stage, "--run-dir", "/runs/demo"]  # fmt: skip
+    run = ["run", "/recipe/recipe.yaml", "--stage", stage, "--run-dir", "/runs/demo"]
+    if stage == "eval":  # one process: vLLM takes the pod's 8 GPUs by tensor parallelism
+        assert c["command"] == ["safealign", *run]
+    else:
+        assert c["command"] == ["torchrun", "--standalone", "--nproc-per-node=8", "-m", "safealign.cli", *run]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "8" == c["resources"]["requests"]["nvidia.com/gpu"]
     assert objects["ConfigMap"][0]["data"]["recipe.yaml"].strip() == RECIPE.strip()
     assert {m["mountPath"] for m in c["volumeMounts"]} == {"/recipe", "/runs", "/models", "/dev/shm", "/tmp"}
@@ -92,6 +95,8 @@ def test_sweep_trials_are_one_indexed_job_pod_per_grid_point(helm):
         render("sweep", {"sweep": {"part": "trial"}})
     with pytest.raises(SafeAlignError, match="job.nodes > 1 is not supported for sweep trials"):
         render("sweep", {"sweep": {"part": "trial", "trials": 9}, "job": {"nodes": 2}})
+    with pytest.raises(SafeAlignError, match="the eval stage runs on one node"):
+        render("eval", {"job": {"nodes": 2}})
 
 
 def test_single_gpu_and_cpu_run_safealign_directly(helm):

@@ -1,6 +1,8 @@
 {{/*
 The container's command: `safealign run --stage <stage>` (the sweep chart: `safealign sweep --part <part>`,
-one grid point per pod of an Indexed Job for part "trial"). One process on <= 1 GPU; torchrun across the node's GPUs otherwise; across
+one grid point per pod of an Indexed Job for part "trial"). The eval stage is always one process: vLLM
+spreads each model over the pod's GPUs by tensor parallelism (under torchrun it would fall back to HF
+generation sharded over the ranks). Training stages: one process on <= 1 GPU; torchrun across the node's GPUs otherwise; across
 nodes, torchrun with a c10d rendezvous on pod 0 of the Indexed Job (reached through the headless
 Service as <job>-0.<service>), the node rank being the pod's completion index.
 */}}
@@ -16,7 +18,10 @@ Service as <job>-0.<service>), the node rank being the pod's completion index.
 {{- end -}}
 {{- end -}}
 {{- $run = concat $run $v.job.extraArgs -}}
-{{- if gt (int $v.job.nodes) 1 -}}
+{{- if and (eq .stage "eval") (gt (int $v.job.nodes) 1) }}{{ fail "job.nodes > 1: the eval stage runs on one node (vLLM spreads the models over its GPUs)" }}{{ end -}}
+{{- if eq .stage "eval" -}}
+{{- toJson (concat (list "safealign") $run) -}}
+{{- else if gt (int $v.job.nodes) 1 -}}
 {{- $rdzv := printf "%s-0.%s:%d" $job $job (int $v.job.rendezvousPort) -}}
 {{- toJson (concat (list "torchrun" (printf "--nnodes=%d" (int $v.job.nodes)) (printf "--nproc-per-node=%d" (int $v.resources.gpusPerNode)) "--node-rank=$(NODE_RANK)" "--rdzv-backend=c10d" (printf "--rdzv-endpoint=%s" $rdzv) (printf "--rdzv-id=%s" $job) "-m" "safealign.cli") $run) -}}
 {{- else if gt (int $v.resources.gpusPerNode) 1 -}}
@@ -35,7 +40,7 @@ its own exit 1, so a recipe error inside torchrun would be retried as a crash in
 */}}
 {{- define "safealign.torchrun" -}}
 {{- $v := .ctx.Values -}}
-{{- if or (gt (int $v.job.nodes) 1) (gt (int $v.resources.gpusPerNode) 1) }}true{{ end -}}
+{{- if and (ne .stage "eval") (or (gt (int $v.job.nodes) 1) (gt (int $v.resources.gpusPerNode) 1)) }}true{{ end -}}
 {{- end -}}
 
 {{- define "safealign.validateCommand" -}}
