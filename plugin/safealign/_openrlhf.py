@@ -29,7 +29,8 @@ try:
 except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environment
     if exc.name and exc.name.split(".")[0] in {"openrlhf", "deepspeed"}:
         raise SafeAlignError(
-            f"{exc.name} is not installed: run `make setup` (CPU) or `pip install 'safealign[gpu]'` (GPU image)"
+            f"{exc.name} is not installed: run `make setup` (CPU), or on a GPU machine `pip install -r "
+            "requirements/gpu.txt && pip install --no-deps -r requirements/gpu-no-deps.txt` (docs/install.md)"
         ) from None
     raise
 
