@@ -69,8 +69,19 @@ def test_multi_node_is_an_indexed_job_with_rendezvous(helm):
     assert service["spec"]["publishNotReadyAddresses"] is True
     assert service["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
     c = container(objects)
-    assert c["command"][:7] == ["torchrun", "--nnodes=2", "--nproc-per-node=4", "--node-rank=$(NODE_RANK)",
-                                "--rdzv-backend=c10d", "--rdzv-endpoint=demo-0.demo:29400", "--rdzv-id=demo"]  # fmt: skip
+    assert c["command"][:8] == ["torchrun", "--nnodes=2", "--nproc-per-node=4", "--max-restarts=3",
+                                "--rdzv-backend=c10d", "--rdzv-endpoint=demo-0.demo:29400", "--rdzv-id=demo",
+                                "--rdzv-conf=join_timeout=900"]  # fmt: skip
+    init = {i["name"]: i for i in spec["template"]["spec"]["initContainers"]}
+    assert list(init) == ["rendezvous", "validate"]  # pod 0's name resolves first, then the recipe is checked
+    wait = init["rendezvous"]["command"]
+    assert wait[:2] == ["python", "-c"] and wait[3:] == ["demo-0.demo", "900"]
+    import subprocess
+    import sys
+
+    for host, code in (("localhost", 0), ("demo-0.nowhere.invalid", 1)):  # the script the pod runs, here
+        result = subprocess.run([sys.executable, "-c", wait[2], host, "3"], capture_output=True, text=True, timeout=60)
+        assert result.returncode == code, result.stderr
     rank = {e["name"]: e for e in c["env"]}["NODE_RANK"]
     assert (
         rank["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
@@ -195,7 +206,7 @@ def test_torchrun_stages_check_the_recipe_against_their_world_size_first(helm, t
     values = {"job": {"nodes": 2, "extraArgs": ["--force", "--set", "align.micro_batch_size=1"]},
               "resources": {"gpusPerNode": 8}}  # fmt: skip
     spec = job_of(render("align", values))["spec"]
-    (init,) = spec["template"]["spec"]["initContainers"]
+    init = {i["name"]: i for i in spec["template"]["spec"]["initContainers"]}["validate"]
     assert init["command"] == ["safealign", "validate", "/recipe/recipe.yaml", "--world-size", "16",
                                "--stage", "align", "--set", "align.micro_batch_size=1"]  # fmt: skip
     assert {"action": "FailJob", "onExitCodes": {"containerName": "validate", "operator": "In", "values": [2]}} in (

@@ -4,7 +4,9 @@ one grid point per pod of an Indexed Job for part "trial"). The eval stage is al
 spreads each model over the pod's GPUs by tensor parallelism (under torchrun it would fall back to HF
 generation sharded over the ranks). Training stages: one process on <= 1 GPU; torchrun across the node's GPUs otherwise; across
 nodes, torchrun with a c10d rendezvous on pod 0 of the Indexed Job (reached through the headless
-Service as <job>-0.<service>), the node rank being the pod's completion index.
+Service as <job>-0.<service>; c10d numbers the nodes itself, in joining order). Pod 0 hosts the
+rendezvous store only if that name already resolves to its own address when torchrun starts, so every pod
+first waits for the name (the `rendezvous` init container, safealign.waitForRendezvous).
 */}}
 {{- define "safealign.command" -}}
 {{- $v := .ctx.Values -}}
@@ -23,7 +25,8 @@ Service as <job>-0.<service>), the node rank being the pod's completion index.
 {{- toJson (concat (list "safealign") $run) -}}
 {{- else if gt (int $v.job.nodes) 1 -}}
 {{- $rdzv := printf "%s-0.%s:%d" $job $job (int $v.job.rendezvousPort) -}}
-{{- toJson (concat (list "torchrun" (printf "--nnodes=%d" (int $v.job.nodes)) (printf "--nproc-per-node=%d" (int $v.resources.gpusPerNode)) "--node-rank=$(NODE_RANK)" "--rdzv-backend=c10d" (printf "--rdzv-endpoint=%s" $rdzv) (printf "--rdzv-id=%s" $job) "-m" "safealign.cli") $run) -}}
+{{- $torchrun := list "torchrun" (printf "--nnodes=%d" (int $v.job.nodes)) (printf "--nproc-per-node=%d" (int $v.resources.gpusPerNode)) (printf "--max-restarts=%d" (int $v.job.maxRestarts)) "--rdzv-backend=c10d" (printf "--rdzv-endpoint=%s" $rdzv) (printf "--rdzv-id=%s" $job) (printf "--rdzv-conf=join_timeout=%d" (int $v.job.rendezvousTimeout)) -}}
+{{- toJson (concat $torchrun (list "-m" "safealign.cli") $run) -}}
 {{- else if gt (int $v.resources.gpusPerNode) 1 -}}
 {{- toJson (concat (list "torchrun" "--standalone" (printf "--nproc-per-node=%d" (int $v.resources.gpusPerNode)) "-m" "safealign.cli") $run) -}}
 {{- else -}}
@@ -56,4 +59,27 @@ its own exit 1, so a recipe error inside torchrun would be retried as a crash in
 {{- end -}}
 {{- end -}}
 {{- toJson $args -}}
+{{- end -}}
+
+
+{{/*
+The multi-node pods' init container command: wait (up to job.rendezvousTimeout) until pod 0's name
+resolves. Without it, pod 0 may start torchrun before the headless Service's DNS record exists, conclude
+that it is not the rendezvous host, and wait as a client for a store nobody runs.
+*/}}
+{{- define "safealign.waitForRendezvous" -}}
+{{- $v := .ctx.Values -}}
+{{- $job := include "safealign.fullname" . -}}
+{{- $script := `import socket, sys, time
+host, limit = sys.argv[1], float(sys.argv[2])
+start = time.time()
+while True:
+    try:
+        print(host, "resolves to", socket.getaddrinfo(host, None)[0][4][0])
+        break
+    except OSError:
+        if time.time() - start > limit:
+            sys.exit(f"{host} did not resolve within {limit:.0f} s: is the headless Service there?")
+        time.sleep(2)` -}}
+{{- toJson (list "python" "-c" $script (printf "%s-0.%s" $job $job) (toString (int $v.job.rendezvousTimeout))) -}}
 {{- end -}}

@@ -98,8 +98,19 @@ spec:
       affinity:
         {{- toYaml . | nindent 8 }}
       {{- end }}
-      {{- if $precheck }}
+      {{- if or $precheck (gt $nodes 1) }}
       initContainers:
+      {{- end }}
+      {{- if gt $nodes 1 }}
+        # Pod 0's name must resolve before torchrun starts, or pod 0 does not host the rendezvous.
+        - name: rendezvous
+          image: {{ include "safealign.image" . }}
+          imagePullPolicy: {{ $v.image.pullPolicy }}
+          command: {{ include "safealign.waitForRendezvous" . }}
+          securityContext:
+            {{- toYaml $v.securityContext.container | nindent 12 }}
+      {{- end }}
+      {{- if $precheck }}
         # The recipe, checked against this Job's world size before torchrun starts (see _command.tpl).
         - name: validate
           image: {{ include "safealign.image" . }}
