@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.safealign-installed
 
-.PHONY: setup quickstart test lint manifests bench clean
+.PHONY: setup quickstart test lint manifests bench gpu-smoke clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,20 @@ bench: setup
 	$(BIN)/python benchmarks/stage_times.py $(BENCH_RUN)
 	$(BIN)/python benchmarks/cost_sampling.py $(BENCH_RUN)
 
+# On a machine with NVIDIA GPUs (driver >= 580): the GPU image's package set in .venv-gpu, then the tiny
+# recipe through every stage on every visible GPU (tests/test_gpu.py; minutes). Never part of `make test`.
+GPU_VENV ?= .venv-gpu
+GPU_STAMP := $(GPU_VENV)/.safealign-installed
+$(GPU_STAMP): setup.cfg pyproject.toml requirements/gpu.txt requirements/gpu-no-deps.txt
+	$(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/pip install --quiet -r requirements/gpu.txt
+	$(GPU_VENV)/bin/pip install --quiet --no-deps -r requirements/gpu-no-deps.txt
+	$(GPU_VENV)/bin/pip install --quiet -e '.[test]'
+	touch $@
+
+gpu-smoke: $(GPU_STAMP)
+	$(GPU_VENV)/bin/pytest -v -rs tests/test_gpu.py
+
 lint: setup
 	$(BIN)/ruff check plugin tests charts benchmarks
 
@@ -46,4 +60,4 @@ test: lint
 	$(BIN)/pytest
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(GPU_VENV) runs .pytest_cache

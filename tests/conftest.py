@@ -209,12 +209,16 @@ def kill_when(args: list[str], cwd: Path, ready, timeout: float = 300) -> None:
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
 
 
-def torchrun_cli(*args: str, cwd: Path, nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node N -m safealign.cli ARGS` (gloo on CPU)."""
-    return torchrun("-m", "safealign.cli", *args, cwd=cwd, nproc=nproc, timeout=timeout)
+def torchrun_cli(
+    *args: str, cwd: Path, nproc: int = 2, timeout: float = 600, extra_env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node N -m safealign.cli ARGS` (gloo on CPU, NCCL on GPUs)."""
+    return torchrun("-m", "safealign.cli", *args, cwd=cwd, nproc=nproc, timeout=timeout, extra_env=extra_env)
 
 
-def torchrun(*target: str, cwd: Path, nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
+def torchrun(
+    *target: str, cwd: Path, nproc: int = 2, timeout: float = 600, extra_env: dict | None = None
+) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node N TARGET...` in a clean environment; a hang is killed with its workers."""
     with socket.socket() as sock:  # torchrun's --master_port 0 hangs the static rendezvous: pick one
         sock.bind(("127.0.0.1", 0))
@@ -222,7 +226,7 @@ def torchrun(*target: str, cwd: Path, nproc: int = 2, timeout: float = 600) -> s
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", port,
                *target]  # fmt: skip
     proc = subprocess.Popen(
-        command, cwd=cwd, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        command, cwd=cwd, env={**clean_env(), **(extra_env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         start_new_session=True,
     )  # fmt: skip
     try:
