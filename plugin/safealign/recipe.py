@@ -646,12 +646,12 @@ def samples_policy_cost(align: AlignSection) -> bool:
 def check_cost_model(recipe: Recipe, source: str) -> None:
     """λ's dual update needs a cost model to score the policy's answers: the rm stage's or a given one."""
     trains_with_lambda = "align" in recipe.stages or ("distill" in recipe.stages and recipe.distill.ddpo)
-    if trains_with_lambda and samples_policy_cost(recipe.align) and recipe.model.cost_model is None:
-        if "rm" not in recipe.stages:
-            raise SafeAlignError(
-                f"{source}: align.lambda_update: dual samples Ĵ_C with a cost model, and this recipe has none: "
-                "add rm to stages, set model.cost_model to a trained cost model, or set align.lambda_update: fixed"
-            )
+    no_cost_model = recipe.model.cost_model is None and "rm" not in recipe.stages
+    if trains_with_lambda and no_cost_model and samples_policy_cost(recipe.align):
+        raise SafeAlignError(
+            f"{source}: align.lambda_update: dual samples Ĵ_C with a cost model, and this recipe has none: "
+            "add rm to stages, set model.cost_model to a trained cost model, or set align.lambda_update: fixed"
+        )
 
 
 def check_loss_keys(recipe: Recipe, source: str) -> None:
