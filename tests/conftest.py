@@ -151,6 +151,35 @@ TINY_COST_SAMPLING = {"prompts": 4, "max_new_tokens": 8, "batch_size": 4, "logge
 TINY_ALIGN = {**TINY_TRAINER, "lambda_update_every": 1, "cost_sampling": TINY_COST_SAMPLING}
 
 
+def pipeline_recipe(tokenizer_dir: Path, rows: str, name: str, **sections) -> dict:
+    """Every stage (rm → align → distill → eval) on an untied tiny random Llama (tied, it answers only
+    "\n"); `sections` update the defaults by section."""
+    model = tiny_policy(tokenizer_dir)
+    model["policy"]["random"]["config"]["tie_word_embeddings"] = False
+    recipe = {
+        "name": name,
+        "stages": ["rm", "align", "distill", "eval"],
+        "model": model,
+        "data": {"train": [{"path": rows}], "max_len": 512},
+        "rm": {"helpful": TINY_TRAINER, "cost": TINY_TRAINER, "eval_fraction": 0.0},
+        "align": TINY_ALIGN,
+        "distill": {"max_prompts": 8, "max_new_tokens": 8, "sft": TINY_TRAINER},
+        "eval": {"beavertails_per_category": 1, "mt_bench_per_category": 1, "max_new_tokens": 6},
+        "logging": {"tensorboard": False},
+    }
+    for section, values in sections.items():
+        recipe[section] = {**recipe.get(section, {}), **values} if isinstance(values, dict) else values
+    return recipe
+
+
+def llm_judged_eval(url: str) -> dict:
+    """An eval section judged by refusal and an LLM judge at `url` (the judge_api stand-in)."""
+    return {
+        "beavertails_per_category": 1, "mt_bench_per_category": 1, "max_new_tokens": 6,
+        "judges": ["refusal", "llm"], "llm_judge": {"url": url, "model": "stand-in", "retries": 0},
+    }  # fmt: skip
+
+
 def tiny_recipe(tmp_path: Path, tokenizer_dir: Path, data: Path, **sections) -> Path:
     """A recipe for a 2-layer, hidden-32 random Llama; `sections` update the defaults by section.
 

@@ -12,7 +12,8 @@ from safealign.stages.distill import pick_answer
 
 from conftest import (
     TINY_ALIGN,
-    TINY_TRAINER,
+    llm_judged_eval,
+    pipeline_recipe,
     pku_rows,
     run_cli,
     tiny_cost_model,
@@ -23,33 +24,16 @@ from conftest import (
 
 pytestmark = pytest.mark.slow
 
-TRAINER = TINY_TRAINER
-
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, tokenizer_dir):
     root = tmp_path_factory.mktemp("eval")
     write_jsonl(root / "pku.jsonl", pku_rows(24))
-    model = tiny_policy(tokenizer_dir)
-    model["policy"]["random"]["config"]["tie_word_embeddings"] = False  # tied, it answers only "\n" (test_distill)
-    recipe = {
-        "name": "ev",
-        "stages": ["rm", "align", "distill", "eval"],
-        "model": model,
-        "data": {"train": [{"path": "pku.jsonl"}], "max_len": 512},
-        "rm": {"helpful": TRAINER, "cost": TRAINER, "eval_fraction": 0.0},
-        "align": TINY_ALIGN,
-        "distill": {
-            "best_of_n": 3,
-            "temperature": 1.0,
-            "max_prompts": 8,
-            "max_new_tokens": 12,
-            "ddpo": True,
-            "sft": TINY_TRAINER,
-        },  # fmt: skip
-        "eval": {"beavertails_per_category": 2, "mt_bench_per_category": 1, "max_new_tokens": 8},
-        "logging": {"tensorboard": False},
-    }
+    recipe = pipeline_recipe(
+        tokenizer_dir, "pku.jsonl", "ev",
+        distill={"best_of_n": 3, "temperature": 1.0, "max_new_tokens": 12, "ddpo": True},
+        eval={"beavertails_per_category": 2, "max_new_tokens": 8},
+    )  # fmt: skip
     (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     result = run_cli("run", "recipe.yaml", cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -108,12 +92,9 @@ def test_llm_judge_grades_safety_and_mt_bench_through_the_stage(tmp_path, tokeni
         "model": {**tiny_policy(tokenizer_dir), "cost_model": str(tiny_cost_model(tokenizer_dir))},
         "data": {"train": [{"path": "pku.jsonl"}], "max_len": 512},
         "align": TINY_ALIGN,
-        "eval": {
-            "beavertails_per_category": 1, "mt_bench_per_category": 1, "max_new_tokens": 6,
-            "judges": ["refusal", "llm"], "llm_judge": {"url": url, "model": "stand-in", "retries": 0},
-        },
+        "eval": llm_judged_eval(url),
         "logging": {"tensorboard": False},
-    }  # fmt: skip
+    }
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     result = run_cli("run", "recipe.yaml", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -170,12 +151,9 @@ def test_eval_under_two_ranks_generates_and_judges_once(tmp_path, tokenizer_dir,
         "stages": ["eval"],
         "model": tiny_policy(tokenizer_dir),
         "data": {"train": [{"path": "pku.jsonl"}], "max_len": 512},
-        "eval": {
-            "beavertails_per_category": 1, "mt_bench_per_category": 1, "max_new_tokens": 6,
-            "judges": ["refusal", "llm"], "llm_judge": {"url": url, "model": "stand-in", "retries": 0},
-        },
+        "eval": llm_judged_eval(url),
         "logging": {"tensorboard": False},
-    }  # fmt: skip
+    }
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     single = run_cli("run", "recipe.yaml", "--run-dir", "runs/one", cwd=tmp_path)
     assert single.returncode == 0, single.stderr[-3000:]
@@ -208,21 +186,10 @@ def test_every_stage_runs_under_two_ranks(tmp_path, tokenizer_dir):
     """rm → align → distill (best-of-n, dDPO) → eval under torchrun with 2 ranks (gloo, ZeRO-2): the
     whole pipeline runs as one world, and every stage's outputs are published once."""
     write_jsonl(tmp_path / "pku.jsonl", pku_rows(24))
-    model = tiny_policy(tokenizer_dir)
-    model["policy"]["random"]["config"]["tie_word_embeddings"] = False
-    recipe = {
-        "name": "ranks",
-        "stages": ["rm", "align", "distill", "eval"],
-        "model": model,
-        "data": {"train": [{"path": "pku.jsonl"}], "max_len": 512},
-        "rm": {"helpful": TRAINER, "cost": TRAINER, "eval_fraction": 0.0},
-        "align": TINY_ALIGN,
-        "distill": {"best_of_n": 2, "temperature": 1.0, "max_prompts": 8, "max_new_tokens": 8, "ddpo": True,
-                    "sft": TINY_TRAINER},  # fmt: skip
-        "eval": {"beavertails_per_category": 1, "mt_bench_per_category": 1, "max_new_tokens": 6},
-        "logging": {"tensorboard": False},
-        "deepspeed": {"zero_stage": 2},
-    }
+    recipe = pipeline_recipe(
+        tokenizer_dir, "pku.jsonl", "ranks",
+        distill={"best_of_n": 2, "temperature": 1.0, "ddpo": True}, deepspeed={"zero_stage": 2},
+    )  # fmt: skip
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     result = torchrun_cli("run", "recipe.yaml", cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -142,3 +142,15 @@ def test_sharded_generation_splits_requests_over_ranks_and_gathers_them_in_order
     for r in ranks:
         assert r["answers"] == ["Q0", "Q1", "Q2", "Q3", "Q4"]
         assert (r["answers_n"], r["tokens"], r["backend"]) == (5, 5, "echo × 2 ranks")
+
+
+@pytest.mark.parametrize(
+    "gpus, heads, kv_heads, expected",
+    [(8, 32, 8, 8), (8, 32, 2, 8), (6, 32, 8, 4), (8, 4, 2, 4), (8, 12, 4, 4), (0, 32, 8, 1), (8, 9, 3, 1)],
+)
+def test_vllm_tensor_parallel_size_splits_the_heads(tmp_path, gpus, heads, kv_heads, expected):
+    """Mistral-7B (32 heads, 8 KV) takes all 8 GPUs; a 4-head model takes 4; 6 GPUs use 4; no GPU: 1."""
+    from safealign.eval.generation import tensor_parallel
+
+    (tmp_path / "config.json").write_text(json.dumps({"num_attention_heads": heads, "num_key_value_heads": kv_heads}))
+    assert tensor_parallel(tmp_path, gpus) == expected

@@ -12,28 +12,22 @@ import pytest
 import torch
 import yaml
 
-from conftest import TINY_ALIGN, TINY_TRAINER, pku_rows, run_cli, tiny_policy, torchrun_cli, write_jsonl
+from conftest import TINY_TRAINER, pipeline_recipe, pku_rows, run_cli, torchrun_cli, write_jsonl
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible (make gpu-smoke on a GPU machine)")
 
 
 def test_every_stage_on_the_visible_gpus(tmp_path, tokenizer_dir):
     gpus = torch.cuda.device_count()
-    write_jsonl(tmp_path / "pku.jsonl", pku_rows(32))
+    write_jsonl(tmp_path / "pku.jsonl", pku_rows(16 * gpus + 8))  # a few global batches of 4 × GPUs pairs
     trainer = {**TINY_TRAINER, "batch_size": 4 * gpus, "micro_batch_size": 2}
-    model = tiny_policy(tokenizer_dir)
-    model.update(dtype="bf16", attn_implementation="auto")
-    recipe = {
-        "name": "gpu",
-        "stages": ["rm", "align", "distill", "eval"],
-        "model": model,
-        "data": {"train": [{"path": "pku.jsonl"}], "max_len": 256},
-        "rm": {"helpful": trainer, "cost": trainer, "eval_fraction": 0.0},
-        "align": {**TINY_ALIGN, **trainer},
-        "distill": {"max_prompts": 8, "max_new_tokens": 8, "sft": trainer},
-        "eval": {"backend": "vllm", "beavertails_per_category": 1, "mt_bench_per_category": 1, "max_new_tokens": 8},
-        "logging": {"tensorboard": False},
-    }
+    recipe = pipeline_recipe(
+        tokenizer_dir, "pku.jsonl", "gpu",
+        model={"dtype": "bf16", "attn_implementation": "auto"},
+        data={"max_len": 256},
+        rm={"helpful": trainer, "cost": trainer}, align=trainer, distill={"sft": trainer, "max_prompts": 8 * gpus},
+        eval={"backend": "vllm", "max_new_tokens": 8},
+    )  # fmt: skip
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     env = {"SAFEALIGN_REQUIRE_GPU": "1"}
     train = torchrun_cli("run", "recipe.yaml", "--stage", "rm", "--stage", "align", "--stage", "distill",

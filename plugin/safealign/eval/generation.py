@@ -287,17 +287,31 @@ def make_generator(
         )
     if resolve_backend(backend) == "vllm":
         return VLLMGenerator(
-            model_dir, dtype=dtype, seed=seed, input_template=input_template, tensor_parallel_size=tensor_parallel()
+            model_dir,
+            dtype=dtype,
+            seed=seed,
+            input_template=input_template,
+            tensor_parallel_size=tensor_parallel(model_dir),
         )
     return HFGenerator.from_pretrained(
         model_dir, batch_size=batch_size, dtype=dtype, seed=seed, input_template=input_template
     )
 
 
-def tensor_parallel() -> int:
-    """vLLM's tensor-parallel size in one process: every visible GPU (a power of two, which divides the
-    attention heads of the models we ship recipes for)."""
-    import torch
+def tensor_parallel(model_dir: Path, gpus: int | None = None) -> int:
+    """vLLM's tensor-parallel size in one process: the most visible GPUs (a power of two) that split the
+    model's attention heads evenly — vLLM shards heads across GPUs and refuses sizes that do not divide
+    them (key/value heads may instead be replicated, when the size is a multiple of theirs)."""
+    import json
 
-    count = torch.cuda.device_count()
-    return 1 << (count.bit_length() - 1) if count else 1
+    if gpus is None:
+        import torch
+
+        gpus = torch.cuda.device_count()
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    heads = config.get("num_attention_heads", 1)
+    kv_heads = config.get("num_key_value_heads") or heads
+    size = 1 << (max(gpus, 1).bit_length() - 1)
+    while size > 1 and (heads % size or (kv_heads % size and size % kv_heads)):
+        size //= 2
+    return size
