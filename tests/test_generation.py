@@ -109,7 +109,7 @@ def test_vllm_gets_token_ids_without_a_bos_for_an_input_template(monkeypatch, to
 SHARD_SCRIPT = """
 import json, torch.distributed as dist
 from safealign.eval.generation import GenerationRequest, GenerationStats, ShardedGenerator
-from safealign.process import init_process_group
+from safealign.process import init_process_group, leave_process_group
 
 class Echo:  # stands in for a model: answers with the prompt, records what it was asked
     def __init__(self):
@@ -126,6 +126,7 @@ answers = sharded.generate([GenerationRequest.single_turn(f"q{i}") for i in rang
 with open(f"rank{dist.get_rank()}.json", "w") as out:
     json.dump({"seen": inner.seen, "answers": answers, "answers_n": sharded.stats.answers,
                "tokens": sharded.stats.new_tokens, "backend": sharded.stats.backend}, out)
+leave_process_group()
 """
 
 

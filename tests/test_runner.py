@@ -80,13 +80,14 @@ def test_logging_changes_do_not_invalidate_a_stage(tmp_path):
 
 AGREE_SCRIPT = """
 import os, sys, torch.distributed as dist
-from safealign.process import agree, barrier, init_process_group
+from safealign.process import agree, barrier, init_process_group, leave_process_group
 init_process_group()
 rank = dist.get_rank()
 decided = agree({"seen_by": rank})          # each rank sees something else; rank 0's view wins
 barrier()
 with open(f"rank{rank}.txt", "w") as out:  # one file per rank: two processes' prints interleave on one pipe
     out.write(f"{rank} {decided['seen_by']} {dist.get_backend()}")
+leave_process_group()
 """
 
 

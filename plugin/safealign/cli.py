@@ -196,7 +196,7 @@ def _run(args: argparse.Namespace) -> int:
             f"{args.recipe} has a sweep section: run `safealign sweep {args.recipe}` "
             "(or add --set sweep=null to run the recipe's own values once)"
         )
-    from safealign.process import init_process_group
+    from safealign.process import init_process_group, leave_process_group
     from safealign.runner import run_recipe
 
     require_gpu()
@@ -204,6 +204,7 @@ def _run(args: argparse.Namespace) -> int:
     init_process_group()  # under torchrun: before the runner decides what to skip, resume or wipe
     run_dir = args.run_dir or Path("runs") / recipe.name
     summaries = run_recipe(recipe, run_dir, args.stages, args.force)
+    leave_process_group()
     if is_rank_0():
         for summary in summaries:
             outputs = ", ".join(

@@ -58,3 +58,13 @@ def agree(value: T) -> T:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def leave_process_group() -> None:
+    """At the end of a run under a launcher: wait for every rank, then tear the group down, so no rank's
+    communication threads see a peer vanish mid-exit (gloo aborts the process when they do)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
