@@ -131,18 +131,19 @@ leave_process_group()
 
 
 def test_sharded_generation_splits_requests_over_ranks_and_gathers_them_in_order(tmp_path):
-    """Under torchrun (2 ranks, gloo) each rank's generator is asked every other request, and every rank
-    gets all answers back in request order, with the world's counts."""
+    """Under torchrun (2 ranks, gloo) each rank's generator is asked every other request — equal shares:
+    rank 1 repeats q0 and drops its answer — and every rank gets all answers back in request order, with
+    the world's counts (6 requests generated for 5 answers)."""
     from conftest import torchrun
 
     (tmp_path / "shard.py").write_text(SHARD_SCRIPT)
     result = torchrun(str(tmp_path / "shard.py"), cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0]["seen"] == ["q0", "q2", "q4"] and ranks[1]["seen"] == ["q1", "q3"]
+    assert ranks[0]["seen"] == ["q0", "q2", "q4"] and ranks[1]["seen"] == ["q1", "q3", "q0"]
     for r in ranks:
         assert r["answers"] == ["Q0", "Q1", "Q2", "Q3", "Q4"]
-        assert (r["answers_n"], r["tokens"], r["backend"]) == (5, 5, "echo × 2 ranks")
+        assert (r["answers_n"], r["tokens"], r["backend"]) == (5, 6, "echo × 2 ranks")
 
 
 @pytest.mark.parametrize(

@@ -12,9 +12,9 @@ it stays above a threshold of 0 whatever the policy does, and λ follows the dat
 How the work is split and what it costs:
 - generation runs on the training engine's own model (HF `generate`, eval mode, KV cache), sampled
   with `align.cost_sampling.temperature` in a forked RNG so the training's random stream is untouched;
-  with several ranks each answers its share of the pool (equal shares, so ZeRO-3's `synced_gpus`
-  generation stays in lockstep), the answers are gathered, and scoring is sharded and all-reduced, so
-  every rank holds every cost and steps λ identically;
+  with several ranks the eval stage's `ShardedGenerator` gives each its equal share of the pool (so
+  ZeRO-3's `synced_gpus` generation stays in lockstep) and gathers the answers, and scoring is sharded
+  and all-reduced, so every rank holds every cost and steps λ identically;
 - the cost model lives in host memory between updates and visits the accelerator only while it scores
   (on a CPU-only machine it simply stays resident: its weights are the whole price);
 - each update writes the first `align.cost_sampling.logged_answers` prompts' answers and costs to
@@ -30,14 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from safealign import compat
 from safealign import openrlhf_setup as setup
 from safealign._openrlhf import get_llm_for_sequence_regression
 from safealign.data import Message, PreferenceRow
 from safealign.errors import SafeAlignError
-from safealign.eval.generation import GenerationRequest, HFGenerator
+from safealign.eval.generation import GenerationRequest, HFGenerator, ShardedGenerator
 from safealign.metrics import MetricsLog
 from safealign.pair_dataset import PreferencePairDataset
 from safealign.recipe import Recipe
@@ -145,49 +144,37 @@ class PolicyCostSampler:
         self.strategy = strategy
         self.samples_log = MetricsLog(samples_path, enabled=strategy.is_rank_0())
 
-    def _my_positions(self) -> list[int]:
-        """Pool positions this rank answers: equal shares (the pool padded by repeating its start)."""
-        world, rank = getattr(self.strategy, "world_size", 1), self.strategy.get_rank()
-        per_rank = math.ceil(len(self.prompts) / world)
-        return list(range(rank, per_rank * world, world))
-
     def answer(self, policy, step: int) -> tuple[list[str], int]:
-        """Every pool prompt's answer from `policy` (gathered from all ranks), and the new tokens made."""
-        positions = self._my_positions()
-        n = len(self.prompts)
+        """Every pool prompt's answer from `policy` (on several ranks: sharded, gathered), and the new
+        tokens made."""
         requests = [
             GenerationRequest(
-                messages=tuple((m["role"], m["content"]) for m in self.prompts[p % n]),
+                messages=tuple((m["role"], m["content"]) for m in prompt),
                 max_new_tokens=self.settings.max_new_tokens,
                 temperature=self.settings.temperature,
             )
-            for p in positions
+            for prompt in self.prompts
         ]
+        several = getattr(self.strategy, "world_size", 1) > 1
         generator = HFGenerator(
             policy,
             self.tokenizer,
             batch_size=self.settings.batch_size,
             seed=self.seed + step,
             input_template=self.input_template,
-            synced_gpus=self.zero3 and getattr(self.strategy, "world_size", 1) > 1,
+            synced_gpus=self.zero3 and several,
             progress=False,
         )
+        if several:
+            generator = ShardedGenerator(generator)
         was_training = policy.training
         policy.eval()
         devices = [torch.cuda.current_device()] if compat.gpu_available() else []
         try:
             with torch.random.fork_rng(devices=devices):
-                mine = generator.generate(requests)
+                answers = generator.generate(requests)
         finally:
             policy.train(was_training)
-        pieces = [(p, a) for p, a in zip(positions, mine) if p < n]
-        if getattr(self.strategy, "world_size", 1) > 1:
-            gathered: list = [None] * self.strategy.world_size
-            dist.all_gather_object(gathered, pieces)
-            pieces = [piece for part in gathered for piece in part]
-        answers = [""] * n
-        for position, text in pieces:
-            answers[position] = text
         return answers, generator.stats.new_tokens
 
     def estimate(self, policy, step: int) -> CostSample:

@@ -14,6 +14,7 @@ decoding of a batch equals one-by-one decoding (a test checks it), so batching i
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -212,7 +213,9 @@ class VLLMGenerator:
 class ShardedGenerator:
     """A generator split over the ranks of a torchrun world: each rank answers every `world`-th request
     on its own GPU, and every rank gets all answers back in request order (gathered), so what follows —
-    judging, caching by rank 0 — sees one set of answers, generated once."""
+    judging, caching by rank 0 — sees one set of answers, generated once. Shares are equal (the last
+    ranks repeat a request or two and drop the answer): every rank then makes the same generate calls,
+    which a ZeRO-3-partitioned model (`synced_gpus`) needs to stay in lockstep."""
 
     def __init__(self, inner: Generator) -> None:
         import torch.distributed as dist
@@ -224,17 +227,19 @@ class ShardedGenerator:
     def generate(self, requests: Sequence[GenerationRequest]) -> list[str]:
         import torch.distributed as dist
 
-        mine = list(range(self.rank, len(requests), self.world))
+        n = len(requests)
+        positions = range(self.rank, math.ceil(n / self.world) * self.world, self.world)
         started, tokens_before = time.time(), self.inner.stats.new_tokens
-        answers = self.inner.generate([requests[i] for i in mine]) if mine else []
+        answers = self.inner.generate([requests[p % n] for p in positions]) if n else []
+        mine = [(p, a) for p, a in zip(positions, answers) if p < n]
         gathered: list = [None] * self.world
-        dist.all_gather_object(gathered, (list(zip(mine, answers)), self.inner.stats.new_tokens - tokens_before))
-        ordered = [""] * len(requests)
+        dist.all_gather_object(gathered, (mine, self.inner.stats.new_tokens - tokens_before))
+        ordered = [""] * n
         for part, _ in gathered:
             for i, text in part:
                 ordered[i] = text
         # The world's throughput: every answer and token, over this call's wall time.
-        self.stats.answers += len(requests)
+        self.stats.answers += n
         self.stats.new_tokens += sum(tokens for _, tokens in gathered)
         self.stats.seconds += time.time() - started
         return ordered

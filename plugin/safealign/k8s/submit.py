@@ -312,10 +312,11 @@ def check_job_batches(recipe, jobs: list[tuple[str, dict]]) -> None:
     chart's, not one torchrun world.)"""
     for stage, job in jobs:
         if stage in ("rm", "align", "distill"):
+            world = job_world_size(job)
             try:
-                check_world_size(recipe, job_world_size(job), [stage])
+                check_world_size(recipe, world, [stage])
             except SafeAlignError as exc:
-                raise SafeAlignError(f"stage {stage} ({job_world_size(job)} processes from the values): {exc}") from None
+                raise SafeAlignError(f"stage {stage} ({world} processes from the values): {exc}") from None
 
 
 def submit(

@@ -77,7 +77,7 @@ class SafeMMDPOTrainer(StepLoop, DPOTrainer):
         )
         self.preference_loss = loss
         self.lagrange = lagrange
-        self.cost_sampler = cost_sampler if loss.uses_lambda else None
+        self.cost_sampler = cost_sampler  # None where λ is fixed or unused (train_policy decides)
         self.lambda_update_every = lambda_update_every
         self.metrics = MetricsLog(metrics_path, enabled=strategy.is_rank_0())
         self.device = next(self.model.parameters()).device
