@@ -263,8 +263,13 @@ def vllm_usable() -> bool:
 
 
 def resolve_backend(backend: str) -> str:
-    """`auto` is vLLM where usable, else HF; `hf` and `vllm` are themselves."""
-    return "vllm" if backend == "vllm" or (backend == "auto" and vllm_usable()) else "hf"
+    """The backend that will answer: `auto` is vLLM where usable, else HF; `hf` and `vllm` are themselves;
+    under torchrun always HF (sharded, see `make_generator`). The eval cache keys answers by it."""
+    return "vllm" if world_size() == 1 and _asks_for_vllm(backend) else "hf"
+
+
+def _asks_for_vllm(backend: str) -> bool:
+    return backend == "vllm" or (backend == "auto" and vllm_usable())
 
 
 def make_generator(
@@ -282,7 +287,7 @@ def make_generator(
     sharded over the ranks (`ShardedGenerator`): a vLLM engine per rank would fight the training world
     for the same GPUs and process group."""
     if world_size() > 1:
-        if resolve_backend(backend) == "vllm":
+        if _asks_for_vllm(backend):
             log.warning("generation: %d processes (torchrun): the HF backend, sharded over the ranks, instead of "
                         "vLLM; run the eval stage as one process to use vLLM's tensor parallelism", world_size())  # fmt: skip
         return ShardedGenerator(
