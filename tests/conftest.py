@@ -213,6 +213,16 @@ def run_cli(*args: str, cwd: Path, timeout: float = 600, extra_env: dict | None 
     )
 
 
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """A user's mistake: exit 2, one `safealign: error:` line holding every fragment, no traceback."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("safealign: error:")]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0]
+
+
 def clean_env() -> dict:
     """This environment without a distributed launcher's variables (each `safealign run` is its own world)."""
     env = dict(os.environ)

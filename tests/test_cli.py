@@ -5,16 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from conftest import pku_rows, run_cli, write_jsonl
-
-
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("safealign: error:")]
-    assert len(errors) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in errors[0]
+from conftest import assert_one_line_error, pku_rows, run_cli, write_jsonl
 
 
 def write_recipe(tmp_path, data_path, **align) -> str:

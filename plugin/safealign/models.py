@@ -149,7 +149,7 @@ def resolve_model(spec: ModelSpec) -> Path:
     )
 
 
-def merge_lora(base_dir: Path, adapter_dir: Path, target: Path) -> Path:
+def merge_lora(base_dir: Path, adapter_dir: Path, target: Path, trust_remote_code: bool = False) -> Path:
     """Fold a LoRA adapter into its base weights and save a complete HF checkpoint at `target`.
 
     Later stages (and anything else that loads `align/model`) then never need PEFT; the adapter stays
@@ -160,10 +160,10 @@ def merge_lora(base_dir: Path, adapter_dir: Path, target: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     def build(out: Path) -> None:
-        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, trust_remote_code=trust_remote_code)
         merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
         merged.save_pretrained(out)
-        AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(out)
+        AutoTokenizer.from_pretrained(adapter_dir, trust_remote_code=trust_remote_code).save_pretrained(out)
 
     return _publish(build, target)
 
@@ -171,7 +171,7 @@ def merge_lora(base_dir: Path, adapter_dir: Path, target: Path) -> Path:
 _LAYER_KEY = re.compile(r"^(.*\.layers\.)(\d+)(\..*)$")
 
 
-def derive_student(teacher_dir: Path, target: Path) -> Path:
+def derive_student(teacher_dir: Path, target: Path, trust_remote_code: bool = False) -> Path:
     """A half-depth student initialised from the teacher: every other decoder layer (0, 2, 4, …).
 
     DistilBERT's initialisation (Sanh et al. 2019): the student keeps the teacher's embeddings, final
@@ -183,12 +183,13 @@ def derive_student(teacher_dir: Path, target: Path) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     def build(out: Path) -> None:
-        config = AutoConfig.from_pretrained(teacher_dir)
+        trusted = {"trust_remote_code": trust_remote_code}
+        config = AutoConfig.from_pretrained(teacher_dir, **trusted)
         depth = config.num_hidden_layers
         if depth < 2:
             raise SafeAlignError(f"distill.student: the teacher has {depth} layer(s); nothing to drop")
         kept = list(range(0, depth, 2))
-        teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+        teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32, **trusted)
         config.num_hidden_layers = len(kept)
         for name, value in list(config.to_dict().items()):
             if isinstance(value, list) and len(value) == depth and name != "architectures":
@@ -201,7 +202,7 @@ def derive_student(teacher_dir: Path, target: Path) -> Path:
                 state[key] = tensor
             elif int(match.group(2)) in renumber:
                 state[f"{match.group(1)}{renumber[int(match.group(2))]}{match.group(3)}"] = tensor
-        student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        student = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **trusted)
         missing, unexpected = student.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith("lm_head.weight") or not config.tie_word_embeddings]
         if missing or unexpected:
@@ -209,7 +210,7 @@ def derive_student(teacher_dir: Path, target: Path) -> Path:
                 f"distill.student: teacher weights do not map onto the student ({missing[:3]} {unexpected[:3]})"
             )
         student.save_pretrained(out)
-        AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(out)
+        AutoTokenizer.from_pretrained(teacher_dir, **trusted).save_pretrained(out)
 
     return _publish(build, target)
 

@@ -31,6 +31,7 @@ from pydantic import (
 
 from safealign.errors import SafeAlignError
 from safealign.lagrange import LAMBDA_FLOOR
+from safealign.remote_code import check_model_code
 
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
@@ -102,6 +103,9 @@ class ModelSection(Strict):
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     gradient_checkpointing: bool = False
     lora: LoraSection = Field(default_factory=LoraSection)
+    trust_remote_code: bool = Field(
+        False, description="allow model folders that ship their own Python (config auto_map) to run it"
+    )
 
     _paths = field_validator("policy", "reference", "cost_model", mode="before")(_model_path)
 
@@ -592,6 +596,8 @@ def validate_recipe(data: dict, source: str = "recipe", base_dir: Path | None = 
         raise SafeAlignError(format_validation_error(source, exc)) from None
     check_loss_keys(recipe, source)
     check_cost_model(recipe, source)
+    for field, model_dir in model_dirs(recipe):
+        check_model_code(f"{source}: {field}", model_dir, recipe.model.trust_remote_code)
     if recipe.sweep is not None:
         for trial in trial_overrides(recipe.sweep.grid):
             trial_data = unshare({k: v for k, v in data.items() if k != "sweep"})
@@ -600,6 +606,27 @@ def validate_recipe(data: dict, source: str = "recipe", base_dir: Path | None = 
             where = ", ".join(f"{k}={v}" for k, v in trial.items())
             validate_recipe(trial_data, f"{source}: sweep trial {where}", base_dir)
     return recipe
+
+
+def model_dirs(recipe: Recipe) -> list[tuple[str, Path]]:
+    """Every local model folder the recipe names, by field (GGUF files and packages are converted by
+    us from tensors alone, so they carry no code)."""
+    specs: dict[str, ModelSpec | None] = {
+        "model.policy": recipe.model.policy,
+        "model.reference": recipe.model.reference,
+        "model.cost_model": recipe.model.cost_model,
+        "rm.helpful.base": recipe.rm.helpful.base,
+        "rm.cost.base": recipe.rm.cost.base,
+        "distill.teacher": recipe.distill.teacher,
+        "distill.student": recipe.distill.student,
+    }
+    found = []
+    for field, spec in specs.items():
+        if isinstance(spec, RandomModelSpec):
+            field, spec = f"{field}.random.tokenizer", spec.random.tokenizer
+        if isinstance(spec, str) and Path(spec).is_dir():
+            found.append((field, Path(spec)))
+    return found
 
 
 def trial_overrides(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:

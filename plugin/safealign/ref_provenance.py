@@ -64,12 +64,12 @@ def reference_provenance(reference_dir: Path, tokenizer, max_len: int, input_tem
     }
 
 
-def check_same_tokenizer(policy_tokenizer, reference_dir: Path) -> None:
+def check_same_tokenizer(policy_tokenizer, reference_dir: Path, trust_remote_code: bool = False) -> None:
     """DPO compares policy and reference on the same token ids: the reference's own tokenizer must be
     the policy's (both are then run on the policy's tokenization)."""
     from transformers import AutoTokenizer
 
-    theirs = tokenizer_fingerprint(AutoTokenizer.from_pretrained(reference_dir))
+    theirs = tokenizer_fingerprint(AutoTokenizer.from_pretrained(reference_dir, trust_remote_code=trust_remote_code))
     ours = tokenizer_fingerprint(policy_tokenizer)
     if theirs != ours:
         raise SafeAlignError(

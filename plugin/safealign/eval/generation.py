@@ -115,15 +115,17 @@ class HFGenerator:
         dtype: str = "fp32",
         seed: int = 0,
         input_template: str | None = None,
+        trust_remote_code: bool = False,
     ) -> HFGenerator:
         """A checkpoint loaded for generation: on the GPU when there is one."""
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         device = "cuda" if compat.gpu_available() else "cpu"
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+        trusted = {"trust_remote_code": trust_remote_code}
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left", **trusted)
         torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, **trusted).to(device).eval()
         return cls(model, tokenizer, batch_size=batch_size, seed=seed, input_template=input_template)
 
     def _encode(self, request: GenerationRequest) -> list[int]:
@@ -279,8 +281,10 @@ def make_generator(
     dtype: str = "fp32",
     seed: int = 0,
     input_template: str | None = None,
+    trust_remote_code: bool = False,
 ) -> Generator:
-    """`backend`: auto (vLLM where usable, else HF), hf, or vllm.
+    """`backend`: auto (vLLM where usable, else HF), hf, or vllm. `trust_remote_code`: the recipe's consent
+    to a model folder's own Python (`safealign.remote_code`).
 
     In one process vLLM spreads the model over every visible GPU by tensor parallelism (the eval chart
     runs that way). Under torchrun the HF backend runs on each rank's own GPU and the requests are
@@ -292,7 +296,8 @@ def make_generator(
                         "vLLM; run the eval stage as one process to use vLLM's tensor parallelism", world_size())  # fmt: skip
         return ShardedGenerator(
             HFGenerator.from_pretrained(
-                model_dir, batch_size=batch_size, dtype=dtype, seed=seed, input_template=input_template
+                model_dir, batch_size=batch_size, dtype=dtype, seed=seed, input_template=input_template,
+                trust_remote_code=trust_remote_code,
             )
         )
     if resolve_backend(backend) == "vllm":
@@ -302,9 +307,11 @@ def make_generator(
             seed=seed,
             input_template=input_template,
             tensor_parallel_size=tensor_parallel(model_dir),
+            trust_remote_code=trust_remote_code,
         )
     return HFGenerator.from_pretrained(
-        model_dir, batch_size=batch_size, dtype=dtype, seed=seed, input_template=input_template
+        model_dir, batch_size=batch_size, dtype=dtype, seed=seed, input_template=input_template,
+        trust_remote_code=trust_remote_code,
     )
 
 

@@ -156,7 +156,7 @@ def train_policy(
         ref_model = None
     else:
         if reference_dir != policy_dir:
-            check_same_tokenizer(tokenizer, reference_dir)
+            check_same_tokenizer(tokenizer, reference_dir, recipe.model.trust_remote_code)
         ref_model = setup.load_actor(reference_dir, args, strategy, trainable=False)
     sampler = cost_sampler(recipe, pool, cost_model_path(recipe, run_dir), args, strategy, tokenizer, out)
 
@@ -226,7 +226,7 @@ def train_policy(
     # OpenRLHF saves only the adapter of a PEFT model: keep it, and merge a full checkpoint beside it.
     setup.publish_model(strategy, model, tokenizer, args, out / ("adapter" if lora else "model"))
     if lora and strategy.is_rank_0():
-        merge_lora(policy_dir, out / "adapter", out / "model")
+        merge_lora(policy_dir, out / "adapter", out / "model", recipe.model.trust_remote_code)
     barrier()
     return {
         "outputs": {

@@ -146,7 +146,8 @@ def teacher_answers(ctx: StageContext, teacher: Path) -> list[dict]:
              "greedy" if n == 1 else f"best of {n} at temperature {distill.temperature}")  # fmt: skip
     dtype = setup.resolve_dtype(recipe.model.dtype)
     generator = make_generator(
-        teacher, distill.backend, distill.generation_batch_size, dtype, recipe.seed, recipe.data.input_template
+        teacher, distill.backend, distill.generation_batch_size, dtype, recipe.seed, recipe.data.input_template,
+        trust_remote_code=recipe.model.trust_remote_code,
     )
     temperature = 0.0 if n == 1 else distill.temperature
     requests = [
@@ -186,7 +187,7 @@ def student_init(recipe: Recipe, teacher: Path, work_dir: Path) -> Path:
         return student
     target = work_dir / "student-init"
     if is_rank_0():
-        derive_student(teacher, target)
+        derive_student(teacher, target, recipe.model.trust_remote_code)
     barrier()
     return target
 
@@ -195,14 +196,16 @@ def _check_student(student: Path, teacher: Path, recipe: Recipe) -> None:
     """What can be checked before training: context length; a different vocabulary is fine (re-tokenised)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    config = AutoConfig.from_pretrained(student)
+    trusted = recipe.model.trust_remote_code
+    config = AutoConfig.from_pretrained(student, trust_remote_code=trusted)
     positions = getattr(config, "max_position_embeddings", None)
     if positions is not None and positions < recipe.data.max_len:
         raise SafeAlignError(
             f"distill.student: {student} handles {positions} positions but data.max_len is {recipe.data.max_len}; "
             "lower data.max_len or choose another student"
         )
-    if AutoTokenizer.from_pretrained(student).get_vocab() != AutoTokenizer.from_pretrained(teacher).get_vocab():
+    student_vocab = AutoTokenizer.from_pretrained(student, trust_remote_code=trusted).get_vocab()
+    if student_vocab != AutoTokenizer.from_pretrained(teacher, trust_remote_code=trusted).get_vocab():
         log.info("distill: the student's tokenizer differs from the teacher's: the teacher's answers are "
                  "re-tokenised with the student's tokenizer and chat template (text-level distillation)")  # fmt: skip
     if count_parameters(student) >= count_parameters(teacher):

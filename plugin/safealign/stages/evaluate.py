@@ -102,7 +102,10 @@ def answer_with(
         log.info("eval: answers of %s from the cache (%s)", model_dir, path.name)
         return json.loads(path.read_text())
 
-    generator = make_generator(model_dir, backend, ev.batch_size, dtype, recipe.seed, recipe.data.input_template)
+    generator = make_generator(
+        model_dir, backend, ev.batch_size, dtype, recipe.seed, recipe.data.input_template,
+        trust_remote_code=recipe.model.trust_remote_code,
+    )
     safety = generator.generate(
         [GenerationRequest.single_turn(p.prompt, max_new_tokens=ev.max_new_tokens) for p in prompts]
     )

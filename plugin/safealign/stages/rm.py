@@ -145,7 +145,7 @@ def reference_logps(
     actor = setup.load_actor(reference_dir, args, strategy, trainable=False)
     tokenizer = setup.load_tokenizer(policy_dir, actor, strategy)
     if reference_dir != policy_dir:
-        check_same_tokenizer(tokenizer, reference_dir)
+        check_same_tokenizer(tokenizer, reference_dir, recipe.model.trust_remote_code)
     setup.configure_prompt_format(args, tokenizer, recipe)
     dataset = PreferencePairDataset(rows, tokenizer, recipe.data.max_len, strategy, recipe.data.input_template)
     actor = strategy.prepare(actor)
