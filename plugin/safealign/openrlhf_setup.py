@@ -60,6 +60,13 @@ def resolve_attention(choice: str) -> str:
     return "sdpa"
 
 
+#: What OpenRLHF's `logger.wandb.key` holds instead of the key. Its trainers switch W&B on when the
+#: field is set, log in with it only when W&B has no key of its own, and upload the whole settings
+#: object as the run's config (readable by anyone who sees the project). So the field names where the
+#: key is, never the key: W&B reads $WANDB_API_KEY itself (checked to be set below).
+WANDB_KEY_FROM_ENV = "$WANDB_API_KEY"
+
+
 def openrlhf_args(recipe: Recipe, training: TrainingSection, out_dir: Path) -> NS:
     """The namespace OpenRLHF's strategy, Actor, datasets and trainers read, filled from the recipe.
 
@@ -67,11 +74,11 @@ def openrlhf_args(recipe: Recipe, training: TrainingSection, out_dir: Path) -> N
     """
     wandb_key = None
     if recipe.logging.wandb_project:
-        wandb_key = os.environ.get("WANDB_API_KEY")
-        if not wandb_key:
+        if not os.environ.get("WANDB_API_KEY"):
             raise SafeAlignError(
                 "logging.wandb_project is set but $WANDB_API_KEY is empty; export it or unset the project"
             )
+        wandb_key = WANDB_KEY_FROM_ENV
     lora = recipe.model.lora
     return NS(
         local_rank=-1,
