@@ -3,6 +3,7 @@
 Layout of a run directory (a PVC on Kubernetes, shared by every stage):
 
     runs/<name>/recipe.yaml            the validated recipe, as run
+    runs/<name>/.lock                  held by the one `safealign run` working here (`safealign.locks`)
     runs/<name>/<stage>/stage.json     fingerprint + summary: present only when the stage finished
     runs/<name>/.<stage>.partial/      the stage's work in progress (checkpoints live here)
 
@@ -26,6 +27,8 @@ import yaml
 
 from safealign import __version__
 from safealign.errors import SafeAlignError
+from safealign.files import write_text_atomically
+from safealign.locks import RunLock
 from safealign.process import agree, barrier, is_rank_0
 from safealign.recipe import Recipe
 from safealign.stages import ORDER, Stage, StageContext, load_builtin_stages
@@ -33,6 +36,7 @@ from safealign.stages import ORDER, Stage, StageContext, load_builtin_stages
 log = logging.getLogger("safealign")
 
 FINGERPRINT_FILE = "fingerprint"
+LOCK_FILE = ".lock"
 STAGE_FILE = "stage.json"
 
 
@@ -126,9 +130,23 @@ def run_stage(recipe: Recipe, run_dir: Path, stage: Stage, force: bool = False) 
 
 
 def run_recipe(recipe: Recipe, run_dir: Path, stages: list[str] | None = None, force: bool = False) -> list[dict]:
-    """Run the selected stages in pipeline order in `run_dir`; returns their summaries."""
+    """Run the selected stages in pipeline order in `run_dir`, holding its lock; returns their summaries.
+
+    Under torchrun rank 0 holds the lock for the whole world, and a refusal stops every rank."""
     selected = select_stages(recipe, stages)
+    lock = RunLock(run_dir / LOCK_FILE)
+    refused = None
     if is_rank_0():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
-    return [run_stage(recipe, run_dir, stage, force) for stage in selected]
+        try:
+            lock.acquire()
+        except SafeAlignError as exc:
+            refused = str(exc)
+    refused = agree(refused)
+    if refused:
+        raise SafeAlignError(refused)
+    try:
+        if is_rank_0():
+            write_text_atomically(run_dir / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+        return [run_stage(recipe, run_dir, stage, force) for stage in selected]
+    finally:
+        lock.release()

@@ -31,9 +31,13 @@ from typing import Any
 
 from safealign.errors import SafeAlignError
 from safealign.files import write_text_atomically
+from safealign.locks import RunLock
 from safealign.recipe import Recipe, load_recipe, trial_overrides
 
 log = logging.getLogger("safealign")
+
+#: The sweep driver's lock (parts all and select), beside the run lock the shared stages' run takes.
+SWEEP_LOCK_FILE = ".sweep.lock"
 
 #: Stages whose outputs do not depend on what a sweep usually varies (align/distill/eval settings).
 SHARED_STAGES = ("rm",)
@@ -301,28 +305,32 @@ def run_sweep(
     if (part == "trial") != (trial_index is not None):
         raise SafeAlignError("--trial-index goes with --part trial (and --part trial needs --trial-index)")
     run_dir = (run_dir or Path("runs") / recipe.name).resolve()
-    shared = shared_stages(recipe)
     grid = trial_overrides(recipe.sweep.grid)
-    if part in ("all", "shared") and shared:
-        run_shared(recipe_path, overrides, run_dir, shared)
-    if part == "shared":
-        return None
     if part == "trial":
         if not 0 <= trial_index < len(grid):
             raise SafeAlignError(f"--trial-index {trial_index}: the grid has trials 0..{len(grid) - 1}")
-        missing = [s for s in shared if not (run_dir / s / "stage.json").is_file()]
-        if missing:
-            raise SafeAlignError(
-                f"sweep trial: shared stage(s) {', '.join(missing)} not run yet in {run_dir} (--part shared)"
-            )
-        result = run_trial(recipe_path.resolve(), recipe, run_dir, overrides, grid[trial_index])
-        if result.status != "ok":
-            raise SafeAlignError(f"sweep trial {result.trial_id} failed: {result.error}")
-        print(f"sweep trial {result.trial_id}: safety {result.safety}, helpfulness {result.helpfulness}")
+        run_one_trial(recipe_path, recipe, run_dir, overrides, grid[trial_index])
         return None
-    if part == "all":
-        log.info("sweep: %d trials over %s", len(grid), ", ".join(recipe.sweep.grid))
-        trials = run_trials(recipe_path, recipe, run_dir, overrides)
-    else:
-        trials = collect_trials(run_dir, recipe)
-    return write_selection(recipe, run_dir, trials)
+    with RunLock(run_dir / SWEEP_LOCK_FILE):  # one driver; a trial's own run locks its trial directory
+        shared = shared_stages(recipe)
+        if part in ("all", "shared") and shared:
+            run_shared(recipe_path, overrides, run_dir, shared)
+        if part == "shared":
+            return None
+        if part == "all":
+            log.info("sweep: %d trials over %s", len(grid), ", ".join(recipe.sweep.grid))
+            trials = run_trials(recipe_path, recipe, run_dir, overrides)
+        else:
+            trials = collect_trials(run_dir, recipe)
+        return write_selection(recipe, run_dir, trials)
+
+
+def run_one_trial(recipe_path: Path, recipe: Recipe, run_dir: Path, overrides: list[str], params: dict) -> None:
+    """`--part trial`: one grid point, after the shared stages (what one pod of the Indexed Job runs)."""
+    missing = [s for s in shared_stages(recipe) if not (run_dir / s / "stage.json").is_file()]
+    if missing:
+        raise SafeAlignError(f"sweep trial: shared stage(s) {', '.join(missing)} not run yet in {run_dir} (--part shared)")
+    result = run_trial(recipe_path.resolve(), recipe, run_dir, overrides, params)
+    if result.status != "ok":
+        raise SafeAlignError(f"sweep trial {result.trial_id} failed: {result.error}")
+    print(f"sweep trial {result.trial_id}: safety {result.safety}, helpfulness {result.helpfulness}")

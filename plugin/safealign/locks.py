@@ -1,0 +1,126 @@
+"""One writer at a time: an exclusive lock per run directory, and short locks around shared appends.
+
+Both are `flock(2)` locks on an open file. The kernel drops them when the holder's process dies
+(SIGKILL, OOM, a node lost), so a stale lock is never left to clean up: the next run takes it over and
+says whose it was. On a Kubernetes volume shared by pods (NFSv4 and CephFS ReadWriteMany volumes)
+Linux implements `flock` as a lock held by the file server, so pods on different nodes exclude each
+other too; a node that dies loses its locks when its lease with the server expires (NFSv4: 90 s by
+default). A filesystem without locks (`ENOLCK`, e.g. NFSv3 without lockd) gets a warning and no lock.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+from safealign.errors import SafeAlignError
+
+log = logging.getLogger("safealign")
+
+#: errnos meaning "this filesystem cannot lock", as opposed to "somebody holds the lock".
+NO_LOCKING = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS}
+
+
+def _flock(handle: IO, operation: int, path: Path) -> bool:
+    """flock, or False (with a warning) where the filesystem has no locks."""
+    try:
+        fcntl.flock(handle.fileno(), operation)
+    except OSError as exc:
+        if exc.errno not in NO_LOCKING:
+            raise
+        log.warning("%s: the filesystem does not support locks (%s); nothing stops a second writer", path,
+                    os.strerror(exc.errno))  # fmt: skip
+        return False
+    return True
+
+
+@contextmanager
+def locked_file(path: Path, mode: str = "a+") -> Iterator[IO]:
+    """`path` opened and held under an exclusive lock (waiting for it): for files that several processes
+    append to, e.g. the judge cache a sweep's trials share. Readers take it too, so what they repair
+    (a torn last line) is never a line another process is still writing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open(mode, encoding="utf-8") as handle:
+        _flock(handle, fcntl.LOCK_EX, path)
+        try:
+            yield handle
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+class RunLock:
+    """An exclusive, non-waiting lock on a run directory, held for a command's life.
+
+    The lock file holds its holder (pid, host, start time, command) so a refused run can say who is
+    in the way; a clean release empties it, so a holder found in a lock that could be taken is one
+    that died: that is said, and the lock is taken over.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._handle: IO | None = None
+
+    def acquire(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle = self.path.open("a+", encoding="utf-8")
+        except OSError as exc:
+            problem = "not a directory" if isinstance(exc, (FileExistsError, NotADirectoryError)) else exc.strerror
+            raise SafeAlignError(
+                f"{self.path.parent}: cannot use it as a run directory ({problem}); give --run-dir a writable directory"
+            ) from None
+        try:
+            if not _flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB, self.path):
+                self._handle = handle
+                return
+        except BlockingIOError:
+            holder = self._holder(handle)
+            handle.close()
+            raise SafeAlignError(
+                f"{self.path.parent} is in use by another run ({holder}); wait for it to finish or stop it"
+            ) from None
+        previous = self._holder(handle)
+        if previous != "holder unknown":
+            log.warning("%s: the last run here (%s) ended without releasing it; taking over", self.path, previous)
+        handle.seek(0)
+        handle.truncate()
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                  "command": " ".join(sys.argv)}  # fmt: skip
+        handle.write(json.dumps(record) + "\n")
+        handle.flush()
+        self._handle = handle
+
+    def release(self) -> None:
+        if self._handle is None:
+            return
+        self._handle.seek(0)
+        self._handle.truncate()
+        fcntl.flock(self._handle.fileno(), fcntl.LOCK_UN)
+        self._handle.close()
+        self._handle = None
+
+    @staticmethod
+    def _holder(handle: IO) -> str:
+        handle.seek(0)
+        try:
+            h = json.loads(handle.read() or "null")
+            return f"pid {h['pid']} on {h['host']}, started {h['started']}: {h['command']}"
+        except (ValueError, TypeError, KeyError):
+            return "holder unknown"
+
+    def __enter__(self) -> RunLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
