@@ -13,9 +13,10 @@ import time
 
 import pytest
 
-from conftest import assert_one_line_error, clean_env, run_cli, tiny_recipe, train_steps
 from safealign.errors import SafeAlignError
 from safealign.locks import RunLock, locked_file
+
+from conftest import assert_one_line_error, clean_env, run_cli, tiny_recipe, train_steps
 
 
 def test_a_second_run_is_refused_at_once_naming_the_holder(tmp_path, tokenizer_dir, scored_rows):

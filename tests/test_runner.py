@@ -101,3 +101,36 @@ def test_under_a_launcher_the_group_exists_before_any_stage_and_rank_0_decides(t
     result = torchrun(str(script), cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == ["0 0 gloo", "1 0 gloo"]
+
+
+class Killed(BaseException):
+    """A SIGKILL at a chosen instruction (BaseException: nothing on the way may swallow it)."""
+
+
+@pytest.mark.parametrize("kill_at", [("rename", 1), ("rename", 2), ("unlink", 1)], ids=["set-aside", "move-in", "marker"])
+def test_a_kill_while_publishing_loses_neither_the_old_outputs_nor_the_new(tmp_path, monkeypatch, kill_at):
+    """--force over finished outputs, killed at each step of publishing the new ones: the run dir always
+    holds a finished stage, and the next run publishes the new one without training it again."""
+    run_stage(recipe(), tmp_path, stage(FlakyStage()))
+    new = FlakyStage()
+    new.calls = 10
+    operation, nth = kill_at
+    original, count = getattr(type(tmp_path), operation), {"n": 0}
+
+    def dying(self, *args, **kwargs):
+        count["n"] += 1
+        if count["n"] == nth:
+            raise Killed
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tmp_path), operation, dying)
+    with pytest.raises(Killed):
+        run_stage(recipe(), tmp_path, stage(new), force=True)
+    monkeypatch.undo()
+    old_kept = (tmp_path / "align" / "stage.json").is_file() or (tmp_path / ".align.stale" / "stage.json").is_file()
+    assert old_kept or (tmp_path / "align" / "progress.txt").read_text() == "call 11"
+
+    summary = run_stage(recipe(), tmp_path, stage(new))
+    assert new.calls == 11 and summary["calls"] == 11  # published, not trained again
+    assert (tmp_path / "align" / "progress.txt").read_text() == "call 11"
+    assert not (tmp_path / ".align.partial").exists() and not (tmp_path / "align" / "fingerprint").exists()

@@ -269,6 +269,14 @@ def _kubernetes_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _end_progress_bars() -> None:
+    """Close the progress bars an error interrupted: one left mid-line would swallow the start of the
+    error's line (and a log reader's `grep '^safealign: error'`)."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", [])):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging()
@@ -292,7 +300,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return _run(args)
     except SafeAlignError as exc:
+        _end_progress_bars()
         print(f"safealign: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # outside a stage (the runner names a stage's own): a full disk
+        from safealign.files import disk_full, disk_full_error
+
+        if not disk_full(exc):
+            raise
+        print(f"safealign: error: {disk_full_error(exc, Path.cwd())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("safealign: interrupted; `safealign run` again resumes from the last checkpoint", file=sys.stderr)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from safealign.files import read_appended_jsonl, write_text_atomically
+
 #: Statistic -> the count that weights it; statistics not listed are plain means.
 WEIGHTED_BY = {
     f"{stat}_{dim}{suffix}": f"n_{dim}"
@@ -74,11 +76,12 @@ class MetricsLog:
         self.enabled = enabled
 
     def truncate_after(self, step: int) -> None:
-        """On resume from a checkpoint at `step`, drop lines the crashed run logged past it."""
+        """On resume from a checkpoint at `step`, drop lines the crashed run logged past it (and a line
+        it tore: a kill or a full disk mid-append)."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = [r for r in read_appended_jsonl(self.path) if r.get("step", 0) <= step]
+        write_text_atomically(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -90,7 +93,5 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """All records of a `metrics.jsonl` (missing file: none)."""
-    if not Path(path).exists():
-        return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """All records of a `metrics.jsonl` (missing file: none; a torn last line: dropped, file untouched)."""
+    return read_appended_jsonl(Path(path), repair=False)

@@ -27,7 +27,7 @@ import yaml
 
 from safealign import __version__
 from safealign.errors import SafeAlignError
-from safealign.files import write_text_atomically
+from safealign.files import disk_full, disk_full_error, tree_size, write_text_atomically
 from safealign.locks import RunLock
 from safealign.process import agree, barrier, is_rank_0
 from safealign.recipe import Recipe
@@ -91,10 +91,19 @@ def run_stage(recipe: Recipe, run_dir: Path, stage: Stage, force: bool = False) 
     expected = fingerprint(recipe, stage, run_dir)
     done = final_dir / STAGE_FILE
     finished = json.loads(done.read_text()) if not force and done.is_file() else None
-    finished = agree(finished)  # rank 0 decides: the others must not race its rename of the directory
+    unpublished = _unpublished(work_dir, expected) if is_rank_0() and not force else None
+    finished, unpublished = agree((finished, unpublished))  # rank 0 decides: no rank may race its renames
+    if unpublished is not None:
+        log.info("%s: finished before the last run stopped, but not yet published; publishing it", stage.name)
+        if is_rank_0():
+            _publish(work_dir, final_dir)
+        barrier()
+        return unpublished
     if finished is not None:
         if finished.get("fingerprint") == expected:
             log.info("%s: up to date (%s); --force to run it again", stage.name, final_dir)
+            if is_rank_0():
+                (final_dir / FINGERPRINT_FILE).unlink(missing_ok=True)  # a kill's leftover from `_publish`
             return finished
         log.info("%s: recipe or data changed since the last run; running it again", stage.name)
 
@@ -105,28 +114,57 @@ def run_stage(recipe: Recipe, run_dir: Path, stage: Stage, force: bool = False) 
         if work_dir.is_dir():
             log.info("%s: resuming the unfinished run in %s", stage.name, work_dir)
         work_dir.mkdir(parents=True, exist_ok=True)
-        marker.write_text(expected)
+        write_text_atomically(marker, expected)
     barrier()
 
     log.info("%s: %s", stage.name, stage.description)
     started = time.time()
-    summary = stage.run(StageContext(recipe=recipe, run_dir=run_dir, work_dir=work_dir))
+    try:
+        summary = stage.run(StageContext(recipe=recipe, run_dir=run_dir, work_dir=work_dir))
+    except Exception as exc:
+        needed = largest_checkpoint(work_dir)
+        if disk_full(exc, work_dir, needed):
+            raise disk_full_error(exc, work_dir, needed) from None
+        raise
     summary = {"stage": stage.name, "fingerprint": expected, "seconds": round(time.time() - started, 1), **summary}
     barrier()  # every rank is done reading its work dir (e.g. counting a model's parameters) before rank 0 moves it
     release_memory()  # the next stage (a generator, another trainer) starts with the accelerator empty
 
     if is_rank_0():
-        (work_dir / STAGE_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-        (work_dir / FINGERPRINT_FILE).unlink()
-        if final_dir.exists():
-            stale = run_dir / f".{stage.name}.stale"
-            shutil.rmtree(stale, ignore_errors=True)
-            final_dir.rename(stale)
-            shutil.rmtree(stale)
-        work_dir.rename(final_dir)
+        write_text_atomically(work_dir / STAGE_FILE, json.dumps(summary, indent=2) + "\n")
+        _publish(work_dir, final_dir)
         log.info("%s: done in %.0f s -> %s", stage.name, summary["seconds"], final_dir)
     barrier()
     return summary
+
+
+def _unpublished(work_dir: Path, expected: str) -> dict | None:
+    """The summary of a finished work dir a kill left unpublished (its stage.json and marker match)."""
+    marker, summary = work_dir / FINGERPRINT_FILE, work_dir / STAGE_FILE
+    if marker.is_file() and summary.is_file() and marker.read_text() == expected:
+        return json.loads(summary.read_text())
+    return None
+
+
+def _publish(work_dir: Path, final_dir: Path) -> None:
+    """Put a finished work dir in place of the stage's outputs. The old outputs are set aside, not
+    deleted, until the new ones are in place, and the work dir keeps its marker until it has been
+    renamed: a kill at any point leaves either the old outputs or the new ones, and a finished work
+    dir that the next run publishes (`_unpublished`)."""
+    stale = final_dir.with_name(f".{final_dir.name}.stale")
+    shutil.rmtree(stale, ignore_errors=True)
+    if final_dir.exists():
+        final_dir.rename(stale)
+    work_dir.rename(final_dir)
+    (final_dir / FINGERPRINT_FILE).unlink()
+    shutil.rmtree(stale, ignore_errors=True)
+
+
+def largest_checkpoint(work_dir: Path) -> int | None:
+    """Bytes of the largest model or checkpoint directory a stage has written: about what its next save
+    needs (what a full disk's error message tells the user to free)."""
+    weights = {p.parent for suffix in ("*.pt", "*.safetensors", "*.bin") for p in work_dir.rglob(suffix)}
+    return max((tree_size(d) for d in weights), default=None)
 
 
 def run_recipe(recipe: Recipe, run_dir: Path, stages: list[str] | None = None, force: bool = False) -> list[dict]:

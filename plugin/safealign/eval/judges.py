@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from safealign.errors import SafeAlignError
+from safealign.files import read_appended_jsonl
+from safealign.locks import locked_file
 
 #: Refusal phrases, matched case-insensitively in the first `RefusalJudge.window` characters. Drawn
 #: from the refusal strings used to score jailbreaks (Zou et al. 2023, "GCG"), plus common variants.
@@ -118,9 +120,10 @@ class ChatClient:
         self._cache: dict[str, str] = {}
         self._lock = threading.Lock()
         if cache_path and cache_path.exists():
-            for line in cache_path.read_text(encoding="utf-8").splitlines():
-                entry = json.loads(line)
-                self._cache[entry["key"]] = entry["content"]
+            with locked_file(cache_path):  # a sweep's trials share the cache: repair only what nobody is writing
+                for entry in read_appended_jsonl(cache_path):
+                    if isinstance(entry.get("key"), str) and isinstance(entry.get("content"), str):
+                        self._cache[entry["key"]] = entry["content"]
         self.calls = 0
 
     def _key(self, messages: list[dict]) -> str:
@@ -170,8 +173,7 @@ class ChatClient:
             with self._lock:
                 self._cache[key] = content
                 if self.cache_path:
-                    self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-                    with self.cache_path.open("a", encoding="utf-8") as handle:
+                    with locked_file(self.cache_path) as handle:  # one line at a time, whichever trial writes
                         handle.write(json.dumps({"key": key, "content": content}) + "\n")
 
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 from pathlib import Path
 
@@ -19,6 +18,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from safealign.metrics import read_metrics
 
 
 def _helpfulness(model: dict) -> tuple[float | None, str]:
@@ -233,7 +234,7 @@ def write_report(out_dir: Path, results: dict, metrics_path: Path | None = None)
     primary = judges[0] if judges else None
     metrics = []
     if metrics_path is not None and metrics_path.is_file():
-        metrics = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+        metrics = read_metrics(metrics_path)
     plots = {
         "tradeoff": plot_tradeoff(results, primary) if primary else None,
         "categories": plot_categories(results, primary) if primary else None,
