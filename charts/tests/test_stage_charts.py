@@ -104,10 +104,24 @@ def test_sweep_trials_are_one_indexed_job_pod_per_grid_point(helm):
     assert "completionMode" not in shared and shared["backoffLimit"] == 2
     with pytest.raises(SafeAlignError, match="sweep.trials: set it to the number of grid points"):
         render("sweep", {"sweep": {"part": "trial"}})
-    with pytest.raises(SafeAlignError, match="job.nodes > 1 is not supported for sweep trials"):
+    with pytest.raises(SafeAlignError, match="job.nodes > 1 is not supported for a sweep"):
         render("sweep", {"sweep": {"part": "trial", "trials": 9}, "job": {"nodes": 2}})
     with pytest.raises(SafeAlignError, match="the eval stage runs on one node"):
         render("eval", {"job": {"nodes": 2}})
+
+
+@pytest.mark.parametrize("part", ["all", "shared", "trial", "select"])
+def test_every_sweep_part_is_one_driver_process_whatever_the_gpus(helm, part):
+    """With the default 8 GPUs per node a sweep part once rendered as `torchrun --nproc-per-node=8 ...
+    safealign sweep`: 8 Ray drivers running the grid into the same trial directories. The training
+    inside a trial starts its own torchrun (sweep.gpus_per_trial)."""
+    objects = render("sweep", {"sweep": {"part": part, "trials": 9}})
+    c = container(objects)
+    assert c["command"][:3] == ["safealign", "sweep", "/recipe/recipe.yaml"]
+    assert c["command"][c["command"].index("--part") + 1] == part
+    assert not any("torchrun" in arg or "nproc" in arg for arg in c["command"])
+    assert int(c["resources"]["limits"]["nvidia.com/gpu"]) == 8  # the GPUs are still the pod's, for the trials
+    assert [i["name"] for i in job_of(objects)["spec"]["template"]["spec"].get("initContainers", [])] == []
 
 
 def test_single_gpu_and_cpu_run_safealign_directly(helm):

@@ -1,6 +1,8 @@
 {{/*
 The container's command: `safealign run --stage <stage>` (the sweep chart: `safealign sweep --part <part>`,
-one grid point per pod of an Indexed Job for part "trial"). The eval stage is always one process: vLLM
+one grid point per pod of an Indexed Job for part "trial"). A sweep part is always one process: it is a
+driver (Ray Tune, or one trial), and each trial starts its own torchrun over sweep.gpus_per_trial GPUs
+(several drivers would run the same grid into the same trial directories). The eval stage is always one process: vLLM
 spreads each model over the pod's GPUs by tensor parallelism (under torchrun it would fall back to HF
 generation sharded over the ranks). Training stages: one process on <= 1 GPU; torchrun across the node's GPUs otherwise; across
 nodes, torchrun with a c10d rendezvous on pod 0 of the Indexed Job (reached through the headless
@@ -21,7 +23,7 @@ first waits for the name (the `rendezvous` init container, safealign.waitForRend
 {{- end -}}
 {{- $run = concat $run $v.job.extraArgs -}}
 {{- if and (eq .stage "eval") (gt (int $v.job.nodes) 1) }}{{ fail "job.nodes > 1: the eval stage runs on one node (vLLM spreads the models over its GPUs)" }}{{ end -}}
-{{- if eq .stage "eval" -}}
+{{- if or (eq .stage "eval") (eq .stage "sweep") -}}
 {{- toJson (concat (list "safealign") $run) -}}
 {{- else if gt (int $v.job.nodes) 1 -}}
 {{- $rdzv := printf "%s-0.%s:%d" $job $job (int $v.job.rendezvousPort) -}}
@@ -43,7 +45,7 @@ its own exit 1, so a recipe error inside torchrun would be retried as a crash in
 */}}
 {{- define "safealign.torchrun" -}}
 {{- $v := .ctx.Values -}}
-{{- if and (ne .stage "eval") (or (gt (int $v.job.nodes) 1) (gt (int $v.resources.gpusPerNode) 1)) }}true{{ end -}}
+{{- if and (ne .stage "eval") (ne .stage "sweep") (or (gt (int $v.job.nodes) 1) (gt (int $v.resources.gpusPerNode) 1)) }}true{{ end -}}
 {{- end -}}
 
 {{- define "safealign.validateCommand" -}}

@@ -8,7 +8,7 @@ Usage: {{ include "safealign.job" (dict "stage" "align" "ctx" .) }}
 {{- $job := include "safealign.fullname" . -}}
 {{- $trials := and (eq .stage "sweep") (eq $v.sweep.part "trial") -}}
 {{- $precheck := and (ne .stage "sweep") (include "safealign.torchrun" .) -}}
-{{- if and $trials (gt $nodes 1) }}{{ fail "job.nodes > 1 is not supported for sweep trials: give each trial one node (sweep.gpus_per_trial in the recipe)" }}{{ end -}}
+{{- if and (eq .stage "sweep") (gt $nodes 1) }}{{ fail "job.nodes > 1 is not supported for a sweep: its parts run on one node (give each trial one node's GPUs with sweep.gpus_per_trial in the recipe)" }}{{ end -}}
 {{- if and $trials (lt (int $v.sweep.trials) 1) }}{{ fail "sweep.trials: set it to the number of grid points (safealign submit does)" }}{{ end -}}
 apiVersion: batch/v1
 kind: Job
