@@ -291,9 +291,14 @@ class FakeJudgeAPI(BaseHTTPRequestHandler):
     script: list = []
     requests: list = []
 
+    def do_GET(self):  # noqa: N802 (a redirected POST arrives as a GET)
+        type(self).requests.append({"body": None, "auth": self.headers.get("Authorization"), "path": self.path})
+        self.send_response(404)
+        self.end_headers()
+
     def do_POST(self):  # noqa: N802 (http.server's naming)
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).requests.append({"body": body, "auth": self.headers.get("Authorization")})
+        type(self).requests.append({"body": body, "auth": self.headers.get("Authorization"), "path": self.path})
         content = body["messages"][-1]["content"]
         if any("[[rating]]" in m["content"] for m in body["messages"]):  # an MT-Bench grading request
             default = "Decent answer. Rating: [[7]]"
@@ -302,6 +307,11 @@ class FakeJudgeAPI(BaseHTTPRequestHandler):
         else:
             default = "Refuses. [[SAFE]]"
         action = type(self).script.pop(0) if type(self).script else default
+        if isinstance(action, dict):  # {"redirect": url}
+            self.send_response(302)
+            self.send_header("Location", action["redirect"])
+            self.end_headers()
+            return
         if isinstance(action, int):
             self.send_response(action)
             self.end_headers()

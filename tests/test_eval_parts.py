@@ -72,6 +72,23 @@ def test_llm_judge_gives_up_with_a_clear_error(judge_api):
         LLMJudge(ChatClient(url, "m", retries=0)).judge([("p", "a")])
 
 
+def test_the_judge_key_never_follows_a_redirect_to_another_host(judge_api, monkeypatch):
+    """urllib forwards every header, Authorization included, to wherever a redirect points."""
+    url, api = judge_api
+    monkeypatch.setenv("JUDGE_KEY", "sk-secret")
+    elsewhere = url.replace("127.0.0.1", "localhost") + "/steal"
+    api.script = [{"redirect": elsewhere}]
+    with pytest.raises(ChatClientError, match="redirects to another origin"):
+        ChatClient(url, "m", "JUDGE_KEY", retries=0).complete([[{"role": "user", "content": "x"}]])
+    assert [r["path"] for r in api.requests] == ["/v1/chat/completions"]  # the redirect was not followed
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://judge/v1", "http:///v1", "judge:8000/v1"])
+def test_a_judge_url_must_be_http(url):
+    with pytest.raises(SafeAlignError, match="must be an http:// or https:// URL"):
+        ChatClient(url, "m")
+
+
 def test_missing_api_key_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("NOPE_KEY", raising=False)
     with pytest.raises(Exception, match=r"\$NOPE_KEY is empty"):

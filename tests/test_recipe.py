@@ -83,6 +83,10 @@ def test_seed_defaults():
             "eval.beavertails_per_category: Input should be less than or equal to 50",
         ),
         ({**base(), "eval": {"llm_judge": {"url": "http://x/v1"}}}, "eval.llm_judge.model: Field required"),
+        (
+            {**base(), "eval": {"llm_judge": {"url": "file:///etc/passwd", "model": "m"}}},
+            "eval.llm_judge.url: must be an http:// or https:// URL with a host (got 'file:///etc/passwd')",
+        ),
         (base(ablations={"x": {"lamda_init": 2.0}}), "align: ablations.x.lamda_init: unknown key"),
         (base(ablations={"x": {"loss": "dpo", "w": 0.3}}), "align.ablations.x.w: not used by loss 'dpo'"),
         (base(ablations={"aligned": {"loss": "dpo"}}), "ablations.aligned: base, aligned, student name the run's"),

@@ -315,6 +315,13 @@ class LLMJudgeSection(Strict):
     timeout: PositiveFloat = 60.0
     retries: Annotated[int, Field(ge=0)] = 3
 
+    @field_validator("url")
+    @classmethod
+    def _http_only(cls, value: str) -> str:
+        from safealign.eval.judges import check_endpoint_url
+
+        return check_endpoint_url(value)
+
 
 class EvalSection(Strict):
     """The eval stage: BeaverTails safety and MT-Bench helpfulness for every model the run produced."""

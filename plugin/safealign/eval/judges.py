@@ -20,6 +20,7 @@ import re
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -93,8 +94,45 @@ class ChatClientError(SafeAlignError):
     """An endpoint that kept failing after its retries."""
 
 
+class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only to the same scheme, host and port. urllib would otherwise send every
+    header, the judge's `Authorization` included, on to whatever host the endpoint names."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: D102 (urllib's signature)
+        if _origin(newurl) != _origin(req.full_url):
+            raise ChatClientError(
+                f"judge endpoint {req.full_url} redirects to another origin ({newurl}); the key is not sent "
+                "there: give the final URL as eval.llm_judge.url"
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _origin(url: str) -> tuple[str, str | None, int | None]:
+    parts = urllib.parse.urlsplit(url)
+    return parts.scheme, parts.hostname, parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+
+
+def check_endpoint_url(url: str) -> str:
+    """An http(s) URL with a host: urllib would also open `file://` (a local file read as the answer)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be an http:// or https:// URL with a host (got {url!r})")
+    return url
+
+
+def _opener() -> urllib.request.OpenerDirector:
+    """HTTP(S) only (no file:, ftp: or data: handlers), proxies from the environment, same-origin redirects."""
+    opener = urllib.request.OpenerDirector()
+    for handler in (urllib.request.ProxyHandler(), urllib.request.HTTPHandler(), urllib.request.HTTPSHandler(),
+                    urllib.request.HTTPDefaultErrorHandler(), _SameOriginRedirects(),
+                    urllib.request.HTTPErrorProcessor()):  # fmt: skip
+        opener.add_handler(handler)
+    return opener
+
+
 class ChatClient:
-    """A minimal OpenAI-compatible `/chat/completions` client: retries, timeout, concurrency, cache."""
+    """A minimal OpenAI-compatible `/chat/completions` client: retries, timeout, concurrency, cache;
+    http(s) only, and its key never follows a redirect to another host."""
 
     def __init__(
         self,
@@ -108,7 +146,11 @@ class ChatClient:
         backoff: float = 1.0,
         concurrency: int = 4,
     ) -> None:
-        self.url = url.rstrip("/") + "/chat/completions"
+        try:
+            self.url = check_endpoint_url(url).rstrip("/") + "/chat/completions"
+        except ValueError as exc:
+            raise SafeAlignError(f"judge url: {exc}") from None
+        self._opener = _opener()
         self.model = model
         self.api_key = None
         if api_key_env:
@@ -141,7 +183,7 @@ class ChatClient:
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
                 request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                with self._opener.open(request, timeout=self.timeout) as response:
                     self.calls += 1
                     return json.loads(response.read())["choices"][0]["message"]["content"]
             except urllib.error.HTTPError as exc:
