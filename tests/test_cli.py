@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
@@ -97,3 +99,76 @@ def test_a_job_that_asks_for_gpus_refuses_to_train_without_one(tmp_path):
     result = run_cli("run", path, cwd=tmp_path, extra_env={"SAFEALIGN_REQUIRE_GPU": "1"})
     assert_one_line_error(result, "SAFEALIGN_REQUIRE_GPU=1 (this Job asks for GPUs) but no GPU is visible")
     assert not (tmp_path / "runs").exists()  # refused before anything was written
+
+
+def _alias_bomb() -> str:
+    """Nine levels of nine aliases: 9**9 (387 million) strings once expanded."""
+    lines, previous = ['a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x"]'], "a"
+    for name in "bcdefghij":
+        lines.append(f"{name}: &{name} [{', '.join(['*' + previous] * 9)}]")
+        previous = name
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize(
+    "content, fragments",
+    [
+        (b"name: t\xff\xfe\n", ("r.yaml:1: not UTF-8 text (byte 0xff)",)),
+        (b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)), ("r.yaml:2: not UTF-8 text (byte 0x80)",)),  # bytes 0-127 decode; line 2 starts at 0x0a
+        (b"name: a\nseed: 1\nname: b\n", ("r.yaml:3", "key 'name' given twice (first on line 1)")),
+        (_alias_bomb().encode(), ("r.yaml: the recipe expands to more than 100,000 values",)),
+        (("a: " + "[" * 5000 + "]" * 5000).encode(), ("r.yaml: nested too deeply",)),
+    ],
+    ids=["not-utf8", "binary", "duplicate-key", "alias-bomb", "deep"],
+)
+def test_a_recipe_that_is_not_a_recipe_is_one_line_fast(tmp_path, content, fragments):
+    (tmp_path / "r.yaml").write_bytes(content)
+    result = run_cli("validate", "r.yaml", cwd=tmp_path, timeout=30)  # the alias bomb once took 46 s and 2.4 GB
+    assert_one_line_error(result, *fragments)
+
+
+def _nested_prompt_row() -> bytes:
+    return b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n"
+
+
+@pytest.mark.parametrize(
+    "data, fragments",
+    [
+        (json.dumps(pku_rows(1)[0]).encode() + b"\n\xff\xfe\n", ("d.jsonl:2: not UTF-8 text (byte 0xff at column 1)",)),
+        (_nested_prompt_row(), ("d.jsonl:1: JSON nested deeper than 100 levels",)),
+        (
+            json.dumps({**pku_rows(1)[0], "prompt": [{"role": "user", "content": 5}]}).encode() + b"\n",
+            ("d.jsonl:1: prompt must be", "string values"),
+        ),
+    ],
+    ids=["not-utf8", "nested-100000", "content-not-a-string"],
+)
+def test_a_bad_data_file_is_one_line_from_validate(tmp_path, data, fragments):
+    (tmp_path / "d.jsonl").write_bytes(data)
+    assert_one_line_error(run_cli("validate", write_recipe(tmp_path, tmp_path / "d.jsonl"), cwd=tmp_path), *fragments)
+
+
+def test_a_malformed_eval_file_fails_validate_and_run_before_any_training(tmp_path):
+    path = write_recipe(tmp_path, write_jsonl(tmp_path / "d.jsonl", pku_rows(4)))
+    (tmp_path / "bt.jsonl").write_text('{"prompt": "how?", "category": 3}\n')
+    overrides = ("--set", "stages=[align,eval]", "--set", f"eval.beavertails={tmp_path / 'bt.jsonl'}")
+    for command in ("validate", "run"):
+        result = run_cli(command, path, *overrides, cwd=tmp_path)
+        assert_one_line_error(result, "bt.jsonl:1: needs prompt and category, each a non-empty string")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("content", ['{"bad', '{"models": 3}', "[1, 2]", "[" * 100_000], ids=["torn", "shape", "list", "deep"])
+def test_report_on_broken_results_is_one_line(tmp_path, content):
+    (tmp_path / "run" / "eval").mkdir(parents=True)
+    (tmp_path / "run" / "eval" / "results.json").write_text(content)
+    assert_one_line_error(run_cli("report", "run", cwd=tmp_path), "results.json: not an eval stage's results")
+
+
+@pytest.mark.parametrize("run_dir", ["a-file", "a-file/inside"])
+def test_a_run_dir_that_cannot_be_one_is_exit_2(tmp_path, run_dir):
+    """Exit 2, not a traceback's exit 1: a Kubernetes Job fails at once instead of retrying."""
+    (tmp_path / "a-file").write_text("")
+    path = write_recipe(tmp_path, write_jsonl(tmp_path / "d.jsonl", pku_rows(4)))
+    result = run_cli("run", path, "--run-dir", run_dir, cwd=tmp_path)
+    assert_one_line_error(result, "cannot use it as a run directory", "give --run-dir a writable directory")

@@ -168,6 +168,21 @@ def require_gpu() -> None:
             )
 
 
+def check_input_files(recipe) -> list:
+    """Read every data file the recipe's stages will read (training pairs, distill prompts, the eval
+    sets), so a malformed row is one line from `validate` and from the start of `run`; returns the
+    training pairs."""
+    from safealign.data import load_prompt_file, load_sources
+    from safealign.eval.safety import DEFAULT_PATH, load_prompts
+
+    rows = load_sources(recipe.data.train)
+    if "distill" in recipe.stages and recipe.distill.prompts is not None:
+        load_prompt_file(recipe.distill.prompts)
+    if "eval" in recipe.stages:
+        load_prompts(recipe.eval.beavertails or DEFAULT_PATH)
+    return rows
+
+
 def _run(args: argparse.Namespace) -> int:
     import os
 
@@ -175,8 +190,6 @@ def _run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     if args.command == "validate":
-        from safealign.data import load_sources
-
         if args.flatten:
             from safealign.recipe import flatten_recipe
 
@@ -186,7 +199,7 @@ def _run(args: argparse.Namespace) -> int:
             if args.world_size < 1:
                 raise SafeAlignError(f"--world-size {args.world_size}: must be at least 1")
             check_world_size(recipe, args.world_size, args.stages)
-        rows = load_sources(recipe.data.train)
+        rows = check_input_files(recipe)
         print(
             f"{args.recipe}: ok (recipe {recipe.name!r}, stages {', '.join(recipe.stages)}, {len(rows)} training pairs)"
         )
@@ -201,6 +214,7 @@ def _run(args: argparse.Namespace) -> int:
 
     require_gpu()
     check_world_size(recipe, int(os.environ.get("WORLD_SIZE", "1")), args.stages)
+    check_input_files(recipe)  # a bad eval or prompt file fails now, not after hours of training
     init_process_group()  # under torchrun: before the runner decides what to skip, resume or wipe
     run_dir = args.run_dir or Path("runs") / recipe.name
     summaries = run_recipe(recipe, run_dir, args.stages, args.force)
@@ -222,7 +236,14 @@ def _report(run_dir: Path) -> int:
     results = run_dir / "eval" / "results.json"
     if not results.is_file():
         raise SafeAlignError(f"{results} not found: run the eval stage first (`safealign run RECIPE --stage eval`)")
-    md, page = write_report(results.parent, json.loads(results.read_text()), run_dir / "align" / "metrics.jsonl")
+    try:
+        data = json.loads(results.read_bytes())
+        md, page = write_report(results.parent, data, run_dir / "align" / "metrics.jsonl")
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError) as exc:
+        what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        raise SafeAlignError(
+            f"{results}: not an eval stage's results ({what}); rerun the eval stage (`safealign run RECIPE --stage eval --force`)"
+        ) from None
     print(f"report: {page} (and {md})")
     return 0
 

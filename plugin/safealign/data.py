@@ -144,17 +144,20 @@ def from_pku_saferlhf(raw: dict, where: str, dimension: str | None = None) -> Pr
 
 
 def _prompt_messages(raw: dict, where: str) -> list[Message]:
-    """`prompt` as chat messages: a string is one user turn; a list must already be messages."""
+    """`prompt` as chat messages: a string is one user turn; a list must already be messages, each a
+    role and a string content."""
     prompt = _require(raw, "prompt", where)
     if isinstance(prompt, str) and prompt.strip():
         return [{"role": "user", "content": prompt}]
     if (
         isinstance(prompt, list)
         and prompt
-        and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in prompt)
+        and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in prompt
+        )
     ):
         return [{"role": m["role"], "content": m["content"]} for m in prompt]
-    raise RowError(f"{where}: prompt must be a non-empty string or a list of {{role, content}} messages")
+    raise RowError(f"{where}: prompt must be a non-empty string or a list of {{role, content}} messages with string values")
 
 
 def _labelled_pair(dimension: str | None, where: str) -> dict[str, int]:
@@ -213,17 +216,29 @@ ADAPTERS: dict[str, Callable[[dict, str, str | None], PreferenceRow]] = {
 }
 
 
+#: Deeper JSON than any data row needs; Python's parser would hit its recursion limit near 1,000.
+MAX_JSON_DEPTH = 100
+
+
 def read_jsonl(path: Path) -> Iterable[tuple[int, dict]]:
-    """(line number, object) for each non-blank line; a malformed line is an error naming it."""
+    """(line number, object) for each non-blank line; a malformed line (not UTF-8, not JSON, nested
+    absurdly deep, not an object) is an error naming it."""
     opener = open
     if path.suffix == ".gz":
         import gzip
 
         opener = gzip.open
-    with opener(path, "rt", encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with opener(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise RowError(f"{path}:{number}: not UTF-8 text (byte {raw[exc.start]:#04x} at column "
+                               f"{exc.start + 1}); save the file as UTF-8") from None  # fmt: skip
             if not line.strip():
                 continue
+            if _nesting(line) > MAX_JSON_DEPTH:
+                raise RowError(f"{path}:{number}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
@@ -231,6 +246,29 @@ def read_jsonl(path: Path) -> Iterable[tuple[int, dict]]:
             if not isinstance(obj, dict):
                 raise RowError(f"{path}:{number}: each line must be a JSON object")
             yield number, obj
+
+
+def _nesting(text: str) -> int:
+    """The nesting depth of a JSON text, brackets inside strings ignored, computed without recursion
+    (Python's own parser recurses, and a line of 100,000 `[` crashes it)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
 
 
 def load_rows(

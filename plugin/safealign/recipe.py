@@ -460,7 +460,20 @@ class Recipe(Strict):
 
 
 class RecipeLoader(yaml.SafeLoader):
-    """YAML 1.1 reads `5e-7` as a string; recipes are full of such learning rates, so read it as 5e-07."""
+    """The safe loader, stricter: YAML 1.1 reads `5e-7` as a string (recipes are full of such learning
+    rates: read as 5e-07), and a key given twice in one mapping is an error, not "the last one wins"."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (first on line {seen[key] + 1})", key_node.start_mark
+                )
+            if isinstance(key, (str, int, float, bool)):
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 RecipeLoader.add_implicit_resolver(
@@ -494,13 +507,23 @@ def format_validation_error(source: str, exc: ValidationError) -> str:
     return f"{source}: " + "; ".join(dict.fromkeys(parts))
 
 
-def unshare(node: Any) -> Any:
+#: More values than any recipe has (a full one is a few hundred): a YAML alias bomb (aliases of
+#: aliases, each doubling the tree) stops here instead of filling memory.
+MAX_RECIPE_VALUES = 100_000
+
+
+def unshare(node: Any, budget: list[int] | None = None) -> Any:
     """A copy of a YAML tree in which no mapping or list appears twice. YAML anchors (`align: *base`)
-    load as one shared object; an override must change the one place it names, not every alias."""
+    load as one shared object; an override must change the one place it names, not every alias.
+    Raises ValueError past MAX_RECIPE_VALUES values."""
+    budget = [MAX_RECIPE_VALUES] if budget is None else budget
+    budget[0] -= 1
+    if budget[0] < 0:
+        raise ValueError(f"the recipe expands to more than {MAX_RECIPE_VALUES:,} values (aliases of aliases?)")
     if isinstance(node, dict):
-        return {key: unshare(value) for key, value in node.items()}
+        return {key: unshare(value, budget) for key, value in node.items()}
     if isinstance(node, list):
-        return [unshare(value) for value in node]
+        return [unshare(value, budget) for value in node]
     return node
 
 
@@ -540,15 +563,28 @@ def apply_override(data: dict, path: list[str], value: Any) -> None:
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise SafeAlignError(f"{path}: recipe file not found")
+    raw = path.read_bytes()
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=RecipeLoader)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise SafeAlignError(
+            f"{path}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x}); a recipe is a YAML text file saved as UTF-8"
+        ) from None
+    try:
+        data = yaml.load(text, Loader=RecipeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
         raise SafeAlignError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    except RecursionError:
+        raise SafeAlignError(f"{path}: nested too deeply to be a recipe") from None
     if not isinstance(data, dict):
         raise SafeAlignError(f"{path}: a recipe must be a YAML mapping (name, model, data, align, ...)")
-    return unshare(data)
+    try:
+        return unshare(data)
+    except ValueError as exc:
+        raise SafeAlignError(f"{path}: {exc}") from None
 
 
 def merge(base: dict, child: dict) -> dict:

@@ -7,7 +7,6 @@ Wilson score interval (well-behaved at small n and at rates near 0 or 1, unlike 
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -25,15 +24,18 @@ class SafetyPrompt:
 
 
 def load_prompts(path: Path = DEFAULT_PATH) -> list[SafetyPrompt]:
+    """BeaverTails-Evaluation rows (`prompt`, `category`, both non-empty strings); errors name `file:line`."""
+    from safealign.data import read_jsonl
+
     if not path.is_file():
         raise SafeAlignError(f"{path}: BeaverTails-Evaluation prompts not found")
     prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            row = json.loads(line)
-            if not row.get("prompt") or not row.get("category"):
-                raise SafeAlignError(f"{path}:{number}: needs prompt and category")
-            prompts.append(SafetyPrompt(row["prompt"], row["category"]))
+    for number, row in read_jsonl(path):
+        if not all(isinstance(row.get(key), str) and row[key].strip() for key in ("prompt", "category")):
+            raise SafeAlignError(f"{path}:{number}: needs prompt and category, each a non-empty string")
+        prompts.append(SafetyPrompt(row["prompt"], row["category"]))
+    if not prompts:
+        raise SafeAlignError(f"{path}: no prompts (the file is empty)")
     return prompts
 
 
