@@ -59,6 +59,27 @@ def test_each_stage_renders_a_complete_release(helm, stage):
     assert "helm test demo -n ml" in objects["NOTES"][0]["text"]
 
 
+@pytest.mark.parametrize(
+    "stage, values",
+    [("align", {}), ("align", {"job": {"nodes": 2}}), ("eval", {}), ("sweep", {"sweep": {"part": "trial", "trials": 3}})],
+    ids=["align", "align-2-nodes", "eval", "sweep-trials"],
+)
+def test_pods_have_no_api_token_and_a_read_only_root(helm, stage, values):
+    """Every container of every pod (init containers and the helm test pod too) runs on a read-only root
+    filesystem; what it writes goes to a mounted volume, HOME included; no service-account token."""
+    objects = render(stage, values)
+    for pod in [job_of(objects)["spec"]["template"]["spec"], *(p["spec"] for p in objects.get("Pod", []))]:
+        assert pod["automountServiceAccountToken"] is False
+        for c in pod.get("initContainers", []) + pod["containers"]:
+            assert c["securityContext"]["readOnlyRootFilesystem"] is True, c["name"]
+            mounts = {m["mountPath"]: m for m in c.get("volumeMounts", [])}
+            home = {e["name"]: e.get("value") for e in c.get("env", [])}.get("HOME")
+            assert home is None and c["name"] == "rendezvous" or home in mounts, c["name"]  # rendezvous writes nothing
+    main = container(objects)
+    writable = {m["mountPath"] for m in main["volumeMounts"] if not m.get("readOnly")}
+    assert writable == {"/runs", "/models", "/dev/shm", "/tmp"}
+
+
 def test_multi_node_is_an_indexed_job_with_rendezvous(helm):
     objects = render("align", {"job": {"nodes": 2}, "resources": {"gpusPerNode": 4}})
     spec = job_of(objects)["spec"]

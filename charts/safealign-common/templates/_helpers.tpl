@@ -48,3 +48,15 @@ app.kubernetes.io/instance: {{ .ctx.Release.Name }}
 {{- $s := .ctx.Values.storage.modelCache -}}
 {{- default (printf "%s-model-cache" (include "safealign.fullname" .)) $s.existingClaim -}}
 {{- end -}}
+
+{{/*
+Where libraries may write, with the root filesystem read-only: HOME is the pod's /tmp (emptyDir:
+matplotlib's config, Triton's kernels), and caches that are worth keeping between stages (PyTorch's JIT
+extensions such as DeepSpeed's fused Adam, vLLM's compiled graphs) go to the model-cache volume.
+*/}}
+{{- define "safealign.writableHome" -}}
+- name: HOME
+  value: /tmp
+- name: XDG_CACHE_HOME
+  value: /models/cache
+{{- end -}}

@@ -72,6 +72,8 @@ spec:
         checksum/recipe: {{ $v.recipe | sha256sum }}
     spec:
       restartPolicy: Never
+      # A stage never calls the Kubernetes API: no token in the pod for a compromised process to use.
+      automountServiceAccountToken: false
       {{- if gt $nodes 1 }}
       subdomain: {{ $job }}
       {{- end }}
@@ -117,6 +119,8 @@ spec:
           imagePullPolicy: {{ $v.image.pullPolicy }}
           command: {{ include "safealign.validateCommand" . }}
           workingDir: /tmp
+          env:
+            {{- include "safealign.writableHome" . | nindent 12 }}
           securityContext:
             {{- toYaml $v.securityContext.container | nindent 12 }}
           volumeMounts:
@@ -138,6 +142,7 @@ spec:
             - name: SAFEALIGN_REQUIRE_GPU
               value: "1"
             {{- end }}
+            {{- include "safealign.writableHome" . | nindent 12 }}
             - name: SAFEALIGN_CACHE
               value: /models/safealign
             - name: HF_HOME

@@ -91,6 +91,7 @@ metadata:
     helm.sh/hook-delete-policy: before-hook-creation,hook-succeeded
 spec:
   restartPolicy: Never
+  automountServiceAccountToken: false
   securityContext:
     {{- toYaml $v.securityContext.pod | nindent 4 }}
   containers:
@@ -99,6 +100,7 @@ spec:
       imagePullPolicy: {{ $v.image.pullPolicy }}
       command: ["safealign", "validate", "/recipe/recipe.yaml"]
       env:
+        {{- include "safealign.writableHome" . | nindent 8 }}
         - name: SAFEALIGN_CACHE
           value: /models/safealign
       resources:
@@ -113,6 +115,8 @@ spec:
         - name: model-cache
           mountPath: /models
           readOnly: true
+        - name: tmp
+          mountPath: /tmp
   volumes:
     - name: recipe
       configMap:
@@ -120,6 +124,8 @@ spec:
     - name: model-cache
       persistentVolumeClaim:
         claimName: {{ include "safealign.modelCacheClaim" . }}
+    - name: tmp
+      emptyDir: {}
 {{- end }}
 {{- end -}}
 

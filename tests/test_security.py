@@ -1,12 +1,19 @@
-"""Secrets stay where the user put them: the W&B key is read by W&B from its variable and never enters
-the settings OpenRLHF uploads as the W&B run's config (visible to everyone who sees the project)."""
+"""The threat model's checkable rules (docs/security.md): secrets stay where the user put them, and the
+plugin's own code never runs what it reads (no eval/exec, no pickle, no shell, no unsafe YAML, no
+`torch.load` that unpickles, no hard-coded `trust_remote_code=True`)."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
+from pathlib import Path
 
-from conftest import run_cli, tiny_recipe
+import pytest
+
+from conftest import ROOT, run_cli, tiny_recipe
+
+PLUGIN = ROOT / "plugin" / "safealign"
 
 #: A stand-in for Weights & Biases (a paid service, not reachable here) that records what it is handed.
 #: Like wandb, it finds its key in $WANDB_API_KEY by itself.
@@ -54,3 +61,27 @@ def test_the_wandb_key_never_reaches_the_logged_config(tmp_path, tokenizer_dir, 
     logged = record.read_text()
     assert secret not in logged and judge_secret not in logged
     assert "WANDB_API_KEY" in logged  # the field that switches W&B on names where the key is
+
+
+def _calls(path: Path):
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Call):
+            yield node, ast.unparse(node.func)
+
+
+def _keyword(call: ast.Call, name: str):
+    return next((ast.unparse(k.value) for k in call.keywords if k.arg == name), None)
+
+
+@pytest.mark.parametrize("path", sorted(PLUGIN.rglob("*.py")), ids=lambda p: str(p.relative_to(PLUGIN)))
+def test_the_plugin_never_runs_what_it_reads(path):
+    for call, name in _calls(path):
+        where = f"{path.relative_to(ROOT)}:{call.lineno}: {ast.unparse(call)[:80]}"
+        assert name not in ("eval", "exec", "compile", "__import__", "os.system", "os.popen"), where
+        assert not name.startswith(("pickle.", "marshal.", "shelve.")), where
+        assert _keyword(call, "shell") in (None, "False"), where
+        assert _keyword(call, "trust_remote_code") != "True", where  # the recipe's consent only
+        if name == "torch.load":
+            assert _keyword(call, "weights_only") == "True", where
+        if name == "yaml.load":
+            assert _keyword(call, "Loader") in ("RecipeLoader", "yaml.SafeLoader"), where
