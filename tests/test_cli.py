@@ -28,6 +28,9 @@ def test_help_explains_commands(tmp_path):
         assert word in result.stdout
     run_help = run_cli("run", "--help", cwd=tmp_path).stdout
     assert "--stage" in run_help and "--set" in run_help and "resume" in run_help
+    assert "rm | align | distill | eval" in run_help  # the names --stage takes
+    typo = run_cli("run", "r.yaml", "--stage", "alig", cwd=tmp_path)
+    assert typo.returncode == 2 and "invalid choice: 'alig'" in typo.stderr and "Traceback" not in typo.stderr
 
 
 def test_losses_lists_builtins(tmp_path):

@@ -14,6 +14,7 @@ from pathlib import Path
 from safealign import __version__
 from safealign.errors import SafeAlignError
 from safealign.process import is_rank_0
+from safealign.stages import ORDER
 
 EPILOG = """examples:
   safealign run recipes/quickstart.yaml                    every stage the recipe lists, on this machine
@@ -64,7 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
         "is skipped; one interrupted mid-way resumes from its last checkpoint.",
     )
     _add_recipe_args(run)
-    run.add_argument("--stage", action="append", dest="stages", metavar="NAME", help="run only this stage (repeatable)")
+    run.add_argument(
+        "--stage", action="append", dest="stages", choices=ORDER, metavar="NAME",
+        help=f"run only this stage: {' | '.join(ORDER)} (repeatable; in pipeline order whatever the order given)",
+    )  # fmt: skip
     run.add_argument("--run-dir", type=Path, help="run directory (default: runs/<recipe name>)")
     run.add_argument("--force", action="store_true", help="run the selected stages again even if up to date")
 
@@ -95,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="also check that every training stage's batch splits over N processes (nodes × GPUs per node)",
     )
     validate.add_argument(
-        "--stage", action="append", dest="stages", metavar="NAME",
-        help="with --world-size: check only this stage's training sections (repeatable; default: the recipe's stages)",
+        "--stage", action="append", dest="stages", choices=ORDER, metavar="NAME",
+        help=f"with --world-size: check only this stage's training sections: {' | '.join(ORDER)} "
+        "(repeatable; default: the recipe's stages)",
     )  # fmt: skip
     validate.add_argument(
         "--flatten",
