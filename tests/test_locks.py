@@ -88,3 +88,14 @@ def test_locked_appends_from_several_processes_never_interleave(tmp_path):
     assert len(lines) == 900 and all(len(set(line)) == 1 and len(line) == 5000 for line in lines)
     with locked_file(path, "r") as handle:
         assert handle.read().count("\n") == 900
+
+
+def test_a_run_dir_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    """Root can write anywhere here, so the refusal a user would meet is injected at mkdir."""
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(type(tmp_path), "mkdir", refuse)
+    with pytest.raises(SafeAlignError, match=r"cannot use it as a run directory \(Permission denied\)"):
+        RunLock(tmp_path / "runs" / "x" / ".lock").acquire()
