@@ -175,3 +175,16 @@ def test_a_run_dir_that_cannot_be_one_is_exit_2(tmp_path, run_dir):
     path = write_recipe(tmp_path, write_jsonl(tmp_path / "d.jsonl", pku_rows(4)))
     result = run_cli("run", path, "--run-dir", run_dir, cwd=tmp_path)
     assert_one_line_error(result, "cannot use it as a run directory", "give --run-dir a writable directory")
+
+
+def test_held_out_pairs_whose_prompt_is_trained_on_are_left_out_of_the_measure(tmp_path):
+    """The held-out measure is only honest if no stage saw its prompts: pairs whose prompt is in data.train
+    are not held out (said in the log); if none is left, that is an error."""
+    data = write_jsonl(tmp_path / "d.jsonl", pku_rows(8))
+    path = write_recipe(tmp_path, data)
+    overlap = ("--set", "stages=[align,eval]", "--set", f"eval.heldout_pairs=[{{path: {data}, skip_rows: 5}}]")
+    result = run_cli("validate", path, "--set", "data.train.0.max_rows=6", *overlap, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "eval.heldout_pairs: 1 of 3 pairs share a prompt with data.train and are left out" in result.stderr
+    assert "d.jsonl:6" in result.stderr
+    assert_one_line_error(run_cli("validate", path, *overlap, cwd=tmp_path), "every pair's prompt is a training prompt")

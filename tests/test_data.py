@@ -26,7 +26,7 @@ def test_pku_sample_loads_with_both_labels():
 def test_hh_rlhf_rows_become_safe_only_dialogues(caplog):
     rows = load_rows(HH, "hh_rlhf", dimension="safe")
     assert len(rows) == 299  # line 87's chosen answer is empty: skipped and reported
-    assert "skipped 1 row(s) with an empty response" in caplog.text and "jsonl:87" in caplog.text
+    assert "skipped 1 row(s) without a usable pair" in caplog.text and "jsonl:87" in caplog.text
     assert all(r.better_response_id == -1 and r.safer_response_id == 0 for r in rows)
     first = rows[0]
     assert [m["role"] for m in first.prompt] == ["user", "assistant", "user", "assistant", "user"]

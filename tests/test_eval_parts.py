@@ -187,3 +187,32 @@ def test_paired_tests_by_hand():
     assert change == {"safer": 2, "less_safe": 1, "p_value": 1.0}
     with pytest.raises(ValueError):
         paired_change([True], [True, False])
+
+
+def test_heldout_accuracies_by_hand():
+    """Four pairs, computed by hand. Likelihood accuracy reads the per-token means; the implicit reward
+    reads summed log-ratios to the base; a pair unlabelled for a dimension does not count there."""
+    from safealign.data import PreferenceRow
+    from safealign.eval.pairs import heldout_results
+
+    def row(better: int, safer: int) -> PreferenceRow:
+        return PreferenceRow(prompt=[{"role": "user", "content": "q"}], response_0="a", response_1="b",
+                             better_response_id=better, safer_response_id=safer)  # fmt: skip
+
+    rows = [row(0, 1), row(1, 1), row(0, -1), row(1, 0)]
+    # (sum_0, sum_1, mean_0, mean_1)
+    base = {0: (-10.0, -8.0, -2.0, -1.0), 1: (-6.0, -9.0, -1.5, -3.0), 2: (-4.0, -5.0, -1.0, -2.5), 3: (-7.0, -7.0, -2.0, -1.0)}
+    tuned = {0: (-12.0, -5.0, -2.4, -0.5), 1: (-6.0, -4.0, -1.5, -0.8), 2: (-4.5, -5.0, -1.1, -2.5), 3: (-5.0, -9.0, -1.0, -3.0)}
+    out = heldout_results(rows, {"base": base, "aligned": tuned}, trained_from_base={"aligned"})
+    # helpful labels 0,1,0,1 on rows 0-3. base means: row0 -2>-1? no; row1 -3>-1.5? no; row2 -1>-2.5 yes; row3 -1>-2 yes
+    assert out["base"]["helpful"]["likelihood"]["correct"] == 2
+    # aligned: row0 no; row1 -0.8>-1.5 yes; row2 yes; row3 -3>-1 no -> 2, gained row1, lost row3
+    assert out["aligned"]["helpful"]["likelihood"]["vs_base"] == {"gained": 1, "lost": 1, "p_value": 1.0}
+    # safe labels 1,1,-,0 on rows 0,1,3: base row0 -1>-2 yes; row1 -3>-1.5 no; row3 -2>-1 no -> 1 of 3
+    assert (out["base"]["safe"]["likelihood"]["correct"], out["base"]["safe"]["likelihood"]["n"]) == (1, 3)
+    # aligned: row0 -0.5>-2.4 yes; row1 -0.8>-1.5 yes; row3 -1>-3 yes -> 3 of 3, gained 2, lost 0
+    assert out["aligned"]["safe"]["likelihood"]["vs_base"] == {"gained": 2, "lost": 0, "p_value": 0.5}
+    # implicit reward (sums): log-ratios row0 (-2, +3), row1 (0, +5), row3 (+2, -2)
+    # safe: row0 prefers 1: 3>-2 yes; row1 prefers 1: 5>0 yes; row3 prefers 0: 2>-2 yes
+    assert out["aligned"]["safe"]["implicit_reward"]["accuracy"] == 1.0
+    assert "implicit_reward" not in out["base"]["safe"]

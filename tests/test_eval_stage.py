@@ -28,12 +28,14 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory, tokenizer_dir):
     root = tmp_path_factory.mktemp("eval")
-    write_jsonl(root / "pku.jsonl", pku_rows(24))
+    write_jsonl(root / "pku.jsonl", pku_rows(40))
     recipe = pipeline_recipe(
         tokenizer_dir, "pku.jsonl", "ev",
         distill={"best_of_n": 3, "temperature": 1.0, "max_new_tokens": 12, "ddpo": True},
-        eval={"beavertails_per_category": 2, "max_new_tokens": 8},
+        eval={"beavertails_per_category": 2, "max_new_tokens": 8,
+              "heldout_pairs": [{"path": "pku.jsonl", "skip_rows": 24}]},
     )  # fmt: skip
+    recipe["data"]["train"][0]["max_rows"] = 24  # rows 25-40 of the same file are the held-out pairs
     (root / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     result = run_cli("run", "recipe.yaml", cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -59,10 +61,32 @@ def test_every_model_is_judged_by_every_judge(pipeline):
     answers = (root / "runs/ev/eval/answers/aligned.jsonl").read_text().splitlines()
     assert len(answers) == 28 + 8
     page = (root / "runs/ev/eval/report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3 and "<td>aligned</td>" in page
+    assert page.count("data:image/png;base64,") == 4 and "<td>aligned</td>" in page
     assert "Teacher vs student (distill)" in page and "<th>teacher (aligned)</th>" in page
     assert "<th>cost below base&#x27;s</th>" in page
     assert "eval: aligned — safety cost_model" in result.stderr
+
+
+def test_every_model_is_measured_on_the_held_out_pairs(pipeline):
+    """16 labelled pairs no stage trained on: every model's likelihood accuracy per dimension, paired with
+    the base; DPO's implicit-reward accuracy for the model trained from the base."""
+    root, _ = pipeline
+    results = json.loads((root / "runs/ev/eval/results.json").read_text())
+    assert results["settings"]["heldout_pairs"] == {"helpful": 16, "safe": 16}
+    for name, model in results["models"].items():
+        held = model["heldout"]
+        for dimension in ("helpful", "safe"):
+            like = held[dimension]["likelihood"]
+            assert like["n"] == 16 and like["correct"] == round(like["accuracy"] * 16)
+            assert like["ci95"][0] <= like["accuracy"] <= like["ci95"][1]
+            assert ("vs_base" in like) is (name != "base")
+            assert ("implicit_reward" in held[dimension]) is (name == "aligned")
+        assert held["seconds_per_100_pairs"] > 0
+    change = results["models"]["aligned"]["heldout"]["safe"]["likelihood"]["vs_base"]
+    base, aligned = (results["models"][m]["heldout"]["safe"]["likelihood"]["correct"] for m in ("base", "aligned"))
+    assert aligned - base == change["gained"] - change["lost"]
+    report = (root / "runs/ev/eval/report.md").read_text()
+    assert "## Held-out preference pairs" in report and "![Held-out preference accuracy]" in report
 
 
 def test_rerunning_eval_regenerates_nothing(pipeline):
@@ -70,7 +94,7 @@ def test_rerunning_eval_regenerates_nothing(pipeline):
     again = run_cli("run", "recipe.yaml", "--stage", "eval", "--force", cwd=root)
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stderr.count("from the cache") == 3  # every model's answers reused
-    assert "generating" not in again.stderr
+    assert "generating" not in again.stderr and "held-out pairs:" not in again.stderr  # log-probs reused too
 
 
 def test_report_command_rewrites_the_report(pipeline):

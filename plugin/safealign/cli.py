@@ -175,16 +175,19 @@ def require_gpu() -> None:
 
 def check_input_files(recipe) -> list:
     """Read every data file the recipe's stages will read (training pairs, distill prompts, the eval
-    sets), so a malformed row is one line from `validate` and from the start of `run`; returns the
-    training pairs."""
-    from safealign.data import load_prompt_file, load_sources
+    sets, the held-out pairs), so a malformed row, or a training prompt that is an eval prompt, is one
+    line from `validate` and from the start of `run`; returns the training pairs."""
+    from safealign.data import load_prompt_file
+    from safealign.eval.heldout import heldout_rows, load_training_rows
     from safealign.eval.safety import DEFAULT_PATH, load_prompts
 
-    rows = load_sources(recipe.data.train)
+    rows = load_training_rows(recipe)
     if "distill" in recipe.stages and recipe.distill.prompts is not None:
         load_prompt_file(recipe.distill.prompts)
     if "eval" in recipe.stages:
         load_prompts(recipe.eval.beavertails or DEFAULT_PATH)
+        if recipe.eval.heldout_pairs:
+            heldout_rows(recipe, rows)
     return rows
 
 

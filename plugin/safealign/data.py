@@ -68,8 +68,9 @@ class RowError(SafeAlignError):
     """A bad data row; the message starts with `file:line`."""
 
 
-class EmptyResponse(RowError):
-    """A well-formed row with an empty answer (HH-RLHF has a few): skipped and reported, not fatal."""
+class SkippedRow(RowError):
+    """A well-formed row that holds no usable pair — an empty answer, or HH-RLHF transcripts that differ
+    before their last turn (the public files have a few of each): skipped and reported, not fatal."""
 
 
 def _require(raw: dict, key: str, where: str) -> Any:
@@ -83,7 +84,7 @@ def _text(raw: dict, key: str, where: str) -> str:
     if not isinstance(value, str):
         raise RowError(f"{where}: {key} must be a string")
     if not value.strip():
-        raise EmptyResponse(f"{where}: {key} is empty")
+        raise SkippedRow(f"{where}: {key} is empty")
     return value
 
 
@@ -197,9 +198,9 @@ def from_hh_rlhf(raw: dict, where: str, dimension: str | None = None) -> Prefere
     chosen = _hh_turns(_text(raw, "chosen", where), where)
     rejected = _hh_turns(_text(raw, "rejected", where), where)
     if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant" or chosen[:-1] != rejected[:-1]:
-        raise RowError(f"{where}: chosen and rejected must differ only in the final Assistant turn")
+        raise SkippedRow(f"{where}: chosen and rejected differ before the final Assistant turn")
     if not chosen[-1]["content"] or not rejected[-1]["content"]:
-        raise EmptyResponse(f"{where}: empty final Assistant turn")
+        raise SkippedRow(f"{where}: empty final Assistant turn")
     return PreferenceRow(
         prompt=chosen[:-1],
         response_0=chosen[-1]["content"],
@@ -272,22 +273,26 @@ def _nesting(text: str) -> int:
 
 
 def load_rows(
-    path: Path, fmt: Format, dimension: str | None = None, max_rows: int | None = None
+    path: Path, fmt: Format, dimension: str | None = None, max_rows: int | None = None, skip_rows: int = 0
 ) -> list[PreferenceRow]:
-    """Read and validate one source; errors name `file:line` and the field."""
+    """Read and validate one source (its records after the first `skip_rows`, at most `max_rows`);
+    errors name `file:line` and the field."""
     if not path.is_file():
         raise SafeAlignError(f"{path}: data file not found")
     adapter = ADAPTERS[fmt]
     rows, skipped = [], []
-    for number, raw in read_jsonl(path):
+    for record, (number, raw) in enumerate(read_jsonl(path)):
+        if record < skip_rows:
+            continue
         if max_rows is not None and len(rows) >= max_rows:
             break
         try:
             rows.append(adapter(raw, f"{path}:{number}", dimension))
-        except EmptyResponse as exc:
+        except SkippedRow as exc:
             skipped.append(str(exc))
     if skipped:
-        log.warning("%s: skipped %d row(s) with an empty response, e.g. %s", path.name, len(skipped), skipped[0])
+        log.warning("%s: skipped %d row(s) without a usable pair (an empty response, transcripts that differ "
+                    "before the last turn), e.g. %s", path.name, len(skipped), skipped[0])  # fmt: skip
     if not rows:
         raise SafeAlignError(f"{path}: no usable rows (the dataset is empty)")
     check_consistent(rows)
@@ -295,8 +300,9 @@ def load_rows(
 
 
 def load_sources(sources: Iterable) -> list[PreferenceRow]:
-    """Every source of a recipe's `data.train` (objects with path, format, dimension, max_rows), as one list."""
-    rows = [row for s in sources for row in load_rows(s.path, s.format, s.dimension, s.max_rows)]
+    """Every source of a recipe's `data.train` or `eval.heldout_pairs` (objects with path, format,
+    dimension, max_rows, skip_rows), as one list."""
+    rows = [row for s in sources for row in load_rows(s.path, s.format, s.dimension, s.max_rows, s.skip_rows)]
     check_consistent(rows)
     return rows
 
@@ -348,7 +354,7 @@ def prompt_identity(messages: list[Message]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _prompt_bucket(prompt: list[Message], seed: int) -> float:
+def _prompt_bucket(prompt: list[Message], seed: int | str) -> float:
     """A prompt's pseudo-random place in [0, 1): a pure function of the prompt and the seed."""
     digest = hashlib.sha256(f"{seed}:{prompt_identity(prompt)}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
@@ -375,6 +381,13 @@ def hold_out_prompts(
     chosen = prompts[:count]
     identities = {prompt_identity(p) for p in chosen}
     return chosen, [row for row in rows if prompt_identity(row.prompt) not in identities]
+
+
+def subset_by_prompt(rows: list[PreferenceRow], count: int, seed: int) -> list[PreferenceRow]:
+    """At most `count` rows, chosen by prompt in a seeded order (its own salt: independent of the other
+    splits), kept in their original order: the same subset for every variant that asks for `count`."""
+    ranked = sorted(range(len(rows)), key=lambda i: (_prompt_bucket(rows[i].prompt, f"subset:{seed}"), i))
+    return [rows[i] for i in sorted(ranked[:count])]
 
 
 def split_by_prompt(

@@ -116,7 +116,8 @@ class DataSource(Strict):
     dimension: Literal["helpful", "safe"] | None = Field(
         None, description="the one dimension a pairs/hh_rlhf file labels"
     )
-    max_rows: Annotated[int, Field(ge=1)] | None = None
+    skip_rows: Annotated[int, Field(ge=0)] = Field(0, description="rows skipped before reading (a split of one file)")
+    max_rows: Annotated[int, Field(ge=1)] | None = Field(None, description="rows read after skip_rows")
 
     _path_exists = field_validator("path", mode="before")(_existing_file)
 
@@ -211,6 +212,11 @@ class AlignSection(TrainingSection):
 
     learning_rate: PositiveFloat = 5e-7
     epochs: Annotated[int, Field(ge=1)] = 2
+    max_pairs: Annotated[int, Field(ge=1)] | None = Field(
+        None,
+        description="train on this many of the training pairs (chosen by prompt and seed): the same subset for "
+        "every ablation that sets it, e.g. a trade-off frontier cheaper than the main model",
+    )
     loss: str = Field("safe_mm_dpo", description="registered loss: dpo, mm_dpo, safe_mm_dpo or a plugin's")
     dimension: Literal["helpful", "safe"] = Field("helpful", description="dpo/mm_dpo: which labels to train on")
     beta_ori: PositiveFloat = 0.1
@@ -343,6 +349,11 @@ class EvalSection(Strict):
     )
     judges: list[Literal["cost_model", "refusal", "llm"]] = Field(default_factory=lambda: ["cost_model", "refusal"])
     llm_judge: LLMJudgeSection | None = None
+    heldout_pairs: list[DataSource] = Field(
+        default_factory=list,
+        description="labelled pairs no stage trains on (refused if a training prompt matches): every model's "
+        "preference accuracy on them, per dimension, judge-free (docs/eval.md)",
+    )
 
     _beavertails_exists = field_validator("beavertails", mode="before")(_existing_file)
 
@@ -393,7 +404,11 @@ class DistillSection(Strict):
 class SweepSelection(Strict):
     """The seed's rule: among trials with safety above `min_safety`, the most helpful; if none, the safest."""
 
-    judge: Literal["cost_model", "refusal", "llm"] = Field("refusal", description="whose safety rate counts")
+    judge: Literal["cost_model", "refusal", "llm", "heldout"] = Field(
+        "refusal",
+        description="whose safety rate counts; heldout: held-out harmlessness accuracy (helpfulness: held-out "
+        "helpfulness accuracy)",
+    )
     min_safety: Fraction = Field(0.8, description="a trial qualifies with safety > min_safety")
 
 

@@ -51,7 +51,8 @@ def _file_digest(path: Path) -> str:
 def fingerprint(recipe: Recipe, stage: Stage, run_dir: Path) -> str:
     """Hash of everything the stage's outputs depend on, upstream stages' outputs included."""
     sections = {name: recipe.model_dump(mode="json")[name] for name in stage.sections}
-    files = sorted({str(source.path): _file_digest(source.path) for source in recipe.data.train}.items())
+    sources = list(recipe.data.train) + (list(recipe.eval.heldout_pairs) if "eval" in stage.sections else [])
+    files = sorted({str(source.path): _file_digest(source.path) for source in sources}.items())
     upstream = {}
     for name in stage.upstream:
         done = run_dir / name / STAGE_FILE

@@ -98,11 +98,16 @@ def trial_metrics(run_dir: Path, recipe: Recipe) -> tuple[float | None, float | 
     results = json.loads((run_dir / "eval" / "results.json").read_text())
     model = results["models"].get("aligned") or results["models"]["base"]
     judge = recipe.sweep.select.judge
+    details = {"safety_by_judge": {j: v["overall"]["rate"] for j, v in model["safety"].items()}}
+    if judge == "heldout":  # judge-free: held-out preference accuracy on both axes
+        held = model.get("heldout", {})
+        details["helpfulness_metric"] = "heldout_helpful_accuracy"
+        accuracy = lambda d: held.get(d, {}).get("likelihood", {}).get("accuracy")  # noqa: E731
+        return accuracy("safe"), accuracy("helpful"), details
     safety = model["safety"].get(judge, {}).get("overall", {}).get("rate")
     mt_bench = model["helpfulness"].get("mt_bench", {}).get("score")
     helpful = mt_bench if mt_bench is not None else model["helpfulness"].get("rm_win_rate_vs_base")
-    details = {"helpfulness_metric": "mt_bench" if mt_bench is not None else "rm_win_rate_vs_base",
-               "safety_by_judge": {j: v["overall"]["rate"] for j, v in model["safety"].items()}}  # fmt: skip
+    details["helpfulness_metric"] = "mt_bench" if mt_bench is not None else "rm_win_rate_vs_base"
     return safety, helpful, details
 
 
@@ -297,10 +302,12 @@ def run_sweep(
     recipe = load_recipe(recipe_path, overrides)
     if recipe.sweep is None:
         raise SafeAlignError(f"{recipe_path}: no sweep section; add sweep.grid (see docs/sweep.md)")
-    if recipe.sweep.select.judge not in recipe.eval.judges or "eval" not in recipe.stages:
+    select = recipe.sweep.select.judge
+    usable = bool(recipe.eval.heldout_pairs) if select == "heldout" else select in recipe.eval.judges
+    if not usable or "eval" not in recipe.stages:
         raise SafeAlignError(
-            f"sweep.select.judge: {recipe.sweep.select.judge!r} must be one of eval.judges "
-            f"({', '.join(recipe.eval.judges)}) and the recipe must run the eval stage"
+            f"sweep.select.judge: {select!r} must be one of eval.judges ({', '.join(recipe.eval.judges)}), or "
+            "heldout with eval.heldout_pairs, and the recipe must run the eval stage"
         )
     if (part == "trial") != (trial_index is not None):
         raise SafeAlignError("--trial-index goes with --part trial (and --part trial needs --trial-index)")

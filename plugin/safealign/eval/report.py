@@ -45,39 +45,94 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
+def _plane(points: list[tuple], xlabel: str, ylabel: str, title: str, ylim: tuple[float, float] | None = None) -> bytes:
+    """Labelled models on a plane with 95 % error bars: points are (name, x, x_ci or None, y, y_ci)."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    span = (max(p[1] for p in points) - min(p[1] for p in points)) or 1.0
+    placed: list[tuple[float, float]] = []
+    for name, x, x_ci, y, y_ci in points:
+        xerr = None if x_ci is None else [[x - x_ci[0]], [x_ci[1] - x]]
+        ax.errorbar(x, y, xerr=xerr, yerr=[[y - y_ci[0]], [y_ci[1] - y]], fmt="o", capsize=4, label=name)
+        # Models on (almost) the same spot get their labels stacked, not drawn over each other.
+        near = sum(abs(x - px) < 0.04 * span and abs(y - py) < 0.04 for px, py in placed)
+        placed.append((x, y))
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(6, 6 - 11 * near))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, pad=12)
+    return _png(fig)
+
+
 def plot_tradeoff(results: dict, judge: str) -> bytes | None:
+    """BeaverTails safety (one judge) against the best helpfulness number every model has."""
     points = [
-        (name, _helpfulness(m)[0], m["safety"][judge]["overall"])
+        (name, _helpfulness(m)[0], None, m["safety"][judge]["overall"]["rate"], m["safety"][judge]["overall"]["ci95"])
         for name, m in results["models"].items()
         if judge in m["safety"]
     ]
-    points = [(n, h, s) for n, h, s in points if h is not None]
+    points = [p for p in points if p[1] is not None]
     if not points:
         return None
     label = _helpfulness(next(iter(results["models"].values())))[1]
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    span = (max(h for _, h, _ in points) - min(h for _, h, _ in points)) or 1.0
-    placed: list[tuple[float, float]] = []
-    for name, helpful, safety in points:
-        low, high = safety["ci95"]
-        ax.errorbar(
-            helpful,
-            safety["rate"],
-            yerr=[[safety["rate"] - low], [high - safety["rate"]]],
-            fmt="o",
-            capsize=4,
-            label=name,
-        )
-        # Models on (almost) the same spot get their labels stacked, not drawn over each other.
-        near = sum(abs(helpful - x) < 0.04 * span and abs(safety["rate"] - y) < 0.04 for x, y in placed)
-        placed.append((helpful, safety["rate"]))
-        ax.annotate(name, (helpful, safety["rate"]), textcoords="offset points", xytext=(6, 6 - 11 * near))
-    ax.set_xlabel(label)
-    ax.set_ylabel(f"BeaverTails safety rate ({judge} judge)")
-    ax.set_ylim(-0.02, 1.12)  # headroom for labels of points at 100 %
-    ax.grid(alpha=0.3)
-    ax.set_title("Safety vs helpfulness (up and right is better)", pad=12)
-    return _png(fig)
+    return _plane(points, label, f"BeaverTails safety rate ({judge} judge)",
+                  "Safety vs helpfulness (up and right is better)", ylim=(-0.02, 1.12))  # fmt: skip
+
+
+def plot_heldout(results: dict) -> bytes | None:
+    """Held-out preference accuracy, helpfulness against harmlessness: the judge-free trade-off plane."""
+    points = []
+    for name, m in results["models"].items():
+        held = m.get("heldout", {})
+        if "helpful" in held and "safe" in held:
+            h, s = held["helpful"]["likelihood"], held["safe"]["likelihood"]
+            points.append((name, h["accuracy"], h["ci95"], s["accuracy"], s["ci95"]))
+    if not points:
+        return None
+    return _plane(points, "held-out helpfulness accuracy (preferred response more likely)",
+                  "held-out harmlessness accuracy", "Held-out preference accuracy (up and right is better)")  # fmt: skip
+
+
+def heldout_table(results: dict) -> tuple[list[str], list[list[str]]] | None:
+    """Per model and dimension: likelihood accuracy with its interval, the paired change against the base
+    (pairs gained / lost, exact McNemar p) and, for models trained from the base, DPO's implicit-reward accuracy."""
+    rows = []
+    for name, m in results["models"].items():
+        for dimension, entry in m.get("heldout", {}).items():
+            if dimension not in ("helpful", "safe"):
+                continue
+            like = entry["likelihood"]
+            low, high = like["ci95"]
+            change = like.get("vs_base")
+            implicit = entry.get("implicit_reward")
+            rows.append([
+                name, dimension, f"{like['accuracy']:.1%} [{low:.0%}, {high:.0%}] of {like['n']}",
+                f"+{change['gained']} / −{change['lost']}" if change else "",
+                f"{change['p_value']:.3g}" if change else "",
+                f"{implicit['accuracy']:.1%}" if implicit else "",
+                f"{m['heldout'].get('seconds_per_100_pairs', '')}",
+            ])  # fmt: skip
+    header = ["model", "dimension", "likelihood accuracy [95 % CI]", "vs base (pairs)", "p (McNemar)",
+              "implicit-reward accuracy", "s / 100 pairs"]  # fmt: skip
+    return (header, rows) if rows else None
+
+
+HELDOUT_NOTE = (
+    "Labelled pairs no stage trained on (eval.heldout_pairs). Likelihood accuracy: the share of pairs whose "
+    "preferred response the model finds more likely per token; paired with the base on the same pairs "
+    "(exact McNemar on the pairs that changed). Implicit-reward accuracy: DPO's reward (log-ratio to the base) "
+    "ranks the preferred response higher."
+)
+
+#: The report's plots, in order, with their titles (markdown and HTML alike).
+PLOTS = (
+    ("heldout", "Held-out preference accuracy"),
+    ("tradeoff", "Safety vs helpfulness"),
+    ("categories", "Safety by category"),
+    ("training", "Training (align)"),
+)
 
 
 def plot_categories(results: dict, judge: str) -> bytes | None:
@@ -236,6 +291,7 @@ def write_report(out_dir: Path, results: dict, metrics_path: Path | None = None)
     if metrics_path is not None and metrics_path.is_file():
         metrics = read_metrics(metrics_path)
     plots = {
+        "heldout": plot_heldout(results),
         "tradeoff": plot_tradeoff(results, primary) if primary else None,
         "categories": plot_categories(results, primary) if primary else None,
         "training": plot_training(metrics),
@@ -263,12 +319,11 @@ def write_report(out_dir: Path, results: dict, metrics_path: Path | None = None)
         f"Helpfulness without an LLM judge is a proxy: {settings['helpfulness_proxy']}."
     )
 
+    heldout = heldout_table(results)
     md = ["# SafeAlign evaluation report", "", intro, "", _markdown_table(header, rows), ""]
-    for name, title in (
-        ("tradeoff", "Safety vs helpfulness"),
-        ("categories", "Safety by category"),
-        ("training", "Training (align)"),
-    ):
+    if heldout:
+        md += ["## Held-out preference pairs", "", HELDOUT_NOTE, "", _markdown_table(*heldout), ""]
+    for name, title in PLOTS:
         if plots[name]:
             md += [f"## {title}", "", f"![{title}](plots/{name}.png)", ""]
     if paired:
@@ -293,11 +348,7 @@ def write_report(out_dir: Path, results: dict, metrics_path: Path | None = None)
 
     images = "".join(
         f'<h2>{html.escape(title)}</h2><img alt="{html.escape(title)}" src="data:image/png;base64,{base64.b64encode(plots[name]).decode()}">'
-        for name, title in (
-            ("tradeoff", "Safety vs helpfulness"),
-            ("categories", "Safety by category"),
-            ("training", "Training (align)"),
-        )
+        for name, title in PLOTS
         if plots[name]
     )
     examples = "".join(
@@ -313,7 +364,8 @@ def write_report(out_dir: Path, results: dict, metrics_path: Path | None = None)
 <style>body{{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}}
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;font-size:14px}}
 th{{background:#f3f3f3}}img{{max-width:100%}}.ex{{border-left:3px solid #ddd;padding-left:1em}}</style></head><body>
-<h1>SafeAlign evaluation report</h1><p>{html.escape(intro)}</p>{_html_table(header, rows)}{images}
+<h1>SafeAlign evaluation report</h1><p>{html.escape(intro)}</p>{_html_table(header, rows)}
+{"<h2>Held-out preference pairs</h2><p>" + html.escape(HELDOUT_NOTE) + "</p>" + _html_table(*heldout) if heldout else ""}{images}
 {"<h2>Compared with the base, prompt by prompt</h2>" + _html_table(*paired) if paired else ""}
 {"<h2>Teacher vs student (distill)</h2>" + _html_table(*distilled) if distilled else ""}
 {"<h2>Per-category safety (" + html.escape(primary) + " judge)</h2>" + _html_table(cat_header, cat_rows) if cat_rows else ""}

@@ -17,7 +17,15 @@ from pathlib import Path
 from safealign import compat
 from safealign import openrlhf_setup as setup
 from safealign.cost_sampling import CostModel, PolicyCostSampler
-from safealign.data import Message, PreferenceRow, has_field, hold_out_prompts, load_rows, split_by_prompt
+from safealign.data import (
+    Message,
+    PreferenceRow,
+    has_field,
+    hold_out_prompts,
+    load_rows,
+    split_by_prompt,
+    subset_by_prompt,
+)
 from safealign.errors import SafeAlignError
 from safealign.eval.heldout import load_training_rows
 from safealign.lagrange import LagrangeMultiplier
@@ -142,6 +150,8 @@ def train_policy(
     loss = build_loss(recipe)
     pool, rows = split_cost_pool(pool_from or recipe, rows)
     train_rows, eval_rows = split_by_prompt(rows, recipe.data.eval_fraction, recipe.seed)
+    if recipe.align.max_pairs is not None:
+        train_rows = subset_by_prompt(train_rows, recipe.align.max_pairs, recipe.seed)
     _warn_about_missing_rm_outputs(loss, train_rows)
     cached_ref = has_field(train_rows, "ref_logps_0") and (not eval_rows or has_field(eval_rows, "ref_logps_0"))
 

@@ -21,6 +21,7 @@ import gc
 import hashlib
 import json
 import logging
+from dataclasses import asdict
 from itertools import combinations
 from pathlib import Path
 
@@ -139,6 +140,49 @@ def answer_with(
         write_text_atomically(path, json.dumps(result))
     barrier()
     return result
+
+
+def heldout_logps(
+    model_dir: Path, rows: list[PreferenceRow], recipe: Recipe, out: Path, cache: Path
+) -> tuple[dict[int, tuple[float, float, float, float]], float]:
+    """A model's log-probs of both responses of every held-out pair, and the seconds they took (from the
+    cache when measured before: the base reads the pairs once for every run and sweep trial)."""
+    import time
+
+    from safealign.stages.rm import response_logps
+
+    dtype = setup.resolve_dtype(recipe.model.dtype)
+    settings = [model_identity(model_dir), dtype, recipe.data.max_len, recipe.data.input_template]
+    key = hashlib.sha256(json.dumps([settings, [asdict(r) for r in rows]]).encode()).hexdigest()[:20]
+    path = cache / f"{model_dir.name}-heldout-{key}.json"
+    if agree(path.is_file()):
+        cached = json.loads(path.read_text())
+        return {int(i): tuple(v) for i, v in cached["logps"].items()}, cached["seconds"]
+    started = time.time()
+    logps, _ = response_logps(
+        recipe, model_dir, rows, setup.openrlhf_args(recipe, recipe.align, out / "scratch"),
+        description=f"held-out pairs: {model_dir.parent.name}/{model_dir.name}",
+    )  # fmt: skip
+    seconds = time.time() - started
+    if is_rank_0():
+        write_text_atomically(path, json.dumps({"logps": logps, "seconds": seconds}))
+    barrier()
+    return logps, seconds
+
+
+def heldout_measure(recipe: Recipe, run_dir: Path, out: Path, models: dict[str, Path]) -> dict:
+    """`eval.heldout_pairs` (minus any pair whose prompt is a training prompt): every model's preference
+    accuracy per dimension (`safealign.eval.pairs`), with its cost."""
+    from safealign.eval.heldout import heldout_rows, load_training_rows
+    from safealign.eval.pairs import heldout_results
+
+    rows = heldout_rows(recipe, load_training_rows(recipe))
+    measured = {name: heldout_logps(path, rows, recipe, out, run_dir / "cache" / "eval") for name, path in models.items()}
+    trained = {n for n in models if n not in ("base", "student")} if recipe.model.reference is None else set()
+    results = heldout_results(rows, {name: logps for name, (logps, _) in measured.items()}, trained)
+    for name, (logps, seconds) in measured.items():
+        results[name]["seconds_per_100_pairs"] = round(100 * seconds / max(len(logps), 1), 2)
+    return results
 
 
 def score_answer_pairs(
@@ -330,6 +374,7 @@ def run_eval(ctx: StageContext) -> dict:
     }
     verdicts, cost_stats = judge_safety(recipe, run_dir, out, prompts, answers)
     helpful = helpfulness(recipe, run_dir, out, questions, answers)
+    heldout = heldout_measure(recipe, run_dir, out, models) if ev.heldout_pairs else {}
     results = {
         "models": {
             name: {
@@ -343,6 +388,7 @@ def run_eval(ctx: StageContext) -> dict:
                 },
                 **({"cost": cost_stats[name]} if name in cost_stats else {}),
                 "helpfulness": helpful[name],
+                **({"heldout": heldout[name]} if heldout else {}),
                 "generation": {k: answers[name][k] for k in ("backend", "answers_per_second", "new_tokens")},
             }
             for name in models
@@ -355,6 +401,8 @@ def run_eval(ctx: StageContext) -> dict:
             "mt_bench_questions": len(questions),
             "judges": list(verdicts),
             "helpfulness_proxy": "Helpful-RM win rate of first-turn MT-Bench answers vs the base model (not an MT-Bench score)",
+            **({"heldout_pairs": {d: m["likelihood"]["n"] for d, m in heldout["base"].items() if d in ("helpful", "safe")}}
+               if heldout else {}),
         },
     }
     if is_rank_0():

@@ -132,30 +132,39 @@ def score_generated(recipe: Recipe, model_dir: Path, rows: list[PreferenceRow], 
     return [scores[i] for i in range(len(rows))]
 
 
-def reference_logps(
-    recipe: Recipe, rows: list[PreferenceRow], args
-) -> tuple[dict[int, tuple[float, float]], dict]:
-    """The reference policy's summed response log-probs by row index (the align trainer's own code, on
-    the policy's tokenization, as align will see the rows), and their provenance."""
+def response_logps(
+    recipe: Recipe, model_dir: Path, rows: list[PreferenceRow], args, tokenizer_dir: Path | None = None,
+    description: str = "log-probs",
+) -> tuple[dict[int, tuple[float, float, float, float]], object]:
+    """A policy's log-probs of both responses by row index — (sum_0, sum_1, mean_0, mean_1) — with the
+    align trainer's own code (`PairLogProbs`) on the tokenization of `tokenizer_dir` (default: the
+    model's own), and the tokenizer. Rows whose prompt fills data.max_len are absent, as in training."""
     from safealign.trainers.loop import PairLogProbs
 
-    policy_dir = resolve_model(recipe.model.policy)
-    reference_dir = resolve_model(recipe.model.reference) if recipe.model.reference is not None else policy_dir
     strategy = setup.make_strategy(args)
-    actor = setup.load_actor(reference_dir, args, strategy, trainable=False)
-    tokenizer = setup.load_tokenizer(policy_dir, actor, strategy)
-    if reference_dir != policy_dir:
-        check_same_tokenizer(tokenizer, reference_dir, recipe.model.trust_remote_code)
+    actor = setup.load_actor(model_dir, args, strategy, trainable=False)
+    tokenizer = setup.load_tokenizer(tokenizer_dir or model_dir, actor, strategy)
+    if tokenizer_dir is not None and tokenizer_dir != model_dir:
+        check_same_tokenizer(tokenizer, model_dir, recipe.model.trust_remote_code)
     setup.configure_prompt_format(args, tokenizer, recipe)
     dataset = PreferencePairDataset(rows, tokenizer, recipe.data.max_len, strategy, recipe.data.input_template)
     actor = strategy.prepare(actor)
     actor.eval()
     logps = PairLogProbs(tokenizer, strategy, next(actor.parameters()).device)
-    scores = score_pairs(
-        dataset, lambda batch: logps(actor, batch)[:2], strategy, recipe.rm.score_batch_size, "reference log-probs"
-    )
+    scores = score_pairs(dataset, lambda batch: logps(actor, batch), strategy, recipe.rm.score_batch_size, description)
+    return {extra["row_index"]: tuple(scores[i].tolist()) for i, extra in enumerate(dataset.extras)}, tokenizer
+
+
+def reference_logps(
+    recipe: Recipe, rows: list[PreferenceRow], args
+) -> tuple[dict[int, tuple[float, float]], dict]:
+    """The reference policy's summed response log-probs by row index (on the policy's tokenization, as
+    align will see the rows), and their provenance."""
+    policy_dir = resolve_model(recipe.model.policy)
+    reference_dir = resolve_model(recipe.model.reference) if recipe.model.reference is not None else policy_dir
+    logps, tokenizer = response_logps(recipe, reference_dir, rows, args, policy_dir, "reference log-probs")
     provenance = reference_provenance(reference_dir, tokenizer, recipe.data.max_len, recipe.data.input_template)
-    return {extra["row_index"]: tuple(scores[i].tolist()) for i, extra in enumerate(dataset.extras)}, provenance
+    return {i: values[:2] for i, values in logps.items()}, provenance
 
 
 def oriented_margin(values: tuple[float, float], preferred_id: int, higher_is_better: bool = True) -> float:
