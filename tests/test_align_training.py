@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import (
     TINY_COST_SAMPLING,
+    TINY_TRAINER,
     build_tokenizer,
     kill_when,
     run_cli,
@@ -160,6 +162,21 @@ def test_ablations_train_beside_the_policy_through_the_same_trainer_and_are_eval
     assert set(results["models"]) == {"base", "aligned", *ABLATIONS}
     assert results["models"]["fixed_lambda"]["path"].endswith("align/ablations/fixed_lambda/model")
     assert "<td>mm_dpo_safe</td>" in (tmp_path / "runs/tiny/eval/report.html").read_text()
+
+
+def test_a_dual_ablation_of_a_plain_dpo_recipe_samples_on_a_pool_held_out_for_both(tmp_path, tokenizer_dir, scored_rows):
+    """Once validated and then failed at run time ("no prompt pool"): the pool follows whichever variant
+    samples Ĵ_C, and both variants train on the same pairs."""
+    recipe = tiny_recipe(tmp_path, tokenizer_dir, scored_rows)
+    data = yaml.safe_load(recipe.read_text())
+    dual = {"loss": "safe_mm_dpo", "lambda_update_every": 1, "lambda_lr": 0.5, "cost_sampling": TINY_COST_SAMPLING}
+    data["align"] = {**TINY_TRAINER, "loss": "dpo", "ablations": {"dual": dual}}
+    recipe.write_text(yaml.safe_dump(data))
+    summary = run_ok(tmp_path, recipe)
+    assert summary["ablations"]["dual"]["train_pairs"] == summary["train_pairs"]
+    dual_steps = [json.loads(line) for line in (tmp_path / "runs/tiny/align/ablations/dual/metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(s["cost_estimate"]) for s in dual_steps if "loss" in s)
+    assert "cost_estimate" not in train_steps(tmp_path / "runs/tiny")[0]  # the dpo policy samples nothing
 
 
 def test_lora_run_leaves_the_adapter_and_a_merged_full_checkpoint(tmp_path, tokenizer_dir, scored_rows):

@@ -728,14 +728,23 @@ def samples_policy_cost(align: AlignSection) -> bool:
     return get_loss(align.loss).uses_lambda and align.lambda_update == "dual"
 
 
+def sampling_variant(align: AlignSection) -> tuple[str, AlignSection] | None:
+    """The first of the align settings and their ablations that samples Ĵ_C (its recipe key and settings),
+    or None. One such variant is enough for the run to need a cost model and a held-out prompt pool."""
+    variants = [("align", align)] + [(f"align.ablations.{n}", align.ablation(n)) for n in align.ablations]
+    return next(((key, v) for key, v in variants if samples_policy_cost(v)), None)
+
+
 def check_cost_model(recipe: Recipe, source: str) -> None:
     """λ's dual update needs a cost model to score the policy's answers: the rm stage's or a given one."""
     trains_with_lambda = "align" in recipe.stages or ("distill" in recipe.stages and recipe.distill.ddpo)
     no_cost_model = recipe.model.cost_model is None and "rm" not in recipe.stages
-    if trains_with_lambda and no_cost_model and samples_policy_cost(recipe.align):
+    sampling = sampling_variant(recipe.align) if "align" in recipe.stages else None
+    variant = sampling[0] if sampling else ("align" if samples_policy_cost(recipe.align) else None)
+    if trains_with_lambda and no_cost_model and variant:
         raise SafeAlignError(
-            f"{source}: align.lambda_update: dual samples Ĵ_C with a cost model, and this recipe has none: "
-            "add rm to stages, set model.cost_model to a trained cost model, or set align.lambda_update: fixed"
+            f"{source}: {variant}.lambda_update: dual samples Ĵ_C with a cost model, and this recipe has none: "
+            f"add rm to stages, set model.cost_model to a trained cost model, or set {variant}.lambda_update: fixed"
         )
 
 

@@ -33,7 +33,7 @@ from safealign.losses import LossSettings, get_loss
 from safealign.models import merge_lora, resolve_model
 from safealign.pair_dataset import PreferencePairDataset
 from safealign.process import barrier
-from safealign.recipe import Recipe, samples_policy_cost
+from safealign.recipe import Recipe, samples_policy_cost, sampling_variant
 from safealign.ref_provenance import check_cached_reference, check_same_tokenizer, reference_provenance
 from safealign.stages import StageContext, register_stage, run_once
 
@@ -70,11 +70,12 @@ def _warn_about_missing_rm_outputs(loss, rows: list[PreferenceRow]) -> None:
 def split_cost_pool(recipe: Recipe, rows: list[PreferenceRow]) -> tuple[list[list[Message]], list[PreferenceRow]]:
     """The prompts λ's Ĵ_C is sampled on, held out of `rows` (every pair of theirs leaves training).
 
-    Decided by the recipe's own align settings, not a variant's: every ablation then trains on the same
-    pairs as the method it is compared with."""
-    if not samples_policy_cost(recipe.align):
+    Held out when the recipe's align settings or any of their ablations sample Ĵ_C (sized by the first
+    such variant's `cost_sampling.prompts`): every variant then trains on the same pairs as the others."""
+    sampling = sampling_variant(recipe.align)
+    if sampling is None:
         return [], rows
-    pool, rest = hold_out_prompts(rows, recipe.align.cost_sampling.prompts, recipe.seed)
+    pool, rest = hold_out_prompts(rows, sampling[1].cost_sampling.prompts, recipe.seed)
     log.info(
         "align: %d prompts held out to sample Ĵ_C on (%d of %d pairs not trained on)",
         len(pool), len(rows) - len(rest), len(rows),
