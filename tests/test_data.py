@@ -120,3 +120,18 @@ def test_the_cost_pool_is_a_fixed_set_of_prompts_whose_every_pair_leaves_trainin
     assert hold_out_prompts(rows, 0, seed=7) == ([], rows)
     with pytest.raises(SafeAlignError, match="holding out 500 prompts leaves no training rows"):
         hold_out_prompts(rows, 500, seed=7)
+
+
+def test_training_subsets_are_nested_deterministic_and_in_file_order():
+    """align.max_pairs: the subset for 100 pairs is inside the one for 200 (a learning curve on one base),
+    the same whatever else varies, in the rows' own order."""
+    from safealign.data import subset_by_prompt
+
+    rows = load_rows(PKU, "pku_saferlhf")
+    small, large = subset_by_prompt(rows, 20, seed=7), subset_by_prompt(rows, 60, seed=7)
+    assert len(small) == 20 and len(large) == 60
+    assert {id(r) for r in small} <= {id(r) for r in large}
+    assert small == subset_by_prompt(list(rows), 20, seed=7)
+    positions = [rows.index(r) for r in large]
+    assert positions == sorted(positions) and positions != list(range(60))  # spread over the file, not its head
+    assert subset_by_prompt(rows, 20, seed=8) != small

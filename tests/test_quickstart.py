@@ -54,12 +54,12 @@ def test_evidence_recipe_shrunk_to_a_tiny_model_measures_the_frontier_on_held_ou
                  "rm.helpful.trainable_layers=1", "rm.cost.trainable_layers=1", "rm.eval_fraction=0.0"]  # fmt: skip
     for section in ("rm.helpful", "rm.cost", "align"):
         overrides += [f"{section}.{key}={value}" for key, value in TINY_TRAINING.items()]
-    overrides += [f"align.ablations.{name}.max_pairs=8" for name in FRONTIER]
+    overrides += [f"align.ablations.{name}.max_pairs=8" for name in (*FRONTIER, *CURVE)]
     args = ["run", str(ROOT / "recipes" / "evidence.yaml"), "--run-dir", "runs/e"]
     result = run_cli(*args, *(item for o in overrides for item in ("--set", o)), cwd=tmp_path, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "runs" / "e" / "eval" / "results.json").read_text())
-    assert set(results["models"]) == {"base", "aligned", *FRONTIER}
+    assert set(results["models"]) == {"base", "aligned", *FRONTIER, *CURVE}
     align = json.loads((tmp_path / "runs/e/align/stage.json").read_text())
     for name in FRONTIER:  # one common subset of at most 8 pairs (fewer if a prompt fills max_len)
         assert 0 < align["ablations"][name]["train_pairs"] == align["ablations"]["frontier_dual"]["train_pairs"] <= 8
@@ -71,3 +71,4 @@ def test_evidence_recipe_shrunk_to_a_tiny_model_measures_the_frontier_on_held_ou
 
 
 FRONTIER = ("frontier_dual", "dpo_helpful", "fixed_lambda_025", "fixed_lambda_1", "fixed_lambda_4", "dpo_safe")
+CURVE = ("curve_100", "curve_200")
