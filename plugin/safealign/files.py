@@ -73,17 +73,20 @@ def read_appended_jsonl(path: Path, repair: bool = True) -> list[dict]:
 LOW_SPACE = 1 << 20
 
 
-def disk_full(exc: BaseException, where: Path | None = None, needed: int | None = None) -> bool:
+def free_bytes(path: Path) -> int:
+    """Free space on the filesystem that holds `path` (or would: its nearest existing parent)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def disk_full(exc: BaseException, where: Path | None = None) -> bool:
     """Whether `exc` is a write that found no space. Python says ENOSPC; PyTorch's serializer says
     "file write failed", "unexpected pos 128 vs 0" or "basic_ios::clear: iostream error"; safetensors
-    says "StorageFull". Rather than chase every wording, a failure while the filesystem of `where` has
-    less free space than `needed` (or than LOW_SPACE) counts as a full disk too."""
-    if where is not None:
-        probe = where
-        while not probe.exists() and probe != probe.parent:
-            probe = probe.parent
-        if shutil.disk_usage(probe).free < max(needed or 0, LOW_SPACE):
-            return True
+    says "StorageFull". Rather than chase every wording, a failure while the filesystem of `where` is
+    (all but) full counts as a full disk too; any other failure keeps its traceback."""
+    if where is not None and free_bytes(where) < LOW_SPACE:
+        return True
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
@@ -99,10 +102,7 @@ def disk_full(exc: BaseException, where: Path | None = None, needed: int | None 
 def disk_full_error(exc: BaseException, where: Path, needed: int | None = None) -> SafeAlignError:
     """The one line a full disk deserves: what was being written, the free space left, what is needed."""
     path = Path(getattr(exc, "filename", None) or where)
-    probe = path
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    free = free_bytes(path)
     need = f"; about {_size(needed)} more is needed (the largest checkpoint or model written so far)" if needed else ""
     return SafeAlignError(
         f"no space left on the device writing {path} ({_size(free)} free{need}); free space and run the same "

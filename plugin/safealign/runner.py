@@ -123,9 +123,8 @@ def run_stage(recipe: Recipe, run_dir: Path, stage: Stage, force: bool = False) 
     try:
         summary = stage.run(StageContext(recipe=recipe, run_dir=run_dir, work_dir=work_dir))
     except Exception as exc:
-        needed = largest_checkpoint(work_dir)
-        if disk_full(exc, work_dir, needed):
-            raise disk_full_error(exc, work_dir, needed) from None
+        if disk_full(exc, work_dir):
+            raise disk_full_error(exc, work_dir, largest_checkpoint(work_dir)) from None
         raise
     summary = {"stage": stage.name, "fingerprint": expected, "seconds": round(time.time() - started, 1), **summary}
     barrier()  # every rank is done reading its work dir (e.g. counting a model's parameters) before rank 0 moves it
