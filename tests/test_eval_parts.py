@@ -207,12 +207,31 @@ def test_heldout_accuracies_by_hand():
     # helpful labels 0,1,0,1 on rows 0-3. base means: row0 -2>-1? no; row1 -3>-1.5? no; row2 -1>-2.5 yes; row3 -1>-2 yes
     assert out["base"]["helpful"]["likelihood"]["correct"] == 2
     # aligned: row0 no; row1 -0.8>-1.5 yes; row2 yes; row3 -3>-1 no -> 2, gained row1, lost row3
-    assert out["aligned"]["helpful"]["likelihood"]["vs_base"] == {"gained": 1, "lost": 1, "p_value": 1.0}
+    assert out["aligned"]["helpful"]["likelihood"]["vs_base"] == {
+        "gained": 1, "lost": 1, "p_value": 1.0, "min_significant_change": None,  # 2 changed pairs can never be significant
+    }  # fmt: skip
     # safe labels 1,1,-,0 on rows 0,1,3: base row0 -1>-2 yes; row1 -3>-1.5 no; row3 -2>-1 no -> 1 of 3
     assert (out["base"]["safe"]["likelihood"]["correct"], out["base"]["safe"]["likelihood"]["n"]) == (1, 3)
     # aligned: row0 -0.5>-2.4 yes; row1 -0.8>-1.5 yes; row3 -1>-3 yes -> 3 of 3, gained 2, lost 0
-    assert out["aligned"]["safe"]["likelihood"]["vs_base"] == {"gained": 2, "lost": 0, "p_value": 0.5}
+    assert out["aligned"]["safe"]["likelihood"]["vs_base"] == {
+        "gained": 2, "lost": 0, "p_value": 0.5, "min_significant_change": None,
+    }  # fmt: skip
     # implicit reward (sums): log-ratios row0 (-2, +3), row1 (0, +5), row3 (+2, -2)
     # safe: row0 prefers 1: 3>-2 yes; row1 prefers 1: 5>0 yes; row3 prefers 0: 2>-2 yes
     assert out["aligned"]["safe"]["implicit_reward"]["accuracy"] == 1.0
     assert "implicit_reward" not in out["base"]["safe"]
+
+
+def test_the_smallest_significant_change_follows_the_exact_mcnemar_test():
+    """100 pairs of which 20 changed: the most even split the two-sided exact test flags at 0.05 is 15
+    against 5 (p 0.041; 14 against 6 gives 0.115), i.e. a change of 10 pairs = 0.10; with 5 changed no
+    split is significant (5 against 0 gives 0.0625)."""
+    from safealign.eval.pairs import versus
+    from safealign.eval.safety import sign_test_p
+
+    assert sign_test_p(5, 15) < 0.05 < sign_test_p(6, 14)
+    base = [False] * 5 + [True] * 15 + [True] * 80  # 5 pairs gained, 15 lost: 20 changed
+    model = [True] * 5 + [False] * 15 + [True] * 80
+    assert versus(model, base)["min_significant_change"] == pytest.approx(0.10)
+    few = [True] * 5 + [False] * 95
+    assert versus(few, [False] * 100)["min_significant_change"] is None

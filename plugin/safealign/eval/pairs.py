@@ -60,11 +60,19 @@ def accuracy(correct: list[bool]) -> dict:
     return {"accuracy": sum(correct) / len(correct), "correct": sum(correct), "n": len(correct), "ci95": [low, high]}
 
 
-def versus(correct: list[bool], base: list[bool]) -> dict:
-    """Pairs a model gets right that the base got wrong and the reverse, and the exact McNemar p."""
+def versus(correct: list[bool], base: list[bool], alpha: float = 0.05) -> dict:
+    """Pairs a model gets right that the base got wrong and the reverse, the exact McNemar p, and the
+    smallest change in accuracy the test could have called significant at `alpha` with this many pairs
+    changing (None when too few changed for any split to be): "no significant drop" means little unless
+    that number is small."""
     gained = sum(c and not b for c, b in zip(correct, base))
     lost = sum(b and not c for c, b in zip(correct, base))
-    return {"gained": gained, "lost": lost, "p_value": sign_test_p(gained, lost)}
+    changed = gained + lost
+    detectable = next(
+        (changed - 2 * g for g in range(changed // 2, -1, -1) if sign_test_p(g, changed - g) < alpha), None
+    )
+    return {"gained": gained, "lost": lost, "p_value": sign_test_p(gained, lost),
+            "min_significant_change": None if detectable is None else detectable / len(correct)}  # fmt: skip
 
 
 def heldout_results(

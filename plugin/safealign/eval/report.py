@@ -38,6 +38,10 @@ def _fmt_rate(rate: dict) -> str:
     return f"{rate['rate']:.1%} [{low:.0%}, {high:.0%}]" if rate["n"] else "n/a"
 
 
+def _fmt_share(value: float | None) -> str:
+    return "none possible" if value is None else f"±{value:.1%}"
+
+
 def _png(fig) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
@@ -111,11 +115,12 @@ def heldout_table(results: dict) -> tuple[list[str], list[list[str]]] | None:
                 name, dimension, f"{like['accuracy']:.1%} [{low:.0%}, {high:.0%}] of {like['n']}",
                 f"+{change['gained']} / −{change['lost']}" if change else "",
                 f"{change['p_value']:.3g}" if change else "",
+                _fmt_share(change.get("min_significant_change")) if change else "",
                 f"{implicit['accuracy']:.1%}" if implicit else "",
                 f"{m['heldout'].get('seconds_per_100_pairs', '')}",
             ])  # fmt: skip
     header = ["model", "dimension", "likelihood accuracy [95 % CI]", "vs base (pairs)", "p (McNemar)",
-              "implicit-reward accuracy", "s / 100 pairs"]  # fmt: skip
+              "smallest significant change", "implicit-reward accuracy", "s / 100 pairs"]  # fmt: skip
     return (header, rows) if rows else None
 
 
