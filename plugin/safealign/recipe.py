@@ -351,8 +351,8 @@ class EvalSection(Strict):
     llm_judge: LLMJudgeSection | None = None
     heldout_pairs: list[DataSource] = Field(
         default_factory=list,
-        description="labelled pairs no stage trains on (refused if a training prompt matches): every model's "
-        "preference accuracy on them, per dimension, judge-free (docs/eval.md)",
+        description="labelled pairs no stage trains on (a pair whose prompt is a training prompt is left out): "
+        "every model's preference accuracy on them, per dimension, judge-free (docs/eval.md)",
     )
 
     _beavertails_exists = field_validator("beavertails", mode="before")(_existing_file)
@@ -737,11 +737,15 @@ def sampling_variant(align: AlignSection) -> tuple[str, AlignSection] | None:
 
 def check_cost_model(recipe: Recipe, source: str) -> None:
     """λ's dual update needs a cost model to score the policy's answers: the rm stage's or a given one."""
-    trains_with_lambda = "align" in recipe.stages or ("distill" in recipe.stages and recipe.distill.ddpo)
-    no_cost_model = recipe.model.cost_model is None and "rm" not in recipe.stages
-    sampling = sampling_variant(recipe.align) if "align" in recipe.stages else None
-    variant = sampling[0] if sampling else ("align" if samples_policy_cost(recipe.align) else None)
-    if trains_with_lambda and no_cost_model and variant:
+    if recipe.model.cost_model is not None or "rm" in recipe.stages:
+        return
+    variant = None
+    if "align" in recipe.stages:  # the align stage trains the ablations too
+        sampling = sampling_variant(recipe.align)
+        variant = sampling[0] if sampling else None
+    elif "distill" in recipe.stages and recipe.distill.ddpo and samples_policy_cost(recipe.align):
+        variant = "align"  # dDPO trains with the align settings alone
+    if variant is not None:
         raise SafeAlignError(
             f"{source}: {variant}.lambda_update: dual samples Ĵ_C with a cost model, and this recipe has none: "
             f"add rm to stages, set model.cost_model to a trained cost model, or set {variant}.lambda_update: fixed"

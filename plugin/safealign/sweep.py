@@ -36,7 +36,7 @@ from safealign.recipe import Recipe, load_recipe, trial_overrides
 
 log = logging.getLogger("safealign")
 
-#: The sweep driver's lock (parts all and select), beside the run lock the shared stages' run takes.
+#: The sweep driver's lock (parts all, shared and select), beside the run lock the shared stages' run takes.
 SWEEP_LOCK_FILE = ".sweep.lock"
 
 #: Stages whose outputs do not depend on what a sweep usually varies (align/distill/eval settings).

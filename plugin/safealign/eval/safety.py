@@ -12,6 +12,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from safealign.data import read_jsonl
 from safealign.errors import SafeAlignError
 
 DEFAULT_PATH = Path(__file__).resolve().parents[3] / "data" / "beavertails-evaluation" / "BeaverTails-Evaluation.jsonl"
@@ -25,8 +26,6 @@ class SafetyPrompt:
 
 def load_prompts(path: Path = DEFAULT_PATH) -> list[SafetyPrompt]:
     """BeaverTails-Evaluation rows (`prompt`, `category`, both non-empty strings); errors name `file:line`."""
-    from safealign.data import read_jsonl
-
     if not path.is_file():
         raise SafeAlignError(f"{path}: BeaverTails-Evaluation prompts not found")
     prompts = []
