@@ -59,6 +59,10 @@ def test_seed_defaults():
             {**base(loss="dpo", ablations={"dual": {"loss": "safe_mm_dpo"}}), "model": {"policy": "some/dir"}},
             "align.ablations.dual.lambda_update: dual samples Ĵ_C with a cost model, and this recipe has none",
         ),
+        (
+            {**base(), "stages": ["distill"], "distill": {"ddpo": True}, "model": {"policy": "some/dir"}},
+            "r.yaml: align.lambda_update: dual samples Ĵ_C with a cost model, and this recipe has none",
+        ),
         (base(epochs=1.5), "align.epochs: Input should be a valid integer"),
         (base(batch_size=6, micro_batch_size=4), "batch_size (6) must be a multiple of micro_batch_size (4)"),
         (base(lambda_init=2.0, lambda_max=1.0), "lambda_max (1.0) is below lambda_init (2.0)"),
