@@ -180,14 +180,14 @@ def llm_judged_eval(url: str) -> dict:
     }  # fmt: skip
 
 
-def tiny_recipe(tmp_path: Path, tokenizer_dir: Path, data: Path, **sections) -> Path:
+def tiny_recipe(tmp_path: Path, tokenizer_dir: Path, rows: Path, **sections) -> Path:
     """A recipe for a 2-layer, hidden-32 random Llama; `sections` update the defaults by section.
 
     Without an rm stage, the cost model that samples Ĵ_C is `tiny_cost_model` (a random value head)."""
     recipe = {
         "name": "tiny",
         "model": tiny_policy(tokenizer_dir),
-        "data": {"train": [{"path": str(data)}], "max_len": 128},
+        "data": {"train": [{"path": str(rows)}], "max_len": 128},
         "align": {**TINY_ALIGN, "cost_sampling": dict(TINY_COST_SAMPLING)},
         "logging": {"tensorboard": False},
     }

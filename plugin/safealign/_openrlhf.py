@@ -26,6 +26,7 @@ try:
     from openrlhf.trainer.sft_trainer import SFTTrainer
     from openrlhf.utils import get_strategy, get_tokenizer
     from openrlhf.utils.deepspeed import DeepspeedStrategy
+    from openrlhf.utils.distributed_sampler import DistributedSampler
 except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environment
     if exc.name and exc.name.split(".")[0] in {"openrlhf", "deepspeed"}:
         raise SafeAlignError(
@@ -38,6 +39,7 @@ __all__ = [
     "Actor",
     "DPOTrainer",
     "DeepspeedStrategy",
+    "DistributedSampler",
     "RewardDataset",
     "RewardModelTrainer",
     "SFTDataset",

@@ -171,6 +171,16 @@ class TrainingSection(Strict):
         return self
 
 
+class PairTrainingSection(TrainingSection):
+    """Settings of a stage that trains on response pairs (the reward models, the policy)."""
+
+    group_by_length: bool = Field(
+        True,
+        description="sort each optimizer step's pairs by length before cutting micro-batches: less padding, "
+        "same gradient (safealign.length_grouping)",
+    )
+
+
 #: Model names the eval stage gives the run's own models; ablations need other names.
 RESERVED_MODEL_NAMES = ("base", "aligned", "student")
 
@@ -207,7 +217,7 @@ class CostSamplingSection(Strict):
     )
 
 
-class AlignSection(TrainingSection):
+class AlignSection(PairTrainingSection):
     """Safe-MM-DPO and its ablations (the seed's settings are the defaults)."""
 
     learning_rate: PositiveFloat = 5e-7
@@ -282,7 +292,7 @@ class AlignSection(TrainingSection):
             raise ValueError("; ".join(f"ablations.{name}.{problem}" for problem in problems)) from None
 
 
-class RewardModelSection(TrainingSection):
+class RewardModelSection(PairTrainingSection):
     """One reward model of the RM stage; defaults are safe-rlhf's (lr 2e-5, 2 epochs, cosine, warmup 0.03, wd 0.1)."""
 
     base: ModelSpec | None = Field(None, description="checkpoint to put the value head on; default model.policy")

@@ -15,11 +15,13 @@ from collections.abc import Callable
 import torch
 from tqdm import tqdm
 
+from safealign.length_grouping import pair_length
+
 
 def length_order(items: list[tuple]) -> list[int]:
     """Item indices by the longer response's token count, ties by index: batches of similar length.
     (benchmarks/throughput.py swaps this for file order to measure what sorting buys.)"""
-    return sorted(range(len(items)), key=lambda i: (max(items[i][0].shape[-1], items[i][2].shape[-1]), i))
+    return sorted(range(len(items)), key=lambda i: (pair_length(items[i]), i))
 
 
 def score_pairs(

@@ -29,6 +29,7 @@ from safealign.data import (
 from safealign.errors import SafeAlignError
 from safealign.eval.heldout import load_training_rows
 from safealign.lagrange import LagrangeMultiplier
+from safealign.length_grouping import pair_loader
 from safealign.losses import LossSettings, get_loss
 from safealign.models import merge_lora, resolve_model
 from safealign.pair_dataset import PreferencePairDataset
@@ -185,7 +186,7 @@ def train_policy(
             f"align.batch_size={recipe.align.batch_size} exceeds the {len(train_set)} usable training pairs"
         )
     pin = compat.gpu_available()
-    train_loader = strategy.setup_dataloader(train_set, recipe.align.micro_batch_size, pin, True, train_set.collate_fn)
+    train_loader = pair_loader(strategy, train_set, recipe.align, pin)
     eval_loader = None
     if eval_rows:
         eval_set = PreferencePairDataset(

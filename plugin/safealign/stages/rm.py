@@ -29,6 +29,7 @@ from safealign.data import PreferenceRow, held_out_indices
 from safealign.errors import SafeAlignError
 from safealign.eval.heldout import load_training_rows
 from safealign.files import write_text_atomically
+from safealign.length_grouping import pair_loader
 from safealign.models import resolve_model
 from safealign.pair_dataset import PreferencePairDataset
 from safealign.process import agree, is_rank_0
@@ -73,7 +74,7 @@ def train_value_model(
         raise SafeAlignError(
             f"rm.{name}.batch_size={section.batch_size} exceeds the {len(dataset)} usable training pairs"
         )
-    loader = strategy.setup_dataloader(dataset, section.micro_batch_size, False, True, dataset.collate_fn)
+    loader = pair_loader(strategy, dataset, section)
     model, optimizer, scheduler = strategy.prepare(
         (model, setup.optimizer_config(args, steps_per_epoch * section.epochs))
     )

@@ -83,6 +83,7 @@ class SafeMMDPOTrainer(StepLoop, DPOTrainer):
         self.device = next(self.model.parameters()).device
         self.pair_logps = PairLogProbs(tokenizer, strategy, self.device)
         self.global_counts: tuple[int, int] | None = None
+        self.padding = 0.0  # share of the step's computed tokens that were padding (align.group_by_length)
         self.micro_batches_per_step = 1
 
     def fit(self, args, consumed_samples: int = 0, num_update_steps_per_epoch: int | None = None) -> None:
@@ -91,16 +92,24 @@ class SafeMMDPOTrainer(StepLoop, DPOTrainer):
         super().fit(args, consumed_samples, num_update_steps_per_epoch)
 
     def begin_global_batch(self, micro_batches: list) -> None:
-        """Count the rows labelled for each dimension over all micro-batches and all ranks."""
+        """Count the rows labelled for each dimension over all micro-batches and all ranks (and, for the
+        log, the step's tokens: real ones and those its forwards compute, padding included)."""
         extras: list[PairExtras] = [batch[-1] for batch in micro_batches]
         counts = torch.tensor(
-            [sum(int((e.better_id >= 0).sum()) for e in extras), sum(int((e.safer_id >= 0).sum()) for e in extras)],
+            [
+                sum(int((e.better_id >= 0).sum()) for e in extras),
+                sum(int((e.safer_id >= 0).sum()) for e in extras),
+                sum(int(b[1].sum() + b[3].sum()) for b in micro_batches),
+                # concatenated_inputs pads both responses to the longer one: 2·rows·length per forward
+                sum(2 * b[0].shape[0] * max(b[0].shape[-1], b[2].shape[-1]) for b in micro_batches),
+            ],
             dtype=torch.float64,
         )
         world = getattr(self.strategy, "world_size", 1)
         if world > 1:
             counts = self.strategy.all_reduce(counts, op="sum")
         self.global_counts = (int(counts[0]), int(counts[1]))
+        self.padding = 1.0 - float(counts[2] / counts[3])
         self.micro_batches_per_step = len(micro_batches) * world
 
     def reference_logps(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,6 +164,7 @@ class SafeMMDPOTrainer(StepLoop, DPOTrainer):
             )
             self.cost_sampler.record(global_step, sample, self.lagrange.value)
         logs["lambda_next"] = self.lagrange.value
+        logs["padding"] = self.padding
 
     def client_state(self) -> dict:
         return {"lagrange": self.lagrange.state_dict()}
