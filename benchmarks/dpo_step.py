@@ -65,9 +65,11 @@ class Setting:
     micro: int
     max_len: int
     zero_stage: int
+    dtype: str = "fp32"  # the step-time tables compare variants in fp32; benchmarks/step_floor.py uses auto
+    group_by_length: bool = True
 
     def child_args(self) -> list[str]:
-        return [f"--{key.replace('_', '-')}={value}" for key, value in asdict(self).items()]
+        return [f"--setting={json.dumps(asdict(self))}"]
 
 
 def _status(field: str) -> float:
@@ -104,7 +106,7 @@ def recipe_for(setting: Setting, out: Path):
     return validate_recipe(
         {
             "name": "bench",
-            "model": {"policy": MODELS[setting.model], "dtype": "fp32"},
+            "model": {"policy": MODELS[setting.model], "dtype": setting.dtype},
             "data": {"train": [{"path": str(DATA)}], "max_len": setting.max_len, "eval_fraction": 0.0},
             "align": {
                 "loss": "safe_mm_dpo",
@@ -112,6 +114,7 @@ def recipe_for(setting: Setting, out: Path):
                 "lambda_update": "fixed",
                 "batch_size": setting.batch,
                 "micro_batch_size": setting.micro,
+                "group_by_length": setting.group_by_length,
                 "epochs": 1,
                 "learning_rate": 1e-6,
                 "checkpoint_steps": 100000,  # never: checkpoint I/O is not what is measured
@@ -167,6 +170,8 @@ def measured_run(variant: str, setting: Setting, reference: Path, out: Path) -> 
         for index, (l0, l1) in cached["logps"].items():
             row = rows[int(index)]
             row.ref_logps_0, row.ref_logps_1, row.ref_logps_provenance = l0, l1, cached["provenance"]
+        # rows whose prompt fills max_len have none; every variant's dataset drops them anyway (the rm stage too)
+        rows = [row for row in rows if row.ref_logps_0 is not None]
     policy = resolve_model(recipe.model.policy)
 
     stamps: list[float] = []
@@ -190,9 +195,13 @@ def measured_run(variant: str, setting: Setting, reference: Path, out: Path) -> 
     per_step = max(1, setting.batch // setting.micro)
     boundaries = [start] + stamps[per_step - 1 :: per_step]
     step_times = [b - a for a, b in zip(boundaries, boundaries[1:])][1:]  # drop the warm-up step
+    metrics = out / "metrics.jsonl"  # our trainer's log (OpenRLHF's DPO writes none)
+    logged = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    padding = [m["padding"] for m in logged if "padding" in m]
     return {
         "variant": variant,
         "step_seconds": step_times,
+        "padding": statistics.mean(padding) if padding else None,
         "peak_mb": peak_memory(),
         "base_mb": base_mb,
         "tokens_per_step": _tokens_per_step(policy, rows, setting.batch, setting.max_len),
@@ -304,8 +313,13 @@ def main() -> None:
                         help="DeepSpeed ZeRO stage of every variant (2: the recipes' default)")  # fmt: skip
     parser.add_argument("--child", choices=(*VARIANTS, "reference"), help=argparse.SUPPRESS)
     parser.add_argument("--reference", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--setting", type=json.loads, help=argparse.SUPPRESS)  # a child's, as JSON
     args = parser.parse_args()
-    setting = Setting(args.model, args.steps, args.batch, args.micro, args.max_len, args.zero_stage)
+    setting = (
+        Setting(**args.setting)
+        if args.setting
+        else Setting(args.model, args.steps, args.batch, args.micro, args.max_len, args.zero_stage)
+    )
     if args.child == "reference":
         reference_child(setting, args.reference)
         return

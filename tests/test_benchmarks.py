@@ -27,7 +27,9 @@ def load_benchmark(name: str):
     return module
 
 
-dpo_step, throughput, stage_times = (load_benchmark(n) for n in ("dpo_step", "throughput", "stage_times"))
+dpo_step, throughput, stage_times, step_floor = (
+    load_benchmark(n) for n in ("dpo_step", "throughput", "stage_times", "step_floor")
+)
 
 
 def run(variant: str, steps: list[float], peak: float, base: float = 1000.0) -> dict:
@@ -112,4 +114,34 @@ def test_results_of_another_zero_stage_do_not_overwrite_the_default_ones():
     assert dpo_step.results_path(setting).name == "smollm2.json"
     other = dpo_step.Setting("smollm2", steps=3, batch=8, micro=2, max_len=160, zero_stage=0)
     assert dpo_step.results_path(other).name == "smollm2-zero0.json"
-    assert "--zero-stage=0" in other.child_args() and "--max-len=160" in other.child_args()
+    (child,) = other.child_args()  # a child process rebuilds the same setting
+    assert dpo_step.Setting(**json.loads(child.removeprefix("--setting="))) == other
+
+
+def test_floor_counts_every_linear_weight_of_a_llama_once():
+    """linear_shapes against the parameters of a real (tiny, random) LlamaForCausalLM's linear layers."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=48, intermediate_size=80, num_hidden_layers=3, num_attention_heads=6,
+                         num_key_value_heads=2, vocab_size=100)  # fmt: skip
+    model = LlamaForCausalLM(config)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert sum(k * n * count for k, n, count in step_floor.linear_shapes(config)) == linear
+    # forward 2 FLOPs per weight and token, attention 2 products of 2·d per key and layer; backward twice that
+    tokens, context = 10, 4.0
+    expected = 3 * tokens * (2 * linear + 2 * 2 * 48 * context * 3)
+    assert step_floor.step_flops(config.to_dict(), tokens, context) == pytest.approx(expected)
+
+
+def test_floor_summary_ratios():
+    runs = [
+        {"name": "before", "step_seconds": [10.0, 12.0], "padding": 0.3, "tokens_per_step": 1000.0},
+        {"name": "grouped", "step_seconds": [8.0, 8.0], "padding": 0.1, "tokens_per_step": 1000.0},
+    ]
+    config = {"hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "num_key_value_heads": 2, "vocab_size": 10}  # fmt: skip
+    flops = step_floor.step_flops(config, 1000.0, 5.0)
+    table = step_floor.summarise(runs, floor_flops_per_s=flops / 2.0, config=config, context=5.0, pairs=16)
+    assert table["before"]["floor_step_s"] == pytest.approx(2.0)
+    assert table["before"]["x_floor"] == pytest.approx(11.0 / 2.0) and table["grouped"]["x_floor"] == pytest.approx(4.0)
+    assert table["grouped"]["speedup"] == pytest.approx(11.0 / 8.0) and table["grouped"]["s_per_pair"] == 0.5
