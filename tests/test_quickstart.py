@@ -22,7 +22,8 @@ def test_quickstart_shrunk_to_a_tiny_model_runs_every_stage_and_reports(tmp_path
     overrides = [f"model.policy={policy}", "model.dtype=fp32", "data.train.0.max_rows=12", "data.train.1.max_rows=4",
                  "data.max_len=256", "distill.max_prompts=4", "distill.max_new_tokens=8", "eval.max_new_tokens=4",
                  "eval.beavertails_per_category=1", "eval.mt_bench_per_category=1", "logging.tensorboard=false",
-                 "align.cost_sampling.prompts=4", "align.cost_sampling.max_new_tokens=4"]  # fmt: skip
+                 "align.cost_sampling.prompts=4", "align.cost_sampling.max_new_tokens=4",
+                 "eval.heldout_pairs.0.max_rows=6", "eval.heldout_pairs.1.max_rows=6"]  # fmt: skip
     for section in ("rm.helpful", "rm.cost", "align", "distill.sft"):
         overrides += [f"{section}.{key}={value}" for key, value in TINY_TRAINING.items()]
     overrides += ["rm.helpful.trainable_layers=1", "rm.cost.trainable_layers=1"]  # the tiny model has 2 layers
@@ -35,8 +36,13 @@ def test_quickstart_shrunk_to_a_tiny_model_runs_every_stage_and_reports(tmp_path
     results = json.loads((run / "eval" / "results.json").read_text())
     assert set(results["models"]) == {"base", "aligned", "student"}
     assert results["settings"]["judges"] == ["cost_model", "refusal"]
+    for model in results["models"].values():  # the held-out measure, on rows after the training ones
+        assert {"helpful", "safe"} <= set(model["heldout"])
+        assert 0 < model["heldout"]["helpful"]["likelihood"]["n"] <= 6  # PKU rows only
+        assert model["heldout"]["helpful"]["likelihood"]["n"] < model["heldout"]["safe"]["likelihood"]["n"] <= 12
     page = (run / "eval" / "report.html").read_text()
-    assert "Teacher vs student (distill)" in page and page.count("data:image/png;base64,") == 3
+    assert "Teacher vs student (distill)" in page and "Held-out preference pairs" in page
+    assert page.count("data:image/png;base64,") == 4  # held-out plane, trade-off, categories, training
 
 
 def test_evidence_recipe_shrunk_to_a_tiny_model_measures_the_frontier_on_held_out_pairs(tmp_path, tokenizer_dir):
