@@ -166,16 +166,16 @@ def test_ddpo_trains_the_dsft_student_with_the_align_trainer(pipeline):
 
 def test_eval_under_two_ranks_generates_and_judges_once(tmp_path, tokenizer_dir, judge_api):
     """torchrun with 2 ranks (gloo): each rank answers half the prompts, the answers are gathered, the LLM
-    judge (a local stand-in server) is asked once per distinct conversation by rank 0 alone, and the
-    results equal a one-process run's."""
+    judge (a local stand-in server) is asked once per distinct conversation by rank 0 alone, the held-out
+    pairs are read half by each rank, and the results equal a one-process run's."""
     url, api = judge_api
-    write_jsonl(tmp_path / "pku.jsonl", pku_rows(12))
+    write_jsonl(tmp_path / "pku.jsonl", pku_rows(24))
     recipe = {
         "name": "ranks",
         "stages": ["eval"],
         "model": tiny_policy(tokenizer_dir),
-        "data": {"train": [{"path": "pku.jsonl"}], "max_len": 512},
-        "eval": llm_judged_eval(url),
+        "data": {"train": [{"path": "pku.jsonl", "max_rows": 12}], "max_len": 512},
+        "eval": {**llm_judged_eval(url), "heldout_pairs": [{"path": "pku.jsonl", "skip_rows": 12}]},
         "logging": {"tensorboard": False},
     }
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
@@ -203,7 +203,11 @@ def test_eval_under_two_ranks_generates_and_judges_once(tmp_path, tokenizer_dir,
             assert a == b
     one, both = (json.loads((tmp_path / f"runs/{r}/eval/results.json").read_text()) for r in ("one", "two"))
     assert one["models"]["base"]["safety"] == both["models"]["base"]["safety"]
-    assert len(list((tmp_path / "runs/two/cache/eval").iterdir())) == 1  # one writer, one file
+    for dimension in ("helpful", "safe"):
+        measured = [r["models"]["base"]["heldout"][dimension]["likelihood"] for r in (one, both)]
+        assert measured[0]["n"] == measured[1]["n"] == 12 and measured[0]["correct"] == measured[1]["correct"]
+    # one writer, one file per measurement: the answers and the held-out log-probs
+    assert len(list((tmp_path / "runs/two/cache/eval").iterdir())) == 2
 
 
 def test_every_stage_runs_under_two_ranks(tmp_path, tokenizer_dir):
