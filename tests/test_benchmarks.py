@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -27,8 +28,8 @@ def load_benchmark(name: str):
     return module
 
 
-dpo_step, throughput, stage_times, step_floor = (
-    load_benchmark(n) for n in ("dpo_step", "throughput", "stage_times", "step_floor")
+dpo_step, throughput, stage_times, step_floor, learning_curve = (
+    load_benchmark(n) for n in ("dpo_step", "throughput", "stage_times", "step_floor", "learning_curve")
 )
 
 
@@ -145,3 +146,27 @@ def test_floor_summary_ratios():
     assert table["before"]["floor_step_s"] == pytest.approx(2.0)
     assert table["before"]["x_floor"] == pytest.approx(11.0 / 2.0) and table["grouped"]["x_floor"] == pytest.approx(4.0)
     assert table["grouped"]["speedup"] == pytest.approx(11.0 / 8.0) and table["grouped"]["s_per_pair"] == 0.5
+
+
+def test_significant_gain_is_the_exact_mcnemar_threshold():
+    # 20 of 100 pairs change: 17 gained / 3 lost has p = 2·(1140+190+20+1)/2^20 = 0.0026 < 0.01,
+    # 16 / 4 has p = 0.012: the smallest significant net gain is (17 - 3)/100
+    assert learning_curve.significant_gain(100, 0.2, 0.01) == pytest.approx(0.14)
+    assert learning_curve.significant_gain(100, 0.03, 0.01) is None  # 3 changes can never be significant
+    n = learning_curve.heldout_pairs_needed(0.14, 0.2, 0.01)
+    assert n <= 100 and learning_curve.significant_gain(n, 0.2, 0.01) <= 0.14 + 1 / n
+
+
+def test_projection_solves_the_log_fit_for_the_significant_gain():
+    def point(model, pairs, accuracy, gained=0, lost=0):
+        return {"model": model, "pairs": pairs, "accuracy": accuracy, "n": 100,
+                "vs_base": {"gained": gained, "lost": lost}}  # fmt: skip
+
+    # gain = 0.01·ln(pairs / 50) exactly; the largest model changes 20 of 100 pairs -> 0.14 needed
+    points = [point("base", 0, 0.5)] + [
+        point(f"m{p}", p, 0.5 + 0.01 * math.log(p / 50), 11, 9) for p in (100, 200, 400, 1000)
+    ]
+    projection = learning_curve.project(points, 0.01)
+    assert projection["fit"]["b_per_ln_pairs"] == pytest.approx(0.01)
+    assert projection["gain_needed"] == pytest.approx(0.14)
+    assert projection["training_pairs_needed"] == pytest.approx(50 * math.exp(14), rel=1e-6)
