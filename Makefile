@@ -24,12 +24,13 @@ quickstart: setup
 manifests: setup
 	$(BIN)/python -m safealign.k8s.manifests
 
-# Every measurement of docs/benchmarks.md, on a quiet machine (~55 min on 2 CPU cores); results in
+# Every measurement of docs/benchmarks.md, on a quiet machine (~75 min on 2 CPU cores); results in
 # benchmarks/results/, tables printed. Never part of `make test`: timings are not assertions.
 BENCH_RUN := runs/bench-quickstart
 bench: setup
 	$(BIN)/python benchmarks/dpo_step.py --model tiny --rounds 3 --steps 3
 	$(BIN)/python benchmarks/dpo_step.py --model smollm2 --rounds 2 --steps 3
+	$(BIN)/python benchmarks/step_floor.py
 	$(BIN)/python benchmarks/throughput.py
 	rm -rf $(BENCH_RUN)
 	$(BIN)/safealign run recipes/quickstart.yaml --run-dir $(BENCH_RUN)
