@@ -219,6 +219,10 @@ def test_heldout_accuracies_by_hand():
     # implicit reward (sums): log-ratios row0 (-2, +3), row1 (0, +5), row3 (+2, -2)
     # safe: row0 prefers 1: 3>-2 yes; row1 prefers 1: 5>0 yes; row3 prefers 0: 2>-2 yes
     assert out["aligned"]["safe"]["implicit_reward"]["accuracy"] == 1.0
+    assert out["aligned"]["safe"]["implicit_reward"]["p_value"] == 0.25  # 3 toward, 0 away: 2 · 0.5³
+    # helpful: row0 prefers 0: -2>3 no; row1 prefers 1: yes; row2 prefers 0: -0.5>0 no; row3 prefers 1: no
+    assert out["aligned"]["helpful"]["implicit_reward"]["correct"] == 1
+    assert out["aligned"]["helpful"]["implicit_reward"]["p_value"] == 0.625  # 1 toward, 3 away: 2 · 5/16
     assert "implicit_reward" not in out["base"]["safe"]
 
 

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from safealign.eval.mtbench import load_questions
+from safealign.eval.safety import sign_test_p
 from safealign.stages.distill import pick_answer
 
 from conftest import (
@@ -61,7 +62,8 @@ def test_every_model_is_judged_by_every_judge(pipeline):
     answers = (root / "runs/ev/eval/answers/aligned.jsonl").read_text().splitlines()
     assert len(answers) == 28 + 8
     page = (root / "runs/ev/eval/report.html").read_text()
-    assert page.count("data:image/png;base64,") == 4 and "<td>aligned</td>" in page
+    # held-out likelihood and implicit-reward planes, trade-off, categories, training
+    assert page.count("data:image/png;base64,") == 5 and "<td>aligned</td>" in page
     assert "Teacher vs student (distill)" in page and "<th>teacher (aligned)</th>" in page
     assert "<th>cost below base&#x27;s</th>" in page
     assert "eval: aligned — safety cost_model" in result.stderr
@@ -85,8 +87,11 @@ def test_every_model_is_measured_on_the_held_out_pairs(pipeline):
     change = results["models"]["aligned"]["heldout"]["safe"]["likelihood"]["vs_base"]
     base, aligned = (results["models"][m]["heldout"]["safe"]["likelihood"]["correct"] for m in ("base", "aligned"))
     assert aligned - base == change["gained"] - change["lost"]
+    implicit = results["models"]["aligned"]["heldout"]["safe"]["implicit_reward"]
+    assert implicit["p_value"] == pytest.approx(sign_test_p(implicit["correct"], 16 - implicit["correct"]))
     report = (root / "runs/ev/eval/report.md").read_text()
     assert "## Held-out preference pairs" in report and "![Held-out preference accuracy]" in report
+    assert "![Held-out implicit-reward accuracy]" in report
 
 
 def test_rerunning_eval_regenerates_nothing(pipeline):

@@ -42,7 +42,7 @@ def test_quickstart_shrunk_to_a_tiny_model_runs_every_stage_and_reports(tmp_path
         assert model["heldout"]["helpful"]["likelihood"]["n"] < model["heldout"]["safe"]["likelihood"]["n"] <= 12
     page = (run / "eval" / "report.html").read_text()
     assert "Teacher vs student (distill)" in page and "Held-out preference pairs" in page
-    assert page.count("data:image/png;base64,") == 4  # held-out plane, trade-off, categories, training
+    assert page.count("data:image/png;base64,") == 5  # 2 held-out planes, trade-off, categories, training
 
 
 def test_evidence_recipe_shrunk_to_a_tiny_model_measures_the_frontier_on_held_out_pairs(tmp_path, tokenizer_dir):

@@ -9,7 +9,12 @@ For pairs no stage trained on (`eval.heldout_pairs`), per dimension (helpfulness
   pairs, so a change is tested by the exact McNemar test (the discordant pairs), with Wilson intervals.
 - **implicit-reward accuracy**, for models trained by DPO from the base: the share of pairs on which
   `log π(y_w) − log π_ref(y_w) > log π(y_l) − log π_ref(y_l)` — DPO's own reward (Rafailov et al. 2023,
-  §5), summed log-probs, π_ref the base. It measures what training changed, not what the base knew.
+  §5), summed log-probs, π_ref the base. It measures what training changed, not what the base knew:
+  per pair, it says whether the model's preference margin moved from the base's *toward* the preferred
+  response. That is also a paired comparison with the base, of every pair rather than only those whose
+  winner flips: under "training taught nothing about this dimension" the margin moves either way with
+  equal odds, so the exact sign test on (toward, away) is its p. Likelihood accuracy needs a margin to
+  cross zero to count; a short run moves many margins and flips few, so this is the more sensitive test.
 
 Forward passes only: each model reads each pair once (`rm.response_logps`, the trainer's own code).
 """
@@ -94,6 +99,8 @@ def heldout_results(
             if name != "base":
                 entry["likelihood"]["vs_base"] = versus(correct, base)
             if name in trained_from_base:
-                entry["implicit_reward"] = accuracy(implicit_reward_correct(rows, values, logps["base"], indices, dimension))
+                moved = implicit_reward_correct(rows, values, logps["base"], indices, dimension)
+                toward = sum(moved)
+                entry["implicit_reward"] = {**accuracy(moved), "p_value": sign_test_p(toward, len(moved) - toward)}
             results[name][dimension] = entry
     return results

@@ -49,9 +49,16 @@ def _png(fig) -> bytes:
     return buffer.getvalue()
 
 
-def _plane(points: list[tuple], xlabel: str, ylabel: str, title: str, ylim: tuple[float, float] | None = None) -> bytes:
-    """Labelled models on a plane with 95 % error bars: points are (name, x, x_ci or None, y, y_ci)."""
+def _plane(
+    points: list[tuple], xlabel: str, ylabel: str, title: str, ylim: tuple[float, float] | None = None,
+    chance: float | None = None,
+) -> bytes:
+    """Labelled models on a plane with 95 % error bars: points are (name, x, x_ci or None, y, y_ci);
+    `chance` draws the no-effect level on both axes."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
+    if chance is not None:
+        ax.axhline(chance, color="grey", lw=0.8, ls="--")
+        ax.axvline(chance, color="grey", lw=0.8, ls="--")
     span = (max(p[1] for p in points) - min(p[1] for p in points)) or 1.0
     placed: list[tuple[float, float]] = []
     for name, x, x_ci, y, y_ci in points:
@@ -85,18 +92,33 @@ def plot_tradeoff(results: dict, judge: str) -> bytes | None:
                   "Safety vs helpfulness (up and right is better)", ylim=(-0.02, 1.12))  # fmt: skip
 
 
-def plot_heldout(results: dict) -> bytes | None:
-    """Held-out preference accuracy, helpfulness against harmlessness: the judge-free trade-off plane."""
+def _heldout_points(results: dict, measure: str) -> list[tuple]:
     points = []
     for name, m in results["models"].items():
         held = m.get("heldout", {})
-        if "helpful" in held and "safe" in held:
-            h, s = held["helpful"]["likelihood"], held["safe"]["likelihood"]
+        if measure in held.get("helpful", {}) and measure in held.get("safe", {}):
+            h, s = held["helpful"][measure], held["safe"][measure]
             points.append((name, h["accuracy"], h["ci95"], s["accuracy"], s["ci95"]))
+    return points
+
+
+def plot_heldout(results: dict) -> bytes | None:
+    """Held-out preference accuracy, helpfulness against harmlessness: the judge-free trade-off plane."""
+    points = _heldout_points(results, "likelihood")
     if not points:
         return None
     return _plane(points, "held-out helpfulness accuracy (preferred response more likely)",
                   "held-out harmlessness accuracy", "Held-out preference accuracy (up and right is better)")  # fmt: skip
+
+
+def plot_heldout_reward(results: dict) -> bytes | None:
+    """The same plane in DPO's implicit reward: where training moved each model's preferences (0.5: nowhere)."""
+    points = _heldout_points(results, "implicit_reward")
+    if not points:
+        return None
+    return _plane(points, "helpfulness: margin moved toward the preferred response",
+                  "harmlessness: margin moved toward the safer response",
+                  "Held-out implicit-reward accuracy (up and right is better)", chance=0.5)  # fmt: skip
 
 
 def heldout_table(results: dict) -> tuple[list[str], list[list[str]]] | None:
@@ -116,11 +138,13 @@ def heldout_table(results: dict) -> tuple[list[str], list[list[str]]] | None:
                 f"+{change['gained']} / −{change['lost']}" if change else "",
                 f"{change['p_value']:.3g}" if change else "",
                 _fmt_share(change.get("min_significant_change")) if change else "",
-                f"{implicit['accuracy']:.1%}" if implicit else "",
+                f"{implicit['accuracy']:.1%} [{implicit['ci95'][0]:.0%}, {implicit['ci95'][1]:.0%}], p {implicit['p_value']:.2g}"
+                if implicit else "",
                 f"{m['heldout'].get('seconds_per_100_pairs', '')}",
             ])  # fmt: skip
     header = ["model", "dimension", "likelihood accuracy [95 % CI]", "vs base (pairs)", "p (McNemar)",
-              "smallest significant change", "implicit-reward accuracy", "s / 100 pairs"]  # fmt: skip
+              "smallest significant change", "implicit-reward accuracy [95 % CI], p (sign test)",
+              "s / 100 pairs"]  # fmt: skip
     return (header, rows) if rows else None
 
 
@@ -128,12 +152,14 @@ HELDOUT_NOTE = (
     "Labelled pairs no stage trained on (eval.heldout_pairs). Likelihood accuracy: the share of pairs whose "
     "preferred response the model finds more likely per token; paired with the base on the same pairs "
     "(exact McNemar on the pairs that changed). Implicit-reward accuracy: DPO's reward (log-ratio to the base) "
-    "ranks the preferred response higher."
+    "ranks the preferred response higher, i.e. training moved the model's preference margin toward it; "
+    "also paired with the base, on every pair (exact sign test of toward against away; 50 %: no effect)."
 )
 
 #: The report's plots, in order, with their titles (markdown and HTML alike).
 PLOTS = (
     ("heldout", "Held-out preference accuracy"),
+    ("heldout_reward", "Held-out implicit-reward accuracy"),
     ("tradeoff", "Safety vs helpfulness"),
     ("categories", "Safety by category"),
     ("training", "Training (align)"),
@@ -297,6 +323,7 @@ def write_report(out_dir: Path, results: dict, metrics_path: Path | None = None)
         metrics = read_metrics(metrics_path)
     plots = {
         "heldout": plot_heldout(results),
+        "heldout_reward": plot_heldout_reward(results),
         "tradeoff": plot_tradeoff(results, primary) if primary else None,
         "categories": plot_categories(results, primary) if primary else None,
         "training": plot_training(metrics),
