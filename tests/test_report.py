@@ -138,3 +138,17 @@ def test_report_has_the_paired_comparison(tmp_path):
     text = md.read_text()
     assert "## Compared with the base, prompt by prompt" in text
     assert "| aligned | cost_model | 9 | 1 | 0.021 |" in text
+
+
+def test_heldout_table_reads_results_from_before_the_sign_test():
+    """An older results.json's implicit reward has no p: the report shows what it has, not a traceback."""
+    from safealign.eval.report import heldout_table
+
+    like = {"accuracy": 0.5, "correct": 5, "n": 10, "ci95": [0.24, 0.76]}
+    implicit = {"accuracy": 0.7, "correct": 7, "n": 10, "ci95": [0.4, 0.89]}
+    results = {"models": {"aligned": {"heldout": {
+        "safe": {"likelihood": like, "implicit_reward": implicit},
+        "helpful": {"likelihood": like, "implicit_reward": {**implicit, "p_value": 0.34375}},
+    }}}}  # fmt: skip
+    _, rows = heldout_table(results)
+    assert [row[6] for row in rows] == ["70.0% [40%, 89%]", "70.0% [40%, 89%], p 0.34"]

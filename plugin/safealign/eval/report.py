@@ -138,14 +138,20 @@ def heldout_table(results: dict) -> tuple[list[str], list[list[str]]] | None:
                 f"+{change['gained']} / −{change['lost']}" if change else "",
                 f"{change['p_value']:.3g}" if change else "",
                 _fmt_share(change.get("min_significant_change")) if change else "",
-                f"{implicit['accuracy']:.1%} [{implicit['ci95'][0]:.0%}, {implicit['ci95'][1]:.0%}], p {implicit['p_value']:.2g}"
-                if implicit else "",
+                _fmt_implicit(implicit) if implicit else "",
                 f"{m['heldout'].get('seconds_per_100_pairs', '')}",
             ])  # fmt: skip
     header = ["model", "dimension", "likelihood accuracy [95 % CI]", "vs base (pairs)", "p (McNemar)",
               "smallest significant change", "implicit-reward accuracy [95 % CI], p (sign test)",
               "s / 100 pairs"]  # fmt: skip
     return (header, rows) if rows else None
+
+
+def _fmt_implicit(implicit: dict) -> str:
+    """Accuracy, interval and sign-test p (results.json written before the test existed have no p)."""
+    low, high = implicit["ci95"]
+    p = implicit.get("p_value")
+    return f"{implicit['accuracy']:.1%} [{low:.0%}, {high:.0%}]" + (f", p {p:.2g}" if p is not None else "")
 
 
 HELDOUT_NOTE = (
