@@ -7,10 +7,12 @@ its held-out measure) and prints, per model of the curve (default: recipes/evide
 models on nested subsets — curve_100, curve_200, frontier_dual, aligned — after the base at 0 pairs), the
 held-out likelihood accuracy per dimension, its change against the base and the exact McNemar p.
 
-Then the projection, for one dimension (`--dimension`, default safe): the gain over the base is fitted
+Then the projection, for one dimension (`--dimension`, default safe) and each measure (likelihood
+accuracy against the base's; implicit-reward accuracy against 50 %): the gain over the base is fitted
 as a + b·ln(pairs) (least squares over the trained models), and the smallest gain that the exact McNemar
 test calls significant at `--alpha` (0.01, issue 17's criterion) is computed for this run's held-out
-pairs, assuming the largest model's share of discordant pairs (pairs on which it and the base disagree);
+pairs (likelihood: the exact McNemar test, assuming the largest model's share of discordant pairs, those
+on which it and the base disagree; implicit reward: the exact sign test over all pairs);
 the fit is solved for the training pairs that reach that gain. Also: the held-out pairs the largest
 model's measured gain would need to reach significance. Both are extrapolations from a handful of noisy
 points; they say which side of the budget the criterion falls on, not more.
@@ -28,16 +30,26 @@ from safealign.eval.safety import sign_test_p
 CURVE = ("curve_100", "curve_200", "frontier_dual", "aligned")
 
 
-def curve_points(run: Path, models: tuple[str, ...], dimension: str) -> list[dict]:
-    """Per model: pairs, steps and the held-out likelihood measure of `dimension` (base first, 0 pairs)."""
+def curve_points(run: Path, models: tuple[str, ...], dimension: str, measure: str = "likelihood") -> list[dict]:
+    """Per model: pairs, steps and a held-out measure of `dimension`, base first at 0 pairs (for the
+    implicit reward, which the base does not have: 50 %, no margin moved either way)."""
     align = json.loads((run / "align" / "stage.json").read_text())
     results = json.loads((run / "eval" / "results.json").read_text())["models"]
-    points = [{"model": "base", "pairs": 0, "steps": 0, **results["base"]["heldout"][dimension]["likelihood"]}]
+    base = results["base"]["heldout"][dimension]["likelihood"]
+    if measure == "implicit_reward":
+        base = {**base, "accuracy": 0.5, "correct": base["n"] / 2, "ci95": [0.5, 0.5]}
+    points = [{"model": "base", "pairs": 0, "steps": 0, **base}]
     for name in models:
         trained = align if name == "aligned" else align["ablations"][name]
-        measure = results[name]["heldout"][dimension]["likelihood"]
-        points.append({"model": name, "pairs": trained["train_pairs"], "steps": trained["steps"], **measure})
+        entry = results[name]["heldout"][dimension][measure]
+        points.append({"model": name, "pairs": trained["train_pairs"], "steps": trained["steps"], **entry})
     return points
+
+
+def significant_share(n: int, alpha: float) -> float | None:
+    """The smallest share of n pairs moved toward the preferred response that the exact sign test calls
+    significant at `alpha` (the implicit reward's test against no change)."""
+    return next((k / n for k in range(math.ceil(n / 2), n + 1) if sign_test_p(k, n - k) < alpha), None)
 
 
 def significant_gain(n: int, discordant_share: float, alpha: float) -> float | None:
@@ -74,22 +86,29 @@ def heldout_pairs_needed(gain: float, discordant_share: float, alpha: float, lim
     return None
 
 
-def project(points: list[dict], alpha: float) -> dict:
+def project(points: list[dict], alpha: float, measure: str = "likelihood") -> dict:
+    """Fit gain = a + b·ln(pairs) over the trained models and solve it for the gain the test needs."""
     base = points[0]["accuracy"]
     trained = [{**p, "base_accuracy": base} for p in points[1:]]
-    last = points[-1]["vs_base"]
-    share = (last["gained"] + last["lost"]) / points[-1]["n"]
-    needed = significant_gain(points[-1]["n"], share, alpha)
+    n = points[-1]["n"]
+    if measure == "implicit_reward":
+        share = None
+        needed = None if significant_share(n, alpha) is None else significant_share(n, alpha) - 0.5
+    else:
+        last = points[-1]["vs_base"]
+        share = (last["gained"] + last["lost"]) / n
+        needed = significant_gain(n, share, alpha)
     a, b = fit_log(trained)
     pairs = math.exp((needed - a) / b) if needed is not None and b > 0 else None
     measured = points[-1]["accuracy"] - base
     return {
+        "measure": measure,
         "fit": {"a": a, "b_per_ln_pairs": b},
         "discordant_share": share,
         "gain_needed": needed,
         "training_pairs_needed": pairs,
         "largest_gain": measured,
-        "heldout_pairs_needed_at_largest_gain": heldout_pairs_needed(measured, share, alpha),
+        "heldout_pairs_needed_at_largest_gain": heldout_pairs_needed(measured, share, alpha) if share else None,
     }
 
 
@@ -102,18 +121,22 @@ def main() -> None:
     args = parser.parse_args()
     models = tuple(args.models.split(","))
     for dimension in ("safe", "helpful"):
-        points = curve_points(args.run, models, dimension)
-        print(f"\n{dimension} (held-out likelihood accuracy, {points[0]['n']} pairs)")
-        print("| model | pairs | steps | accuracy [95 % CI] | vs base: gained / lost | p |")
+        likelihood = curve_points(args.run, models, dimension)
+        implicit = curve_points(args.run, models, dimension, "implicit_reward")
+        print(f"\n{dimension} ({likelihood[0]['n']} held-out pairs)")
+        print("| model | pairs | steps | likelihood accuracy [95 % CI] | vs base: gained / lost, p (McNemar) "
+              "| implicit-reward accuracy [95 % CI], p (sign test) |")  # fmt: skip
         print("|---|---|---|---|---|---|")
-        for p in points:
-            low, high = p["ci95"]
+        for p, q in zip(likelihood, implicit):
             versus = p.get("vs_base")
-            compared = f"{versus['gained']} / {versus['lost']} | {versus['p_value']:.3g}" if versus else "— | —"
-            print(f"| {p['model']} | {p['pairs']} | {p['steps']} | {p['accuracy']:.3f} [{low:.3f}, {high:.3f}] | {compared} |")
-    projection = project(curve_points(args.run, models, args.dimension), args.alpha)
-    print(f"\nprojection ({args.dimension}, alpha {args.alpha}):")
-    print(json.dumps(projection, indent=2))
+            compared = f"+{versus['gained']} / −{versus['lost']}, p {versus['p_value']:.2g}" if versus else "—"
+            reward = f"{q['accuracy']:.1%} [{q['ci95'][0]:.1%}, {q['ci95'][1]:.1%}], p {q['p_value']:.2g}" if "p_value" in q else "—"
+            print(f"| {p['model']} | {p['pairs']} | {p['steps']} | {p['accuracy']:.1%} [{p['ci95'][0]:.1%}, "
+                  f"{p['ci95'][1]:.1%}] | {compared} | {reward} |")  # fmt: skip
+    for measure in ("likelihood", "implicit_reward"):
+        projection = project(curve_points(args.run, models, args.dimension, measure), args.alpha, measure)
+        print(f"\nprojection ({args.dimension}, {measure}, alpha {args.alpha}):")
+        print(json.dumps(projection, indent=2))
 
 
 if __name__ == "__main__":

@@ -170,3 +170,14 @@ def test_projection_solves_the_log_fit_for_the_significant_gain():
     assert projection["fit"]["b_per_ln_pairs"] == pytest.approx(0.01)
     assert projection["gain_needed"] == pytest.approx(0.14)
     assert projection["training_pairs_needed"] == pytest.approx(50 * math.exp(14), rel=1e-6)
+
+
+def test_implicit_reward_projection_needs_the_sign_test_share():
+    # 100 pairs: 63 toward / 37 away has p = 0.012, 64 / 36 has p = 0.0066 -> 0.64, a gain of 0.14 over 50 %
+    assert learning_curve.significant_share(100, 0.01) == pytest.approx(0.64)
+    points = [{"model": "base", "pairs": 0, "accuracy": 0.5, "n": 100}] + [
+        {"model": f"m{p}", "pairs": p, "accuracy": 0.5 + 0.02 * math.log(p / 50), "n": 100} for p in (100, 400)
+    ]
+    projection = learning_curve.project(points, 0.01, "implicit_reward")
+    assert projection["gain_needed"] == pytest.approx(0.14)
+    assert projection["training_pairs_needed"] == pytest.approx(50 * math.exp(7), rel=1e-6)
