@@ -36,6 +36,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent / "data" / "pku-saferlhf-sample" / "pku_saferlhf_alpaca7b_test_sample.jsonl"
+HH = HERE.parent / "data" / "hh-rlhf-harmless" / "harmless-base-test.jsonl.gz"
 VARIANTS = ("openrlhf_dpo", "safe_mm_dpo_ref", "safe_mm_dpo_cached")
 MODELS = {
     # A 4-layer random Llama on SmolLM2's tokenizer: small enough that framework overhead shows.
@@ -67,6 +68,7 @@ class Setting:
     zero_stage: int
     dtype: str = "fp32"  # the step-time tables compare variants in fp32; benchmarks/step_floor.py uses auto
     group_by_length: bool = True
+    data: str = "pku"  # or "evidence": recipes/evidence.yaml's PKU + HH-RLHF mix (cached-reference runs)
 
     def child_args(self) -> list[str]:
         return [f"--setting={json.dumps(asdict(self))}"]
@@ -131,7 +133,15 @@ def bench_rows(setting: Setting) -> list:
     (synthetic margins and costs: their values do not change the cost of a step)."""
     from safealign.data import load_rows
 
-    rows = load_rows(DATA, "pku_saferlhf")[: (setting.steps + 1) * setting.batch]
+    wanted = (setting.steps + 1) * setting.batch
+    if setting.data == "evidence":
+        # recipes/evidence.yaml's training rows, shuffled: short HH answers beside long PKU ones. Half again
+        # as many as the steps need, as a quarter of HH prompts fill max_len (the cached run drops those).
+        rows = load_rows(DATA, "pku_saferlhf", max_rows=125) + load_rows(HH, "hh_rlhf", "safe", max_rows=1250)
+        random.Random(0).shuffle(rows)
+        rows = rows[: wanted * 3 // 2]
+    else:
+        rows = load_rows(DATA, "pku_saferlhf")[:wanted]
     rng = random.Random(0)
     for row in rows:
         row.delta_h, row.delta_s = rng.uniform(0, 2), rng.uniform(0, 2)
@@ -171,7 +181,7 @@ def measured_run(variant: str, setting: Setting, reference: Path, out: Path) -> 
             row = rows[int(index)]
             row.ref_logps_0, row.ref_logps_1, row.ref_logps_provenance = l0, l1, cached["provenance"]
         # rows whose prompt fills max_len have none; every variant's dataset drops them anyway (the rm stage too)
-        rows = [row for row in rows if row.ref_logps_0 is not None]
+        rows = [row for row in rows if row.ref_logps_0 is not None][: (setting.steps + 1) * setting.batch]
     policy = resolve_model(recipe.model.policy)
 
     stamps: list[float] = []

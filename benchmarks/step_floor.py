@@ -15,11 +15,14 @@ alternated round by round on the same rows, batch and machine:
 - `before`: micro-batches cut in data order, ZeRO-2 (the evidence run's align settings);
 - `grouped`: `group_by_length` on (each step's pairs sorted by length before cutting micro-batches);
 - `grouped_zero0`: and ZeRO stage 0 (one process has nothing to partition);
-- `grouped_zero0_jemalloc` / `_tcmalloc`: and that allocator via `LD_PRELOAD`, when Debian's
+- each of them `_jemalloc` / `_tcmalloc`: with that allocator via `LD_PRELOAD`, when Debian's
   `libjemalloc2` / `libtcmalloc-minimal4` is installed (glibc returns freed blocks above 32 MiB to the OS,
   so every micro-batch's logits fault their pages back in).
 
-Results: benchmarks/results/step_floor.json and the table printed (docs/benchmarks.md).
+Rows (`--data`): the evidence recipe's mix by default (PKU-SafeRLHF and ten times as many HH-RLHF pairs,
+shuffled), or the PKU sample alone (long answers, most cut at max_len: little padding to remove).
+
+Results: benchmarks/results/step_floor-<data>.json and the table printed (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -104,16 +107,17 @@ def step_flops(config: dict, real_tokens: float, context: float) -> float:
 
 
 def variants(base: dpo_step.Setting) -> dict[str, tuple[dpo_step.Setting, dict]]:
-    """name -> (setting, extra environment); allocators only where installed."""
-    grouped_zero0 = replace(base, group_by_length=True, zero_stage=0)
-    table = {
-        "before": (replace(base, group_by_length=False, zero_stage=2), {}),
-        "grouped": (replace(base, group_by_length=True, zero_stage=2), {}),
-        "grouped_zero0": (grouped_zero0, {}),
+    """name -> (setting, extra environment): each setting with glibc's allocator and with every allocator
+    installed (`<setting>_<allocator>`)."""
+    settings = {
+        "before": replace(base, group_by_length=False, zero_stage=2),
+        "grouped": replace(base, group_by_length=True, zero_stage=2),
+        "grouped_zero0": replace(base, group_by_length=True, zero_stage=0),
     }
-    for name, library in ALLOCATORS.items():
+    table = {name: (setting, {}) for name, setting in settings.items()}
+    for allocator, library in ALLOCATORS.items():
         if Path(library).exists():
-            table[f"grouped_zero0_{name}"] = (grouped_zero0, {"LD_PRELOAD": library})
+            table.update({f"{name}_{allocator}": (s, {"LD_PRELOAD": library}) for name, s in settings.items()})
     return table
 
 
@@ -153,9 +157,18 @@ def main() -> None:
     parser.add_argument("--micro", type=int, default=4)
     parser.add_argument("--max-len", type=int, default=192)
     parser.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "step_floor.json")
+    parser.add_argument("--data", choices=("evidence", "pku"), default="evidence",
+                        help="rows: the evidence recipe's PKU + HH-RLHF mix, or the PKU sample alone")  # fmt: skip
+    parser.add_argument("--variants", help="comma-separated subset of the variants (default: all)")
+    parser.add_argument("--out", type=Path, help="default: benchmarks/results/step_floor-<data>.json")
     args = parser.parse_args()
-    base = dpo_step.Setting(args.model, args.steps, args.batch, args.micro, args.max_len, 2, args.dtype)
+    base = dpo_step.Setting(args.model, args.steps, args.batch, args.micro, args.max_len, 2, args.dtype, data=args.data)
+    chosen = variants(base)
+    if args.variants:
+        unknown = set(args.variants.split(",")) - set(chosen)
+        if unknown:
+            sys.exit(f"--variants: unknown {sorted(unknown)}; choose from {sorted(chosen)}")
+        chosen = {name: chosen[name] for name in args.variants.split(",")}
     # one micro-batch's rows in the GEMMs: both responses of `micro` pairs at the longest length
     tokens_per_micro = 2 * args.micro * args.max_len
     floor_before = measure_floor(base, tokens_per_micro)
@@ -164,7 +177,7 @@ def main() -> None:
         reference = Path(scratch) / "reference_logps.json"
         run_child(["--child", "reference", *base.child_args(), f"--reference={reference}"])
         for round_ in range(args.rounds):
-            for name, (setting, env) in variants(base).items():
+            for name, (setting, env) in chosen.items():
                 out = run_child(["--child", "safe_mm_dpo_cached", *setting.child_args(), f"--reference={reference}"], env)
                 result = json.loads(next(x for x in out.splitlines() if x.startswith("RESULT ")).removeprefix("RESULT "))
                 runs.append({**result, "name": name, "setting": asdict(setting), "env": env})
@@ -174,6 +187,7 @@ def main() -> None:
     # attention context: a causal token sees on average half its sequence (the real tokens' mean length)
     context = runs[0]["tokens_per_step"] / (2 * args.batch) / 2
     table = summarise(runs, rate, floor_before["config"], context, args.batch)
+    args.out = args.out or HERE / "results" / f"step_floor-{args.data}.json"
     args.out.parent.mkdir(exist_ok=True)
     record = {
         "settings": {**asdict(base), "rounds": args.rounds, "tokens_per_micro": tokens_per_micro},
