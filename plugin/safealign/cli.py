@@ -310,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging()
     try:
+        if argv is None and args.command in ("run", "sweep"):  # a process of its own: it may re-exec
+            from safealign.allocator import use_caching_allocator
+
+            use_caching_allocator()
         if args.command == "report":
             return _report(args.run_dir)
         if args.command == "sweep":
