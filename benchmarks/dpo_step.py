@@ -344,11 +344,20 @@ def main() -> None:
     settings = {**asdict(setting), "rounds": args.rounds}
     path.write_text(json.dumps({"settings": settings, "table": table, "runs": runs}, indent=2) + "\n")
     print(f"\n{settings}")
-    print("| variant | s/step (median) | × OpenRLHF DPO | tokens/s | peak MiB | model+training MiB | × OpenRLHF DPO |")
-    print("|---|---|---|---|---|---|---|")
-    for variant, r in table.items():
-        print(f"| {variant} | {r['median_step_s']:.3f} | {r['step_ratio']:.2f} | {r['tokens_per_s']:.0f} | "
-              f"{r['peak_mb']:.0f} | {r['model_memory_mb']:.0f} | {r['memory_ratio']:.2f} |")  # fmt: skip
+    header = ["variant", "s/step (median)", "× OpenRLHF DPO", "tokens/s", "peak MiB", "model+training MiB", "× OpenRLHF DPO"]
+    print_markdown(header, [
+        [variant, f"{r['median_step_s']:.3f}", f"{r['step_ratio']:.2f}", f"{r['tokens_per_s']:.0f}",
+         f"{r['peak_mb']:.0f}", f"{r['model_memory_mb']:.0f}", f"{r['memory_ratio']:.2f}"]
+        for variant, r in table.items()
+    ])  # fmt: skip
+
+
+def print_markdown(header: list[str], rows: list[list[str]]) -> None:
+    """A table as docs/benchmarks.md shows it."""
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
 
 
 if __name__ == "__main__":

@@ -198,11 +198,11 @@ def main() -> None:
     }  # fmt: skip
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"\nmatmul rate on the model's shapes: {rate / 1e9:.0f} GFLOP/s ({floor_before['dtype']})")
-    print("| variant | s/step (median) | s/pair | padding | floor s/step | × floor | speed-up |")
-    print("|---|---|---|---|---|---|---|")
-    for name, r in table.items():
-        print(f"| {name} | {r['median_step_s']:.2f} | {r['s_per_pair']:.3f} | {r['padding']:.0%} | "
-              f"{r['floor_step_s']:.2f} | {r['x_floor']:.2f} | {r['speedup']:.2f} |")  # fmt: skip
+    dpo_step.print_markdown(["variant", "s/step (median)", "s/pair", "padding", "floor s/step", "× floor", "speed-up"], [
+        [name, f"{r['median_step_s']:.2f}", f"{r['s_per_pair']:.3f}", f"{r['padding']:.0%}",
+         f"{r['floor_step_s']:.2f}", f"{r['x_floor']:.2f}", f"{r['speedup']:.2f}"]
+        for name, r in table.items()
+    ])  # fmt: skip
 
 
 if __name__ == "__main__":
