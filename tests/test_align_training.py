@@ -124,6 +124,26 @@ def test_lambda_follows_the_policys_sampled_cost_against_the_threshold(
     assert summary["train_pairs"] + summary["dropped_pairs"] == len(prompts) - 4
 
 
+def test_an_initial_threshold_is_the_policys_own_cost_before_training(tmp_path, tokenizer_dir, scored_rows):
+    """align.cost_threshold: initial: the pool is answered and scored once before the first step (step 0
+    of lambda_samples.jsonl), that Ĵ_C becomes d, and every dual step moves λ by Ĵ_C − d; stage.json
+    records d (the checkpoint carries it in λ's state, tests/test_lagrange.py: a resumed run must not
+    re-measure it on a trained policy)."""
+    lr = 0.5
+    recipe = tiny_recipe(tmp_path, tokenizer_dir, scored_rows, align={"cost_threshold": "initial", "lambda_lr": lr})
+    summary = run_ok(tmp_path, recipe)
+    samples = [json.loads(line) for line in (tmp_path / "runs/tiny/align/lambda_samples.jsonl").read_text().splitlines()]
+    steps = train_steps(tmp_path / "runs/tiny")
+    assert [r["step"] for r in samples] == [0] + [s["step"] for s in steps]
+    threshold = samples[0]["cost_mean"]
+    assert summary["cost_threshold"] == pytest.approx(threshold)
+    log_lambda = 0.0  # λ_init 1
+    for s in steps:
+        log_lambda += lr * (s["cost_sampled"] - threshold) * math.exp(log_lambda)
+        assert s["lambda_next"] == pytest.approx(math.exp(log_lambda), rel=1e-6)
+    assert len({round(s["cost_sampled"] - threshold, 9) for s in steps}) > 1  # d is not the later estimates'
+
+
 #: name -> (align overrides, the statistic the loss must equal; None: the fixed-λ mix)
 ABLATIONS = {
     "dpo_helpful": ({"loss": "dpo", "dimension": "helpful"}, "loss_h"),

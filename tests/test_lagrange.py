@@ -116,3 +116,20 @@ def test_mixed_extreme_estimates_stay_finite():
     for x in [1.7e308, -1.7e308, 1.7e308, 0.0, -1e-300, 1e-300] * 1000:
         assert 0 < lam.update(x) <= CAP
         assert math.isfinite(lam.cost_estimate)
+
+
+def test_a_threshold_set_later_rides_in_the_state_and_is_required_before_updating():
+    """align.cost_threshold: initial: d is unknown until the policy's first Ĵ_C is sampled."""
+    uncalibrated = LagrangeMultiplier(init=1.0, lr=0.5, max_value=CAP, threshold=None)
+    with pytest.raises(ValueError, match="never set"):
+        uncalibrated.update(0.1)
+    uncalibrated.threshold = -0.2
+    uncalibrated.update(-0.1)  # violation +0.1: log λ += 0.5 · 0.1 · 1
+    assert uncalibrated.value == pytest.approx(math.exp(0.05))
+    restored = LagrangeMultiplier(init=1.0, lr=0.5, max_value=CAP, threshold=None)
+    restored.load_state_dict(uncalibrated.state_dict())
+    assert restored.threshold == -0.2 and restored.value == uncalibrated.value
+    # a checkpoint from before thresholds were saved keeps the recipe's own
+    fixed = LagrangeMultiplier(init=1.0, lr=0.5, max_value=CAP, threshold=0.3)
+    fixed.load_state_dict({k: v for k, v in uncalibrated.state_dict().items() if k != "threshold"})
+    assert fixed.threshold == 0.3

@@ -66,6 +66,7 @@ def test_seed_defaults():
         (base(epochs=1.5), "align.epochs: Input should be a valid integer"),
         (base(batch_size=6, micro_batch_size=4), "batch_size (6) must be a multiple of micro_batch_size (4)"),
         (base(lambda_init=2.0, lambda_max=1.0), "lambda_max (1.0) is below lambda_init (2.0)"),
+        (base(cost_threshold="base"), "align.cost_threshold: a number or 'initial' (the policy's own Ĵ_C before training), got 'base'"),
         (base(loss="dpo", w=0.3), "align.w: not used by loss 'dpo'"),
         (base(loss="dpo", lambda_lr=0.1), "align.lambda_lr: not used by loss 'dpo'"),
         (base(loss="nope"), "align.loss: unknown loss 'nope'"),

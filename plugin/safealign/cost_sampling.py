@@ -55,7 +55,7 @@ class CostSample:
     prompts: list[list[Message]]
     answers: list[str]
     costs: list[float]
-    threshold: float
+    threshold: float | None
     seconds: float
     new_tokens: int = 0
 
@@ -66,7 +66,8 @@ class CostSample:
     @property
     def above_threshold(self) -> float:
         """Share of answers whose cost exceeds the threshold (for cost models: > 0 reads as unsafe)."""
-        return sum(c > self.threshold for c in self.costs) / len(self.costs)
+        threshold = self.mean_cost if self.threshold is None else self.threshold  # (the calibration sample)
+        return sum(c > threshold for c in self.costs) / len(self.costs)
 
 
 class CostModel:
@@ -136,7 +137,8 @@ class PolicyCostSampler:
         self.prompts = prompts
         self.cost_model = cost_model
         self.settings = recipe.align.cost_sampling
-        self.threshold = recipe.align.cost_threshold
+        # None until the trainer calibrates it (align.cost_threshold: initial)
+        self.threshold = None if recipe.align.cost_threshold == "initial" else recipe.align.cost_threshold
         self.seed = recipe.seed
         self.input_template = recipe.data.input_template
         self.zero3 = recipe.deepspeed.zero_stage == 3

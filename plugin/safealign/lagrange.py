@@ -8,7 +8,8 @@ the ascent step on `log λ` for the Lagrangian's dual term `λ·(Ĵ_C − d)` is
     log λ ← clamp(log λ + lr · (Ĵ_C − d) · λ,  log λ_floor,  log λ_max)
 
 so λ grows while the policy's expected cost Ĵ_C is above the threshold d and shrinks once it is
-below. Ĵ_C is the mean of the last `window` estimates (Safe RLHF averages over a deque of episode
+below. d may be set after construction (`threshold=None`): `align.cost_threshold: initial` calibrates it
+to the policy's own Ĵ_C before training, and it rides in the checkpoint like λ. Ĵ_C is the mean of the last `window` estimates (Safe RLHF averages over a deque of episode
 costs); the first `delay_steps` updates only fill that window (Safe RLHF's
 `lambda_update_delay_steps`), so early, noisy estimates do not kick λ.
 
@@ -39,7 +40,7 @@ class LagrangeMultiplier:
         init: float,
         lr: float,
         max_value: float,
-        threshold: float = 0.0,
+        threshold: float | None = 0.0,
         delay_steps: int = 0,
         window: int = 1,
     ) -> None:
@@ -47,7 +48,7 @@ class LagrangeMultiplier:
             raise ValueError(f"lambda init must be a finite number >= {LAMBDA_FLOOR}, got {init}")
         if not (math.isfinite(max_value) and max_value >= init):
             raise ValueError(f"lambda max_value ({max_value}) must be finite and at least init ({init})")
-        if not (math.isfinite(lr) and lr >= 0 and math.isfinite(threshold)):
+        if not (math.isfinite(lr) and lr >= 0 and (threshold is None or math.isfinite(threshold))):
             raise ValueError(f"lambda lr must be finite and >= 0 and the threshold finite, got {lr} and {threshold}")
         if window < 1 or delay_steps < 0:
             raise ValueError(f"window must be >= 1 and delay_steps >= 0, got {window} and {delay_steps}")
@@ -74,6 +75,8 @@ class LagrangeMultiplier:
         """Record one Ĵ_C estimate and, past the delay, take one ascent step; returns the new λ."""
         if not math.isfinite(cost_estimate):
             raise ValueError(f"cost estimate must be finite, got {cost_estimate}")
+        if self.threshold is None:
+            raise ValueError("the cost threshold was never set (calibrate it before the first update)")
         self.estimates.append(float(cost_estimate))
         self.num_updates += 1
         if self.num_updates > self.delay_steps and self.lr > 0:
@@ -84,11 +87,18 @@ class LagrangeMultiplier:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything `load_state_dict` needs to continue exactly where this left off."""
-        return {"log_value": self.log_value, "estimates": list(self.estimates), "num_updates": self.num_updates}
+        return {
+            "log_value": self.log_value,
+            "estimates": list(self.estimates),
+            "num_updates": self.num_updates,
+            "threshold": self.threshold,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.log_value = float(state["log_value"])
         self.estimates.clear()
         self.estimates.extend(float(x) for x in state["estimates"])
         self.num_updates = int(state["num_updates"])
+        if state.get("threshold") is not None:  # (checkpoints from before calibration carried none)
+            self.threshold = float(state["threshold"])
 

@@ -243,7 +243,11 @@ class AlignSection(PairTrainingSection):
     lambda_update_every: Annotated[int, Field(ge=1)] = Field(
         10, description="optimizer steps between dual updates (each samples and scores the prompt pool)"
     )
-    cost_threshold: float = Field(0.0, allow_inf_nan=False, description="d: λ rises while Ĵ_C > d")
+    cost_threshold: Annotated[float, Field(allow_inf_nan=False)] | Literal["initial"] = Field(
+        0.0,
+        description="d: λ rises while Ĵ_C > d; initial: d is the policy's own Ĵ_C before its first step, so λ "
+        "rises only while training makes its answers costlier than they were",
+    )
     lambda_delay_steps: Annotated[int, Field(ge=0)] = Field(0, description="dual updates that only fill the window")
     lambda_window: Annotated[int, Field(ge=1)] = Field(1, description="Ĵ_C: mean of the last N estimates")
     cost_estimator: Literal["sampled"] = Field(
@@ -254,6 +258,13 @@ class AlignSection(PairTrainingSection):
         default_factory=dict,
         description="name -> align settings that differ: extra policies trained from the base, evaluated beside it",
     )
+
+    @field_validator("cost_threshold", mode="before")
+    @classmethod
+    def _threshold_is_number_or_initial(cls, value: Any) -> Any:
+        if isinstance(value, str) and value != "initial":
+            raise ValueError(f"a number or 'initial' (the policy's own Ĵ_C before training), got {value!r}")
+        return value
 
     @model_validator(mode="before")
     @classmethod

@@ -55,7 +55,7 @@ def build_lagrange(recipe: Recipe) -> LagrangeMultiplier:
         init=align.lambda_init,
         lr=align.lambda_lr,
         max_value=align.lambda_max,
-        threshold=align.cost_threshold,
+        threshold=None if align.cost_threshold == "initial" else align.cost_threshold,
         delay_steps=align.lambda_delay_steps,
         window=align.lambda_window,
     )
@@ -255,6 +255,7 @@ def train_policy(
         "dropped_pairs": train_set.dropped,
         "steps": total_steps,
         "final_lambda": lagrange.value,
+        "cost_threshold": lagrange.threshold,
         "reference_logps": "cached" if cached_ref else "model",
         "processes": strategy.world_size,
         "dtype": args.ds.param_dtype,

@@ -89,7 +89,17 @@ class SafeMMDPOTrainer(StepLoop, DPOTrainer):
     def fit(self, args, consumed_samples: int = 0, num_update_steps_per_epoch: int | None = None) -> None:
         if self.cost_sampler is not None:
             self.cost_sampler.samples_log.truncate_after(consumed_samples // args.train.batch_size)
+            if self.lagrange.threshold is None:  # align.cost_threshold: initial (a resumed run has it)
+                self.calibrate_threshold()
         super().fit(args, consumed_samples, num_update_steps_per_epoch)
+
+    def calibrate_threshold(self) -> None:
+        """d = Ĵ_C of the policy before its first step, sampled and scored like every later estimate
+        (logged as step 0 of lambda_samples.jsonl): λ then rises only if training makes the policy's
+        answers costlier than they were, whatever the cost model's offset."""
+        sample = self.cost_sampler.estimate(self.model.model.module, 0)
+        self.lagrange.threshold = self.cost_sampler.threshold = sample.mean_cost
+        self.cost_sampler.record(0, sample, self.lagrange.value)
 
     def begin_global_batch(self, micro_batches: list) -> None:
         """Count the rows labelled for each dimension over all micro-batches and all ranks (and, for the
