@@ -226,12 +226,13 @@ def test_rerun_is_skipped_and_data_change_reruns(tmp_path, tokenizer_dir, scored
     assert json.loads((tmp_path / "runs/tiny/align/stage.json").read_text())["fingerprint"] != first["fingerprint"]
 
 
-def test_crash_mid_stage_resumes_from_the_checkpoint(tmp_path, tokenizer_dir, scored_rows):
+@pytest.mark.parametrize("threshold", [0.0, "initial"])
+def test_crash_mid_stage_resumes_from_the_checkpoint(tmp_path, tokenizer_dir, scored_rows, threshold):
     """SIGKILL the stage after a few checkpointed steps; the rerun continues where it stopped and ends
-    exactly where an uninterrupted run ends (same steps, same λ, same final loss)."""
-    recipe = tiny_recipe(
-        tmp_path, tokenizer_dir, scored_rows, align={"epochs": 6, "checkpoint_steps": 1, "lambda_lr": 0.3}
-    )
+    exactly where an uninterrupted run ends (same steps, same λ, same final loss). A calibrated threshold
+    (`initial`) comes back from the checkpoint: it is not measured again on the half-trained policy."""
+    align = {"epochs": 6, "checkpoint_steps": 1, "lambda_lr": 0.3, "cost_threshold": threshold}
+    recipe = tiny_recipe(tmp_path, tokenizer_dir, scored_rows, align=align)
     reference = run_ok(tmp_path, recipe, run_dir="runs/straight")
     expected = train_steps(tmp_path / "runs/straight")
 
@@ -257,6 +258,12 @@ def test_crash_mid_stage_resumes_from_the_checkpoint(tmp_path, tokenizer_dir, sc
     assert resumed[-1]["loss"] == pytest.approx(expected[-1]["loss"], rel=1e-4)
     summary = json.loads((tmp_path / "runs/crashed/align/stage.json").read_text())
     assert summary["final_lambda"] == pytest.approx(reference["final_lambda"], rel=1e-5)
+    assert summary["cost_threshold"] == pytest.approx(reference["cost_threshold"])
+    samples = (tmp_path / "runs/crashed/align/lambda_samples.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in samples].count(0) == (threshold == "initial")
+    # the steps after the resume are judged against the same d as before it
+    assert [s["cost_above_threshold"] for s in resumed] == [s["cost_above_threshold"] for s in expected]
+    assert "Logging error" not in result.stderr
     assert not (tmp_path / "runs/crashed/align/checkpoints").exists()
 
 

@@ -55,7 +55,7 @@ class CostSample:
     prompts: list[list[Message]]
     answers: list[str]
     costs: list[float]
-    threshold: float | None
+    threshold: float
     seconds: float
     new_tokens: int = 0
 
@@ -66,8 +66,7 @@ class CostSample:
     @property
     def above_threshold(self) -> float:
         """Share of answers whose cost exceeds the threshold (for cost models: > 0 reads as unsafe)."""
-        threshold = self.mean_cost if self.threshold is None else self.threshold  # (the calibration sample)
-        return sum(c > threshold for c in self.costs) / len(self.costs)
+        return sum(c > self.threshold for c in self.costs) / len(self.costs)
 
 
 class CostModel:
@@ -137,8 +136,6 @@ class PolicyCostSampler:
         self.prompts = prompts
         self.cost_model = cost_model
         self.settings = recipe.align.cost_sampling
-        # None until the trainer calibrates it (align.cost_threshold: initial)
-        self.threshold = None if recipe.align.cost_threshold == "initial" else recipe.align.cost_threshold
         self.seed = recipe.seed
         self.input_template = recipe.data.input_template
         self.zero3 = recipe.deepspeed.zero_stage == 3
@@ -179,8 +176,9 @@ class PolicyCostSampler:
             policy.train(was_training)
         return answers, generator.stats.new_tokens
 
-    def estimate(self, policy, step: int) -> CostSample:
-        """Sample the pool's answers from `policy` and score them: one Ĵ_C estimate."""
+    def estimate(self, policy, step: int, threshold: float | None) -> CostSample:
+        """Sample the pool's answers from `policy` and score them: one Ĵ_C estimate, against λ's threshold
+        (None: this estimate calibrates it, `align.cost_threshold: initial`, so it is its own mean)."""
         started = time.time()
         answers, new_tokens = self.answer(policy, step)
         costs = self.cost_model.score(self.prompts, answers, self.settings.batch_size)
@@ -188,7 +186,7 @@ class PolicyCostSampler:
             prompts=self.prompts,
             answers=answers,
             costs=costs,
-            threshold=self.threshold,
+            threshold=math.fsum(costs) / len(costs) if threshold is None else threshold,
             seconds=time.time() - started,
             new_tokens=new_tokens,
         )
@@ -212,6 +210,6 @@ class PolicyCostSampler:
         )
         log.info(
             "align: step %d, Ĵ_C %.4g from %d sampled answers (%.0f%% above the threshold %.3g), λ → %.4g, %.1f s",
-            step, sample.mean_cost, len(sample.costs), 100 * sample.above_threshold, self.threshold,
+            step, sample.mean_cost, len(sample.costs), 100 * sample.above_threshold, sample.threshold,
             lambda_next, sample.seconds,
         )  # fmt: skip

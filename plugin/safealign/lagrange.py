@@ -9,9 +9,10 @@ the ascent step on `log λ` for the Lagrangian's dual term `λ·(Ĵ_C − d)` is
 
 so λ grows while the policy's expected cost Ĵ_C is above the threshold d and shrinks once it is
 below. d may be set after construction (`threshold=None`): `align.cost_threshold: initial` calibrates it
-to the policy's own Ĵ_C before training, and it rides in the checkpoint like λ. Ĵ_C is the mean of the last `window` estimates (Safe RLHF averages over a deque of episode
-costs); the first `delay_steps` updates only fill that window (Safe RLHF's
-`lambda_update_delay_steps`), so early, noisy estimates do not kick λ.
+to the policy's own Ĵ_C before training, and it rides in the checkpoint like λ. Ĵ_C is the mean of the
+last `window` estimates (Safe RLHF averages over a deque of episode costs); the first `delay_steps`
+updates only fill that window (Safe RLHF's `lambda_update_delay_steps`), so early, noisy estimates do
+not kick λ.
 
 Why both bounds are always there: the step is proportional to λ, so under a sustained violation log λ
 grows like λ² — uncapped, λ = 62 after 330 steps of a 0.3 violation at lr 0.01 and `exp` overflows at

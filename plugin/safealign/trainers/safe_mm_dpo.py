@@ -97,8 +97,8 @@ class SafeMMDPOTrainer(StepLoop, DPOTrainer):
         """d = Ĵ_C of the policy before its first step, sampled and scored like every later estimate
         (logged as step 0 of lambda_samples.jsonl): λ then rises only if training makes the policy's
         answers costlier than they were, whatever the cost model's offset."""
-        sample = self.cost_sampler.estimate(self.model.model.module, 0)
-        self.lagrange.threshold = self.cost_sampler.threshold = sample.mean_cost
+        sample = self.cost_sampler.estimate(self.model.model.module, 0, threshold=None)
+        self.lagrange.threshold = sample.threshold
         self.cost_sampler.record(0, sample, self.lagrange.value)
 
     def begin_global_batch(self, micro_batches: list) -> None:
@@ -164,7 +164,7 @@ class SafeMMDPOTrainer(StepLoop, DPOTrainer):
     def after_step(self, global_step: int, logs: dict[str, float]) -> None:
         """Safe RLHF's dual update every `lambda_update_every` steps, from the policy's sampled cost."""
         if self.cost_sampler is not None and global_step % self.lambda_update_every == 0:
-            sample = self.cost_sampler.estimate(self.model.model.module, global_step)
+            sample = self.cost_sampler.estimate(self.model.model.module, global_step, self.lagrange.threshold)
             self.lagrange.update(sample.mean_cost)
             logs.update(
                 cost_sampled=sample.mean_cost,
