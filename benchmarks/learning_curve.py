@@ -25,6 +25,7 @@ import json
 import math
 from pathlib import Path
 
+from safealign.eval.pairs import smallest_significant_difference
 from safealign.eval.safety import sign_test_p
 
 CURVE = ("curve_100", "curve_200", "frontier_dual", "aligned")
@@ -49,17 +50,15 @@ def curve_points(run: Path, models: tuple[str, ...], dimension: str, measure: st
 def significant_share(n: int, alpha: float) -> float | None:
     """The smallest share of n pairs moved toward the preferred response that the exact sign test calls
     significant at `alpha` (the implicit reward's test against no change)."""
-    return next((k / n for k in range(math.ceil(n / 2), n + 1) if sign_test_p(k, n - k) < alpha), None)
+    difference = smallest_significant_difference(n, alpha)
+    return None if difference is None else (n + difference) / (2 * n)
 
 
 def significant_gain(n: int, discordant_share: float, alpha: float) -> float | None:
     """The smallest net gain (share of n) the exact McNemar test calls significant at `alpha` when
     `discordant_share`·n pairs change; None when no split of them would be."""
-    changed = round(discordant_share * n)
-    for gained in range(math.ceil(changed / 2), changed + 1):
-        if sign_test_p(gained, changed - gained) < alpha:
-            return (2 * gained - changed) / n
-    return None
+    difference = smallest_significant_difference(round(discordant_share * n), alpha)
+    return None if difference is None else difference / n
 
 
 def fit_log(points: list[dict]) -> tuple[float, float]:

@@ -65,6 +65,12 @@ def accuracy(correct: list[bool]) -> dict:
     return {"accuracy": sum(correct) / len(correct), "correct": sum(correct), "n": len(correct), "ci95": [low, high]}
 
 
+def smallest_significant_difference(changed: int, alpha: float) -> int | None:
+    """The smallest |one side − the other| among `changed` paired outcomes that the exact two-sided sign
+    test calls significant at `alpha`; None when no split of so few is."""
+    return next((changed - 2 * g for g in range(changed // 2, -1, -1) if sign_test_p(g, changed - g) < alpha), None)
+
+
 def versus(correct: list[bool], base: list[bool], alpha: float = 0.05) -> dict:
     """Pairs a model gets right that the base got wrong and the reverse, the exact McNemar p, and the
     smallest change in accuracy the test could have called significant at `alpha` with this many pairs
@@ -72,10 +78,7 @@ def versus(correct: list[bool], base: list[bool], alpha: float = 0.05) -> dict:
     that number is small."""
     gained = sum(c and not b for c, b in zip(correct, base))
     lost = sum(b and not c for c, b in zip(correct, base))
-    changed = gained + lost
-    detectable = next(
-        (changed - 2 * g for g in range(changed // 2, -1, -1) if sign_test_p(g, changed - g) < alpha), None
-    )
+    detectable = smallest_significant_difference(gained + lost, alpha)
     return {"gained": gained, "lost": lost, "p_value": sign_test_p(gained, lost),
             "min_significant_change": None if detectable is None else detectable / len(correct)}  # fmt: skip
 
