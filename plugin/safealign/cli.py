@@ -29,6 +29,10 @@ EPILOG = """examples:
                                                            every stage as a Kubernetes Job, in order
   safealign status mistral-7b-beavertails -n ml            the run's stage Jobs
   safealign logs mistral-7b-beavertails -n ml --stage align -f
+
+environment:
+  SAFEALIGN_ALLOCATOR=auto|tcmalloc|jemalloc|system   run/sweep on a CPU re-execute themselves on tcmalloc
+                                                     when installed (auto; docs/cpu.md), or as chosen
 """
 
 
