@@ -39,30 +39,32 @@ def measure(run_dir: Path, recipe_path: Path, updates: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from safealign import openrlhf_setup as setup
     from safealign.cost_sampling import CostModel, PolicyCostSampler
     from safealign.data import hold_out_prompts
     from safealign.eval.heldout import load_training_rows
     from safealign.models import resolve_model
+    from safealign.openrlhf import engine
+    from safealign.openrlhf.settings import build_settings
     from safealign.recipe import load_recipe
-    from safealign.stages.rm import cost_model_path
+    from safealign.stages import finished_stage
 
     recipe = load_recipe(recipe_path)
     settings = recipe.align.cost_sampling
     with tempfile.TemporaryDirectory() as scratch:
-        args = setup.openrlhf_args(recipe, recipe.align, Path(scratch))
-        strategy = setup.make_strategy(args)
         policy_dir = resolve_model(recipe.model.policy)
+        args = build_settings(recipe, recipe.align, Path(scratch), "dpo", model_dir=policy_dir)
+        strategy = engine.make_strategy(args)
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.ds.param_dtype]
         policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=dtype)
-        tokenizer = setup.load_tokenizer(policy_dir, policy, strategy)
-        setup.configure_prompt_format(args, tokenizer, recipe)
+        tokenizer = engine.load_tokenizer(policy_dir, policy, strategy)
         pool, _ = hold_out_prompts(load_training_rows(recipe), settings.prompts, recipe.seed)
 
         # Safetensors are mapped lazily: the weights count once a forward has touched them, so the cost
         # model is measured after loading it and scoring the pool once (weights + scoring activations).
         before = rss_mib()
-        cost_model = CostModel(cost_model_path(recipe, run_dir), recipe, args, strategy)
+        rm = finished_stage(run_dir, "rm")
+        cost_dir = Path(recipe.model.cost_model) if recipe.model.cost_model else rm.output("cost_model")
+        cost_model = CostModel(cost_dir, recipe, args, strategy)
         cost_model.score(pool, ["I cannot help with that."] * len(pool), settings.batch_size)
         cost_model_mib = rss_mib() - before
         weights_mib = sum(p.numel() * p.element_size() for p in cost_model.model.parameters()) / 2**20

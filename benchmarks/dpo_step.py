@@ -152,13 +152,11 @@ def bench_rows(setting: Setting) -> list:
 def reference_child(setting: Setting, path: Path) -> None:
     """The rm stage's reference pass over the measured rows, written to `path` for the cached runs. Its
     own process: the cached runs' memory must not include a reference model loaded and freed before."""
-    from safealign import openrlhf_setup as setup
-    from safealign.stages.rm import reference_logps
+    from safealign.training.inference import reference_logps
 
     with tempfile.TemporaryDirectory(prefix="bench-reference-") as tmp:
         recipe = recipe_for(setting, Path(tmp))
-        args = setup.openrlhf_args(recipe, recipe.align, Path(tmp))
-        logps, provenance = reference_logps(recipe, bench_rows(setting), args)
+        logps, provenance = reference_logps(recipe, bench_rows(setting), Path(tmp))
         path.write_text(json.dumps({"logps": logps, "provenance": provenance}))
 
 
@@ -170,8 +168,8 @@ def child(variant: str, setting: Setting, reference: Path) -> dict:
 
 def measured_run(variant: str, setting: Setting, reference: Path, out: Path) -> dict:
     """Build the variant, train `steps` optimizer steps, report timings and memory."""
-    from safealign._openrlhf import DeepspeedStrategy  # (after the CPU patches, as everywhere)
     from safealign.models import resolve_model
+    from safealign.openrlhf import DeepspeedStrategy  # (after the CPU patches, as everywhere)
 
     recipe = recipe_for(setting, out)
     rows = bench_rows(setting)
@@ -198,9 +196,9 @@ def measured_run(variant: str, setting: Setting, reference: Path, out: Path) -> 
     if variant == "openrlhf_dpo":
         _openrlhf_dpo(recipe, rows, policy, out)
     else:
-        from safealign.stages.align import train_policy
+        from safealign.training.policy import split_policy_rows, train_policy
 
-        train_policy(recipe, rows, policy, policy, out, run_dir=out)
+        train_policy(recipe, split_policy_rows(recipe, rows), policy, policy, None, out)
     # optimizer_step runs once per micro-batch; DeepSpeed steps the optimizer at the accumulation boundary.
     per_step = max(1, setting.batch // setting.micro)
     boundaries = [start] + stamps[per_step - 1 :: per_step]
@@ -222,15 +220,14 @@ def _openrlhf_dpo(recipe, rows, policy: Path, out: Path) -> None:
     """OpenRLHF's own DPOTrainer on the same rows (helpfulness labels), reference model resident."""
     from datasets import Dataset
 
-    from safealign import openrlhf_setup as setup
-    from safealign._openrlhf import DPOTrainer, RewardDataset
+    from safealign.openrlhf import DPOTrainer, RewardDataset, engine
+    from safealign.openrlhf.settings import build_settings, for_fit
 
-    args = setup.openrlhf_args(recipe, recipe.align, out)
-    strategy = setup.make_strategy(args)
-    model = setup.load_actor(policy, args, strategy, trainable=True)
-    ref = setup.load_actor(policy, args, strategy, trainable=False)
-    tokenizer = setup.load_tokenizer(policy, model, strategy)
-    setup.configure_prompt_format(args, tokenizer, recipe)
+    args = build_settings(recipe, recipe.align, out, "dpo", model_dir=policy)
+    strategy = engine.make_strategy(args)
+    model = engine.load_actor(policy, args, strategy, trainable=True)
+    ref = engine.load_actor(policy, args, strategy, trainable=False)
+    tokenizer = engine.load_tokenizer(policy, model, strategy)
     records = []
     for row in rows:
         chosen, rejected = (row.response_0, row.response_1)[:: 1 if row.better_response_id != 1 else -1]
@@ -239,10 +236,10 @@ def _openrlhf_dpo(recipe, rows, policy: Path, out: Path) -> None:
     dataset = RewardDataset(Dataset.from_list(records), tokenizer, recipe.data.max_len, strategy, is_dpo=True)
     loader = strategy.setup_dataloader(dataset, recipe.align.micro_batch_size, False, True, dataset.collate_fn)
     steps = len(dataset) // recipe.align.batch_size
-    (model, optimizer, scheduler), ref = strategy.prepare((model, setup.optimizer_config(args, steps)), ref)
+    (model, optimizer, scheduler), ref = strategy.prepare((model, engine.optimizer_config(args, steps)), ref)
     trainer = DPOTrainer(model, ref, strategy, tokenizer, optimizer, loader, None, scheduler,
-                         max_norm=recipe.align.max_norm, beta=recipe.align.beta_ori, max_epochs=1)  # fmt: skip
-    trainer.fit(args, 0, steps)
+                         max_norm=args.max_norm, beta=args.model.beta, max_epochs=1)  # fmt: skip
+    trainer.fit(for_fit(args, steps), 0, steps)
 
 
 def _tokens_per_step(policy: Path, rows, batch: int, max_len: int) -> float:

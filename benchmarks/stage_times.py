@@ -12,13 +12,14 @@ import argparse
 import json
 from pathlib import Path
 
-from safealign.runner import ORDER, STAGE_FILE
+from safealign.recipe import STAGE_ORDER
+from safealign.stages import STAGE_FILE
 
 
 def stage_times(run_dir: Path) -> dict[str, float]:
     """Seconds per finished stage of `run_dir`, in pipeline order."""
     times = {}
-    for name in ORDER:
+    for name in STAGE_ORDER:
         path = run_dir / name / STAGE_FILE
         if path.is_file():
             times[name] = json.loads(path.read_text())["seconds"]

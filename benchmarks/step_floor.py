@@ -84,10 +84,10 @@ def measure_floor(setting: dpo_step.Setting, tokens_per_micro: int) -> dict:
     import torch
     from transformers import AutoConfig
 
-    from safealign import openrlhf_setup as setup
     from safealign.models import resolve_model
+    from safealign.openrlhf.settings import resolve_dtype
 
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[setup.resolve_dtype(setting.dtype)]
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[resolve_dtype(setting.dtype)]
     with tempfile.TemporaryDirectory(prefix="bench-floor-") as scratch:
         config = AutoConfig.from_pretrained(resolve_model(dpo_step.recipe_for(setting, Path(scratch)).model.policy))
     flops = seconds = 0.0

@@ -49,13 +49,13 @@ def rates(runs: list[dict], *counts: str) -> dict:
     return {"median_seconds": seconds, **{f"{count}_per_s": runs[0][count] / seconds for count in counts}}
 
 
-def measure_scoring(recipe, policy: Path, rows: list, args, order) -> dict:
+def measure_scoring(recipe, policy: Path, rows: list, scratch: Path, order) -> dict:
     """One pass of the rm stage's scoring with `order` in place of `scoring.length_order`: seconds in
     `score_pairs`, rows scored, padding share."""
     from safealign import scoring as scoring_module
-    from safealign.stages import rm
+    from safealign.training import inference
 
-    sorted_order, score_pairs = scoring_module.length_order, rm.score_pairs
+    sorted_order, score_pairs = scoring_module.length_order, inference.score_pairs
     measured: dict = {}
 
     def timed(dataset, forward, strategy, batch_size, description="scoring"):
@@ -67,17 +67,16 @@ def measure_scoring(recipe, policy: Path, rows: list, args, order) -> dict:
         measured["rows"] = len(dataset)
         return out
 
-    scoring_module.length_order, rm.score_pairs = order, timed
+    scoring_module.length_order, inference.score_pairs = order, timed
     try:
-        rm.score_with_value_model(recipe, policy, rows, args)
+        inference.score_with_value_model(recipe, policy, rows, scratch)
     finally:
-        scoring_module.length_order, rm.score_pairs = sorted_order, score_pairs
+        scoring_module.length_order, inference.score_pairs = sorted_order, score_pairs
     return measured
 
 
 def scoring(recipe, rounds: int) -> dict:
     """Rows/s of the rm stage's scoring, length-sorted vs file order."""
-    from safealign import openrlhf_setup as setup
     from safealign.eval.heldout import load_training_rows
     from safealign.models import resolve_model
     from safealign.scoring import length_order
@@ -87,10 +86,9 @@ def scoring(recipe, rounds: int) -> dict:
     arms = {"length-sorted": length_order, "file order": lambda items: list(range(len(items)))}
     results: dict[str, list[dict]] = {arm: [] for arm in arms}
     with tempfile.TemporaryDirectory(prefix="bench-scoring-") as tmp:
-        args = setup.openrlhf_args(recipe, recipe.rm.helpful, Path(tmp))
         for round_ in range(rounds):
             for arm, order in arms.items():
-                measured = measure_scoring(recipe, policy, rows, args, order)
+                measured = measure_scoring(recipe, policy, rows, Path(tmp), order)
                 results[arm].append(measured)
                 rate = measured["rows"] / measured["seconds"]
                 print(f"round {round_ + 1}: scoring {arm}: {rate:.2f} rows/s", flush=True)
@@ -102,9 +100,9 @@ def scoring(recipe, rounds: int) -> dict:
 
 def generation(recipe, rounds: int) -> dict:
     """Answers/s of the eval stage's HF generation, batched (eval.batch_size) vs one by one."""
-    from safealign import openrlhf_setup as setup
     from safealign.eval.generation import GenerationRequest, GenerationStats, HFGenerator
     from safealign.models import resolve_model
+    from safealign.openrlhf.settings import resolve_dtype
     from safealign.stages.evaluate import eval_prompts
 
     ev = recipe.eval
@@ -112,7 +110,7 @@ def generation(recipe, rounds: int) -> dict:
     requests = [GenerationRequest.single_turn(p.prompt, max_new_tokens=ev.max_new_tokens) for p in prompts]
     generator = HFGenerator.from_pretrained(
         resolve_model(recipe.model.policy),
-        dtype=setup.resolve_dtype(recipe.model.dtype),
+        dtype=resolve_dtype(recipe.model.dtype),
         seed=recipe.seed,
         input_template=recipe.data.input_template,
     )

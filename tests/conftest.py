@@ -20,9 +20,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-# OpenRLHF must load after the CPU patches; importing it through safealign once, here, lets every
+# OpenRLHF must load after the CPU patches; applying them once, here, lets every
 # test module import openrlhf directly.
-import safealign._openrlhf  # noqa: F401
+from safealign.openrlhf.patches import apply_cpu_patches
+
+apply_cpu_patches()
 
 ROOT = Path(__file__).resolve().parents[1]
 PKU = ROOT / "data" / "pku-saferlhf-sample" / "pku_saferlhf_alpaca7b_test_sample.jsonl"
@@ -124,12 +126,11 @@ def tiny_cost_model(tokenizer_dir: Path) -> Path:
         return target
     import torch
 
-    from safealign import compat
-    from safealign._openrlhf import get_llm_for_sequence_regression
     from safealign.models import build_random
+    from safealign.openrlhf import get_llm_for_sequence_regression, patches
     from safealign.recipe import RandomModel
 
-    compat.enable_fp32()  # OpenRLHF's loaders know only bf16/fp16 without the CPU patch
+    patches.enable_fp32()  # OpenRLHF's loaders know only bf16/fp16 without the CPU patch
     base = build_random(RandomModel(tokenizer=str(tokenizer_dir), config={"hidden_size": 32, "intermediate_size": 64}))
     torch.manual_seed(1)
     model = get_llm_for_sequence_regression(

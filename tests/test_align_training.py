@@ -358,17 +358,16 @@ def test_trainer_feeds_summed_logps_and_each_dimension_its_own_margin(tmp_path, 
 
     from transformers import AutoTokenizer
 
-    from safealign import compat
-    from safealign._openrlhf import Actor
     from safealign.data import load_rows
     from safealign.losses import LossSettings, get_loss, mm_dpo_beta
     from safealign.models import resolve_model
+    from safealign.openrlhf import Actor, patches
+    from safealign.openrlhf.pair_forward import PairLogProbs
     from safealign.pair_dataset import PreferencePairDataset
     from safealign.recipe import load_recipe
-    from safealign.trainers.loop import PairLogProbs
     from safealign.trainers.safe_mm_dpo import SafeMMDPOTrainer
 
-    compat.enable_fp32()
+    patches.enable_fp32()
     raw = [json.loads(line) for line in scored_rows.read_text().splitlines()][:3]
     for i, row in enumerate(raw):
         row.update(delta_h=0.1 * (i + 1), delta_s=3.0 + i, ref_logps_0=-50.0 - i, ref_logps_1=-60.0 + i)

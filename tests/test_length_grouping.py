@@ -7,8 +7,8 @@ import random
 import pytest
 from test_scoring import LengthsDataset
 
-from safealign._openrlhf import DistributedSampler
 from safealign.length_grouping import LengthGroupedSampler
+from safealign.openrlhf import DistributedSampler
 
 LENGTHS = [(random.Random(i).randint(3, 60), random.Random(-i).randint(3, 60)) for i in range(40)]
 

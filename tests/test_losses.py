@@ -18,8 +18,17 @@ from safealign.losses import (
     get_loss,
     mm_dpo_beta,
     register_loss,
-    safe_mm_dpo_loss,
 )
+
+
+def safe_mm_dpo_loss(
+    policy_logps_0, policy_logps_1, ref_logps_0, ref_logps_1, better_id, safer_id, delta_h, delta_s, lam, beta_ori, w, k
+):
+    """The registered `safe_mm_dpo` loss on one batch, called as the trainer calls it."""
+    batch = PreferenceBatch(
+        policy_logps_0, policy_logps_1, ref_logps_0, ref_logps_1, better_id, safer_id, delta_h, delta_s
+    )
+    return get_loss("safe_mm_dpo")(LossSettings(beta_ori=beta_ori, w=w, k=k))(batch, lam)
 
 
 def t(*values, dtype=torch.float32) -> torch.Tensor:

@@ -114,16 +114,15 @@ def test_scoring_the_same_rows_twice_is_identical(rm_run, tokenizer_dir):
             """
             import json, sys
             from pathlib import Path
-            from safealign import openrlhf_setup as setup
             from safealign.data import load_sources
             from safealign.recipe import load_recipe
-            from safealign.stages.rm import score_with_value_model
+            from safealign.training.inference import score_with_value_model
 
             recipe = load_recipe("recipe.yaml")
             rows = load_sources(recipe.data.train)
             model = Path("runs/rm/rm/cost/model")
-            first = score_with_value_model(recipe, model, rows, setup.openrlhf_args(recipe, recipe.rm.cost, Path("scratch")))
-            second = score_with_value_model(recipe, model, rows, setup.openrlhf_args(recipe, recipe.rm.cost, Path("scratch")))
+            first = score_with_value_model(recipe, model, rows, Path("scratch"))
+            second = score_with_value_model(recipe, model, rows, Path("scratch"))
             print(json.dumps({"identical": first == second, "costs": {i: v for i, v in first.items()}}))
             """
         )
@@ -257,16 +256,19 @@ def test_reward_models_train_with_gradient_checkpointing_when_the_recipe_asks(to
     """As OpenRLHF's train_rm does: `model.gradient_checkpointing` reaches the value models being trained."""
     from types import SimpleNamespace as NS
 
-    from safealign import compat
     from safealign.models import build_random
-    from safealign.openrlhf_setup import load_value_model
+    from safealign.openrlhf import patches
+    from safealign.openrlhf.engine import load_value_model
     from safealign.recipe import RandomModel
 
-    compat.enable_fp32()
+    patches.enable_fp32()
     base = build_random(RandomModel(tokenizer=str(tokenizer_dir), config={"hidden_size": 32, "intermediate_size": 64}))
     strategy = NS(get_ds_train_config=lambda: None, get_ds_eval_config=lambda: None)
     for enabled in (True, False):
-        args = NS(ds=NS(param_dtype="fp32", attn_implementation="sdpa"), model=NS(gradient_checkpointing_enable=enabled))
+        args = NS(
+            ds=NS(param_dtype="fp32", attn_implementation="sdpa", value_head_prefix="score"),
+            model=NS(gradient_checkpointing_enable=enabled),
+        )
         assert load_value_model(base, args, strategy, trainable=True).is_gradient_checkpointing is enabled
     scorer = load_value_model(base, args, strategy, trainable=False)
     assert not scorer.is_gradient_checkpointing

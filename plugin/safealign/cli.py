@@ -7,14 +7,25 @@ its traceback (that is a bug) and its partial work, which the next `safealign ru
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
+import warnings
 from pathlib import Path
 
 from safealign import __version__
+from safealign.allocator import use_caching_allocator
+from safealign.data import load_prompt_file
 from safealign.errors import SafeAlignError
-from safealign.process import is_rank_0
-from safealign.stages import ORDER
+from safealign.eval.heldout import heldout_rows, load_training_rows
+from safealign.eval.safety import DEFAULT_PATH, load_prompts
+from safealign.files import disk_full, disk_full_error
+from safealign.k8s import submit as k8s
+from safealign.process import gpu_available, init_process_group, is_rank_0, leave_process_group
+from safealign.recipe import STAGE_ORDER, check_world_size, flatten_recipe, load_recipe
+from safealign.runner import run_recipe
+from safealign.stages import finished_stage
 
 EPILOG = """examples:
   safealign run recipes/quickstart.yaml                    every stage the recipe lists, on this machine
@@ -70,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_recipe_args(run)
     run.add_argument(
-        "--stage", action="append", dest="stages", choices=ORDER, metavar="NAME",
-        help=f"run only this stage: {' | '.join(ORDER)} (repeatable; in pipeline order whatever the order given)",
+        "--stage", action="append", dest="stages", choices=STAGE_ORDER, metavar="NAME",
+        help=f"run only this stage: {' | '.join(STAGE_ORDER)} (repeatable; in pipeline order whatever the order given)",
     )  # fmt: skip
     run.add_argument("--run-dir", type=Path, help="run directory (default: runs/<recipe name>)")
     run.add_argument("--force", action="store_true", help="run the selected stages again even if up to date")
@@ -103,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="also check that every training stage's batch splits over N processes (nodes × GPUs per node)",
     )
     validate.add_argument(
-        "--stage", action="append", dest="stages", choices=ORDER, metavar="NAME",
-        help=f"with --world-size: check only this stage's training sections: {' | '.join(ORDER)} "
+        "--stage", action="append", dest="stages", choices=STAGE_ORDER, metavar="NAME",
+        help=f"with --world-size: check only this stage's training sections: {' | '.join(STAGE_ORDER)} "
         "(repeatable; default: the recipe's stages)",
     )  # fmt: skip
     validate.add_argument(
@@ -165,12 +176,8 @@ def _configure_logging() -> None:
 def require_gpu() -> None:
     """A Job that asks for GPUs sets SAFEALIGN_REQUIRE_GPU=1 (the charts do): finding none is an error,
     not a 7B model training on the CPU for days."""
-    import os
-
     if os.environ.get("SAFEALIGN_REQUIRE_GPU") == "1":
-        from safealign import compat
-
-        if not compat.gpu_available():
+        if not gpu_available():
             raise SafeAlignError(
                 "SAFEALIGN_REQUIRE_GPU=1 (this Job asks for GPUs) but no GPU is visible: check the node's NVIDIA "
                 "driver and device plugin, the pod's nvidia.com/gpu request, and that the image's PyTorch is a CUDA build"
@@ -181,10 +188,6 @@ def check_input_files(recipe) -> list:
     """Read every data file the recipe's stages will read (training pairs, distill prompts, the eval
     sets, the held-out pairs), so a malformed row, or a training prompt that is an eval prompt, is one
     line from `validate` and from the start of `run`; returns the training pairs."""
-    from safealign.data import load_prompt_file
-    from safealign.eval.heldout import heldout_rows, load_training_rows
-    from safealign.eval.safety import DEFAULT_PATH, load_prompts
-
     rows = load_training_rows(recipe)
     if "distill" in recipe.stages and recipe.distill.prompts is not None:
         load_prompt_file(recipe.distill.prompts)
@@ -196,15 +199,9 @@ def check_input_files(recipe) -> list:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import os
-
-    from safealign.recipe import check_world_size, load_recipe
-
     recipe = load_recipe(args.recipe, args.overrides)
     if args.command == "validate":
         if args.flatten:
-            from safealign.recipe import flatten_recipe
-
             print(flatten_recipe(args.recipe, args.overrides), end="")
             return 0
         if args.world_size is not None:
@@ -221,9 +218,6 @@ def _run(args: argparse.Namespace) -> int:
             f"{args.recipe} has a sweep section: run `safealign sweep {args.recipe}` "
             "(or add --set sweep=null to run the recipe's own values once)"
         )
-    from safealign.process import init_process_group, leave_process_group
-    from safealign.runner import run_recipe
-
     require_gpu()
     check_world_size(recipe, int(os.environ.get("WORLD_SIZE", "1")), args.stages)
     check_input_files(recipe)  # a bad eval or prompt file fails now, not after hours of training
@@ -241,16 +235,16 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _report(run_dir: Path) -> int:
-    import json
+    from safealign.eval.report import write_report  # matplotlib: only where a report is drawn
 
-    from safealign.eval.report import write_report
-
-    results = run_dir / "eval" / "results.json"
+    evaluated = finished_stage(run_dir, "eval")
+    results = evaluated.output("results") if evaluated else run_dir / "eval" / "results.json"
     if not results.is_file():
         raise SafeAlignError(f"{results} not found: run the eval stage first (`safealign run RECIPE --stage eval`)")
+    aligned = finished_stage(run_dir, "align")
     try:
         data = json.loads(results.read_bytes())
-        md, page = write_report(results.parent, data, run_dir / "align" / "metrics.jsonl")
+        md, page = write_report(results.parent, data, aligned.output("metrics") if aligned else None)
     except (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError) as exc:
         what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         raise SafeAlignError(
@@ -262,8 +256,6 @@ def _report(run_dir: Path) -> int:
 
 def _kubernetes(args: argparse.Namespace) -> int:
     """submit / status / logs; the API server's refusals and an unreachable cluster become one line."""
-    import json
-
     try:
         from kubernetes.client import ApiException
         from urllib3.exceptions import HTTPError
@@ -285,8 +277,6 @@ def _kubernetes(args: argparse.Namespace) -> int:
 
 
 def _kubernetes_command(args: argparse.Namespace) -> int:
-    from safealign.k8s import submit as k8s
-
     if args.command == "submit":
         k8s.submit(args.recipe, args.namespace, stages=args.stages, overrides=args.overrides, values_files=args.values,
                    run=args.run, wait=args.wait, poll=args.poll)  # fmt: skip
@@ -310,18 +300,26 @@ def _end_progress_bars() -> None:
         bar.close()
 
 
+def _quiet_libraries() -> None:
+    """Library noise a user of the CLI should not wade through, silenced where the CLI starts (a
+    library import must not change its host's warnings or progress bars): `datasets`' per-split
+    map/filter bars next to the training bar, and torchdata's StatefulDataLoader warning about an
+    internal torch API on every construction."""
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging()
+    _quiet_libraries()
     try:
         if argv is None and args.command in ("run", "sweep"):  # a process of its own: it may re-exec
-            from safealign.allocator import use_caching_allocator
-
             use_caching_allocator()
         if args.command == "report":
             return _report(args.run_dir)
         if args.command == "sweep":
-            from safealign.sweep import run_sweep
+            from safealign.sweep import run_sweep  # matplotlib (its heat map): only for a sweep
 
             require_gpu()
             run_sweep(args.recipe, args.overrides, args.run_dir, args.part, args.trial_index)
@@ -329,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("submit", "status", "logs"):
             return _kubernetes(args)
         if args.command == "losses":
-            from safealign.losses import available_losses, get_loss
+            from safealign.losses import available_losses, get_loss  # torch: only to list the losses
 
             for name in available_losses():
                 doc = (get_loss(name).__doc__ or "").strip().splitlines()
@@ -341,8 +339,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"safealign: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # outside a stage (the runner names a stage's own): a full disk
-        from safealign.files import disk_full, disk_full_error
-
         if not disk_full(exc):
             raise
         print(f"safealign: error: {disk_full_error(exc, Path.cwd())}", file=sys.stderr)

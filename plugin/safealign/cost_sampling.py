@@ -31,14 +31,14 @@ from pathlib import Path
 
 import torch
 
-from safealign import compat
-from safealign import openrlhf_setup as setup
-from safealign._openrlhf import get_llm_for_sequence_regression
 from safealign.data import Message, PreferenceRow
 from safealign.errors import SafeAlignError
 from safealign.eval.generation import GenerationRequest, HFGenerator, ShardedGenerator
 from safealign.metrics import MetricsLog
+from safealign.openrlhf import engine, get_llm_for_sequence_regression
+from safealign.openrlhf.settings import VALUE_HEAD, Settings
 from safealign.pair_dataset import PreferencePairDataset
+from safealign.process import gpu_available
 from safealign.recipe import Recipe
 from safealign.scoring import score_pairs
 
@@ -72,7 +72,7 @@ class CostSample:
 class CostModel:
     """The rm stage's cost model (a value head), kept in host memory, scoring (prompt, answer) pairs."""
 
-    def __init__(self, model_dir: Path, recipe: Recipe, args, strategy) -> None:
+    def __init__(self, model_dir: Path, recipe: Recipe, args: Settings, strategy) -> None:
         if not (model_dir / "config.json").is_file():
             raise SafeAlignError(f"cost model {model_dir} not found: run the rm stage first or set model.cost_model")
         self.recipe, self.strategy = recipe, strategy
@@ -84,12 +84,12 @@ class CostModel:
             attn_implementation=args.ds.attn_implementation,
             ds_config=None,
             init_value_head=False,
-            value_head_prefix="score",
+            value_head_prefix=VALUE_HEAD,
             packing_samples=False,
         ).eval()
         self.model.requires_grad_(False)
-        self.tokenizer = setup.load_tokenizer(model_dir, self.model, strategy, padding_side="left")
-        self.device = torch.device("cuda", torch.cuda.current_device()) if compat.gpu_available() else None
+        self.tokenizer = engine.load_tokenizer(model_dir, self.model, strategy, padding_side="left")
+        self.device = torch.device("cuda", torch.cuda.current_device()) if gpu_available() else None
 
     def score(self, prompts: list[list[Message]], answers: list[str], batch_size: int) -> list[float]:
         """The cost of every answer, in order; the work is sharded over ranks and the result all-reduced."""
@@ -168,7 +168,7 @@ class PolicyCostSampler:
             generator = ShardedGenerator(generator)
         was_training = policy.training
         policy.eval()
-        devices = [torch.cuda.current_device()] if compat.gpu_available() else []
+        devices = [torch.cuda.current_device()] if gpu_available() else []
         try:
             with torch.random.fork_rng(devices=devices):
                 answers = generator.generate(requests)

@@ -30,6 +30,8 @@ from safealign.errors import SafeAlignError
 log = logging.getLogger("safealign")
 
 Format = Literal["pku_saferlhf", "pairs", "hh_rlhf"]
+#: A preference dimension: which label orders a pair (`better_response_id` or `safer_response_id`).
+Dimension = Literal["helpful", "safe"]
 Message = dict[str, str]
 
 #: Optional numeric per-row fields, and which of them must be present for every row or none.

@@ -44,6 +44,7 @@ class LagrangeMultiplier:
         threshold: float | None = 0.0,
         delay_steps: int = 0,
         window: int = 1,
+        update_every: int = 1,
     ) -> None:
         if not (math.isfinite(init) and init >= LAMBDA_FLOOR):
             raise ValueError(f"lambda init must be a finite number >= {LAMBDA_FLOOR}, got {init}")
@@ -51,12 +52,15 @@ class LagrangeMultiplier:
             raise ValueError(f"lambda max_value ({max_value}) must be finite and at least init ({init})")
         if not (math.isfinite(lr) and lr >= 0 and (threshold is None or math.isfinite(threshold))):
             raise ValueError(f"lambda lr must be finite and >= 0 and the threshold finite, got {lr} and {threshold}")
-        if window < 1 or delay_steps < 0:
-            raise ValueError(f"window must be >= 1 and delay_steps >= 0, got {window} and {delay_steps}")
+        if window < 1 or delay_steps < 0 or update_every < 1:
+            raise ValueError(
+                f"window and update_every must be >= 1 and delay_steps >= 0, got {window}, {update_every} and {delay_steps}"
+            )
         self.lr = lr
         self.max_value = max_value
         self.threshold = threshold
         self.delay_steps = delay_steps
+        self.update_every = update_every
         self.log_value = math.log(init)
         self.estimates: deque[float] = deque(maxlen=window)
         self.num_updates = 0
@@ -71,6 +75,11 @@ class LagrangeMultiplier:
         """The windowed Ĵ_C the last update used (NaN before any update)."""
         n = len(self.estimates)
         return math.fsum(x / n for x in self.estimates) if n else math.nan  # x/n: no overflow of the sum
+
+    def due(self, step: int) -> bool:
+        """Whether optimizer step `step` ends with a dual update (every `update_every` steps; each one
+        costs a Ĵ_C sample of the policy's answers)."""
+        return step % self.update_every == 0
 
     def update(self, cost_estimate: float) -> float:
         """Record one Ĵ_C estimate and, past the delay, take one ascent step; returns the new λ."""

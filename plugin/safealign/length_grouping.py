@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from safealign._openrlhf import DistributedSampler
+from safealign.openrlhf import DistributedSampler
 
 
 def pair_length(item: tuple) -> int:

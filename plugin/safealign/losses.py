@@ -27,16 +27,16 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from safealign.data import Dimension
 from safealign.errors import SafeAlignError
 
 ENTRY_POINT_GROUP = "safealign.losses"
 
-Dimension = Literal["helpful", "safe"]
 
 
 @dataclass
@@ -179,32 +179,6 @@ def lagrangian_mix(helpful: DimensionTerm, safe: DimensionTerm, lam: float) -> t
     return loss, {**_term_stats("h", helpful), **_term_stats("s", safe), "lambda": lam}
 
 
-def safe_mm_dpo_loss(
-    policy_logps_0: torch.Tensor,
-    policy_logps_1: torch.Tensor,
-    ref_logps_0: torch.Tensor,
-    ref_logps_1: torch.Tensor,
-    better_id: torch.Tensor,
-    safer_id: torch.Tensor,
-    delta_h: torch.Tensor,
-    delta_s: torch.Tensor,
-    lam: float | torch.Tensor,
-    beta_ori: float,
-    w: float,
-    k: float,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Safe-MM-DPO: `L_H/(1+λ) + λ·L_S/(1+λ)`, both MM-DPO terms over the same response pair.
-
-    λ is a constant here (detached): it is moved by the dual update in `safealign.lagrange`, never by
-    this loss's gradient. Returns the loss and `loss_h, loss_s, acc_h, acc_s, beta_h_mean, beta_s_mean,
-    n_h, n_s, lambda` (NaN for a dimension no row of the batch carries).
-    """
-    batch = PreferenceBatch(
-        policy_logps_0, policy_logps_1, ref_logps_0, ref_logps_1, better_id, safer_id, delta_h, delta_s
-    )
-    return lagrangian_mix(*mm_dpo_terms(batch, beta_ori, w, k), float(lam))
-
-
 # --- registry ---------------------------------------------------------------------------------------
 
 
@@ -310,7 +284,12 @@ class MMDPOLoss(_SingleDimensionLoss):
 
 @register_loss("safe_mm_dpo")
 class SafeMMDPOLoss(PreferenceLoss):
-    """Safe-MM-DPO: the Lagrangian mix of helpful and harmless MM-DPO terms (see `safe_mm_dpo_loss`)."""
+    """Safe-MM-DPO: `L_H/(1+λ) + λ·L_S/(1+λ)`, both MM-DPO terms over the same response pair.
+
+    λ is a constant here (detached): it is moved by the dual update in `safealign.lagrange`, never by
+    this loss's gradient. Statistics: `loss_h, loss_s, acc_h, acc_s, beta_h_mean, beta_s_mean, n_h,
+    n_s, lambda` (NaN for a dimension no row of the batch carries).
+    """
 
     reads = frozenset({"beta_ori", "w", "k"})
     uses_lambda = True

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from safealign._openrlhf import RewardDataset, preprocess_data
 from safealign.cost_loss import SAFE, UNKNOWN, UNSAFE
 from safealign.data import PreferenceRow, flatten_messages
+from safealign.openrlhf import RewardDataset, preprocess_data
 
 _NAN = math.nan
 

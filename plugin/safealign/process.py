@@ -10,6 +10,13 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
+def gpu_available() -> bool:
+    """True when CUDA can run (decides NCCL vs gloo, the CPU patches, dtype and attention defaults)."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.device_count() > 0
+
+
 def ensure_process_env() -> None:
     """A plain `safealign run` is a one-process world; torchrun and the deepspeed launcher set these."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
@@ -41,11 +48,9 @@ def init_process_group(timeout: timedelta = timedelta(minutes=60)) -> None:
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return
-    from safealign import compat
-
-    if compat.gpu_available():
+    if gpu_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend="nccl" if compat.gpu_available() else "gloo", timeout=timeout)
+    dist.init_process_group(backend="nccl" if gpu_available() else "gloo", timeout=timeout)
 
 
 def agree(value: T) -> T:

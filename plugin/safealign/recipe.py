@@ -16,7 +16,7 @@ import itertools
 import math
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -29,7 +29,9 @@ from pydantic import (
     model_validator,
 )
 
+from safealign.data import Dimension, Format
 from safealign.errors import SafeAlignError
+from safealign.eval.judges import check_endpoint_url
 from safealign.lagrange import LAMBDA_FLOOR
 from safealign.remote_code import check_model_code
 
@@ -110,10 +112,15 @@ class ModelSection(Strict):
     _paths = field_validator("policy", "reference", "cost_model", mode="before")(_model_path)
 
 
+#: The choices several sections share, named once.
+LRScheduler = Literal["cosine_with_min_lr", "cosine", "linear", "constant", "constant_with_warmup"]  # transformers' get_scheduler names OpenRLHF passes on
+GenerationBackend = Literal["auto", "hf", "vllm"]
+
+
 class DataSource(Strict):
     path: Path
-    format: Literal["pku_saferlhf", "pairs", "hh_rlhf"] = "pku_saferlhf"
-    dimension: Literal["helpful", "safe"] | None = Field(
+    format: Format = "pku_saferlhf"
+    dimension: Dimension | None = Field(
         None, description="the one dimension a pairs/hh_rlhf file labels"
     )
     skip_rows: Annotated[int, Field(ge=0)] = Field(0, description="rows skipped before reading (a split of one file)")
@@ -151,9 +158,7 @@ class TrainingSection(Strict):
     batch_size: Annotated[int, Field(ge=1, description="global batch (pairs per optimizer step)")] = 16
     micro_batch_size: Annotated[int, Field(ge=1, description="pairs per forward on one device")] = 1
     epochs: Annotated[int, Field(ge=1)] = 1
-    lr_scheduler: Literal["cosine_with_min_lr", "cosine", "linear", "constant", "constant_with_warmup"] = (
-        "cosine_with_min_lr"
-    )
+    lr_scheduler: LRScheduler = "cosine_with_min_lr"
     warmup_ratio: Fraction = 0.03
     min_lr_ratio: Fraction = 0.1
     weight_decay: NonNegativeFloat = 0.0
@@ -180,6 +185,10 @@ class PairTrainingSection(TrainingSection):
         "same gradient (safealign.length_grouping)",
     )
 
+
+#: The pipeline's stages in the order they run, whatever order a recipe lists them in.
+StageName = Literal["rm", "align", "distill", "eval"]
+STAGE_ORDER: tuple[str, ...] = get_args(StageName)
 
 #: Model names the eval stage gives the run's own models; ablations need other names.
 RESERVED_MODEL_NAMES = ("base", "aligned", "student")
@@ -228,7 +237,7 @@ class AlignSection(PairTrainingSection):
         "every ablation that sets it, e.g. a trade-off frontier cheaper than the main model",
     )
     loss: str = Field("safe_mm_dpo", description="registered loss: dpo, mm_dpo, safe_mm_dpo or a plugin's")
-    dimension: Literal["helpful", "safe"] = Field("helpful", description="dpo/mm_dpo: which labels to train on")
+    dimension: Dimension = Field("helpful", description="dpo/mm_dpo: which labels to train on")
     beta_ori: PositiveFloat = 0.1
     kl_coeff: PositiveFloat | None = Field(None, description="RLHF name of beta_ori (see module docs)")
     w: NonNegativeFloat = 0.5
@@ -312,7 +321,7 @@ class RewardModelSection(PairTrainingSection):
     )
     learning_rate: PositiveFloat = 2e-5
     epochs: Annotated[int, Field(ge=1)] = 2
-    lr_scheduler: Literal["cosine_with_min_lr", "cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    lr_scheduler: LRScheduler = "cosine"
     weight_decay: NonNegativeFloat = 0.1
 
     _base_path = field_validator("base", mode="before")(_model_path)
@@ -345,15 +354,13 @@ class LLMJudgeSection(Strict):
     @field_validator("url")
     @classmethod
     def _http_only(cls, value: str) -> str:
-        from safealign.eval.judges import check_endpoint_url
-
         return check_endpoint_url(value)
 
 
 class EvalSection(Strict):
     """The eval stage: BeaverTails safety and MT-Bench helpfulness for every model the run produced."""
 
-    backend: Literal["auto", "hf", "vllm"] = Field("auto", description="auto: vLLM on a GPU when installed, else HF")
+    backend: GenerationBackend = Field("auto", description="auto: vLLM on a GPU when installed, else HF")
     batch_size: Annotated[int, Field(ge=1)] = 8
     max_new_tokens: Annotated[int, Field(ge=1)] = 256
     beavertails: Path | None = Field(None, description="BeaverTails-Evaluation JSONL; default: the copy in data/")
@@ -392,7 +399,7 @@ class SFTSection(TrainingSection):
 
     learning_rate: PositiveFloat = 2e-5
     batch_size: Annotated[int, Field(ge=1, description="global batch (examples per optimizer step)")] = 16
-    lr_scheduler: Literal["cosine_with_min_lr", "cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    lr_scheduler: LRScheduler = "cosine"
     warmup_ratio: Fraction = 0.1
 
 
@@ -405,7 +412,7 @@ class DistillSection(Strict):
     prompts: Path | None = Field(None, description="JSONL with a `prompt` per line; default: the training prompts")
     max_prompts: Annotated[int, Field(ge=1)] | None = Field(None, description="first N prompts (after dedup)")
     max_new_tokens: Annotated[int, Field(ge=1)] = 256
-    backend: Literal["auto", "hf", "vllm"] = Field("auto", description="auto: vLLM on a GPU when installed, else HF")
+    backend: GenerationBackend = Field("auto", description="auto: vLLM on a GPU when installed, else HF")
     generation_batch_size: Annotated[int, Field(ge=1)] = 8
     best_of_n: Annotated[int, Field(ge=1)] = Field(1, description="1: one greedy answer; n>1: n samples, RM-reranked")
     temperature: PositiveFloat = Field(0.7, description="sampling temperature when best_of_n > 1")
@@ -471,7 +478,7 @@ class LoggingSection(Strict):
 class Recipe(Strict):
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", max_length=63)]
     seed: int = 42
-    stages: list[Literal["rm", "align", "distill", "eval"]] = Field(
+    stages: list[StageName] = Field(
         default_factory=lambda: ["align"], description="what `safealign run` runs"
     )
     model: ModelSection
@@ -744,7 +751,7 @@ def check_world_size(recipe: Recipe, world_size: int, stages: list[str] | None =
 
 def samples_policy_cost(align: AlignSection) -> bool:
     """Whether training with these settings samples Ĵ_C (a loss that uses λ, updated by the dual step)."""
-    from safealign.losses import get_loss
+    from safealign.losses import get_loss  # torch: importing the recipe module stays light (CLI start, submit)
 
     return get_loss(align.loss).uses_lambda and align.lambda_update == "dual"
 
@@ -783,7 +790,7 @@ def check_loss_keys(recipe: Recipe, source: str) -> None:
 
 
 def _check_loss_keys(align: AlignSection, given_keys: set[str], where: str) -> None:
-    from safealign.losses import get_loss
+    from safealign.losses import get_loss  # (see samples_policy_cost)
 
     loss = get_loss(align.loss)
     used = set(loss.reads) | (LAMBDA_KEYS if loss.uses_lambda else set())

@@ -30,14 +30,13 @@ from safealign.errors import SafeAlignError
 from safealign.files import disk_full, disk_full_error, tree_size, write_text_atomically
 from safealign.locks import RunLock
 from safealign.process import agree, barrier, is_rank_0
-from safealign.recipe import Recipe
-from safealign.stages import ORDER, Stage, StageContext, load_builtin_stages
+from safealign.recipe import STAGE_ORDER, Recipe
+from safealign.stages import STAGE_FILE, Stage, StageContext, finished_stage, load_builtin_stages
 
 log = logging.getLogger("safealign")
 
 FINGERPRINT_FILE = "fingerprint"
 LOCK_FILE = ".lock"
-STAGE_FILE = "stage.json"
 
 
 def _file_digest(path: Path) -> str:
@@ -55,9 +54,9 @@ def fingerprint(recipe: Recipe, stage: Stage, run_dir: Path) -> str:
     files = sorted({str(source.path): _file_digest(source.path) for source in sources}.items())
     upstream = {}
     for name in stage.upstream:
-        done = run_dir / name / STAGE_FILE
-        if name in recipe.stages and done.is_file():
-            upstream[name] = json.loads(done.read_text())["fingerprint"]
+        record = finished_stage(run_dir, name)
+        if name in recipe.stages and record is not None:
+            upstream[name] = record.summary["fingerprint"]
     payload = json.dumps(
         {"stage": stage.name, "version": __version__, "sections": sections, "files": files, "upstream": upstream},
         sort_keys=True,
@@ -72,7 +71,7 @@ def select_stages(recipe: Recipe, requested: list[str] | None) -> list[Stage]:
     unknown = [name for name in names if name not in stages]
     if unknown:
         raise SafeAlignError(f"--stage {unknown[0]}: unknown stage; available: {', '.join(sorted(stages))}")
-    return [stages[name] for name in ORDER if name in names]
+    return [stages[name] for name in STAGE_ORDER if name in names]
 
 
 def release_memory() -> None:

@@ -30,9 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from safealign.errors import SafeAlignError
+from safealign.eval.helpfulness import headline_helpfulness
+from safealign.eval.plots import plt, png
 from safealign.files import write_text_atomically
 from safealign.locks import RunLock
 from safealign.recipe import Recipe, load_recipe, trial_overrides
+from safealign.stages import finished_stage, load_builtin_stages
 
 log = logging.getLogger("safealign")
 
@@ -95,7 +98,7 @@ def trial_id(params: dict[str, Any]) -> str:
 
 def trial_metrics(run_dir: Path, recipe: Recipe) -> tuple[float | None, float | None, dict]:
     """(safety, helpfulness, details) of the aligned model from a trial's eval results."""
-    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    results = json.loads(finished_stage(run_dir, "eval").output("results").read_text())
     model = results["models"].get("aligned") or results["models"]["base"]
     judge = recipe.sweep.select.judge
     details = {"safety_by_judge": {j: v["overall"]["rate"] for j, v in model["safety"].items()}}
@@ -105,17 +108,13 @@ def trial_metrics(run_dir: Path, recipe: Recipe) -> tuple[float | None, float | 
         accuracy = lambda d: held.get(d, {}).get("likelihood", {}).get("accuracy")  # noqa: E731
         return accuracy("safe"), accuracy("helpful"), details
     safety = model["safety"].get(judge, {}).get("overall", {}).get("rate")
-    mt_bench = model["helpfulness"].get("mt_bench", {}).get("score")
-    helpful = mt_bench if mt_bench is not None else model["helpfulness"].get("rm_win_rate_vs_base")
-    details["helpfulness_metric"] = "mt_bench" if mt_bench is not None else "rm_win_rate_vs_base"
+    helpful, details["helpfulness_metric"] = headline_helpfulness(model)
     return safety, helpful, details
 
 
 def shared_stages(recipe: Recipe) -> list[str]:
     """The recipe's stages that run once for all trials: those in SHARED_STAGES whose recipe sections no
     swept key touches (sweeping `rm.cost.learning_rate` makes every trial train its own reward models)."""
-    from safealign.stages import load_builtin_stages
-
     stages = load_builtin_stages()
     swept = {key.split(".")[0] for key in recipe.sweep.grid}
     return [s for s in recipe.stages if s in SHARED_STAGES and not swept & set(stages[s].sections)]
@@ -230,8 +229,6 @@ def plot_heatmap(trials: list[TrialResult], selection: Selection, recipe: Recipe
     keys = list(recipe.sweep.grid)
     if len(keys) < 2:
         return None
-    from safealign.eval.report import _png, plt
-
     xs, ys = recipe.sweep.grid[keys[1]], recipe.sweep.grid[keys[0]]
     values = [[math.nan] * len(xs) for _ in ys]
     fig, ax = plt.subplots(figsize=(1.6 * len(xs) + 2.5, 1.2 * len(ys) + 1.5))
@@ -257,7 +254,7 @@ def plot_heatmap(trials: list[TrialResult], selection: Selection, recipe: Recipe
     ax.set_xlabel(keys[1])
     ax.set_ylabel(keys[0])
     ax.set_title("Sweep: helpfulness (colour), safety (text); outlined: selected")
-    return _png(fig)
+    return png(fig)
 
 
 def run_shared(recipe_path: Path, overrides: list[str], run_dir: Path, shared: list[str]) -> None:

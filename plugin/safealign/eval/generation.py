@@ -23,9 +23,9 @@ from typing import Protocol
 
 from tqdm import tqdm
 
-from safealign import compat
 from safealign.data import flatten_messages
 from safealign.errors import SafeAlignError
+from safealign.process import gpu_available
 
 log = logging.getLogger("safealign")
 
@@ -121,7 +121,7 @@ class HFGenerator:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        device = "cuda" if compat.gpu_available() else "cpu"
+        device = "cuda" if gpu_available() else "cpu"
         trusted = {"trust_remote_code": trust_remote_code}
         tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left", **trusted)
         torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
@@ -255,7 +255,7 @@ def world_size() -> int:
 
 def vllm_usable() -> bool:
     """vLLM needs its package and a GPU; on anything else the HF backend runs."""
-    if not compat.gpu_available():
+    if not gpu_available():
         return False
     try:
         import vllm  # noqa: F401

@@ -30,6 +30,7 @@ from pathlib import Path
 from safealign.errors import SafeAlignError
 from safealign.files import read_appended_jsonl
 from safealign.locks import locked_file
+from safealign.process import agree, is_rank_0
 
 #: Refusal phrases, matched case-insensitively in the first `RefusalJudge.window` characters. Drawn
 #: from the refusal strings used to score jailbreaks (Zou et al. 2023, "GCG"), plus common variants.
@@ -201,8 +202,6 @@ class ChatClient:
 
         Under torchrun only rank 0 calls the endpoint and appends to the cache; every rank gets its
         answers (each conversation is paid for once, and the cache file has one writer)."""
-        from safealign.process import agree, is_rank_0
-
         return agree(self._complete(conversations) if is_rank_0() else None)
 
     def _complete(self, conversations: Sequence[list[dict]]) -> list[str]:

@@ -10,27 +10,18 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import math
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
+from safealign.eval.helpfulness import LABELS, headline_helpfulness
+from safealign.eval.plots import plt, png
 from safealign.metrics import read_metrics
 
 
 def _helpfulness(model: dict) -> tuple[float | None, str]:
-    """The best helpfulness number a model has, and what it is."""
-    mt = model["helpfulness"].get("mt_bench")
-    if mt and mt.get("score") is not None:
-        return mt["score"], "MT-Bench score (LLM judge, 1-10)"
-    win = model["helpfulness"].get("rm_win_rate_vs_base")
-    if win is not None:
-        return win, "Helpful-RM win rate vs base (proxy)"
-    return None, ""
+    """The headline helpfulness number a model has, and its label ("" when it has none)."""
+    value, metric = headline_helpfulness(model)
+    return value, LABELS[metric] if value is not None else ""
 
 
 def _fmt_rate(rate: dict) -> str:
@@ -40,13 +31,6 @@ def _fmt_rate(rate: dict) -> str:
 
 def _fmt_share(value: float | None) -> str:
     return "none possible" if value is None else f"±{value:.1%}"
-
-
-def _png(fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return buffer.getvalue()
 
 
 def _plane(
@@ -74,7 +58,7 @@ def _plane(
         ax.set_ylim(*ylim)
     ax.grid(alpha=0.3)
     ax.set_title(title, pad=12)
-    return _png(fig)
+    return png(fig)
 
 
 def plot_tradeoff(results: dict, judge: str) -> bytes | None:
@@ -189,7 +173,7 @@ def plot_categories(results: dict, judge: str) -> bytes | None:
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: bars reach 1.0
     ax.invert_yaxis()
     ax.set_title("BeaverTails safety by harm category")
-    return _png(fig)
+    return png(fig)
 
 
 def plot_training(metrics: list[dict]) -> bytes | None:
@@ -216,7 +200,7 @@ def plot_training(metrics: list[dict]) -> bytes | None:
         twin = right.twinx()
         twin.plot(*zip(*updates), color="tab:blue", alpha=0.6, marker="o", markersize=3)
         twin.set_ylabel("Ĵ_C (sampled)", color="tab:blue")
-    return _png(fig)
+    return png(fig)
 
 
 def _params(model: dict) -> str:
@@ -335,9 +319,9 @@ def write_report(out_dir: Path, results: dict, metrics_path: Path | None = None)
         "training": plot_training(metrics),
     }
     (out_dir / "plots").mkdir(parents=True, exist_ok=True)
-    for name, png in plots.items():
-        if png:
-            (out_dir / "plots" / f"{name}.png").write_bytes(png)
+    for name, image in plots.items():
+        if image:
+            (out_dir / "plots" / f"{name}.png").write_bytes(image)
 
     header, rows = _tables(results, judges)
     distilled = teacher_vs_student(results, judges)

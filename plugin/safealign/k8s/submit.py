@@ -29,7 +29,7 @@ import yaml
 
 from safealign.errors import SafeAlignError
 from safealign.k8s.charts import render_objects
-from safealign.recipe import check_world_size, flatten_recipe, load_recipe, merge, trial_overrides
+from safealign.recipe import STAGE_ORDER, check_world_size, flatten_recipe, load_recipe, merge, trial_overrides
 
 RUN_LABEL = "safealign.dev/run"
 MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -381,8 +381,6 @@ def submit(
 
 def status(run: str, namespace: str, cluster: Cluster | None = None) -> list[dict[str, Any]]:
     """One row per stage Job of the run, in pipeline order."""
-    from safealign.stages import ORDER
-
     cluster = cluster or Cluster(namespace=namespace)
     rows = []
     for job in cluster.run_jobs(run):
@@ -397,7 +395,7 @@ def status(run: str, namespace: str, cluster: Cluster | None = None) -> list[dic
                 "seconds": round((end - start).total_seconds()) if start and end else None,
             }
         )
-    return sorted(rows, key=lambda r: ORDER.index(r["stage"]) if r["stage"] in ORDER else len(ORDER))
+    return sorted(rows, key=lambda r: STAGE_ORDER.index(r["stage"]) if r["stage"] in STAGE_ORDER else len(STAGE_ORDER))
 
 
 def logs(run: str, namespace: str, stage: str | None, follow: bool, cluster: Cluster | None = None, say=print) -> None:

@@ -1,8 +1,14 @@
-"""The stage registry: each pipeline stage is a function of (recipe, work directory) -> summary.
+"""The stage registry and the stages' one contract with each other.
 
-A stage declares which recipe sections its outputs depend on; the runner hashes those (plus the
-contents of the data files they name) into a fingerprint, skips a stage whose finished outputs carry
-the same fingerprint, and resumes an unfinished one from its checkpoints.
+Each pipeline stage is a function of a `StageContext` -> summary. A stage declares which recipe
+sections its outputs depend on; the runner hashes those (plus the contents of the data files they
+name) into a fingerprint, skips a stage whose finished outputs carry the same fingerprint, and
+resumes an unfinished one from its checkpoints.
+
+Stages never import each other and never spell out each other's paths: a stage finds what an upstream
+stage produced only through that stage's recorded summary (`<run>/<stage>/stage.json`, whose
+`outputs` names each output's path in the stage directory), via `StageContext.upstream`. Shared work
+lives one floor below, in `safealign.training`.
 """
 
 from __future__ import annotations
@@ -13,12 +19,42 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from safealign.errors import SafeAlignError
+from safealign.files import write_text_atomically
+from safealign.process import agree, barrier, is_rank_0
 from safealign.recipe import Recipe
 
 log = logging.getLogger("safealign")
 
-#: Pipeline order; a recipe's `stages` run in this order whatever order they are listed in.
-ORDER = ("rm", "align", "distill", "eval")
+#: The summary a finished stage leaves in its directory.
+STAGE_FILE = "stage.json"
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """A finished stage as it recorded itself: its directory and its summary."""
+
+    name: str
+    dir: Path
+    summary: dict
+
+    def output(self, name: str) -> Path:
+        """The path of the recorded output `name` (e.g. rm's `cost_model`)."""
+        outputs = self.summary.get("outputs", {})
+        if name not in outputs:
+            raise SafeAlignError(
+                f"{self.dir / STAGE_FILE} records no output {name!r} (it has {sorted(outputs)}): "
+                f"run the {self.name} stage again with --force"
+            )
+        return self.dir / outputs[name]
+
+
+def finished_stage(run_dir: Path, stage: str) -> StageRecord | None:
+    """`stage`'s record in `run_dir`, or None while it has not finished there."""
+    path = run_dir / stage / STAGE_FILE
+    if not path.is_file():
+        return None
+    return StageRecord(stage, path.parent, json.loads(path.read_text()))
 
 
 @dataclass(frozen=True)
@@ -28,6 +64,37 @@ class StageContext:
     recipe: Recipe
     run_dir: Path
     work_dir: Path
+
+    def upstream(self, stage: str) -> StageRecord | None:
+        """What `stage` produced in this run: None when the recipe does not run it (its outputs then
+        play no part, as in the fingerprint); an error naming the fix when it runs but has not finished."""
+        if stage not in self.recipe.stages:
+            return None
+        record = finished_stage(self.run_dir, stage)
+        if record is None:
+            raise SafeAlignError(
+                f"{self.run_dir / stage} is not finished: run the {stage} stage first "
+                f"(`safealign run RECIPE --stage {stage}`)"
+            )
+        return record
+
+    def cache_dir(self, name: str) -> Path:
+        """The run's shared cache `name` (eval answers, judge replies): outside every stage directory,
+        so a stage run again, or another sweep trial, regenerates nothing that exists."""
+        return self.run_dir / "cache" / name
+
+    def upstream_output(self, stage: str, name: str) -> Path | None:
+        """The path of `stage`'s output `name`, or None when the recipe does not run `stage`."""
+        record = self.upstream(stage)
+        return record.output(name) if record is not None else None
+
+
+def cost_model_dir(ctx: StageContext) -> Path | None:
+    """The cost model that scores sampled and generated answers (align's Ĵ_C, dDPO's, eval's judge):
+    `model.cost_model`, else the rm stage's `cost_model` output, else None."""
+    if ctx.recipe.model.cost_model is not None:
+        return Path(ctx.recipe.model.cost_model)
+    return ctx.upstream_output("rm", "cost_model")
 
 
 @dataclass(frozen=True)
@@ -60,9 +127,6 @@ def register_stage(name: str, sections: tuple[str, ...], upstream: tuple[str, ..
 def run_once(work_dir: Path, train: Callable[[], dict]) -> dict:
     """Run `train()` — which must publish `work_dir/model` atomically — unless a resumed stage already
     did; its summary is kept in `work_dir/summary.json` (stages that train several models use this)."""
-    from safealign.files import write_text_atomically
-    from safealign.process import agree, barrier, is_rank_0
-
     summary_path = work_dir / "summary.json"
     if agree((work_dir / "model" / "config.json").is_file() and summary_path.is_file()):
         log.info("%s already trained (resumed)", work_dir / "model")

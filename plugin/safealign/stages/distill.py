@@ -13,7 +13,7 @@ Zephyr's recipe (Tunstall et al. 2023), with the teacher being our aligned model
    strategy; the student is fully fine-tuned with Zephyr's defaults (lr 2e-5, 1 epoch, cosine,
    warmup 0.1). Answers are text, re-tokenised with the student's own tokenizer and chat template, so
    a student from another model family (another vocabulary) works as well as a derived one.
-4. **dDPO** (`distill.ddpo: true`): the align stage's Safe-MM-DPO (`align.train_policy`, same trainer,
+4. **dDPO** (`distill.ddpo: true`): the align stage's Safe-MM-DPO (`training.policy`, same trainer,
    same `align` settings, same scored pairs) on the dSFT student, which is its own reference (Zephyr).
 
 Outputs: `model/` (the student the eval stage evaluates), `teacher_answers.jsonl`, `sft/metrics.jsonl`
@@ -29,51 +29,48 @@ import logging
 import shutil
 from pathlib import Path
 
-from safealign import openrlhf_setup as setup
-from safealign.data import (
-    Message,
-    PreferenceRow,
-    flatten_messages,
-    load_prompt_file,
-    read_jsonl,
-    unique_prompts,
-)
+from safealign.data import Message, PreferenceRow, load_prompt_file, read_jsonl, unique_prompts
 from safealign.errors import SafeAlignError
 from safealign.eval.generation import GenerationRequest, make_generator
 from safealign.eval.heldout import check_not_eval_prompts
 from safealign.files import write_text_atomically
 from safealign.models import count_parameters, derive_student, resolve_model
+from safealign.openrlhf.settings import resolve_dtype
 from safealign.process import agree, barrier, is_rank_0
 from safealign.recipe import Recipe
-from safealign.stages import StageContext, register_stage, run_once
+from safealign.stages import StageContext, cost_model_dir, register_stage, run_once
+from safealign.training.inference import score_generated
+from safealign.training.policy import split_policy_rows, train_policy
+from safealign.training.rows import training_rows
+from safealign.training.student import train_student
 
 log = logging.getLogger("safealign")
 
 ANSWERS = "teacher_answers.jsonl"
 
 
-def teacher_dir(recipe: Recipe, run_dir: Path) -> Path:
+def teacher_dir(ctx: StageContext) -> Path:
     """`distill.teacher`, else the aligned model when the recipe aligns, else the base policy."""
+    recipe = ctx.recipe
     if recipe.distill.teacher is not None:
         return resolve_model(recipe.distill.teacher)
-    if "align" in recipe.stages:
-        aligned = run_dir / "align" / "model"
-        if not (aligned / "config.json").is_file():
-            raise SafeAlignError(f"{aligned} not found: run the align stage first (the teacher is the aligned model)")
-        return aligned
-    return resolve_model(recipe.model.policy)
+    aligned = ctx.upstream_output("align", "model")
+    return aligned if aligned is not None else resolve_model(recipe.model.policy)
+
+
+def run_rows(ctx: StageContext) -> list[PreferenceRow]:
+    """The rows the align stage trains on in this run (the rm stage's scored pairs, or the data)."""
+    return training_rows(ctx.recipe, ctx.upstream_output("rm", "scored"))
 
 
 def prompt_set(ctx: StageContext) -> list[list[Message]]:
     """The prompts the teacher answers: `distill.prompts`, else the training prompts; deduplicated,
     cut to `max_prompts`, and checked against the eval sets."""
-    from safealign.stages.align import training_rows
-
     distill = ctx.recipe.distill
     if distill.prompts is not None:
         prompts, what = load_prompt_file(distill.prompts), "distill.prompts"
     else:
-        prompts, what = [row.prompt for row in training_rows(ctx)], "data.train"
+        prompts, what = [row.prompt for row in run_rows(ctx)], "data.train"
     prompts = unique_prompts(prompts)[: distill.max_prompts]
     check_not_eval_prompts(ctx.recipe, prompts, what)
     return prompts
@@ -111,20 +108,17 @@ def _unpair(scores: list[tuple[float, float]], n: int) -> list[list[float]]:
 
 def rerank(ctx: StageContext, prompts: list[list[Message]], candidates: list[list[str]]) -> list[dict]:
     """Score every candidate with the RM stage's Helpful-RM and cost model; pick one per prompt."""
-    from safealign.stages.rm import score_generated
-
-    recipe, run_dir = ctx.recipe, ctx.run_dir
-    models = {name: run_dir / "rm" / name / "model" for name in ("helpful", "cost")}
-    missing = [str(path) for path in models.values() if not (path / "config.json").is_file()]
-    if missing:
+    recipe = ctx.recipe
+    rm = ctx.upstream("rm")
+    if rm is None:
         raise SafeAlignError(
-            f"distill.best_of_n={recipe.distill.best_of_n} re-ranks with the rm stage's models, but {missing[0]} "
-            "does not exist: add rm to stages (and run it) or set distill.best_of_n: 1"
+            f"distill.best_of_n={recipe.distill.best_of_n} re-ranks with the rm stage's models: add rm to stages "
+            "(and run it) or set distill.best_of_n: 1"
         )
     rows, n = _candidate_pairs(prompts, candidates), recipe.distill.best_of_n
     scratch = ctx.work_dir / "scratch"
-    rewards = _unpair(score_generated(recipe, models["helpful"], rows, setup.openrlhf_args(recipe, recipe.rm.helpful, scratch)), n)  # fmt: skip
-    costs = _unpair(score_generated(recipe, models["cost"], rows, setup.openrlhf_args(recipe, recipe.rm.cost, scratch)), n)  # fmt: skip
+    rewards = _unpair(score_generated(recipe, rm.output("helpful_rm"), rows, scratch), n)
+    costs = _unpair(score_generated(recipe, rm.output("cost_model"), rows, scratch), n)
     shutil.rmtree(scratch, ignore_errors=True)
     records = []
     for answers, r, c in zip(candidates, rewards, costs):
@@ -144,7 +138,7 @@ def teacher_answers(ctx: StageContext, teacher: Path) -> list[dict]:
     n = distill.best_of_n
     log.info("distill: the teacher (%s) answers %d prompts (%s)", teacher, len(prompts),
              "greedy" if n == 1 else f"best of {n} at temperature {distill.temperature}")  # fmt: skip
-    dtype = setup.resolve_dtype(recipe.model.dtype)
+    dtype = resolve_dtype(recipe.model.dtype)
     generator = make_generator(
         teacher, distill.backend, distill.generation_batch_size, dtype, recipe.seed, recipe.data.input_template,
         trust_remote_code=recipe.model.trust_remote_code,
@@ -212,77 +206,12 @@ def _check_student(student: Path, teacher: Path, recipe: Recipe) -> None:
         log.warning("distill: the student (%s) is not smaller than the teacher (%s)", student, teacher)
 
 
-def sft_records(answers: list[dict], chat: bool) -> list[dict]:
-    """OpenRLHF `SFTDataset` inputs: chat messages when the student formats with its chat template,
-    else flat prompt text for `data.input_template` (the same flattening training and generation use)."""
-    records = []
-    for record in answers:
-        if not record["answer"].strip():
-            continue
-        if chat:
-            records.append({"prompt": record["prompt"], "answer": [{"role": "assistant", "content": record["answer"]}]})
-        else:
-            records.append({"prompt": flatten_messages(record["prompt"]), "answer": record["answer"]})
-    return records
-
-
-def train_student(recipe: Recipe, answers: list[dict], student: Path, out: Path) -> dict:
-    """dSFT through OpenRLHF's SFTDataset + SFTTrainer (DeepSpeed); the student lands in `out/model`."""
-    from datasets import Dataset
-
-    from safealign._openrlhf import SFTDataset
-    from safealign.trainers.sft import DistillSFTTrainer
-
-    section = recipe.distill.sft
-    args = setup.openrlhf_args(recipe, section, out)
-    args.ds.lora.rank = 0  # the student is fully fine-tuned (model.lora is the policy's)
-    args.data.input_key, args.data.output_key = "prompt", "answer"
-    strategy = setup.make_strategy(args)
-    model = setup.load_actor(student, args, strategy, trainable=True)
-    tokenizer = setup.load_tokenizer(student, model, strategy)
-    setup.configure_prompt_format(args, tokenizer, recipe, "distill.student")
-    records = sft_records(answers, chat=args.data.apply_chat_template)
-    if not records:
-        raise SafeAlignError("distill: every teacher answer is empty; check the teacher and distill.max_new_tokens")
-    dataset = SFTDataset(
-        Dataset.from_list(records), tokenizer, recipe.data.max_len, strategy, recipe.data.input_template,
-        num_processors=1,
-    )  # fmt: skip
-    if len(dataset) < len(records):
-        log.warning("distill: dropped %d of %d examples whose prompt fills data.max_len=%d",
-                    len(records) - len(dataset), len(records), recipe.data.max_len)  # fmt: skip
-    loader = strategy.setup_dataloader(dataset, section.micro_batch_size, False, True, dataset.collate_fn)
-    # OpenRLHF's SFT loop carries gradient-accumulation windows across epochs: size the schedule as it does.
-    total_steps = len(loader) * section.epochs // strategy.accumulated_gradient
-    if total_steps == 0:
-        raise SafeAlignError(
-            f"distill.sft.batch_size={section.batch_size} exceeds the {len(dataset)} usable teacher answers "
-            "× epochs; lower it or answer more prompts"
-        )
-    model, optimizer, scheduler = strategy.prepare((model, setup.optimizer_config(args, total_steps)))
-    consumed = setup.resume_state(strategy, model, args).get("consumed_samples", 0)
-    log.info("distill: dSFT of %s on %d teacher answers, %d steps × %d examples",
-             student, len(dataset), total_steps, section.batch_size)  # fmt: skip
-    trainer = DistillSFTTrainer(
-        model, strategy, optimizer, loader, None, scheduler,
-        max_norm=section.max_norm, batch_size=section.batch_size, max_epochs=section.epochs, tokenizer=tokenizer,
-        metrics_path=out / "metrics.jsonl",
-    )  # fmt: skip
-    trainer.fit(args, consumed, max(1, len(loader) // strategy.accumulated_gradient))
-    setup.publish_model(strategy, model, tokenizer, args, out / "model")
-    del trainer, model, optimizer, scheduler
-    gc.collect()
-    return {"examples": len(dataset), "steps": total_steps}
-
-
 def ddpo_rows(ctx: StageContext) -> list[PreferenceRow]:
     """The align stage's rows for dDPO, without the base policy's cached reference log-probs: the
     student's reference is the dSFT student itself."""
-    from safealign.stages.align import training_rows
-
     return [
         dataclasses.replace(row, ref_logps_0=None, ref_logps_1=None, ref_logps_provenance=None)
-        for row in training_rows(ctx)
+        for row in run_rows(ctx)
     ]
 
 
@@ -291,21 +220,26 @@ def ddpo_rows(ctx: StageContext) -> list[PreferenceRow]:
 )
 def run_distill(ctx: StageContext) -> dict:
     """Teacher answers a prompt set; a smaller student learns them (dSFT, optional dDPO)."""
-    from safealign.stages.align import train_policy
-
     recipe, out = ctx.recipe, ctx.work_dir
-    teacher = teacher_dir(recipe, ctx.run_dir)
+    # What it needs
+    teacher = teacher_dir(ctx)
     answers = teacher_answers(ctx, teacher)
+    # What it runs
     sft = run_once(out / "sft", lambda: train_student(recipe, answers, student_init(recipe, teacher, out), out / "sft"))
     if is_rank_0():
         shutil.rmtree(out / "student-init", ignore_errors=True)  # a derived student's weights live on in sft/model
     final, ddpo = out / "sft" / "model", None
     if recipe.distill.ddpo:
         log.info("distill: dDPO (Safe-MM-DPO with the align settings) on the dSFT student, its own reference")
-        ddpo = run_once(
-            out / "ddpo", lambda: train_policy(recipe, ddpo_rows(ctx), final, final, out / "ddpo", ctx.run_dir)
-        )
+        cost_model = cost_model_dir(ctx)
+
+        def ddpo_train() -> dict:
+            rows = split_policy_rows(recipe, ddpo_rows(ctx))
+            return train_policy(recipe, rows, final, final, cost_model, out / "ddpo")
+
+        ddpo = run_once(out / "ddpo", ddpo_train)
         final = out / "ddpo" / "model"
+    # What it publishes
     chosen = [a for a in answers if "safe_choice" in a]
     return {
         "outputs": {"model": str(final.relative_to(out)), "teacher_answers": ANSWERS, "sft_metrics": "sft/metrics.jsonl",

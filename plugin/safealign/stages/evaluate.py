@@ -21,41 +21,43 @@ import gc
 import hashlib
 import json
 import logging
+import time
 from dataclasses import asdict
 from itertools import combinations
 from pathlib import Path
 
-from safealign import openrlhf_setup as setup
 from safealign.data import PreferenceRow
 from safealign.errors import SafeAlignError
 from safealign.eval.generation import GenerationRequest, make_generator, resolve_backend
+from safealign.eval.heldout import heldout_rows, load_training_rows
 from safealign.eval.judges import ChatClient, LLMJudge, RefusalJudge
 from safealign.eval.mtbench import Question, judge_messages, load_judge_prompts, load_questions, parse_rating
+from safealign.eval.pairs import heldout_results
+from safealign.eval.report import write_report
 from safealign.eval.safety import DEFAULT_PATH, SafetyPrompt, load_prompts, paired_change, safety_rates, sign_test_p
 from safealign.eval.subsets import stratified_subset
 from safealign.files import write_text_atomically
 from safealign.models import count_parameters, resolve_model
+from safealign.openrlhf.settings import resolve_dtype
 from safealign.process import agree, barrier, is_rank_0
 from safealign.recipe import Recipe
-from safealign.stages import StageContext, register_stage
+from safealign.stages import StageContext, cost_model_dir, register_stage
+from safealign.training.inference import response_logps, score_generated
 
 log = logging.getLogger("safealign")
 
 
-def produced_models(recipe: Recipe, run_dir: Path) -> dict[str, Path]:
+def produced_models(ctx: StageContext) -> dict[str, Path]:
     """Every model to evaluate, by name: the base policy, and each later stage's output the recipe runs
     (`aligned` and each of `align.ablations` from align, `student` from distill)."""
-    models = {"base": resolve_model(recipe.model.policy)}
+    models = {"base": resolve_model(ctx.recipe.model.policy)}
     for stage, name in (("align", "aligned"), ("distill", "student")):
-        if stage not in recipe.stages:
+        record = ctx.upstream(stage)
+        if record is None:
             continue
-        done = run_dir / stage / "stage.json"
-        if not done.is_file():
-            raise SafeAlignError(f"{run_dir / stage} is not finished: run the {stage} stage first")
-        summary = json.loads(done.read_text())
-        models[name] = run_dir / stage / summary["outputs"]["model"]
-        for ablation, info in summary.get("ablations", {}).items():
-            models[ablation] = run_dir / stage / info["model"]
+        models[name] = record.output("model")
+        for ablation, info in record.summary.get("ablations", {}).items():
+            models[ablation] = record.dir / info["model"]
     return models
 
 
@@ -88,7 +90,7 @@ def answer_with(
 ) -> dict:
     """The model's BeaverTails answers and MT-Bench turns, from the cache when generated before."""
     ev = recipe.eval
-    dtype, backend = setup.resolve_dtype(recipe.model.dtype), resolve_backend(ev.backend)
+    dtype, backend = resolve_dtype(recipe.model.dtype), resolve_backend(ev.backend)
     settings = {
         "max_new_tokens": ev.max_new_tokens,
         "seed": recipe.seed,
@@ -147,11 +149,7 @@ def heldout_logps(
 ) -> tuple[dict[int, tuple[float, float, float, float]], float]:
     """A model's log-probs of both responses of every held-out pair, and the seconds they took (from the
     cache when measured before: the base reads the pairs once for every run and sweep trial)."""
-    import time
-
-    from safealign.stages.rm import response_logps
-
-    dtype = setup.resolve_dtype(recipe.model.dtype)
+    dtype = resolve_dtype(recipe.model.dtype)
     settings = [model_identity(model_dir), dtype, recipe.data.max_len, recipe.data.input_template]
     key = hashlib.sha256(json.dumps([settings, [asdict(r) for r in rows]]).encode()).hexdigest()[:20]
     path = cache / f"{model_dir.name}-heldout-{key}.json"
@@ -160,9 +158,8 @@ def heldout_logps(
         return {int(i): tuple(v) for i, v in cached["logps"].items()}, cached["seconds"]
     started = time.time()
     logps, _ = response_logps(
-        recipe, model_dir, rows, setup.openrlhf_args(recipe, recipe.align, out / "scratch"),
-        description=f"held-out pairs: {model_dir.parent.name}/{model_dir.name}",
-    )  # fmt: skip
+        recipe, model_dir, rows, out / "scratch", description=f"held-out pairs: {model_dir.parent.name}/{model_dir.name}"
+    )
     seconds = time.time() - started
     if is_rank_0():
         write_text_atomically(path, json.dumps({"logps": logps, "seconds": seconds}))
@@ -170,14 +167,12 @@ def heldout_logps(
     return logps, seconds
 
 
-def heldout_measure(recipe: Recipe, run_dir: Path, out: Path, models: dict[str, Path]) -> dict:
+def heldout_measure(ctx: StageContext, models: dict[str, Path]) -> dict:
     """`eval.heldout_pairs` (minus any pair whose prompt is a training prompt): every model's preference
     accuracy per dimension (`safealign.eval.pairs`), with its cost."""
-    from safealign.eval.heldout import heldout_rows, load_training_rows
-    from safealign.eval.pairs import heldout_results
-
+    recipe = ctx.recipe
     rows = heldout_rows(recipe, load_training_rows(recipe))
-    measured = {name: heldout_logps(path, rows, recipe, out, run_dir / "cache" / "eval") for name, path in models.items()}
+    measured = {name: heldout_logps(path, rows, recipe, ctx.work_dir, ctx.cache_dir("eval")) for name, path in models.items()}
     trained = {n for n in models if n not in ("base", "student")} if recipe.model.reference is None else set()
     results = heldout_results(rows, {name: logps for name, (logps, _) in measured.items()}, trained)
     for name, (logps, seconds) in measured.items():
@@ -186,11 +181,9 @@ def heldout_measure(recipe: Recipe, run_dir: Path, out: Path, models: dict[str, 
 
 
 def score_answer_pairs(
-    recipe: Recipe, model_dir: Path, prompts: list[str], first: dict[str, list[str]], args
+    recipe: Recipe, model_dir: Path, prompts: list[str], first: dict[str, list[str]], out: Path
 ) -> dict[str, list[tuple[float, float]]]:
     """A value model's output on (model answer, base answer) for every model, in one scoring pass."""
-    from safealign.stages.rm import score_generated
-
     names = [n for n in first if n != "base"] or ["base"]
     rows = [
         PreferenceRow(
@@ -201,7 +194,7 @@ def score_answer_pairs(
         for name in names
         for i, p in enumerate(prompts)
     ]
-    scores = score_generated(recipe, model_dir, rows, args)
+    scores = score_generated(recipe, model_dir, rows, out)
     n = len(prompts)
     return {name: [scores[k * n + i] for i in range(n)] for k, name in enumerate(names)}
 
@@ -231,10 +224,11 @@ def cost_statistics(costs: dict[str, list[tuple[float, float]]]) -> dict[str, di
 
 
 def judge_safety(
-    recipe: Recipe, run_dir: Path, out: Path, prompts: list[SafetyPrompt], answers: dict[str, dict]
+    ctx: StageContext, prompts: list[SafetyPrompt], answers: dict[str, dict]
 ) -> tuple[dict[str, dict[str, list[bool]]], dict[str, dict]]:
     """Verdicts of every configured judge on every model's BeaverTails answers (judge -> model -> [safe]),
     and the cost model's threshold-free statistics per model when it judged."""
+    recipe = ctx.recipe
     ev = recipe.eval
     texts = {name: a["safety"] for name, a in answers.items()}
     questions = [p.prompt for p in prompts]
@@ -248,15 +242,14 @@ def judge_safety(
         if judge == "refusal":
             verdicts[judge] = verdicts_of(RefusalJudge())
         elif judge == "llm":
-            verdicts[judge] = verdicts_of(LLMJudge(_llm_client(recipe, run_dir)))
+            verdicts[judge] = verdicts_of(LLMJudge(_llm_client(ctx)))
         elif judge == "cost_model":
-            from safealign.stages.rm import cost_model_path
-
-            cost_dir = cost_model_path(recipe, run_dir)
-            if not (cost_dir / "config.json").is_file():
+            cost_dir = cost_model_dir(ctx)
+            if cost_dir is None or not (cost_dir / "config.json").is_file():
                 if "judges" in ev.model_fields_set:
+                    missing = f"{cost_dir} does not exist" if cost_dir else "the run has no cost model"
                     raise SafeAlignError(
-                        f"eval.judges lists cost_model but {cost_dir} does not exist: run the rm stage"
+                        f"eval.judges lists cost_model but {missing}: add rm to stages or set model.cost_model"
                     )
                 log.warning(
                     "eval: no cost model (the rm stage has not run): judging with %s only",
@@ -268,7 +261,7 @@ def judge_safety(
                 cost_dir,
                 [p.prompt for p in prompts],
                 texts,
-                setup.openrlhf_args(recipe, recipe.rm.cost, out / "scratch"),
+                ctx.work_dir / "scratch",
             )
             verdicts[judge] = {name: [c[0] <= 0 for c in values] for name, values in costs.items()}
             if "base" not in verdicts[judge]:
@@ -278,10 +271,10 @@ def judge_safety(
     return verdicts, cost_stats
 
 
-def _llm_client(recipe: Recipe, run_dir: Path) -> ChatClient:
-    j = recipe.eval.llm_judge
+def _llm_client(ctx: StageContext) -> ChatClient:
+    j = ctx.recipe.eval.llm_judge
     return ChatClient(
-        j.url, j.model, j.api_key_env, cache_path=run_dir / "cache" / "judge" / "llm.jsonl",
+        j.url, j.model, j.api_key_env, cache_path=ctx.cache_dir("judge") / "llm.jsonl",
         timeout=j.timeout, retries=j.retries, concurrency=j.concurrency,
     )  # fmt: skip
 
@@ -300,20 +293,19 @@ def agreement(verdicts: dict[str, dict[str, list[bool]]]) -> dict[str, float]:
     return out
 
 
-def helpfulness(
-    recipe: Recipe, run_dir: Path, out: Path, questions: list[Question], answers: dict[str, dict]
-) -> dict[str, dict]:
+def helpfulness(ctx: StageContext, questions: list[Question], answers: dict[str, dict]) -> dict[str, dict]:
     """MT-Bench ratings (llm judge) and the Helpful-RM win rate against the base model (proxy)."""
+    recipe = ctx.recipe
     result: dict[str, dict] = {name: {} for name in answers}
-    helpful_dir = run_dir / "rm" / "helpful" / "model"
-    if (helpful_dir / "config.json").is_file():
+    helpful_dir = ctx.upstream_output("rm", "helpful_rm")
+    if helpful_dir is not None:
         first = {name: [t[0] for t in a["mt_bench"]] for name, a in answers.items()}
         rewards = score_answer_pairs(
             recipe,
             helpful_dir,
             [q.turns[0] for q in questions],
             first,
-            setup.openrlhf_args(recipe, recipe.rm.helpful, out / "scratch"),
+            ctx.work_dir / "scratch",
         )
         for name, values in rewards.items():
             if name == "base":
@@ -321,7 +313,7 @@ def helpfulness(
             result[name]["rm_win_rate_vs_base"] = win_rate(values)
         result["base"]["rm_win_rate_vs_base"] = 0.5  # against itself, by definition
     if recipe.eval.llm_judge is not None and "llm" in recipe.eval.judges:
-        client, prompts = _llm_client(recipe, run_dir), load_judge_prompts()
+        client, prompts = _llm_client(ctx), load_judge_prompts()
         for name, a in answers.items():
             conversations = [
                 judge_messages(q, tuple(t), turn, prompts) for q, t in zip(questions, a["mt_bench"]) for turn in (1, 2)
@@ -363,18 +355,16 @@ def differing_examples(
 @register_stage("eval", sections=("seed", "model", "data", "eval"), upstream=("rm", "align", "distill"))
 def run_eval(ctx: StageContext) -> dict:
     """BeaverTails safety (per judge, per category) and MT-Bench helpfulness of every model, and a report."""
-    from safealign.eval.report import write_report
-
-    recipe, run_dir, out = ctx.recipe, ctx.run_dir, ctx.work_dir
+    recipe, out = ctx.recipe, ctx.work_dir
     ev = recipe.eval
+    # What it needs
     prompts, questions = eval_prompts(recipe)
-    models = produced_models(recipe, run_dir)
-    answers = {
-        name: answer_with(path, prompts, questions, recipe, run_dir / "cache" / "eval") for name, path in models.items()
-    }
-    verdicts, cost_stats = judge_safety(recipe, run_dir, out, prompts, answers)
-    helpful = helpfulness(recipe, run_dir, out, questions, answers)
-    heldout = heldout_measure(recipe, run_dir, out, models) if ev.heldout_pairs else {}
+    models = produced_models(ctx)
+    # What it runs
+    answers = {name: answer_with(path, prompts, questions, recipe, ctx.cache_dir("eval")) for name, path in models.items()}
+    verdicts, cost_stats = judge_safety(ctx, prompts, answers)
+    helpful = helpfulness(ctx, questions, answers)
+    heldout = heldout_measure(ctx, models) if ev.heldout_pairs else {}
     results = {
         "models": {
             name: {
@@ -417,7 +407,7 @@ def run_eval(ctx: StageContext) -> dict:
                 "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
             )
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-        write_report(out, results, run_dir / "align" / "metrics.jsonl")
+        write_report(out, results, ctx.upstream_output("align", "metrics"))
     for name, model in results["models"].items():
         rates = ", ".join(f"{j} {m['overall']['rate']:.1%}" for j, m in model["safety"].items())
         log.info("eval: %s — safety %s; helpfulness %s", name, rates or "n/a", model["helpfulness"] or "n/a")

@@ -18,25 +18,22 @@ counted and reported, as Safe RLHF's data pipeline also refuses them. They are s
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import math
 from pathlib import Path
 
-from safealign import openrlhf_setup as setup
 from safealign.data import PreferenceRow, held_out_indices
 from safealign.errors import SafeAlignError
 from safealign.eval.heldout import load_training_rows
 from safealign.files import write_text_atomically
-from safealign.length_grouping import pair_loader
 from safealign.models import resolve_model
-from safealign.pair_dataset import PreferencePairDataset
-from safealign.process import agree, is_rank_0
-from safealign.recipe import Recipe, RewardModelSection
-from safealign.ref_provenance import check_same_tokenizer, reference_provenance
-from safealign.scoring import score_pairs
+from safealign.process import is_rank_0
+from safealign.recipe import RewardModelSection
 from safealign.stages import StageContext, register_stage
+from safealign.trainers.reward import CostModelTrainer, HelpfulRMTrainer
+from safealign.training.inference import reference_logps, score_with_value_model
+from safealign.training.value_model import train_value_model
 
 log = logging.getLogger("safealign")
 
@@ -48,124 +45,6 @@ def is_contradictory(row: PreferenceRow) -> bool:
     safer_safe = row.is_response_0_safe if row.safer_response_id == 0 else row.is_response_1_safe
     other_safe = row.is_response_1_safe if row.safer_response_id == 0 else row.is_response_0_safe
     return not safer_safe and other_safe
-
-
-def train_value_model(
-    ctx: StageContext, name: str, section: RewardModelSection, trainer_cls, rows, **trainer_kwargs
-) -> Path:
-    """Train one value-head model on `rows` (resumable); returns its checkpoint directory."""
-    recipe, out = ctx.recipe, ctx.work_dir / name
-    target = out / "model"
-    if agree((target / "config.json").is_file()):
-        log.info("rm: %s model already trained in %s", name, target)
-        return target
-    base_dir = resolve_model(section.base if section.base is not None else recipe.model.policy)
-    args = setup.openrlhf_args(recipe, section, out)
-    strategy = setup.make_strategy(args)
-    model = setup.load_value_model(base_dir, args, strategy, trainable=True)
-    setup.freeze_below(model, section.trainable_layers, f"rm.{name}.trainable_layers")
-    tokenizer = setup.load_tokenizer(base_dir, model, strategy, padding_side="left")
-    setup.configure_prompt_format(args, tokenizer, recipe)
-    dataset = PreferencePairDataset(
-        rows, tokenizer, recipe.data.max_len, strategy, recipe.data.input_template, for_reward_model=True
-    )
-    steps_per_epoch = len(dataset) // section.batch_size
-    if steps_per_epoch == 0:
-        raise SafeAlignError(
-            f"rm.{name}.batch_size={section.batch_size} exceeds the {len(dataset)} usable training pairs"
-        )
-    loader = pair_loader(strategy, dataset, section)
-    model, optimizer, scheduler = strategy.prepare(
-        (model, setup.optimizer_config(args, steps_per_epoch * section.epochs))
-    )
-    consumed = setup.resume_state(strategy, model, args).get("consumed_samples", 0)
-    log.info("rm: training the %s model on %d pairs, %d steps", name, len(dataset), steps_per_epoch * section.epochs)
-    trainer = trainer_cls(
-        model, strategy, optimizer, loader, None, scheduler, tokenizer,
-        metrics_path=out / "metrics.jsonl", max_norm=section.max_norm, max_epochs=section.epochs, **trainer_kwargs,
-    )  # fmt: skip
-    trainer.fit(args, consumed, steps_per_epoch)
-    setup.publish_model(strategy, model, tokenizer, args, target)
-    del trainer, model, optimizer, scheduler
-    gc.collect()
-    return target
-
-
-def score_with_value_model(
-    recipe: Recipe, model_dir: Path, rows: list[PreferenceRow], args, max_len: int | None = None
-) -> dict[int, tuple[float, float]]:
-    """Both responses' values under a trained reward/cost model, by row index (`max_len`: data.max_len)."""
-    from safealign.trainers.loop import PairValues
-
-    strategy = setup.make_strategy(args)
-    model = setup.load_value_model(model_dir, args, strategy, trainable=False)
-    tokenizer = setup.load_tokenizer(model_dir, model, strategy, padding_side="left")
-    setup.configure_prompt_format(args, tokenizer, recipe)
-    dataset = PreferencePairDataset(
-        rows, tokenizer, max_len or recipe.data.max_len, strategy, recipe.data.input_template, for_reward_model=True
-    )
-    model = strategy.prepare(model)
-    model.eval()
-    values = PairValues(tokenizer, strategy, next(model.parameters()).device)
-    scores = score_pairs(
-        dataset,
-        lambda batch: values(model, batch),
-        strategy,
-        recipe.rm.score_batch_size,
-        f"scoring with {model_dir.parent.name}",
-    )
-    return {extra["row_index"]: tuple(scores[i].tolist()) for i, extra in enumerate(dataset.extras)}
-
-
-#: Scoring generated answers (eval, distill's best-of-n): room for long prompts whatever data.max_len is.
-ANSWER_MAX_LEN = 2048
-
-
-def score_generated(recipe: Recipe, model_dir: Path, rows: list[PreferenceRow], args) -> list[tuple[float, float]]:
-    """Both responses' values for every row, in row order. A row too long to score is an error: a
-    missing value would otherwise read as a verdict (or a best-of-n choice)."""
-    scores = score_with_value_model(recipe, model_dir, rows, args, max_len=ANSWER_MAX_LEN)
-    if len(scores) != len(rows):
-        raise SafeAlignError(
-            f"{len(rows) - len(scores)} prompts are longer than {ANSWER_MAX_LEN} tokens and cannot be "
-            f"scored by {model_dir}; use shorter prompts"
-        )
-    return [scores[i] for i in range(len(rows))]
-
-
-def response_logps(
-    recipe: Recipe, model_dir: Path, rows: list[PreferenceRow], args, tokenizer_dir: Path | None = None,
-    description: str = "log-probs",
-) -> tuple[dict[int, tuple[float, float, float, float]], object]:
-    """A policy's log-probs of both responses by row index — (sum_0, sum_1, mean_0, mean_1) — with the
-    align trainer's own code (`PairLogProbs`) on the tokenization of `tokenizer_dir` (default: the
-    model's own), and the tokenizer. Rows whose prompt fills data.max_len are absent, as in training."""
-    from safealign.trainers.loop import PairLogProbs
-
-    strategy = setup.make_strategy(args)
-    actor = setup.load_actor(model_dir, args, strategy, trainable=False)
-    tokenizer = setup.load_tokenizer(tokenizer_dir or model_dir, actor, strategy)
-    if tokenizer_dir is not None and tokenizer_dir != model_dir:
-        check_same_tokenizer(tokenizer, model_dir, recipe.model.trust_remote_code)
-    setup.configure_prompt_format(args, tokenizer, recipe)
-    dataset = PreferencePairDataset(rows, tokenizer, recipe.data.max_len, strategy, recipe.data.input_template)
-    actor = strategy.prepare(actor)
-    actor.eval()
-    logps = PairLogProbs(tokenizer, strategy, next(actor.parameters()).device)
-    scores = score_pairs(dataset, lambda batch: logps(actor, batch), strategy, recipe.rm.score_batch_size, description)
-    return {extra["row_index"]: tuple(scores[i].tolist()) for i, extra in enumerate(dataset.extras)}, tokenizer
-
-
-def reference_logps(
-    recipe: Recipe, rows: list[PreferenceRow], args
-) -> tuple[dict[int, tuple[float, float]], dict]:
-    """The reference policy's summed response log-probs by row index (on the policy's tokenization, as
-    align will see the rows), and their provenance."""
-    policy_dir = resolve_model(recipe.model.policy)
-    reference_dir = resolve_model(recipe.model.reference) if recipe.model.reference is not None else policy_dir
-    logps, tokenizer = response_logps(recipe, reference_dir, rows, args, policy_dir, "reference log-probs")
-    provenance = reference_provenance(reference_dir, tokenizer, recipe.data.max_len, recipe.data.input_template)
-    return {i: values[:2] for i, values in logps.items()}, provenance
 
 
 def oriented_margin(values: tuple[float, float], preferred_id: int, higher_is_better: bool = True) -> float:
@@ -206,9 +85,8 @@ def held_out_metrics(rows: list[PreferenceRow], indices: list[int], scored: dict
 @register_stage("rm", sections=("seed", "model", "data", "rm", "deepspeed"))
 def run_rm(ctx: StageContext) -> dict:
     """Helpful-RM + cost model (OpenRLHF RewardModelTrainer), then every pair scored once."""
-    from safealign.trainers.reward import CostModelTrainer, HelpfulRMTrainer
-
     recipe, out, rm = ctx.recipe, ctx.work_dir, ctx.recipe.rm
+    # What it needs
     rows = load_training_rows(recipe)
     held_out = held_out_indices(rows, rm.eval_fraction, recipe.seed)
     train_rows = [row for i, row in enumerate(rows) if i not in held_out]
@@ -221,19 +99,24 @@ def run_rm(ctx: StageContext) -> dict:
     if not helpful_rows or not cost_rows:
         raise SafeAlignError("rm: the data needs rows with better_response_id and rows with safer_response_id")
 
-    helpful_dir = train_value_model(ctx, "helpful", rm.helpful, HelpfulRMTrainer, helpful_rows)
-    cost_dir = train_value_model(
-        ctx, "cost", rm.cost, CostModelTrainer, cost_rows, regularization=rm.cost.regularization
-    )
+    def base(section: RewardModelSection) -> Path:
+        """`rm.<name>.base`, else the policy: the model a value head is trained on."""
+        return resolve_model(section.base if section.base is not None else recipe.model.policy)
 
-    rewards = score_with_value_model(
-        recipe, helpful_dir, rows, setup.openrlhf_args(recipe, rm.helpful, out / "helpful")
+    # What it runs: both models trained, then every row scored once
+    helpful_dir = train_value_model(
+        recipe, "rm.helpful", rm.helpful, base(rm.helpful), HelpfulRMTrainer, helpful_rows, out / "helpful"
     )
-    costs = score_with_value_model(recipe, cost_dir, rows, setup.openrlhf_args(recipe, rm.cost, out / "cost"))
+    cost_dir = train_value_model(
+        recipe, "rm.cost", rm.cost, base(rm.cost), CostModelTrainer, cost_rows, out / "cost",
+        regularization=rm.cost.regularization,
+    )  # fmt: skip
+    rewards = score_with_value_model(recipe, helpful_dir, rows, out / "helpful")
+    costs = score_with_value_model(recipe, cost_dir, rows, out / "cost")
     usable = set(rewards) & set(costs)
     refs, provenance = {}, None
     if rm.reference_logps:
-        refs, provenance = reference_logps(recipe, rows, setup.openrlhf_args(recipe, recipe.align, out / "reference"))
+        refs, provenance = reference_logps(recipe, rows, out / "reference")
         usable &= set(refs)
 
     scored: dict[int, dict] = {}
@@ -256,6 +139,7 @@ def run_rm(ctx: StageContext) -> dict:
         "delta_h": sum(1 for i, r in scored.items() if rows[i].better_response_id >= 0 and r["delta_h"] < 0),
         "delta_s": sum(1 for i, r in scored.items() if rows[i].safer_response_id >= 0 and r["delta_s"] < 0),
     }
+    # What it publishes
     if is_rank_0():
         records = [{**rows[i].to_json(), **scored[i]} for i in sorted(scored)]
         write_text_atomically(out / "scored.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
@@ -281,16 +165,3 @@ def run_rm(ctx: StageContext) -> dict:
         "reference_logps": bool(refs),
         **{f"held_out_{k}": v for k, v in metrics.items()},
     }
-
-
-def cost_model_path(recipe: Recipe, run_dir: Path) -> Path:
-    """The cost model that scores sampled answers and eval answers: `model.cost_model`, else this stage's."""
-    return Path(recipe.model.cost_model) if recipe.model.cost_model is not None else run_dir / "rm" / "cost" / "model"
-
-
-def scored_rows_path(run_dir: Path) -> Path:
-    """Where the align stage reads its rows when the recipe runs the rm stage."""
-    path = run_dir / "rm" / "scored.jsonl"
-    if not path.is_file():
-        raise SafeAlignError(f"{path} not found: run the rm stage first (`safealign run RECIPE --stage rm`)")
-    return path

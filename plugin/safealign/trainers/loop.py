@@ -1,4 +1,4 @@
-"""The training loop shared by our OpenRLHF trainer subclasses, and the pair log-prob helper.
+"""The training loop shared by our OpenRLHF trainer subclasses.
 
 OpenRLHF's `DPOTrainer.fit` and `RewardModelTrainer.fit` are one loop each with the loss inlined. Our
 trainers need a different loss, extra per-row inputs and per-step hooks (λ), so `StepLoop` is that
@@ -17,9 +17,9 @@ from itertools import islice
 import torch
 from tqdm import tqdm
 
-from safealign._openrlhf import DPOTrainer, RewardModelTrainer
 from safealign.errors import SafeAlignError
 from safealign.metrics import MetricsLog, StatsAccumulator
+from safealign.openrlhf.settings import Settings, for_fit
 
 
 def global_batches(loader: Iterable, size: int) -> Iterator[list]:
@@ -64,16 +64,14 @@ class StepLoop:
         """Extra state saved in DeepSpeed checkpoints beside `consumed_samples`."""
         return {}
 
-    def fit(self, args, consumed_samples: int = 0, num_update_steps_per_epoch: int | None = None) -> None:
+    def fit(self, args: Settings, consumed_samples: int = 0, num_update_steps_per_epoch: int | None = None) -> None:
+        """OpenRLHF's `fit` signature; `args` are the frozen settings the trainer was built from."""
         accumulation = self.strategy.accumulated_gradient
         if num_update_steps_per_epoch is None:
             num_update_steps_per_epoch = len(self.train_dataloader) // accumulation
         if num_update_steps_per_epoch <= 0:
             raise SafeAlignError("fewer training pairs than one global batch: lower the batch_size or add data")
-        if args.eval.steps == -1:
-            args.eval.steps = num_update_steps_per_epoch
-        if args.ckpt.save_steps == -1:
-            args.ckpt.save_steps = float("inf")
+        args = for_fit(args, num_update_steps_per_epoch)
         self.num_update_steps_per_epoch = num_update_steps_per_epoch  # RewardModelTrainer's eval cadence reads it
 
         global_step = consumed_samples // args.train.batch_size
@@ -139,55 +137,3 @@ class StepLoop:
                     self._tensorboard.add_scalar(f"eval/{key}", value, steps)
         self.model.train()
         return logs
-
-
-class _PairForward:
-    """One forward over both responses of a batch, with OpenRLHF trainer methods borrowed as helpers
-    (they read only `self.tokenizer` and `self.strategy`)."""
-
-    def __init__(self, tokenizer, strategy, device: torch.device) -> None:
-        self.tokenizer = tokenizer
-        self.strategy = strategy
-        self.device = device
-
-
-class PairLogProbs(_PairForward):
-    """Sum and mean response log-probs of both responses of a batch, from one forward over both.
-
-    These are OpenRLHF's `DPOTrainer.concatenated_inputs` and `_get_batch_logps` (borrowed, not
-    copied), so the align trainer's live reference pass and the RM stage's cached reference
-    log-probs run the very same code.
-    """
-
-    concatenated_inputs = DPOTrainer.concatenated_inputs
-    _get_batch_logps = DPOTrainer._get_batch_logps
-
-    def __call__(self, model, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        ids_0, mask_0, ids_1, mask_1, extras = batch
-        d = self.device
-        input_ids, masks, prompt_lens = self.concatenated_inputs(
-            ids_0.to(d), mask_0.to(d), ids_1.to(d), mask_1.to(d), extras.prompt_lens
-        )
-        log_probs = model(
-            input_ids, attention_mask=masks, return_logprobs=True, ring_attn_group=self.strategy.ring_attn_group
-        )
-        sums, means = self._get_batch_logps(log_probs, masks, prompt_lens)
-        n = ids_0.shape[0]
-        return sums[:n], sums[n:], means[:n], means[n:]
-
-
-class PairValues(_PairForward):
-    """A value head's output for both responses of a batch, from one forward over both.
-
-    OpenRLHF's `RewardModelTrainer.concatenated_inputs`/`concatenated_forward`, borrowed, so the RM
-    trainers and the RM stage's scoring pass run the same code.
-    """
-
-    concatenated_inputs = RewardModelTrainer.concatenated_inputs
-    concatenated_forward = RewardModelTrainer.concatenated_forward
-
-    def __call__(self, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        ids_0, mask_0, ids_1, mask_1, _ = batch
-        d = self.device
-        value_0, value_1, _ = self.concatenated_forward(model, ids_0.to(d), mask_0.to(d), ids_1.to(d), mask_1.to(d))
-        return value_0.float(), value_1.float()

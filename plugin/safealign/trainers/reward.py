@@ -14,21 +14,24 @@ from pathlib import Path
 
 import torch
 
-from safealign._openrlhf import RewardModelTrainer
 from safealign.cost_loss import cost_model_loss
 from safealign.metrics import MetricsLog
+from safealign.openrlhf import RewardModelTrainer
+from safealign.openrlhf.pair_forward import PairValues
+from safealign.openrlhf.settings import Settings
 from safealign.pair_dataset import PairExtras
-from safealign.trainers.loop import PairValues, StepLoop
+from safealign.trainers.loop import StepLoop
 
 
 class PairValueTrainer(StepLoop, RewardModelTrainer):
     """A value-head model trained on response pairs; subclasses define the loss."""
 
     def __init__(self, model, strategy, optim, train_dataloader, eval_dataloader, scheduler, tokenizer, *,
-                 metrics_path: Path, max_norm: float = 1.0, max_epochs: int = 1) -> None:  # fmt: skip
+                 settings: Settings, metrics_path: Path) -> None:  # fmt: skip
         super().__init__(
             model, strategy, optim, train_dataloader, eval_dataloader, scheduler, tokenizer,
-            max_norm=max_norm, max_epochs=max_epochs,
+            max_norm=settings.max_norm, max_epochs=settings.train.max_epochs, loss=settings.model.loss_type,
+            disable_ds_ckpt=settings.ckpt.disable_ds, save_hf_ckpt=settings.ckpt.save_hf,
         )  # fmt: skip
         self.metrics = MetricsLog(metrics_path, enabled=strategy.is_rank_0())
         self.device = next(self.model.parameters()).device

@@ -4,8 +4,9 @@ What is OpenRLHF's and reused as is: the DeepSpeed engine and its `backward`/`op
 `concatenated_inputs` (both responses in one forward), `_get_batch_logps`, the sampler/epoch/resume
 bookkeeping, `save_logs_and_checkpoints` (TensorBoard, wandb, DeepSpeed checkpoints).
 What is ours: the batch carries labels and margins (`PairExtras`); the loss comes from
-`safealign.losses` (so `dpo`, `mm_dpo` and `safe_mm_dpo` share this one code path); every
-`lambda_update_every` optimizer steps the policy answers a fixed prompt pool, the cost model scores the
+`safealign.losses` (so `dpo`, `mm_dpo` and `safe_mm_dpo` share this one code path) and replaces
+OpenRLHF's `DPOLoss` as the trainer's `loss_fn`; every `align.lambda_update_every` optimizer steps
+(`LagrangeMultiplier.due`) the policy answers a fixed prompt pool, the cost model scores the
 answers (`safealign.cost_sampling`) and λ takes one dual step from that Ĵ_C; λ rides in the checkpoint.
 
 One weighting whatever the batching: before a step's first forward the loop hands this trainer all of
@@ -26,14 +27,16 @@ from pathlib import Path
 
 import torch
 
-from safealign._openrlhf import DPOTrainer
 from safealign.cost_sampling import PolicyCostSampler
 from safealign.errors import SafeAlignError
 from safealign.lagrange import LagrangeMultiplier
 from safealign.losses import PreferenceBatch, PreferenceLoss
 from safealign.metrics import MetricsLog
+from safealign.openrlhf import DPOTrainer
+from safealign.openrlhf.pair_forward import PairLogProbs
+from safealign.openrlhf.settings import Settings
 from safealign.pair_dataset import PairExtras
-from safealign.trainers.loop import PairLogProbs, StepLoop
+from safealign.trainers.loop import StepLoop
 
 
 class SafeMMDPOTrainer(StepLoop, DPOTrainer):
@@ -54,13 +57,11 @@ class SafeMMDPOTrainer(StepLoop, DPOTrainer):
         eval_dataloader,
         scheduler,
         *,
+        settings: Settings,
         loss: PreferenceLoss,
         lagrange: LagrangeMultiplier,
         cost_sampler: PolicyCostSampler | None,
-        lambda_update_every: int,
         metrics_path: Path,
-        max_norm: float = 1.0,
-        max_epochs: int = 1,
     ) -> None:
         super().__init__(
             model,
@@ -71,14 +72,15 @@ class SafeMMDPOTrainer(StepLoop, DPOTrainer):
             train_dataloader,
             eval_dataloader,
             scheduler,
-            max_norm=max_norm,
-            beta=loss.settings.beta_ori,
-            max_epochs=max_epochs,
+            max_norm=settings.max_norm,
+            beta=settings.model.beta,
+            max_epochs=settings.train.max_epochs,
+            save_hf_ckpt=settings.ckpt.save_hf,
+            disable_ds_ckpt=settings.ckpt.disable_ds,
         )
-        self.preference_loss = loss
+        self.loss_fn = loss  # in place of the DPOLoss OpenRLHF's constructor built: the one loss trained
         self.lagrange = lagrange
-        self.cost_sampler = cost_sampler  # None where λ is fixed or unused (train_policy decides)
-        self.lambda_update_every = lambda_update_every
+        self.cost_sampler = cost_sampler  # None where λ is fixed or unused (the training floor decides)
         self.metrics = MetricsLog(metrics_path, enabled=strategy.is_rank_0())
         self.device = next(self.model.parameters()).device
         self.pair_logps = PairLogProbs(tokenizer, strategy, self.device)
@@ -157,13 +159,13 @@ class SafeMMDPOTrainer(StepLoop, DPOTrainer):
     def batch_loss(self, batch) -> tuple[torch.Tensor, dict[str, float]]:
         """This micro-batch's share of the global objective at the current λ (scaled for DeepSpeed's
         averaging), and its statistics (`loss`: the unscaled share, summed over the step when logged)."""
-        share, stats = self.preference_loss(self.batch_inputs(batch), self.lagrange.value)
+        share, stats = self.loss_fn(self.batch_inputs(batch), self.lagrange.value)
         stats = {**stats, "loss": share.item(), "lambda": self.lagrange.value}
         return share * self.micro_batches_per_step, stats
 
     def after_step(self, global_step: int, logs: dict[str, float]) -> None:
-        """Safe RLHF's dual update every `lambda_update_every` steps, from the policy's sampled cost."""
-        if self.cost_sampler is not None and global_step % self.lambda_update_every == 0:
+        """Safe RLHF's dual update when λ is due, from the policy's sampled cost."""
+        if self.cost_sampler is not None and self.lagrange.due(global_step):
             sample = self.cost_sampler.estimate(self.model.model.module, global_step, self.lagrange.threshold)
             self.lagrange.update(sample.mean_cost)
             logs.update(

@@ -1,9 +1,10 @@
 """The few, named patches that let OpenRLHF 0.11.2 train on a machine without a GPU.
 
 OpenRLHF is written for CUDA. Its SFT/RM/DPO code paths are otherwise device-agnostic, and DeepSpeed has a
-CPU accelerator, so four narrow gaps are all that stand between it and a laptop (ARCHITECTURE §5). Each
-gap is one function below, named for what it fixes, idempotent, and covered by a test. Nothing in
-site-packages is edited; every patch replaces one attribute at run time.
+CPU accelerator, so four narrow gaps are all that stand between it and a laptop (docs/cpu.md). Each
+gap is one function below, named for what it fixes, idempotent, and covered by a test
+(tests/test_compat.py). Nothing in site-packages is edited; every patch replaces one attribute of an
+OpenRLHF or DeepSpeed module at run time, and none replaces anything in `torch` itself.
 
 `apply_cpu_patches()` applies all of them and is a no-op when CUDA is present, so a GPU box runs
 OpenRLHF untouched. `enable_fp32()` is separate because full precision is a user choice, not a CPU
@@ -21,13 +22,10 @@ from functools import wraps
 
 import torch
 
+from safealign.process import gpu_available
+
 #: Names of the patches applied by this process, in order (for logs and tests).
 APPLIED: list[str] = []
-
-
-def gpu_available() -> bool:
-    """True when CUDA can run: the only case in which OpenRLHF needs no help."""
-    return torch.cuda.is_available() and torch.cuda.device_count() > 0
 
 
 def _mark(name: str) -> bool:
@@ -109,7 +107,50 @@ def stub_flash_attn_padding() -> None:
     root.utils.distributed = module("flash_attn.utils.distributed", all_gather=_all_gather)
 
 
-# --- 2. CUDA device calls -> CPU -------------------------------------------------------------------
+# --- 2. CUDA device calls -> CPU, inside OpenRLHF's strategy only --------------------------------------
+
+
+class _CpuCuda:
+    """`torch.cuda` as OpenRLHF's strategy modules use it, on a machine without CUDA: `set_device` and
+    `synchronize` do nothing, `current_device()` names the CPU (the strategy only moves tensors to it);
+    every other attribute is torch.cuda's own."""
+
+    @staticmethod
+    def set_device(*args, **kwargs) -> None:
+        return None
+
+    @staticmethod
+    def synchronize(*args, **kwargs) -> None:
+        return None
+
+    @staticmethod
+    def current_device() -> torch.device:
+        return torch.device("cpu")
+
+    def __getattr__(self, name: str):
+        return getattr(torch.cuda, name)
+
+
+class _TorchOnCpu(types.ModuleType):
+    """`torch` with `cuda` replaced by `_CpuCuda`, for the module globals of OpenRLHF's strategy code."""
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+        self.cuda = _CpuCuda()
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+
+#: OpenRLHF modules whose CUDA calls the CPU run must map: the strategy (`set_device` in
+#: setup_distributed, `current_device()` as the all-reduce/all-gather buffer device) and its offload
+#: helpers (`synchronize`).
+CUDA_CALLERS = ("openrlhf.utils.deepspeed.deepspeed", "openrlhf.utils.deepspeed.deepspeed_utils")
+
+
+def _barrier_without_cuda_sync() -> None:
+    """`torch_dist_barrier_and_cuda_sync` (the strategy's barrier before saving) minus the CUDA sync."""
+    torch.distributed.barrier()
 
 
 def map_cuda_device_to_cpu() -> None:
@@ -119,15 +160,19 @@ def map_cuda_device_to_cpu() -> None:
     `torch.cuda.synchronize()` after barriers, and builds its device mesh with
     `init_device_mesh("cuda", ...)`. Without CUDA each of these raises; mapped to the CPU they are exactly
     what the CPU run needs (one device, nothing to synchronise, gloo collectives on CPU tensors).
-    Only applied when CUDA is absent, so nothing that could have worked is changed.
+    The mapping is scoped: only the `torch` those modules see is replaced, so every other caller of
+    `torch.cuda.current_device()` (transformers, DeepSpeed, ours) keeps torch's own answer — an int, or
+    the error a machine without CUDA should give. Only applied when CUDA is absent.
     """
     if not _mark("map_cuda_device_to_cpu"):
         return
-    torch.cuda.set_device = lambda *args, **kwargs: None
-    torch.cuda.current_device = lambda: "cpu"
-    torch.cuda.synchronize = lambda *args, **kwargs: None
+    torch_on_cpu = _TorchOnCpu()
+    for name in CUDA_CALLERS:
+        importlib.import_module(name).torch = torch_on_cpu
 
     import openrlhf.utils.deepspeed.deepspeed as ds_strategy
+
+    ds_strategy.torch_dist_barrier_and_cuda_sync = _barrier_without_cuda_sync  # it imports torch inside
 
     original = ds_strategy.init_device_mesh
 

@@ -1,20 +1,21 @@
-"""Each CPU patch of safealign.compat, and that none is applied where a GPU is present."""
+"""Each CPU patch of safealign.openrlhf.patches, and that none is applied where a GPU is present."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
+import pytest
 import torch
 
-from safealign import compat
+from safealign.openrlhf import patches
 
 
 def test_all_cpu_patches_applied_and_idempotent():
-    assert {"stub_flash_attn_padding", "map_cuda_device_to_cpu", "avoid_jit_ops"} <= set(compat.APPLIED)
-    before = list(compat.APPLIED)
-    compat.apply_cpu_patches()
-    assert compat.APPLIED == before
+    assert {"stub_flash_attn_padding", "map_cuda_device_to_cpu", "avoid_jit_ops"} <= set(patches.APPLIED)
+    before = list(patches.APPLIED)
+    patches.apply_cpu_patches()
+    assert patches.APPLIED == before
 
 
 def test_flash_attn_padding_stub_round_trips():
@@ -33,20 +34,27 @@ def test_flash_attn_padding_stub_round_trips():
     assert not is_flash_attn_2_available()
 
 
-def test_cuda_device_calls_map_to_cpu():
+def test_cuda_device_calls_map_to_cpu_inside_openrlhfs_strategy_only():
     import openrlhf.utils.deepspeed.deepspeed as ds_strategy
+    import openrlhf.utils.deepspeed.deepspeed_utils as ds_utils
 
-    assert torch.cuda.current_device() == "cpu"
-    torch.cuda.set_device(0)
-    torch.cuda.synchronize()
-    assert torch.zeros(2).to(torch.cuda.current_device()).device.type == "cpu"
+    cuda = ds_strategy.torch.cuda  # the `torch.cuda` OpenRLHF's strategy code sees
+    cuda.set_device(0)
+    cuda.synchronize()
+    assert torch.zeros(2).to(cuda.current_device()).device.type == "cpu"
+    assert ds_utils.torch.cuda is cuda and ds_strategy.torch.float32 is torch.float32  # the rest is torch's
+    assert ds_strategy.torch_dist_barrier_and_cuda_sync.__name__ == "_barrier_without_cuda_sync"
     assert ds_strategy.init_device_mesh.__wrapped__ is not ds_strategy.init_device_mesh
+    # Everyone else keeps torch's own: an index to do arithmetic with, or the error a CPU machine gives.
+    assert torch.cuda.current_device.__module__ == "torch.cuda"
+    with pytest.raises((AssertionError, RuntimeError)):
+        torch.cuda.current_device()
 
 
 def test_fp32_dtype():
     import openrlhf.utils.utils as orl_utils
 
-    compat.enable_fp32()
+    patches.enable_fp32()
     assert orl_utils.convert_to_torch_dtype("fp32") is torch.float32
     assert orl_utils.convert_to_torch_dtype("bf16") is torch.bfloat16
 
@@ -70,9 +78,9 @@ def test_nothing_is_patched_where_a_gpu_is_present():
         "import sys, torch\n"
         "torch.cuda.is_available = lambda: True\n"
         "torch.cuda.device_count = lambda: 1\n"
-        "from safealign import compat\n"
-        "assert compat.apply_cpu_patches() == [], compat.APPLIED\n"
-        "assert 'flash_attn' not in sys.modules\n"
+        "from safealign.openrlhf import patches\n"
+        "assert patches.apply_cpu_patches() == [], patches.APPLIED\n"
+        "assert 'flash_attn' not in sys.modules and 'openrlhf' not in sys.modules\n"
         "print('untouched')\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

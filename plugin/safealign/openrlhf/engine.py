@@ -1,0 +1,146 @@
+"""OpenRLHF's engine for one model: the DeepSpeed strategy, the models and tokenizer on it, the
+optimizer config, resume and publish — each a thin call into OpenRLHF driven by the frozen `Settings`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+
+from safealign.errors import SafeAlignError
+from safealign.openrlhf import Actor, DeepspeedStrategy, get_llm_for_sequence_regression, get_strategy, get_tokenizer
+from safealign.openrlhf.settings import Settings
+from safealign.process import barrier, ensure_process_env
+
+log = logging.getLogger("safealign")
+
+
+def make_strategy(args: Settings) -> DeepspeedStrategy:
+    """OpenRLHF's DeepspeedStrategy with its process group up (gloo on CPU, NCCL on GPUs)."""
+    ensure_process_env()
+    strategy = get_strategy(args)
+    strategy.setup_distributed()
+    world = strategy.world_size
+    if args.train.batch_size % (args.train.micro_batch_size * world):
+        raise SafeAlignError(
+            f"batch_size ({args.train.batch_size}) must be a multiple of micro_batch_size × processes "
+            f"({args.train.micro_batch_size} × {world})"
+        )
+    return strategy
+
+
+def load_actor(path: Path, args: Settings, strategy: DeepspeedStrategy, *, trainable: bool) -> Actor:
+    """OpenRLHF's Actor on a local checkpoint, configured for training or as a frozen reference."""
+    common = dict(
+        attn_implementation=args.ds.attn_implementation,
+        param_dtype=args.ds.param_dtype,
+        packing_samples=False,
+    )
+    if not trainable:
+        actor = Actor(str(path), ds_config=strategy.get_ds_eval_config(offload=args.ref.offload), **common)
+        actor._offload = args.ref.offload
+        return actor
+    lora = args.ds.lora
+    actor = Actor(
+        str(path),
+        lora_rank=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        ds_config=strategy.get_ds_train_config(),
+        **common,
+    )
+    if args.model.gradient_checkpointing_enable:
+        actor.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return actor
+
+
+def load_value_model(path: Path, args: Settings, strategy: DeepspeedStrategy, *, trainable: bool):
+    """OpenRLHF's value-head model (`score` head on the last token): a fresh head on a causal LM to
+    train, or a trained reward/cost model to score with. Reward models are fully fine-tuned
+    (`model.lora` is the policy's), so what is saved is always a complete checkpoint; to train, they take
+    `model.gradient_checkpointing` as OpenRLHF's `train_rm` does (a 7B RM at 1024 tokens needs it)."""
+    model = get_llm_for_sequence_regression(
+        str(path),
+        "reward",
+        param_dtype=args.ds.param_dtype,
+        attn_implementation=args.ds.attn_implementation,
+        ds_config=strategy.get_ds_train_config() if trainable else strategy.get_ds_eval_config(),
+        init_value_head=trainable,
+        value_head_prefix=args.ds.value_head_prefix,
+        packing_samples=False,
+    )
+    if trainable and args.model.gradient_checkpointing_enable:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def freeze_below(model, trainable_layers: int | None, field: str = "trainable_layers") -> None:
+    """Train only the value head, the final norm and the top `trainable_layers` decoder layers.
+
+    With 0 the reward model is a linear probe on the frozen model's last-token state: no backward
+    pass through the network, several times cheaper per pair, and on a small dataset often as
+    accurate (harmfulness is close to linearly readable from an instruction model's representations).
+    Frozen parameters stay out of OpenRLHF's optimizer groups (it keeps only `requires_grad` ones)."""
+    if trainable_layers is None:
+        return
+    backbone = getattr(model, model.base_model_prefix)
+    layers = backbone.layers
+    if trainable_layers > len(layers):
+        raise SafeAlignError(f"{field}={trainable_layers}: the model has only {len(layers)} decoder layers")
+    for parameter in backbone.parameters():
+        parameter.requires_grad_(False)
+    for module in [backbone.norm, *list(layers)[len(layers) - trainable_layers :]]:
+        for parameter in module.parameters():
+            parameter.requires_grad_(True)
+
+
+def load_tokenizer(path: Path, model, strategy: DeepspeedStrategy, padding_side: str = "right"):
+    """OpenRLHF's tokenizer setup (pad = eos when missing): right padding for log-probs, left for values."""
+    return get_tokenizer(str(path), getattr(model, "model", model), padding_side, strategy)
+
+
+def optimizer_config(args: Settings, total_steps: int) -> dict:
+    """The `cfg` half of `strategy.prepare((model, cfg))`, as OpenRLHF's CLIs build it."""
+    return dict(
+        optim=args.optim,
+        muon=vars(args.muon),
+        adam=vars(args.adam),
+        lr_scheduler=args.lr_scheduler,
+        lr_warmup_ratio=args.lr_warmup_ratio,
+        min_lr_ratio=args.min_lr_ratio,
+        max_norm=args.max_norm,
+        scheduler_steps=max(1, math.ceil(total_steps)),
+    )
+
+
+def publish_model(strategy: DeepspeedStrategy, model, tokenizer, args: Settings, target: Path) -> None:
+    """Save the trained model beside `target` and rename it into place, so `target` is complete or
+    absent (a resumed stage skips what is complete); then drop the resume checkpoints."""
+    staging = target.with_name(target.name + ".saving")
+    strategy.save_model(model, tokenizer, str(staging))
+    if strategy.is_rank_0():
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+        shutil.rmtree(args.ckpt.path, ignore_errors=True)
+    barrier()
+
+
+def resume_state(strategy: DeepspeedStrategy, engine, args: Settings) -> dict:
+    """The client state of the newest DeepSpeed checkpoint in `args.ckpt.path` ({} to start fresh).
+
+    `engine`: an OpenRLHF Actor (its DeepSpeed engine is `actor.model`) or a prepared value model, which
+    is the engine itself — whose attribute lookups fall through to the wrapped module, so
+    `getattr(engine, "model")` would hand OpenRLHF the value model's backbone instead.
+    """
+    if not os.path.isdir(args.ckpt.path):
+        return {}
+    load_path, states = strategy.load_ckpt(engine.model if isinstance(engine, Actor) else engine, args.ckpt.path)
+    if load_path is None:
+        return {}
+    log.info("resumed from %s: %d pairs already trained", load_path, states.get("consumed_samples", 0))
+    return states

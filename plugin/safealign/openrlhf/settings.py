@@ -1,0 +1,282 @@
+"""The settings OpenRLHF reads, built once from the recipe and frozen.
+
+OpenRLHF's strategy, models, datasets and trainers read one nested namespace that its CLIs build with
+argparse (`--train.micro_batch_size` becomes `args.train.micro_batch_size`, `openrlhf.utils.config.
+hierarchize`). `build_settings` fills exactly the fields of the CLI of the same kind — `train_dpo` for
+the policy, `train_rm` for value models, `train_sft` for the distilled student — from the recipe,
+with OpenRLHF's CLI defaults where the recipe has no say, so OpenRLHF's own objects run and an OpenRLHF
+upgrade that adds, renames or drops a field fails tests/test_openrlhf_settings.py (which parses
+OpenRLHF's own parsers) instead of drifting silently.
+
+The object is frozen (TRL's one-config-object habit): every decision — dtype, attention, prompt
+format, LoRA — is taken while building it, and what a trainer needs that depends on the data (the
+evaluation cadence) is a derived copy (`Settings.replace`), never an edit that another holder of the
+same object would see.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Literal
+
+import torch
+
+from safealign.errors import SafeAlignError
+from safealign.openrlhf import patches
+from safealign.process import gpu_available
+from safealign.recipe import Recipe, TrainingSection
+
+#: Which OpenRLHF CLI's fields a settings object carries: `train_dpo`, `train_rm` or `train_sft`.
+Kind = Literal["dpo", "rm", "sft"]
+
+#: What OpenRLHF's `logger.wandb.key` holds instead of the key. Its trainers switch W&B on when the
+#: field is set, log in with it only when W&B has no key of its own, and upload the whole settings
+#: object as the run's config (readable by anyone who sees the project). So the field names where the
+#: key is, never the key: W&B reads $WANDB_API_KEY itself (checked to be set below).
+WANDB_KEY_FROM_ENV = "$WANDB_API_KEY"
+
+#: The value head's attribute name in the value models we train and score with.
+VALUE_HEAD = "score"
+
+
+class Settings(SimpleNamespace):
+    """A nested namespace that refuses assignment: derive a changed copy with `replace`."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(
+            f"OpenRLHF settings are frozen (tried to set {name!r}): decide it in build_settings, or derive "
+            "a copy with .replace()"
+        )
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"OpenRLHF settings are frozen (tried to delete {name!r})")
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, Any]) -> Settings:
+        """Nest dotted keys as OpenRLHF's `hierarchize` does ("train.seed" -> .train.seed)."""
+        root: dict[str, Any] = {}
+        for key, value in flat.items():
+            node = root
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+
+        def build(node: dict[str, Any]) -> Settings:
+            return cls(**{k: build(v) if isinstance(v, dict) else v for k, v in node.items()})
+
+        return build(root)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted key -> value: argparse's view of these settings."""
+        out: dict[str, Any] = {}
+        for key, value in vars(self).items():
+            if isinstance(value, Settings):
+                out.update({f"{key}.{k}": v for k, v in value.flat().items()})
+            else:
+                out[key] = value
+        return out
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with dotted keys changed (`replace(**{"eval.steps": 10})`); unknown keys are errors."""
+        flat = self.flat()
+        unknown = sorted(set(changes) - set(flat))
+        if unknown:
+            raise KeyError(f"no OpenRLHF setting {unknown[0]!r}")
+        return Settings.from_flat({**flat, **changes})
+
+
+def resolve_dtype(choice: str) -> str:
+    """`auto`: bf16 on GPUs and on CPUs with native bf16 (e.g. AVX512-BF16/AMX), else fp32.
+
+    fp16 is never chosen: it does not train on DeepSpeed's CPU accelerator and needs loss scaling on GPUs.
+    """
+    if choice == "auto":
+        if gpu_available():
+            choice = "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        else:
+            choice = (
+                "bf16"
+                if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+                else "fp32"
+            )
+    if choice == "fp32":
+        patches.enable_fp32()
+    return choice
+
+
+def resolve_attention(choice: str) -> str:
+    """`auto`: FlashAttention 2 where a GPU and the flash-attn package are present, else PyTorch SDPA."""
+    if choice != "auto":
+        if choice == "flash_attention_2" and not gpu_available():
+            raise SafeAlignError("model.attn_implementation: flash_attention_2 needs a GPU; use auto or sdpa")
+        return choice
+    if gpu_available():
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def uses_chat_template(recipe: Recipe, tokenizer_dir: Path, model_field: str = "model.policy") -> bool:
+    """Prompts are formatted with `data.input_template` when given, else with the tokenizer's chat
+    template; a model with neither (a base model such as Mistral-7B-v0.1) needs the template spelled
+    out. `model_field` names the recipe key of the model, for the error."""
+    if recipe.data.input_template is not None:
+        return False
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=recipe.model.trust_remote_code)
+    if getattr(tokenizer, "chat_template", None):
+        return True
+    raise SafeAlignError(
+        f'{model_field} has no chat template: set data.input_template, e.g. "Human: {{}}\\nAssistant: "'
+    )
+
+
+def _wandb_key(recipe: Recipe) -> str | None:
+    if not recipe.logging.wandb_project:
+        return None
+    if not os.environ.get("WANDB_API_KEY"):
+        raise SafeAlignError("logging.wandb_project is set but $WANDB_API_KEY is empty; export it or unset the project")
+    return WANDB_KEY_FROM_ENV
+
+
+def build_settings(
+    recipe: Recipe,
+    training: TrainingSection,
+    out_dir: Path,
+    kind: Kind,
+    *,
+    model_dir: Path,
+    tokenizer_dir: Path | None = None,
+    reference_dir: Path | None = None,
+    model_field: str = "model.policy",
+) -> Settings:
+    """OpenRLHF's settings for one model's training or scoring in `out_dir`.
+
+    `model_dir`: the model trained or scored; `tokenizer_dir`: whose tokenizer formats the prompts
+    (default: the model's own); `reference_dir` (dpo): the frozen reference. LoRA (`model.lora`) applies to the policy only: value models and the
+    distilled student are fully fine-tuned. Fields that configure OpenRLHF's own dataset loading
+    (`data.dataset`, ...) keep its CLI defaults: our stages build the datasets from the recipe's rows.
+    """
+    lora = recipe.model.lora
+    with_lora = kind == "dpo" and lora.rank > 0
+    flat: dict[str, Any] = {
+        "local_rank": -1,
+        "use_ms": False,
+        "optim": "adam",
+        "max_norm": training.max_norm,
+        "lr_scheduler": training.lr_scheduler,
+        "lr_warmup_ratio": training.warmup_ratio,
+        "min_lr_ratio": training.min_lr_ratio,
+        "adam.lr": training.learning_rate,
+        "adam.betas": (0.9, 0.95),
+        "adam.eps": 1e-8,
+        "adam.weight_decay": training.weight_decay,
+        "muon.lr": 0.02,
+        "muon.momentum": 0.95,
+        "muon.ns_steps": 5,
+        "muon.nesterov": True,
+        "train.seed": recipe.seed,
+        "train.micro_batch_size": training.micro_batch_size,
+        "train.batch_size": training.batch_size,
+        "train.max_epochs": training.epochs,
+        "train.full_determinism_enable": False,
+        "ds.zero_stage": recipe.deepspeed.zero_stage,
+        "ds.param_dtype": resolve_dtype(recipe.model.dtype),
+        "ds.attn_implementation": resolve_attention(recipe.model.attn_implementation),
+        "ds.experts_implementation": None,
+        "ds.adam_offload": recipe.deepspeed.adam_offload,
+        "ds.zpg": 1,
+        "ds.packing_samples": False,
+        "ds.ring_attn_size": 1,
+        "ds.ring_attn_head_stride": 1,
+        "ds.tensor_parallel_size": 1,
+        "ds.use_universal_ckpt": False,
+        "ds.grad_accum_dtype": None,
+        "ds.overlap_comm": False,
+        "ds.deepcompile": False,
+        "ds.load_in_4bit": False,
+        "ds.lora.rank": lora.rank if with_lora else 0,
+        "ds.lora.alpha": lora.alpha,
+        "ds.lora.dropout": lora.dropout,
+        "ds.lora.target_modules": lora.target_modules,
+        "model.model_name_or_path": str(model_dir),
+        "model.aux_loss_coef": 0.0,
+        "model.gradient_checkpointing_enable": recipe.model.gradient_checkpointing,
+        "model.gradient_checkpointing_reentrant": False,
+        "data.dataset": None,
+        "data.dataset_probs": None,
+        "data.dataset_split": "train",
+        "data.max_samples": 1_000_000,
+        "data.dataloader_num_workers": 0,
+        "data.apply_chat_template": uses_chat_template(recipe, tokenizer_dir or model_dir, model_field),
+        "data.tokenizer_chat_template": None,
+        "data.input_template": recipe.data.input_template,
+        "data.max_len": recipe.data.max_len,
+        "data.disable_fast_tokenizer": False,
+        "logger.logging_steps": recipe.logging.logging_steps,
+        "logger.tensorboard_dir": str(out_dir / "tensorboard") if recipe.logging.tensorboard else None,
+        "logger.wandb.key": _wandb_key(recipe),
+        "logger.wandb.org": None,
+        "logger.wandb.group": None,
+        "logger.wandb.project": recipe.logging.wandb_project,
+        "logger.wandb.run_name": recipe.name,
+        "eval.dataset": None,
+        "eval.split": "test" if kind == "dpo" else "train",  # OpenRLHF's CLI defaults; we build eval sets ourselves
+        "eval.steps": -1,  # once per epoch (`for_fit`)
+        "ckpt.path": str(out_dir / "checkpoints"),
+        "ckpt.save_steps": training.checkpoint_steps or -1,
+        # OpenRLHF deletes the oldest checkpoint *before* writing the next one: keep two, so a crash
+        # during a save still leaves the one DeepSpeed's `latest` names.
+        "ckpt.max_num": 2,
+        "ckpt.max_mem": 10**6,
+        "ckpt.load_enable": True,
+        "ckpt.save_hf": False,
+        "ckpt.disable_ds": False,
+        "ckpt.output_dir": str(out_dir / "model"),
+    }
+    pairs = {"data.prompt_key": "prompt", "data.chosen_key": "response_0", "data.rejected_key": "response_1"}
+    if kind == "dpo":
+        flat |= pairs | {
+            "ref.model_name_or_path": str(reference_dir or model_dir),
+            "ref.offload": recipe.deepspeed.ref_offload,
+            "model.beta": recipe.align.beta_ori,
+            "model.label_smoothing": 0.0,
+            "model.ipo_enable": False,
+            "model.nll_loss_coef": 0.0,
+            "ds.use_liger_kernel": False,
+        }
+    elif kind == "rm":
+        flat |= pairs | {
+            "ds.value_head_prefix": VALUE_HEAD,
+            "model.loss_type": "sigmoid",  # −log σ(r_better − r_other): the Helpful-RM's loss
+            "model.margin_loss_enable": False,
+            "model.compute_fp32_loss_enable": False,
+        }
+    else:
+        flat |= {
+            "data.input_key": "prompt",
+            "data.output_key": "answer",
+            "data.multiturn": False,
+            "model.pretrain_mode_enable": False,
+            "ds.use_liger_kernel": False,
+        }
+    return Settings.from_flat(flat)
+
+
+def for_fit(settings: Settings, steps_per_epoch: int) -> Settings:
+    """The copy a training loop reads: evaluation once per epoch and no checkpoints when none were
+    asked for, resolved as OpenRLHF's trainers would resolve them in place (-1 -> these values)."""
+    changes: dict[str, Any] = {}
+    if settings.eval.steps == -1:
+        changes["eval.steps"] = steps_per_epoch
+    if settings.ckpt.save_steps == -1:
+        changes["ckpt.save_steps"] = float("inf")
+    return settings.replace(**changes) if changes else settings

@@ -1,0 +1,210 @@
+"""Train a policy on preference pairs with the recipe's `align` settings: Safe-MM-DPO or any
+registered loss, λ's dual update from the policy's sampled cost, OpenRLHF's DPO machinery.
+
+The align stage runs it on the base policy (and each ablation); the distill stage's dDPO on the dSFT
+student, which is its own reference. Three steps, as OpenRLHF's `cli/train_dpo.py` has them:
+`build_policy_training` (settings, strategy, models, data, loss, λ), `fit`, `publish_policy`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from safealign.cost_sampling import CostModel, PolicyCostSampler
+from safealign.data import Message, PreferenceRow, has_field, split_by_prompt, subset_by_prompt
+from safealign.errors import SafeAlignError
+from safealign.lagrange import LagrangeMultiplier
+from safealign.length_grouping import pair_loader
+from safealign.losses import LossSettings, PreferenceLoss, get_loss
+from safealign.models import merge_lora
+from safealign.openrlhf import engine
+from safealign.openrlhf.settings import Settings, build_settings
+from safealign.pair_dataset import PreferencePairDataset
+from safealign.process import barrier, gpu_available
+from safealign.recipe import AlignSection, Recipe, samples_policy_cost
+from safealign.ref_provenance import check_cached_reference, check_same_tokenizer, reference_provenance
+from safealign.trainers.safe_mm_dpo import SafeMMDPOTrainer
+from safealign.training.rows import split_cost_pool
+
+log = logging.getLogger("safealign")
+
+
+def build_loss(align: AlignSection) -> PreferenceLoss:
+    """The registered loss `align.loss` with its hyper-parameters."""
+    settings = LossSettings(
+        beta_ori=align.beta_ori, w=align.w, k=align.k, dimension=align.dimension, options=align.loss_options
+    )
+    return get_loss(align.loss)(settings)
+
+
+def build_lagrange(align: AlignSection) -> LagrangeMultiplier:
+    """λ with its schedule (`align.lambda_*`); an `initial` threshold is calibrated before step 1."""
+    return LagrangeMultiplier(
+        init=align.lambda_init,
+        lr=align.lambda_lr,
+        max_value=align.lambda_max,
+        threshold=None if align.cost_threshold == "initial" else align.cost_threshold,
+        delay_steps=align.lambda_delay_steps,
+        window=align.lambda_window,
+        update_every=align.lambda_update_every,
+    )
+
+
+@dataclass(frozen=True)
+class PolicyRows:
+    """The rows one policy training reads, split: train, eval, and the Ĵ_C prompt pool."""
+
+    train: list[PreferenceRow]
+    eval: list[PreferenceRow]
+    cost_pool: list[list[Message]]
+
+    @property
+    def cached_reference(self) -> bool:
+        """Every row carries the reference's log-probs: no reference model is loaded."""
+        return has_field(self.train, "ref_logps_0") and (not self.eval or has_field(self.eval, "ref_logps_0"))
+
+
+def split_policy_rows(recipe: Recipe, rows: list[PreferenceRow], pool_from: Recipe | None = None) -> PolicyRows:
+    """The Ĵ_C pool held out as `pool_from`'s settings say (default `recipe`; an ablation passes the
+    recipe it varies, so every variant trains on the same pairs), the eval split, `align.max_pairs`."""
+    pool, rows = split_cost_pool(pool_from or recipe, rows)
+    train, held = split_by_prompt(rows, recipe.data.eval_fraction, recipe.seed)
+    if recipe.align.max_pairs is not None:
+        train = subset_by_prompt(train, recipe.align.max_pairs, recipe.seed)
+    return PolicyRows(train=train, eval=held, cost_pool=pool)
+
+
+@dataclass
+class PolicyTraining:
+    """Everything one policy training holds, built and ready to fit."""
+
+    settings: Settings
+    strategy: object
+    model: object
+    tokenizer: object
+    trainer: SafeMMDPOTrainer
+    lagrange: LagrangeMultiplier
+    consumed: int
+    steps_per_epoch: int
+    summary: dict
+
+
+def build_policy_training(
+    recipe: Recipe, rows: PolicyRows, policy_dir: Path, reference_dir: Path, cost_model_dir: Path | None, out: Path
+) -> PolicyTraining:
+    """Settings, strategy, policy (and reference unless the rows cache its log-probs), data loaders,
+    loss, λ (restored from the newest checkpoint) and its cost sampler, wired into the trainer."""
+    align = recipe.align
+    loss = build_loss(align)
+    if {"w", "k"} & loss.reads and not (has_field(rows.train, "delta_h") or has_field(rows.train, "delta_s")):
+        log.warning("no RM margins (delta_h/delta_s) in the data: MM-DPO's β(δ) stays at beta_ori; run the rm stage first")
+    cached_ref = rows.cached_reference
+
+    args = build_settings(recipe, align, out, "dpo", model_dir=policy_dir, reference_dir=reference_dir)
+    strategy = engine.make_strategy(args)
+    model = engine.load_actor(policy_dir, args, strategy, trainable=True)
+    tokenizer = engine.load_tokenizer(policy_dir, model, strategy)
+    if cached_ref:
+        expected = reference_provenance(reference_dir, tokenizer, recipe.data.max_len, recipe.data.input_template)
+        check_cached_reference(rows.train + rows.eval, expected)
+        ref_model = None
+    else:
+        if reference_dir != policy_dir:
+            check_same_tokenizer(tokenizer, reference_dir, recipe.model.trust_remote_code)
+        ref_model = engine.load_actor(reference_dir, args, strategy, trainable=False)
+    sampler = None
+    if samples_policy_cost(align):
+        if not rows.cost_pool:
+            raise SafeAlignError("align: no prompt pool to sample Ĵ_C on (align.cost_sampling.prompts)")
+        if cost_model_dir is None:
+            raise SafeAlignError("align samples the policy's cost with a cost model: add rm to stages or set model.cost_model")
+        cost_model = CostModel(cost_model_dir, recipe, args, strategy)
+        sampler = PolicyCostSampler(rows.cost_pool, cost_model, recipe, tokenizer, strategy, out / "lambda_samples.jsonl")
+
+    def dataset(of: list[PreferenceRow]) -> PreferencePairDataset:
+        return PreferencePairDataset(of, tokenizer, recipe.data.max_len, strategy, recipe.data.input_template)
+
+    train_set = dataset(rows.train)
+    if train_set.dropped:
+        log.warning("dropped %d of %d pairs whose prompt fills data.max_len=%d",
+                    train_set.dropped, len(rows.train), recipe.data.max_len)  # fmt: skip
+    steps_per_epoch = len(train_set) // align.batch_size
+    if steps_per_epoch == 0:
+        raise SafeAlignError(f"align.batch_size={align.batch_size} exceeds the {len(train_set)} usable training pairs")
+    pin = gpu_available()
+    train_loader = pair_loader(strategy, train_set, align, pin)
+    eval_loader = None
+    if rows.eval:
+        eval_set = dataset(rows.eval)
+        eval_loader = strategy.setup_dataloader(
+            eval_set, align.micro_batch_size, pin, False, eval_set.collate_fn, drop_last=False
+        )
+    total_steps = steps_per_epoch * align.epochs
+    (model, optimizer, scheduler), ref_model = strategy.prepare(
+        (model, engine.optimizer_config(args, total_steps)), ref_model
+    )
+
+    lagrange = build_lagrange(align)
+    states = engine.resume_state(strategy, model, args)
+    if states:
+        lagrange.load_state_dict(states["lagrange"])
+    trainer = SafeMMDPOTrainer(
+        model, ref_model, strategy, tokenizer, optimizer, train_loader, eval_loader, scheduler,
+        settings=args, loss=loss, lagrange=lagrange, cost_sampler=sampler, metrics_path=out / "metrics.jsonl",
+    )  # fmt: skip
+    log.info("align: loss=%s, %d train / %d eval pairs, %d steps × %d pairs, reference log-probs %s",
+             loss.name, len(train_set), len(rows.eval), total_steps, align.batch_size,
+             "cached in the data" if cached_ref else "from the reference model")  # fmt: skip
+    summary = {
+        "loss": loss.name,
+        "cost_estimator": "sampled" if sampler else None,
+        "cost_pool_prompts": len(rows.cost_pool),
+        "train_pairs": len(train_set),
+        "eval_pairs": len(rows.eval),
+        "dropped_pairs": train_set.dropped,
+        "steps": total_steps,
+        "reference_logps": "cached" if cached_ref else "model",
+        "processes": strategy.world_size,
+        "dtype": args.ds.param_dtype,
+        "policy_dir": str(policy_dir),
+        "reference_dir": None if cached_ref else str(reference_dir),
+    }
+    return PolicyTraining(
+        settings=args, strategy=strategy, model=model, tokenizer=tokenizer, trainer=trainer, lagrange=lagrange,
+        consumed=states.get("consumed_samples", 0), steps_per_epoch=steps_per_epoch, summary=summary,
+    )  # fmt: skip
+
+
+def publish_policy(run: PolicyTraining, recipe: Recipe, policy_dir: Path, out: Path) -> dict[str, str]:
+    """The trained policy to `out/model` (atomically); with LoRA, OpenRLHF saves only the adapter: keep
+    it in `out/adapter` and merge a full checkpoint beside it. Returns the outputs, relative to `out`."""
+    lora = run.settings.ds.lora.rank > 0
+    engine.publish_model(run.strategy, run.model, run.tokenizer, run.settings, out / ("adapter" if lora else "model"))
+    if lora and run.strategy.is_rank_0():
+        merge_lora(policy_dir, out / "adapter", out / "model", recipe.model.trust_remote_code)
+    barrier()
+    return {
+        "model": "model",
+        "metrics": "metrics.jsonl",
+        **({"adapter": "adapter"} if lora else {}),
+        **({"lambda_samples": "lambda_samples.jsonl"} if run.trainer.cost_sampler else {}),
+    }
+
+
+def train_policy(
+    recipe: Recipe, rows: PolicyRows, policy_dir: Path, reference_dir: Path, cost_model_dir: Path | None, out: Path
+) -> dict:
+    """Train `policy_dir` on `rows` with the recipe's `align` settings; the model lands in `out/model`.
+    Reference log-probs stored in the rows are used when every row has them, and only if their
+    provenance says they are `reference_dir`'s on this run's tokenization. Returns the summary."""
+    run = build_policy_training(recipe, rows, policy_dir, reference_dir, cost_model_dir, out)
+    run.trainer.fit(run.settings, run.consumed, run.steps_per_epoch)
+    outputs = publish_policy(run, recipe, policy_dir, out)
+    return {
+        "outputs": outputs,
+        **run.summary,
+        "final_lambda": run.lagrange.value,
+        "cost_threshold": run.lagrange.threshold,
+    }
