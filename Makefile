@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.safealign-installed
 
-.PHONY: setup quickstart test lint manifests bench gpu-smoke clean
+.PHONY: setup quickstart test lint charts manifests bench gpu-smoke clean
 
 setup: $(STAMP)
 
@@ -19,6 +19,11 @@ $(STAMP): setup.cfg pyproject.toml requirements/cpu-no-deps.txt
 
 quickstart: setup
 	$(BIN)/safealign run recipes/quickstart.yaml
+
+# charts/safealign-*/: values, schema, README, templates and the vendored library, from the sources in
+# charts/safealign-common/ (drift-tested by charts/tests/test_chart_files.py).
+charts: setup
+	$(BIN)/python charts/build.py
 
 # manifests/: the plain YAML the charts render for the documented example (drift-tested).
 manifests: setup

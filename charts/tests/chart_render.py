@@ -1,18 +1,37 @@
-"""Render a stage chart into objects by kind, through the same renderer `safealign submit` uses."""
+"""Render a stage chart into objects by kind, through the same renderer `safealign submit` uses.
+Importing it skips the importing test module where Helm's engine (helm-python-sdk) is missing."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 
-from safealign.k8s.charts import CHARTS, render_manifests
+helm = pytest.importorskip("helm_python", reason="helm-python-sdk is a test dependency: pip install -e '.[test]'")
+
+from safealign.k8s.charts import CHARTS, render_manifests  # noqa: E402  (after the skip: it needs Helm's engine)
 
 REPO = Path(__file__).resolve().parents[2]
 STAGES = ("rm", "align", "distill", "eval", "sweep")
 RECIPE = (REPO / "recipes" / "mistral-7b-beavertails.yaml").read_text()
 
 assert CHARTS.resolve() == (REPO / "charts").resolve(), "the package's charts link must point at charts/"
+
+
+def chart_defaults(stage: str) -> dict:
+    """The stage chart's own values.yaml."""
+    return yaml.safe_load((CHARTS / f"safealign-{stage}" / "values.yaml").read_text())
+
+
+def job_of(objects: dict) -> dict:
+    (job,) = objects["Job"]
+    return job
+
+
+def container(objects: dict) -> dict:
+    (c,) = job_of(objects)["spec"]["template"]["spec"]["containers"]
+    return c
 
 
 def render(stage: str, values: dict | None = None, name: str = "demo", namespace: str = "ml") -> dict[str, list[dict]]:

@@ -6,9 +6,6 @@ manifests generator and the chart tests.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,27 +26,12 @@ def _helm():
     return helm_python
 
 
-@contextmanager
-def _go_stderr_silenced() -> Iterator[None]:
-    """Helm's loader writes one INFO line per followed symlink straight to file descriptor 2 (the stage
-    charts link their shared values, schema and templates); keep those out of the user's terminal."""
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
 def load_chart(stage: str):
     """The stage's chart, loaded by Helm."""
     helm = _helm()
     if stage not in STAGE_CHARTS:
         raise SafeAlignError(f"unknown stage {stage!r}: one of {', '.join(STAGE_CHARTS)}")
-    with _go_stderr_silenced():
-        return helm.Chart.load(CHARTS / STAGE_CHARTS[stage])
+    return helm.Chart.load(CHARTS / STAGE_CHARTS[stage])
 
 
 def render_manifests(stage: str, values: dict[str, Any], name: str, namespace: str) -> dict[str, str]:
