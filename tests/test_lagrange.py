@@ -67,11 +67,18 @@ def test_state_round_trip_continues_exactly():
         ({"init": 1.0, "lr": 0.1, "max_value": math.inf}, "finite"),
         ({"init": 1.0, "lr": -0.1, "max_value": CAP}, "lr must be finite"),
         ({"init": 1.0, "lr": 0.1, "max_value": CAP, "window": 0}, "window"),
+        ({"init": 1.0, "lr": 0.1, "max_value": CAP, "update_every": 0}, "update_every"),
     ],
 )
 def test_invalid_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LagrangeMultiplier(**kwargs)
+
+
+def test_update_every_sets_which_steps_end_with_a_dual_update():
+    every_third = LagrangeMultiplier(init=1.0, lr=0.1, max_value=CAP, update_every=3)
+    assert [step for step in range(1, 10) if every_third.due(step)] == [3, 6, 9]
+    assert all(LagrangeMultiplier(init=1.0, lr=0.1, max_value=CAP).due(step) for step in range(1, 5))
 
 
 def test_non_finite_estimate_is_rejected():
