@@ -168,6 +168,13 @@ def test_report_on_broken_results_is_one_line(tmp_path, content):
     assert_one_line_error(run_cli("report", "run", cwd=tmp_path), "results.json: not an eval stage's results")
 
 
+def test_report_on_a_damaged_stage_summary_is_one_line(tmp_path):
+    """The report finds the eval results through the eval stage's recorded outputs (stage.json)."""
+    (tmp_path / "run" / "eval").mkdir(parents=True)
+    (tmp_path / "run" / "eval" / "stage.json").write_text('{"outputs": ')
+    assert_one_line_error(run_cli("report", "run", cwd=tmp_path), "stage.json is damaged", "--force")
+
+
 @pytest.mark.parametrize("run_dir", ["a-file", "a-file/inside"])
 def test_a_run_dir_that_cannot_be_one_is_exit_2(tmp_path, run_dir):
     """Exit 2, not a traceback's exit 1: a Kubernetes Job fails at once instead of retrying."""

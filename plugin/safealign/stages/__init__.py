@@ -54,7 +54,13 @@ def finished_stage(run_dir: Path, stage: str) -> StageRecord | None:
     path = run_dir / stage / STAGE_FILE
     if not path.is_file():
         return None
-    return StageRecord(stage, path.parent, json.loads(path.read_text()))
+    try:
+        summary = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        summary = None
+    if not isinstance(summary, dict):
+        raise SafeAlignError(f"{path} is damaged (not a stage summary): run the {stage} stage again with --force")
+    return StageRecord(stage, path.parent, summary)
 
 
 @dataclass(frozen=True)
