@@ -68,7 +68,8 @@ def _leaves(tree: dict, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, .
 
 def _yaml_scalar(value: Any) -> str:
     """A value as it appears after `key:` in values.yaml (flow style for lists and mappings)."""
-    return yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...").strip()
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).strip().removesuffix("\n...").strip()
+    return json.dumps(value) if text.startswith("'") else text  # "16" as the source spells it, not '16'
 
 
 class ValuesSource:
@@ -129,11 +130,15 @@ def schema_for(schema: dict, drop: list[str]) -> dict:
 
 
 def _type(schema: dict, path: tuple[str, ...], value: Any) -> str:
+    def resolve(node: dict) -> dict:
+        return schema["$defs"][node["$ref"].rsplit("/", 1)[1]] if "$ref" in node else node
+
     node = schema
     for key in path:
-        node = node.get("properties", {}).get(key, {})
-        if "$ref" in node:
-            node = schema["$defs"][node["$ref"].rsplit("/", 1)[1]]
+        node = resolve(node.get("properties", {}).get(key, {}))
+    alternatives = node.get("oneOf") or node.get("anyOf")
+    if alternatives:
+        return " or ".join(sorted({resolve(a).get("type", "object") for a in alternatives}))
     kind = node.get("type") or ("enum" if "enum" in node else None)
     if kind is None:
         kind = {bool: "boolean", int: "integer", str: "string", list: "array", dict: "object"}.get(type(value), "any")
@@ -145,8 +150,6 @@ def readme(stage: str, chart: dict, source: ValuesSource, values: dict, schema: 
     rows = []
     for path, value in _leaves(values):
         description = source.descriptions.get(path, "")
-        if not description and len(path) > 1:
-            description = source.descriptions.get(path[:-1], "")
         default = json.dumps(value).replace("|", "\\|")
         rows.append(f"| `{'.'.join(path)}` | {_type(schema, path, value)} | `{default}` | {description} |")
     return "\n".join(

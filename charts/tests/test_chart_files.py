@@ -31,6 +31,7 @@ def test_readme_documents_every_value_with_its_default(stage):
         row = next((line for line in readme.splitlines() if line.startswith(f"| `{'.'.join(path)}` |")), None)
         assert row is not None, path
         assert f"`{build.json.dumps(value)}`" in row.replace("\\|", "|"), (path, row)
+        assert row.rstrip(" |").rsplit("|", 1)[1].strip(), f"{path}: no description (comment it in stage-values.yaml)"
 
 
 def test_stage_defaults_differ_where_the_stages_do():
