@@ -267,7 +267,7 @@ def test_reward_models_train_with_gradient_checkpointing_when_the_recipe_asks(to
     for enabled in (True, False):
         args = NS(
             ds=NS(param_dtype="fp32", attn_implementation="sdpa", value_head_prefix="score"),
-            model=NS(gradient_checkpointing_enable=enabled),
+            model=NS(gradient_checkpointing_enable=enabled, gradient_checkpointing_reentrant=False),
         )
         assert load_value_model(base, args, strategy, trainable=True).is_gradient_checkpointing is enabled
     scorer = load_value_model(base, args, strategy, trainable=False)

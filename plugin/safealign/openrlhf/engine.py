@@ -32,6 +32,11 @@ def make_strategy(args: Settings) -> DeepspeedStrategy:
     return strategy
 
 
+def _checkpointing_kwargs(args: Settings) -> dict:
+    """Gradient checkpointing as OpenRLHF's CLIs configure it (non-reentrant unless asked)."""
+    return {"use_reentrant": args.model.gradient_checkpointing_reentrant}
+
+
 def load_actor(path: Path, args: Settings, strategy: DeepspeedStrategy, *, trainable: bool) -> Actor:
     """OpenRLHF's Actor on a local checkpoint, configured for training or as a frozen reference."""
     common = dict(
@@ -54,7 +59,7 @@ def load_actor(path: Path, args: Settings, strategy: DeepspeedStrategy, *, train
         **common,
     )
     if args.model.gradient_checkpointing_enable:
-        actor.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        actor.gradient_checkpointing_enable(gradient_checkpointing_kwargs=_checkpointing_kwargs(args))
     return actor
 
 
@@ -74,7 +79,7 @@ def load_value_model(path: Path, args: Settings, strategy: DeepspeedStrategy, *,
         packing_samples=False,
     )
     if trainable and args.model.gradient_checkpointing_enable:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=_checkpointing_kwargs(args))
     return model
 
 
