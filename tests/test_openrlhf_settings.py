@@ -98,3 +98,21 @@ def test_settings_are_frozen_and_derived_by_copy(tokenizer_dir, tmp_path):
     assert isinstance(fitted, Settings) and fitted.train.batch_size == settings.train.batch_size
     with pytest.raises(KeyError, match="no OpenRLHF setting 'eval.stpes'"):
         settings.replace(**{"eval.stpes": 1})
+
+
+def test_the_engine_loads_the_policy_as_the_settings_say(tokenizer_dir, tmp_path):
+    """Gradient checkpointing and LoRA reach OpenRLHF's Actor from the frozen settings (no other route)."""
+    from types import SimpleNamespace as NS
+
+    from safealign.models import resolve_model
+    from safealign.openrlhf.engine import load_actor
+
+    recipe = recipe_for(tokenizer_dir, gradient_checkpointing=True, lora={"rank": 4, "alpha": 8})
+    policy = resolve_model(recipe.model.policy)
+    settings = build_settings(recipe, recipe.align, tmp_path, "dpo", model_dir=policy)
+    strategy = NS(get_ds_train_config=lambda: None, get_ds_eval_config=lambda offload=False: None)
+    actor = load_actor(policy, settings, strategy, trainable=True)
+    assert actor.model.is_gradient_checkpointing
+    assert any("lora_A" in name for name, _ in actor.model.named_parameters())
+    reference = load_actor(policy, settings, strategy, trainable=False)
+    assert not reference.model.is_gradient_checkpointing and reference._offload is False
