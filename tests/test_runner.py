@@ -134,3 +134,29 @@ def test_a_kill_while_publishing_loses_neither_the_old_outputs_nor_the_new(tmp_p
     assert new.calls == 11 and summary["calls"] == 11  # published, not trained again
     assert (tmp_path / "align" / "progress.txt").read_text() == "call 11"
     assert not (tmp_path / ".align.partial").exists() and not (tmp_path / "align" / "fingerprint").exists()
+
+
+def test_a_stage_reads_upstream_outputs_only_through_their_recorded_summary(tmp_path):
+    """The stage contract: the recorded `outputs` of a stage the recipe runs; None for one it does not;
+    one-line errors for an unfinished stage, a missing or escaping output, a damaged summary."""
+    from safealign.errors import SafeAlignError
+    from safealign.stages import StageContext
+
+    run = tmp_path / "run"
+    with_rm = validate_recipe(
+        {"name": "t", "stages": ["rm", "align"], "model": {"policy": "x"}, "data": {"train": [{"path": str(PKU)}]}}
+    )
+    ctx = StageContext(recipe=with_rm, run_dir=run, work_dir=run / ".align.partial")
+    assert StageContext(recipe=recipe(), run_dir=run, work_dir=run).upstream_output("rm", "scored") is None
+    with pytest.raises(SafeAlignError, match="rm is not finished: run the rm stage first"):
+        ctx.upstream("rm")
+    (run / "rm").mkdir(parents=True)
+    (run / "rm" / "stage.json").write_text(json.dumps({"outputs": {"scored": "scored.jsonl", "evil": "../../x"}}))
+    assert ctx.upstream_output("rm", "scored") == run / "rm" / "scored.jsonl"
+    with pytest.raises(SafeAlignError, match="records no output 'cost_model'"):
+        ctx.upstream_output("rm", "cost_model")
+    with pytest.raises(SafeAlignError, match="points outside the stage directory"):
+        ctx.upstream_output("rm", "evil")
+    (run / "rm" / "stage.json").write_text("[]")
+    with pytest.raises(SafeAlignError, match="damaged"):
+        ctx.upstream("rm")

@@ -40,13 +40,17 @@ class StageRecord:
 
     def output(self, name: str) -> Path:
         """The path of the recorded output `name` (e.g. rm's `cost_model`)."""
-        outputs = self.summary.get("outputs", {})
-        if name not in outputs:
+        outputs = self.summary.get("outputs")
+        outputs = outputs if isinstance(outputs, dict) else {}
+        if not isinstance(outputs.get(name), str):
             raise SafeAlignError(
                 f"{self.dir / STAGE_FILE} records no output {name!r} (it has {sorted(outputs)}): "
                 f"run the {self.name} stage again with --force"
             )
-        return self.dir / outputs[name]
+        path = self.dir / outputs[name]
+        if not path.resolve().is_relative_to(self.dir.resolve()):  # a run directory is untrusted input
+            raise SafeAlignError(f"{self.dir / STAGE_FILE}: output {name!r} points outside the stage directory")
+        return path
 
 
 def finished_stage(run_dir: Path, stage: str) -> StageRecord | None:
