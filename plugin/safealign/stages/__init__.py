@@ -48,7 +48,7 @@ class StageRecord:
                 f"run the {self.name} stage again with --force"
             )
         path = self.dir / outputs[name]
-        if not path.resolve().is_relative_to(self.dir.resolve()):  # a run directory is untrusted input
+        if not path.resolve().is_relative_to(self.dir.resolve()):  # a hand-edited summary must not send a stage elsewhere
             raise SafeAlignError(f"{self.dir / STAGE_FILE}: output {name!r} points outside the stage directory")
         return path
 
