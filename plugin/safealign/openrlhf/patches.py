@@ -3,8 +3,9 @@
 OpenRLHF is written for CUDA. Its SFT/RM/DPO code paths are otherwise device-agnostic, and DeepSpeed has a
 CPU accelerator, so four narrow gaps are all that stand between it and a laptop (docs/cpu.md). Each
 gap is one function below, named for what it fixes, idempotent, and covered by a test
-(tests/test_compat.py). Nothing in site-packages is edited; every patch replaces one attribute of an
-OpenRLHF or DeepSpeed module at run time, and none replaces anything in `torch` itself.
+(tests/test_openrlhf_patches.py). Nothing in site-packages is edited: at run time a patch replaces
+attributes of OpenRLHF or DeepSpeed modules (or installs the stub `flash_attn` modules), and none
+replaces anything in `torch` itself.
 
 `apply_cpu_patches()` applies all of them and is a no-op when CUDA is present, so a GPU box runs
 OpenRLHF untouched. `enable_fp32()` is separate because full precision is a user choice, not a CPU
