@@ -17,6 +17,7 @@ stage chart need nothing else). charts/tests/test_chart_files.py fails when a ge
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import re
 import sys
@@ -49,12 +50,6 @@ LINT_VALUES = 'recipe: "name: lint\\n"  # the chart ships the recipe verbatim; t
 HELMIGNORE = "# Not part of a packaged chart (anchored: templates/tests/ is the helm test pod).\n/tests/\n/ci/\n"
 
 
-def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
-    for key in path[:-1]:
-        tree = tree[key]
-    tree[path[-1]] = value
-
-
 def _leaves(tree: dict, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
     """(path, value) of every scalar or list in `tree` (a mapping is walked, an empty one is a leaf)."""
     out = []
@@ -73,11 +68,10 @@ def _yaml_scalar(value: Any) -> str:
 
 
 class ValuesSource:
-    """The commented source values: its lines, the tree they parse to, and each key's description."""
+    """The commented source values: its lines and each key's description."""
 
     def __init__(self, text: str) -> None:
         self.text = text
-        self.tree = yaml.safe_load(text)
         self.descriptions: dict[tuple[str, ...], str] = {}
         self.lines: dict[tuple[str, ...], int] = {}  # path -> index of its `key:` line
         stack: list[tuple[int, str]] = []
@@ -192,11 +186,21 @@ def archive_files(path: Path) -> dict[str, bytes]:
         return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
 
 
+@functools.cache
+def sources() -> tuple[ValuesSource, dict, dict]:
+    """The three sources in the library directory, read once: values, schema, per-stage defaults."""
+    library = CHARTS / LIBRARY
+    return (
+        ValuesSource((library / "stage-values.yaml").read_text()),
+        json.loads((library / "stage-values.schema.json").read_text()),
+        yaml.safe_load((library / "stage-defaults.yaml").read_text()),
+    )
+
+
 def expected_files(stage: str) -> dict[str, str]:
     """Every generated text file of `safealign-<stage>/`, by path relative to the chart."""
-    source = ValuesSource((CHARTS / LIBRARY / "stage-values.yaml").read_text())
-    schema = json.loads((CHARTS / LIBRARY / "stage-values.schema.json").read_text())
-    stage_defaults = yaml.safe_load((CHARTS / LIBRARY / "stage-defaults.yaml").read_text())[stage]
+    source, schema, defaults = sources()
+    stage_defaults = defaults[stage]
     chart = yaml.safe_load((CHARTS / f"safealign-{stage}" / "Chart.yaml").read_text())
     drop = stage_defaults.get("drop", [])
     values_text = source.for_stage(stage_defaults.get("values", {}), drop)
