@@ -26,7 +26,7 @@ from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 from safealign.errors import SafeAlignError
-from safealign.recipe import ModelSpec, RandomModel, RandomModelSpec
+from safealign.recipe import ModelSection, ModelSpec, RandomModel, RandomModelSpec
 
 
 def cache_root() -> Path:
@@ -147,6 +147,12 @@ def resolve_model(spec: ModelSpec) -> Path:
         f"model {spec!r}: not an HF directory with config.json, a .gguf file, or gguf:<package> "
         "(hub names are not downloaded: fetch the model first and give its directory)"
     )
+
+
+def policy_and_reference(model: ModelSection) -> tuple[Path, Path]:
+    """The base policy's directory and its frozen reference's (`model.reference`, else the policy)."""
+    policy = resolve_model(model.policy)
+    return policy, resolve_model(model.reference) if model.reference is not None else policy
 
 
 def merge_lora(base_dir: Path, adapter_dir: Path, target: Path, trust_remote_code: bool = False) -> Path:

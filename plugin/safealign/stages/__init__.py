@@ -19,10 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from safealign.data import PreferenceRow
 from safealign.errors import SafeAlignError
 from safealign.files import write_text_atomically
 from safealign.process import agree, barrier, is_rank_0
 from safealign.recipe import Recipe
+from safealign.training.rows import training_rows
 
 log = logging.getLogger("safealign")
 
@@ -105,6 +107,12 @@ def cost_model_dir(ctx: StageContext) -> Path | None:
     if ctx.recipe.model.cost_model is not None:
         return Path(ctx.recipe.model.cost_model)
     return ctx.upstream_output("rm", "cost_model")
+
+
+def run_training_rows(ctx: StageContext) -> list[PreferenceRow]:
+    """The rows this run trains the policy on (align, distill's prompts and dDPO): the rm stage's scored
+    pairs when the recipe runs it, else the recipe's data."""
+    return training_rows(ctx.recipe, ctx.upstream_output("rm", "scored"))
 
 
 @dataclass(frozen=True)

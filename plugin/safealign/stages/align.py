@@ -15,11 +15,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from safealign.models import resolve_model
+from safealign.models import policy_and_reference
 from safealign.recipe import Recipe
-from safealign.stages import StageContext, cost_model_dir, register_stage, run_once
+from safealign.stages import StageContext, cost_model_dir, register_stage, run_once, run_training_rows
 from safealign.training.policy import split_policy_rows, train_policy
-from safealign.training.rows import training_rows
 
 log = logging.getLogger("safealign")
 
@@ -29,9 +28,8 @@ def run_align(ctx: StageContext) -> dict:
     """Safe-MM-DPO on the base policy (OpenRLHF DPOTrainer + DeepspeedStrategy)."""
     recipe, out = ctx.recipe, ctx.work_dir
     # What it needs: data errors first, before any model is loaded or converted
-    rows = training_rows(recipe, ctx.upstream_output("rm", "scored"))
-    policy_dir = resolve_model(recipe.model.policy)
-    reference_dir = resolve_model(recipe.model.reference) if recipe.model.reference is not None else policy_dir
+    rows = run_training_rows(ctx)
+    policy_dir, reference_dir = policy_and_reference(recipe.model)
     cost_model = cost_model_dir(ctx)
     # What it runs
     split = split_policy_rows(recipe, rows)

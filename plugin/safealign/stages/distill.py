@@ -38,10 +38,9 @@ from safealign.models import count_parameters, derive_student, resolve_model
 from safealign.openrlhf.settings import resolve_dtype
 from safealign.process import agree, barrier, is_rank_0
 from safealign.recipe import Recipe
-from safealign.stages import StageContext, cost_model_dir, register_stage, run_once
+from safealign.stages import StageContext, cost_model_dir, register_stage, run_once, run_training_rows
 from safealign.training.inference import score_generated
 from safealign.training.policy import split_policy_rows, train_policy
-from safealign.training.rows import training_rows
 from safealign.training.student import train_student
 
 log = logging.getLogger("safealign")
@@ -58,11 +57,6 @@ def teacher_dir(ctx: StageContext) -> Path:
     return aligned if aligned is not None else resolve_model(recipe.model.policy)
 
 
-def run_rows(ctx: StageContext) -> list[PreferenceRow]:
-    """The rows the align stage trains on in this run (the rm stage's scored pairs, or the data)."""
-    return training_rows(ctx.recipe, ctx.upstream_output("rm", "scored"))
-
-
 def prompt_set(ctx: StageContext) -> list[list[Message]]:
     """The prompts the teacher answers: `distill.prompts`, else the training prompts; deduplicated,
     cut to `max_prompts`, and checked against the eval sets."""
@@ -70,7 +64,7 @@ def prompt_set(ctx: StageContext) -> list[list[Message]]:
     if distill.prompts is not None:
         prompts, what = load_prompt_file(distill.prompts), "distill.prompts"
     else:
-        prompts, what = [row.prompt for row in run_rows(ctx)], "data.train"
+        prompts, what = [row.prompt for row in run_training_rows(ctx)], "data.train"
     prompts = unique_prompts(prompts)[: distill.max_prompts]
     check_not_eval_prompts(ctx.recipe, prompts, what)
     return prompts
@@ -211,7 +205,7 @@ def ddpo_rows(ctx: StageContext) -> list[PreferenceRow]:
     student's reference is the dSFT student itself."""
     return [
         dataclasses.replace(row, ref_logps_0=None, ref_logps_1=None, ref_logps_provenance=None)
-        for row in run_rows(ctx)
+        for row in run_training_rows(ctx)
     ]
 
 

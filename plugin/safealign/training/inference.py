@@ -8,7 +8,7 @@ from pathlib import Path
 
 from safealign.data import PreferenceRow
 from safealign.errors import SafeAlignError
-from safealign.models import resolve_model
+from safealign.models import policy_and_reference
 from safealign.openrlhf import engine
 from safealign.openrlhf.pair_forward import PairLogProbs, PairValues
 from safealign.openrlhf.settings import Settings, build_settings
@@ -26,6 +26,11 @@ def scoring_settings(recipe: Recipe, kind: str, model_dir: Path, out: Path, toke
     (`align` for a policy, `rm.helpful` for a value model) fills them."""
     section = recipe.align if kind == "dpo" else recipe.rm.helpful
     return build_settings(recipe, section, out, kind, model_dir=model_dir, tokenizer_dir=tokenizer_dir)
+
+
+def _by_row(dataset: PreferencePairDataset, scores) -> dict[int, tuple[float, ...]]:
+    """Scores keyed by the row they belong to (a dataset drops rows whose prompt fills max_len)."""
+    return {extra["row_index"]: tuple(scores[i].tolist()) for i, extra in enumerate(dataset.extras)}
 
 
 def score_with_value_model(
@@ -50,7 +55,7 @@ def score_with_value_model(
         recipe.rm.score_batch_size,
         f"scoring with {model_dir.parent.name}",
     )
-    return {extra["row_index"]: tuple(scores[i].tolist()) for i, extra in enumerate(dataset.extras)}
+    return _by_row(dataset, scores)
 
 
 def score_generated(recipe: Recipe, model_dir: Path, rows: list[PreferenceRow], out: Path) -> list[tuple[float, float]]:
@@ -83,14 +88,13 @@ def response_logps(
     actor.eval()
     logps = PairLogProbs(tokenizer, strategy, next(actor.parameters()).device)
     scores = score_pairs(dataset, lambda batch: logps(actor, batch), strategy, recipe.rm.score_batch_size, description)
-    return {extra["row_index"]: tuple(scores[i].tolist()) for i, extra in enumerate(dataset.extras)}, tokenizer
+    return _by_row(dataset, scores), tokenizer
 
 
 def reference_logps(recipe: Recipe, rows: list[PreferenceRow], out: Path) -> tuple[dict[int, tuple[float, float]], dict]:
     """The reference policy's summed response log-probs by row index (on the policy's tokenization, as
     align will see the rows), and their provenance."""
-    policy_dir = resolve_model(recipe.model.policy)
-    reference_dir = resolve_model(recipe.model.reference) if recipe.model.reference is not None else policy_dir
+    policy_dir, reference_dir = policy_and_reference(recipe.model)
     logps, tokenizer = response_logps(recipe, reference_dir, rows, out, policy_dir, "reference log-probs")
     provenance = reference_provenance(reference_dir, tokenizer, recipe.data.max_len, recipe.data.input_template)
     return {i: values[:2] for i, values in logps.items()}, provenance
