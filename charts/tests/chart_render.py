@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from safealign.k8s.charts import CHARTS, STAGE_CHARTS, render_manifests
+
 helm = pytest.importorskip("helm_python", reason="helm-python-sdk is a test dependency: pip install -e '.[test]'")
 
-from safealign.k8s.charts import CHARTS, render_manifests  # noqa: E402  (after the skip: it needs Helm's engine)
-
 REPO = Path(__file__).resolve().parents[2]
-STAGES = ("rm", "align", "distill", "eval", "sweep")
+STAGES = tuple(STAGE_CHARTS)
 RECIPE = (REPO / "recipes" / "mistral-7b-beavertails.yaml").read_text()
 
 assert CHARTS.resolve() == (REPO / "charts").resolve(), "the package's charts link must point at charts/"

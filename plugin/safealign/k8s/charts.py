@@ -12,10 +12,12 @@ from typing import Any
 import yaml
 
 from safealign.errors import SafeAlignError
+from safealign.recipe import STAGE_ORDER
 
 #: The charts directory (a link to the repository's `charts/`, shipped inside the package).
 CHARTS = Path(__file__).resolve().parent / "charts"
-STAGE_CHARTS = {stage: f"safealign-{stage}" for stage in ("rm", "align", "distill", "eval", "sweep")}
+#: One chart per pipeline stage, plus the sweep's.
+STAGE_CHARTS = {stage: f"safealign-{stage}" for stage in (*STAGE_ORDER, "sweep")}
 
 
 def _helm():
