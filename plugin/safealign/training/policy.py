@@ -78,14 +78,11 @@ def split_policy_rows(recipe: Recipe, rows: list[PreferenceRow], pool_from: Reci
 
 @dataclass
 class PolicyTraining:
-    """Everything one policy training holds, built and ready to fit."""
+    """One policy training, built and ready to fit: the trainer holds the strategy, the prepared model,
+    the tokenizer, the loss and λ; beside it, what `fit` is called with and the summary so far."""
 
     settings: Settings
-    strategy: object
-    model: object
-    tokenizer: object
     trainer: SafeMMDPOTrainer
-    lagrange: LagrangeMultiplier
     consumed: int
     steps_per_epoch: int
     summary: dict
@@ -172,24 +169,24 @@ def build_policy_training(
         "reference_dir": None if cached_ref else str(reference_dir),
     }
     return PolicyTraining(
-        settings=args, strategy=strategy, model=model, tokenizer=tokenizer, trainer=trainer, lagrange=lagrange,
-        consumed=states.get("consumed_samples", 0), steps_per_epoch=steps_per_epoch, summary=summary,
-    )  # fmt: skip
+        settings=args, trainer=trainer, consumed=states.get("consumed_samples", 0), steps_per_epoch=steps_per_epoch,
+        summary=summary,
+    )
 
 
 def publish_policy(run: PolicyTraining, recipe: Recipe, policy_dir: Path, out: Path) -> dict[str, str]:
     """The trained policy to `out/model` (atomically); with LoRA, OpenRLHF saves only the adapter: keep
     it in `out/adapter` and merge a full checkpoint beside it. Returns the outputs, relative to `out`."""
-    lora = run.settings.ds.lora.rank > 0
-    engine.publish_model(run.strategy, run.model, run.tokenizer, run.settings, out / ("adapter" if lora else "model"))
-    if lora and run.strategy.is_rank_0():
+    lora, trainer = run.settings.ds.lora.rank > 0, run.trainer
+    engine.publish_model(trainer.strategy, trainer.model, trainer.tokenizer, run.settings, out / ("adapter" if lora else "model"))
+    if lora and trainer.strategy.is_rank_0():
         merge_lora(policy_dir, out / "adapter", out / "model", recipe.model.trust_remote_code)
     barrier()
     return {
         "model": "model",
         "metrics": "metrics.jsonl",
         **({"adapter": "adapter"} if lora else {}),
-        **({"lambda_samples": "lambda_samples.jsonl"} if run.trainer.cost_sampler else {}),
+        **({"lambda_samples": "lambda_samples.jsonl"} if trainer.cost_sampler else {}),
     }
 
 
@@ -205,6 +202,6 @@ def train_policy(
     return {
         "outputs": outputs,
         **run.summary,
-        "final_lambda": run.lagrange.value,
-        "cost_threshold": run.lagrange.threshold,
+        "final_lambda": run.trainer.lagrange.value,
+        "cost_threshold": run.trainer.lagrange.threshold,
     }
