@@ -52,3 +52,25 @@ def test_scores_come_back_in_dataset_order_and_batches_are_length_sorted():
     scores = score_pairs(LengthsDataset(lengths), forward, OneRank(), batch_size=3)
     assert scores.tolist() == [[float(a), float(b)] for a, b in lengths]
     assert batches_seen == [[1, 3, 3], [6, 6, 7], [8]]
+
+
+def test_building_a_pair_dataset_forks_no_process(tokenizer_dir, monkeypatch):
+    """datasets >= 5 forks a worker pool for any num_proc >= 1; a fork beside gloo's threads can deadlock
+    a torchrun rank (it did, building Ĵ_C's scoring set), so small datasets tokenise in-process."""
+    import os
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from safealign.data import load_rows
+    from safealign.pair_dataset import PreferencePairDataset
+
+    from conftest import PKU
+
+    def no_fork():
+        raise AssertionError("PreferencePairDataset forked a process")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    strategy = SimpleNamespace(args=SimpleNamespace(data=SimpleNamespace(apply_chat_template=True)))
+    dataset = PreferencePairDataset(load_rows(PKU, "pku_saferlhf")[:20], AutoTokenizer.from_pretrained(tokenizer_dir), 128, strategy)
+    assert len(dataset) + dataset.dropped == 20

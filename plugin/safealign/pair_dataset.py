@@ -97,8 +97,10 @@ class PreferencePairDataset(RewardDataset):
             }
             for index, row in enumerate(rows)
         ]
-        # Tokenising a few thousand rows in-process beats spawning OpenRLHF's default 8 workers.
-        workers = max(1, min(8, len(rows) // 5000))
+        # Tokenising a few thousand rows in-process beats spawning OpenRLHF's default 8 workers. `None`,
+        # not 1: datasets >= 5 forks a pool for any num_proc >= 1, and a fork in a process with gloo's
+        # threads can deadlock (a torchrun rank hung in it, building Ĵ_C's scoring set).
+        workers = min(8, len(rows) // 5000) or None
         is_dpo = not for_reward_model
         super().__init__(Dataset.from_list(records), tokenizer, max_length, strategy, input_template, is_dpo, workers)
         self.dropped = len(rows) - len(self)

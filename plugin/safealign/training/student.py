@@ -46,7 +46,7 @@ def train_student(recipe: Recipe, answers: list[dict], student: Path, out: Path)
         raise SafeAlignError("distill: every teacher answer is empty; check the teacher and distill.max_new_tokens")
     dataset = SFTDataset(
         Dataset.from_list(records), tokenizer, recipe.data.max_len, strategy, recipe.data.input_template,
-        num_processors=1,
+        num_processors=None,  # in-process: datasets forks a pool for any num_proc >= 1 (see pair_dataset)
     )  # fmt: skip
     if len(dataset) < len(records):
         log.warning("distill: dropped %d of %d examples whose prompt fills data.max_len=%d",
