@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-# OpenRLHF must load after the CPU patches; applying them once, here, lets every
+# OpenRLHF must load after the patches; applying them once, here, lets every
 # test module import openrlhf directly.
-from safealign.openrlhf.patches import apply_cpu_patches
+from safealign.openrlhf.patches import apply_patches
 
-apply_cpu_patches()
+apply_patches()
 
 ROOT = Path(__file__).resolve().parents[1]
 PKU = ROOT / "data" / "pku-saferlhf-sample" / "pku_saferlhf_alpaca7b_test_sample.jsonl"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -424,3 +425,29 @@ def test_two_processes_train_like_one(tmp_path, tokenizer_dir, mixed_rows, thres
     if threshold == 0.0:  # (greedy answers of a barely trained tiny policy cost what they did at d: λ stays)
         assert len({round(s["lambda_next"], 6) for s in steps}) > 1
     assert (tmp_path / "runs/ddp/align/model/model.safetensors").exists()
+
+
+def test_adam_offload_steps_torchs_adamw_without_building_an_op(tmp_path, tokenizer_dir, scored_rows):
+    """`deepspeed.adam_offload` keeps the optimizer states on the CPU. DeepSpeed's own choice there is
+    DeepSpeedCPUAdam, built with g++ and ninja at first use (the GPU image has no g++): every tool such a
+    build runs is replaced on PATH by one that fails and leaves a mark (DeepSpeed's import-time probes
+    with `cc`, which fail soft, keep the real one), and the run must still train — by torch's fused AdamW
+    on the offloaded states, the same steps as without offload."""
+    shims = tmp_path / "no-compilers"
+    shims.mkdir()
+    for name in ("c++", "g++", "nvcc", "ninja"):
+        (shims / name).write_text(f"#!/bin/sh\ntouch {shims}/called-{name}\nexit 1\n")
+        (shims / name).chmod(0o755)
+    env = {"PATH": f"{shims}:{os.environ['PATH']}", "CXX": str(shims / "c++")}
+    runs = {}
+    for offload in (False, True):
+        work = tmp_path / f"offload-{offload}"
+        work.mkdir()
+        recipe = tiny_recipe(work, tokenizer_dir, scored_rows, deepspeed={"zero_stage": 2, "adam_offload": offload})
+        result = run_cli("run", str(recipe), "--run-dir", "runs/tiny", "--stage", "align", cwd=work, extra_env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[offload] = train_steps(work / "runs/tiny")
+    assert not list(shims.glob("called-*"))
+    assert len(runs[True]) == len(runs[False]) > 1
+    for a, b in zip(runs[True], runs[False], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6), a["step"]

@@ -1,7 +1,10 @@
-"""Each CPU patch of safealign.openrlhf.patches, and that none is applied where a GPU is present."""
+"""Each patch of safealign.openrlhf.patches, and which of them a GPU node gets (faked CUDA: no GPU here)."""
 
 from __future__ import annotations
 
+import copy
+import json
+import os
 import subprocess
 import sys
 
@@ -12,9 +15,9 @@ from safealign.openrlhf import patches
 
 
 def test_all_cpu_patches_applied_and_idempotent():
-    assert {"stub_flash_attn_padding", "map_cuda_device_to_cpu", "avoid_jit_ops"} <= set(patches.APPLIED)
+    assert {"stub_flash_attn_padding", "use_torch_adamw", "map_cuda_device_to_cpu", "skip_shm_op"} <= set(patches.APPLIED)
     before = list(patches.APPLIED)
-    patches.apply_cpu_patches()
+    patches.apply_patches()
     assert patches.APPLIED == before
 
 
@@ -59,30 +62,78 @@ def test_fp32_dtype():
     assert orl_utils.convert_to_torch_dtype("bf16") is torch.bfloat16
 
 
+ADAMW = {"type": "AdamW", "params": {"lr": 1e-5, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0}}
+
+
 def test_no_jit_compiled_ops():
     import importlib
 
     import openrlhf.utils.deepspeed.deepspeed as ds_strategy
 
     assert importlib.import_module("deepspeed.comm.torch").build_shm_op() is None
-    config = ds_strategy.get_train_ds_config(
-        offload=False,
-        optim_config={"type": "AdamW", "params": {"lr": 1e-5, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.0}},
-    )
+    config = ds_strategy.get_train_ds_config(offload=False, optim_config=copy.deepcopy(ADAMW))
     assert config["optimizer"]["params"]["torch_adam"] is True
-    assert config["optimizer"]["params"]["fused"] is True  # torch's single-kernel CPU AdamW
+    assert config["optimizer"]["params"]["fused"] is True  # torch's single-kernel AdamW
 
 
-def test_nothing_is_patched_where_a_gpu_is_present():
-    code = (
-        "import sys, torch\n"
-        "torch.cuda.is_available = lambda: True\n"
-        "torch.cuda.device_count = lambda: 1\n"
-        "from safealign.openrlhf import patches\n"
-        "assert patches.apply_cpu_patches() == [], patches.APPLIED\n"
-        "assert 'flash_attn' not in sys.modules and 'openrlhf' not in sys.modules\n"
-        "print('untouched')\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert "untouched" in result.stdout
+#: A process that sees one CUDA GPU (torch's answers faked: no GPU is lent here) and no flash-attn, as
+#: in the GPU image: what it prints is checked by the test below.
+ON_A_GPU_NODE = """
+import importlib, json, os, sys, torch
+torch.cuda.is_available = lambda: True
+torch.cuda.device_count = lambda: 1
+assert importlib.util.find_spec("flash_attn") is None
+from safealign.openrlhf import Actor, patches
+from safealign.stages import load_builtin_stages
+from safealign.openrlhf.settings import resolve_attention
+from safealign.errors import SafeAlignError
+import openrlhf.utils.deepspeed.deepspeed as ds_strategy
+from deepspeed.runtime.engine import DeepSpeedEngine
+
+stages = sorted(load_builtin_stages())
+try:
+    resolve_attention("flash_attention_2")
+    explicit = "accepted"
+except SafeAlignError as exc:
+    explicit = str(exc)
+
+class Engine:  # what DeepSpeed's optimizer choice asks of its engine, with and without adam_offload
+    def __init__(self, offload): self.offload = offload
+    def zero_use_cpu_optimizer(self): return self.offload
+    zenflow = False
+    def bf16_optimizer_states(self): return False
+
+chosen = {}
+for offload in (False, True):
+    config = ds_strategy.get_train_ds_config(offload=False, adam_offload=offload, optim_config=json.loads(sys.argv[1]))
+    params = dict(config["optimizer"]["params"])
+    cls, kwargs = DeepSpeedEngine.get_optimizer_configuration(Engine(offload), params, adam_w_mode=True)
+    chosen[str(offload)] = {"class": cls.__module__ + "." + cls.__name__, "params": config["optimizer"]["params"]}
+print(json.dumps({
+    "applied": patches.APPLIED, "accelerator": os.environ.get("DS_ACCELERATOR"), "stages": stages,
+    "strategy_torch_is_torch": ds_strategy.torch is torch, "auto": resolve_attention("auto"),
+    "explicit": explicit, "optimizer": chosen,
+}))
+"""
+
+
+def test_a_gpu_node_without_flash_attn_imports_every_stage_and_builds_no_optimizer():
+    """Blockers 2 and 3 of a first GPU start: OpenRLHF imports `flash_attn` at module level (the image has
+    none), and DeepSpeed's AdamW is JIT-built with nvcc/g++ (the CUDA runtime image has neither)."""
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}  # this test process runs on the CPU
+    result = subprocess.run([sys.executable, "-c", ON_A_GPU_NODE, json.dumps(ADAMW)], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    # The stand-in and torch's AdamW, nothing CPU-only: OpenRLHF's strategy keeps torch's own CUDA.
+    assert seen["applied"] == ["stub_flash_attn_padding", "use_torch_adamw"]
+    assert seen["accelerator"] is None and seen["strategy_torch_is_torch"] is True
+    assert seen["stages"] == ["align", "distill", "eval", "rm"]
+    # transformers' own check decides attention: the stand-in never selects flash_attention_2.
+    assert seen["auto"] == "sdpa"
+    assert seen["explicit"].startswith("model.attn_implementation: flash_attention_2 needs the flash-attn package")
+    # The GPU optimizer config, fed to DeepSpeed's own choice: torch's fused AdamW, never FusedAdam
+    # (nvcc) and, under adam_offload, never DeepSpeedCPUAdam (g++).
+    for offload in ("False", "True"):
+        assert seen["optimizer"][offload]["class"] == "torch.optim.adamw.AdamW"
+        assert seen["optimizer"][offload]["params"]["torch_adam"] is True
+        assert seen["optimizer"][offload]["params"]["fused"] is True

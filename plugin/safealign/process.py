@@ -11,7 +11,7 @@ T = TypeVar("T")
 
 
 def gpu_available() -> bool:
-    """True when CUDA can run (decides NCCL vs gloo, the CPU patches, dtype and attention defaults)."""
+    """True when CUDA can run (decides NCCL vs gloo, which patches apply, dtype and attention defaults)."""
     import torch
 
     return torch.cuda.is_available() and torch.cuda.device_count() > 0

@@ -1,8 +1,8 @@
 """The OpenRLHF adapter: the one package that touches OpenRLHF.
 
 - this module: OpenRLHF's classes (`from safealign.openrlhf import Actor`). OpenRLHF imports
-  `flash_attn` at module level and assumes CUDA, so the CPU patches (`patches`) must run before its
-  first import; every class is taken from here, which makes that ordering impossible to get wrong.
+  `flash_attn` at module level and assumes CUDA, so the patches (`patches`: a flash_attn stand-in,
+  torch's AdamW, the CPU fixes) must run before its first import; every class is taken from here, which makes that ordering impossible to get wrong.
   They load on first use (PEP 562), so importing this package — or `settings` — applies nothing and
   imports nothing heavy;
 - `settings`: the settings object OpenRLHF's strategy, models, datasets and trainers read, built once
@@ -18,7 +18,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from safealign.errors import SafeAlignError
-from safealign.openrlhf.patches import apply_cpu_patches
+from safealign.openrlhf.patches import apply_patches
 
 #: Each class or function we use from OpenRLHF, and the module it comes from.
 EXPORTS = {
@@ -64,10 +64,10 @@ if TYPE_CHECKING:  # what a type checker sees; at run time `__getattr__` imports
 
 
 def __getattr__(name: str) -> Any:
-    """OpenRLHF's `name`, imported after the CPU patches (a no-op on a GPU machine)."""
+    """OpenRLHF's `name`, imported after the patches this machine needs."""
     if name not in EXPORTS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    apply_cpu_patches()
+    apply_patches()
     try:
         module = importlib.import_module(EXPORTS[name])
     except ModuleNotFoundError as exc:  # pragma: no cover - depends on the environment

@@ -1,15 +1,18 @@
-"""The few, named patches that let OpenRLHF 0.11.2 train on a machine without a GPU.
+"""The few, named patches that let OpenRLHF 0.11.2 run where its CUDA-toolchain assumptions do not hold.
 
-OpenRLHF is written for CUDA. Its SFT/RM/DPO code paths are otherwise device-agnostic, and DeepSpeed has a
-CPU accelerator, so four narrow gaps are all that stand between it and a laptop (docs/cpu.md). Each
-gap is one function below, named for what it fixes, idempotent, and covered by a test
-(tests/test_openrlhf_patches.py). Nothing in site-packages is edited: at run time a patch replaces
-attributes of OpenRLHF or DeepSpeed modules (or installs the stub `flash_attn` modules), and none
-replaces anything in `torch` itself.
+OpenRLHF is written for a CUDA machine with a compiler and flash-attn installed. Two of its assumptions
+break on *every* machine our images and venvs produce, GPU nodes included: it imports `flash_attn` at
+module level (no flash-attn wheel exists for torch 2.13 / CUDA 13, so our GPU image has none), and it
+asks DeepSpeed for an AdamW that DeepSpeed JIT-compiles with nvcc/g++ (the CUDA *runtime* image has
+neither). Three more hold only without a GPU (DeepSpeed's CPU accelerator, CUDA device calls, a
+shared-memory op built with g++). Each gap is one function below, named for what it fixes, idempotent,
+and covered by a test (tests/test_openrlhf_patches.py). Nothing in site-packages is edited: at run time
+a patch replaces attributes of OpenRLHF or DeepSpeed modules (or installs the stand-in `flash_attn`
+modules), and none replaces anything in `torch` itself.
 
-`apply_cpu_patches()` applies all of them and is a no-op when CUDA is present, so a GPU box runs
-OpenRLHF untouched. `enable_fp32()` is separate because full precision is a user choice, not a CPU
-workaround (it is also what a GPU user asks for when debugging numerics).
+`apply_patches()` applies what this machine needs (docs/cpu.md has the table): on a GPU node with the
+real flash-attn only the optimizer choice. `enable_fp32()` is separate because full precision is a user
+choice, not a workaround (it is also what a GPU user asks for when debugging numerics).
 """
 
 from __future__ import annotations
@@ -77,10 +80,12 @@ def _all_gather(tensor: torch.Tensor, group=None) -> torch.Tensor:
 def stub_flash_attn_padding() -> None:
     """Patch 1: `openrlhf.models.ring_attn_utils` imports `flash_attn.bert_padding` at module level.
 
-    flash-attn is a CUDA build that cannot be installed without a GPU toolchain. Only the padding helpers
-    are needed on the non-packed path, so provide pure-torch versions under the same module names. The
-    stub carries a ModuleSpec but no distribution metadata, so transformers still reports FlashAttention
-    as unavailable and never selects it. Skipped when the real flash_attn is importable.
+    flash-attn is a CUDA extension with no wheel for our torch/CUDA pair, so neither the CPU venv nor the
+    GPU image has it, and without this every stage dies on its first OpenRLHF import — on a GPU node too.
+    Only the padding helpers are needed on the non-packed path, so provide pure-torch versions under the
+    same module names. The stand-in carries a ModuleSpec but no distribution metadata, so transformers'
+    own check (`is_flash_attn_2_available`, which `settings.resolve_attention` asks) still reports
+    FlashAttention as unavailable and it is never selected. Skipped when the real flash_attn is importable.
     """
     if "flash_attn" not in sys.modules and importlib.util.find_spec("flash_attn") is not None:
         return
@@ -210,22 +215,22 @@ def enable_fp32() -> None:
 # --- 4. no JIT-compiled ops ------------------------------------------------------------------------
 
 
-def avoid_jit_ops() -> None:
-    """Patch 4: keep DeepSpeed from JIT-compiling C++ ops with g++ on first use (~90 s each).
+def use_torch_adamw() -> None:
+    """Patch 4: DeepSpeed's AdamW is JIT-compiled with a CUDA/C++ toolchain on first use; use torch's.
 
-    DeepSpeed builds FusedAdam for an "AdamW" optimizer block and a shared-memory all-reduce op when its
-    CPU backend starts. Ask for torch's own AdamW (`torch_adam: true`, numerically the same update) in
-    its fused CPU kernel (`fused: true`: one pass over the parameters instead of a dozen element-wise
-    ops; on SmolLM2's 135M parameters 0.09 s per step instead of 0.7 s, docs/benchmarks.md), and skip the
-    shared-memory op (gloo does the all-reduce instead).
+    OpenRLHF asks DeepSpeed for an "AdamW" optimizer block, for which DeepSpeed builds FusedAdam (nvcc +
+    g++) on a GPU, or DeepSpeedCPUAdam (g++) under `adam_offload` and on a CPU, at every pod start (~90 s
+    each, the build cache does not outlive the pod). The CUDA *runtime* image has no nvcc, so every
+    training stage died there. Ask for torch's own AdamW instead (`torch_adam: true`: the same update) in
+    its fused kernel (`fused: true`: one multi-tensor pass over the parameters, on CUDA as on CPU; on
+    SmolLM2's 135M parameters 0.09 s per CPU step instead of 0.7 s for the for-loop default,
+    docs/benchmarks.md). With `adam_offload` the offloaded fp32 states are stepped by the same fused
+    kernel on the CPU. Applied everywhere: docs/install.md says why this beats a `-devel` base image.
     """
-    if not _mark("avoid_jit_ops"):
+    if not _mark("use_torch_adamw"):
         return
     import openrlhf.utils.deepspeed.deepspeed as ds_strategy
 
-    # importlib, not `import deepspeed.comm.torch`: that statement resolves to the `torch` package
-    # re-exported by deepspeed.comm, and would patch the wrong module.
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     original = ds_strategy.get_train_ds_config
 
     @wraps(original)
@@ -239,15 +244,29 @@ def avoid_jit_ops() -> None:
     ds_strategy.get_train_ds_config = get_train_ds_config
 
 
-def apply_cpu_patches() -> list[str]:
-    """Apply every CPU patch when no GPU is present; return the names applied so far.
+def skip_shm_op() -> None:
+    """Patch 5: DeepSpeed's CPU accelerator builds a shared-memory all-reduce op with g++ when its
+    communication backend starts (~90 s); skip it, so gloo does the all-reduce. CPU only."""
+    if not _mark("skip_shm_op"):
+        return
+    # importlib, not `import deepspeed.comm.torch`: that statement resolves to the `torch` package
+    # re-exported by deepspeed.comm, and would patch the wrong module.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
-    Must run before `openrlhf.models` is first imported (patch 1 replaces an import-time dependency).
+
+def apply_patches() -> list[str]:
+    """Apply what this machine needs; return the names applied so far.
+
+    Everywhere: the flash_attn stand-in (when the real package is absent) and torch's AdamW. Without a
+    GPU also DeepSpeed's CPU accelerator, the CUDA device mapping and no shared-memory op. Must run
+    before `openrlhf.models` is first imported (patch 1 replaces an import-time dependency).
     """
-    if gpu_available():
-        return list(APPLIED)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    on_cpu = not gpu_available()
+    if on_cpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     stub_flash_attn_padding()
-    map_cuda_device_to_cpu()
-    avoid_jit_ops()
+    use_torch_adamw()
+    if on_cpu:
+        map_cuda_device_to_cpu()
+        skip_shm_op()
     return list(APPLIED)

@@ -108,19 +108,21 @@ def resolve_dtype(choice: str) -> str:
 
 
 def resolve_attention(choice: str) -> str:
-    """`auto`: FlashAttention 2 where a GPU and the flash-attn package are present, else PyTorch SDPA."""
-    if choice != "auto":
-        if choice == "flash_attention_2" and not gpu_available():
-            raise SafeAlignError("model.attn_implementation: flash_attention_2 needs a GPU; use auto or sdpa")
-        return choice
-    if gpu_available():
-        try:
-            import flash_attn  # noqa: F401
+    """`auto`: FlashAttention 2 where transformers can run it, else PyTorch SDPA (FlashAttention kernels
+    of its own on a GPU).
 
-            return "flash_attention_2"
-        except ImportError:
-            pass
-    return "sdpa"
+    Asks transformers' own check (a GPU, and flash-attn *installed* at a version it supports), not
+    whether `import flash_attn` works: the padding stand-in (`patches.stub_flash_attn_padding`) imports
+    fine on every machine without flash-attn, and must never select it.
+    """
+    from transformers.utils import is_flash_attn_2_available
+
+    if choice == "flash_attention_2" and not is_flash_attn_2_available():
+        where = "a GPU" if not gpu_available() else "the flash-attn package, which is not installed (docs/install.md)"
+        raise SafeAlignError(f"model.attn_implementation: flash_attention_2 needs {where}; use auto or sdpa")
+    if choice != "auto":
+        return choice
+    return "flash_attention_2" if is_flash_attn_2_available() else "sdpa"
 
 
 def uses_chat_template(recipe: Recipe, tokenizer_dir: Path, model_field: str = "model.policy") -> bool:
