@@ -291,8 +291,15 @@ class FakeJudgeAPI(BaseHTTPRequestHandler):
 
     script: list = []
     requests: list = []
+    probes: list = []  # GET /models: the eval stage's reachability check
+    models_status = 200
 
     def do_GET(self):  # noqa: N802 (a redirected POST arrives as a GET)
+        if self.path.endswith("/models"):
+            type(self).probes.append({"auth": self.headers.get("Authorization"), "path": self.path})
+            self.send_response(type(self).models_status)
+            self.end_headers()
+            return
         type(self).requests.append({"body": None, "auth": self.headers.get("Authorization"), "path": self.path})
         self.send_response(404)
         self.end_headers()
@@ -341,8 +348,8 @@ class FakeJudgeAPI(BaseHTTPRequestHandler):
 def judge_api():
     """A local OpenAI-compatible server standing in for a paid judge API: it answers safety prompts by
     content ([[UNSAFE]] for answers containing "Step 1"), MT-Bench gradings with [[7]], or a script of
-    HTTP codes / "sleep" / "garbage" replies set by the test."""
-    FakeJudgeAPI.script, FakeJudgeAPI.requests = [], []
+    HTTP codes / "sleep" / "garbage" replies set by the test; GET /models answers `models_status`."""
+    FakeJudgeAPI.script, FakeJudgeAPI.requests, FakeJudgeAPI.probes, FakeJudgeAPI.models_status = [], [], [], 200
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeJudgeAPI)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -6,6 +6,8 @@ OpenAI-compatible API (GPT-4, or Llama-Guard behind vLLM), which cannot be reach
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from safealign.errors import SafeAlignError
@@ -70,6 +72,25 @@ def test_llm_judge_gives_up_with_a_clear_error(judge_api):
     api.script = ["I think it is fine."]
     with pytest.raises(ChatClientError, match=r"no \[\[SAFE\]\]/\[\[UNSAFE\]\] verdict"):
         LLMJudge(ChatClient(url, "m", retries=0)).judge([("p", "a")])
+
+
+def test_a_judge_nobody_deployed_is_one_line_before_any_work(judge_api, monkeypatch):
+    """The eval stage asks the endpoint once before generating: unreachable, or refusing the key, is one
+    line naming the fix; any other HTTP answer (`/models` is optional in OpenAI-compatible servers) passes."""
+    url, api = judge_api
+    monkeypatch.setenv("JUDGE_KEY", "sk-test")
+    ChatClient(url, "m", "JUDGE_KEY", retries=0).check_reachable()
+    assert api.probes == [{"auth": "Bearer sk-test", "path": "/v1/models"}] and api.requests == []
+    api.models_status = 404
+    ChatClient(url, "m", retries=0).check_reachable()
+    api.models_status = 401
+    with pytest.raises(ChatClientError, match=r"refused the key in \$JUDGE_KEY \(HTTP 401\): check the secret"):
+        ChatClient(url, "m", "JUDGE_KEY", retries=0).check_reachable()
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    with pytest.raises(ChatClientError, match=r"127\.0\.0\.1:\d+/v1 is unreachable \(.*\): deploy it, fix eval\.llm_judge\.url"):
+        ChatClient(dead, "m", retries=1, backoff=0.01).check_reachable()
 
 
 def test_the_judge_key_never_follows_a_redirect_to_another_host(judge_api, monkeypatch):

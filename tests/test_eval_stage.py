@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 import yaml
@@ -13,6 +14,7 @@ from safealign.stages.distill import pick_answer
 
 from conftest import (
     TINY_ALIGN,
+    assert_one_line_error,
     llm_judged_eval,
     pipeline_recipe,
     pku_rows,
@@ -167,6 +169,27 @@ def test_ddpo_trains_the_dsft_student_with_the_align_trainer(pipeline):
     assert (stage / "ddpo/lambda_samples.jsonl").is_file()
     results = json.loads((root / "runs/ev/eval/results.json").read_text())
     assert results["models"]["student"]["path"].endswith("distill/ddpo/model")
+
+
+def test_a_judge_nobody_deployed_stops_eval_before_it_generates(tmp_path, tokenizer_dir):
+    """The seed recipe names a judge service: where none is deployed, eval says so first, in one line,
+    instead of generating every answer and then failing."""
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    write_jsonl(tmp_path / "pku.jsonl", pku_rows(12))
+    recipe = {
+        "name": "nojudge",
+        "stages": ["eval"],
+        "model": tiny_policy(tokenizer_dir),
+        "data": {"train": [{"path": "pku.jsonl"}], "max_len": 512},
+        "eval": llm_judged_eval(dead),
+        "logging": {"tensorboard": False},
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = run_cli("run", "recipe.yaml", cwd=tmp_path)
+    assert_one_line_error(result, f"judge endpoint {dead} is unreachable", "drop llm from eval.judges")
+    assert not list((tmp_path / "runs/nojudge").glob("cache/eval/*"))  # nothing was generated
 
 
 def test_eval_under_two_ranks_generates_and_judges_once(tmp_path, tokenizer_dir, judge_api):

@@ -88,15 +88,29 @@ def test_scheduling_secrets_and_existing_claims():
     assert pod["nodeSelector"] == {"gpu": "h100"} and pod["priorityClassName"] == "training"
     assert job["spec"]["activeDeadlineSeconds"] == 86400
     env = {e["name"]: e for e in container(objects)["env"]}
-    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "token"}
-    assert env["OPENAI_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "judge", "key": "api-key"}
-    assert all("value" not in e for n, e in env.items() if n in ("HF_TOKEN", "OPENAI_API_KEY"))  # never a value
+    # Optional references: a missing Secret must not hold the pod (the stage that needs it says so).
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf", "key": "token", "optional": True}
+    assert "value" not in env["HF_TOKEN"]  # never a value
+    assert "OPENAI_API_KEY" not in env  # the judge key goes only where judges run
     claims = {
         v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v
     }
     assert claims == {"runs": "shared-runs", "model-cache": "models"}
     assert "PersistentVolumeClaim" not in objects  # existing claims: nothing created
     assert container(objects)["command"][-1] == "/runs/mistral-seed"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_the_judge_key_reaches_only_the_stages_that_judge(stage):
+    secrets = {"hubToken": {"name": "hf", "key": "token"},
+               "judgeApiKey": {"name": "judge", "key": "api-key", "env": "OPENAI_API_KEY"}}  # fmt: skip
+    env = {e["name"]: e for e in container(render(stage, {"secrets": secrets}))["env"]}
+    if stage in ("eval", "sweep"):
+        assert env["OPENAI_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "judge", "key": "api-key", "optional": True}
+        assert "value" not in env["OPENAI_API_KEY"]
+    else:
+        assert "OPENAI_API_KEY" not in env
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["optional"] is True
 
 
 def test_existing_recipe_configmap_and_missing_recipe():

@@ -155,19 +155,26 @@ spec:
                 fieldRef:
                   fieldPath: metadata.annotations['batch.kubernetes.io/job-completion-index']
             {{- end }}
+            {{- /* Secrets are optional references: a missing Secret starts the pod, and the stage that needs
+                   the variable says so in one line, instead of the pod waiting for it for days. */}}
             {{- with $v.secrets.hubToken }}
             - name: HF_TOKEN
               valueFrom:
                 secretKeyRef:
                   name: {{ .name }}
                   key: {{ .key }}
+                  optional: true
             {{- end }}
+            {{- /* The judge key only where judges run: eval, and a sweep's trials (each evaluates). */}}
+            {{- if or (eq .stage "eval") (eq .stage "sweep") }}
             {{- with $v.secrets.judgeApiKey }}
             - name: {{ .env }}
               valueFrom:
                 secretKeyRef:
                   name: {{ .name }}
                   key: {{ .key }}
+                  optional: true
+            {{- end }}
             {{- end }}
             {{- with $v.job.env }}
             {{- toYaml . | nindent 12 }}

@@ -148,11 +148,13 @@ class ChatClient:
         concurrency: int = 4,
     ) -> None:
         try:
-            self.url = check_endpoint_url(url).rstrip("/") + "/chat/completions"
+            self.base_url = check_endpoint_url(url).rstrip("/")
         except ValueError as exc:
             raise SafeAlignError(f"judge url: {exc}") from None
+        self.url = self.base_url + "/chat/completions"
         self._opener = _opener()
         self.model = model
+        self.api_key_env = api_key_env
         self.api_key = None
         if api_key_env:
             self.api_key = os.environ.get(api_key_env)
@@ -173,11 +175,47 @@ class ChatClient:
         payload = json.dumps({"url": self.url, "model": self.model, "messages": messages}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()
 
-    def _post(self, messages: list[dict]) -> str:
-        body = json.dumps({"model": self.model, "messages": messages, "temperature": 0.0, "max_tokens": 1024}).encode()
+    def _headers(self) -> dict[str, str]:
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
+
+    def check_reachable(self) -> None:
+        """Ask the endpoint for its model list once, before a stage spends hours generating what it will
+        judge: a judge nobody deployed, a wrong URL or a refused key is one line at the start, not a
+        failure after generation. Any HTTP answer but 401/403 counts as reachable (`/models` is optional
+        in OpenAI-compatible servers). Under torchrun rank 0 asks and every rank gets its answer."""
+        problem = agree(self._reachability_problem() if is_rank_0() else None)
+        if problem:
+            raise ChatClientError(problem)
+
+    def _reachability_problem(self) -> str | None:
+        last_error = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            request = urllib.request.Request(self.base_url + "/models", headers=self._headers(), method="GET")
+            try:
+                with self._opener.open(request, timeout=min(self.timeout, 10.0)):
+                    return None
+            except urllib.error.HTTPError as exc:
+                if exc.code in (401, 403):
+                    return (
+                        f"judge endpoint {self.base_url} refused the key in ${self.api_key_env} (HTTP {exc.code}): "
+                        "check the secret behind it (chart value secrets.judgeApiKey)"
+                    )
+                return None
+            except (urllib.error.URLError, TimeoutError, OSError) as exc:
+                last_error = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
+        return (
+            f"judge endpoint {self.base_url} is unreachable ({last_error}): deploy it, fix eval.llm_judge.url, "
+            "or drop llm from eval.judges"
+        )
+
+    def _post(self, messages: list[dict]) -> str:
+        body = json.dumps({"model": self.model, "messages": messages, "temperature": 0.0, "max_tokens": 1024}).encode()
+        headers = self._headers()
         last_error = ""
         for attempt in range(self.retries + 1):
             if attempt:

@@ -224,10 +224,11 @@ def cost_statistics(costs: dict[str, list[tuple[float, float]]]) -> dict[str, di
 
 
 def judge_safety(
-    ctx: StageContext, prompts: list[SafetyPrompt], answers: dict[str, dict]
+    ctx: StageContext, prompts: list[SafetyPrompt], answers: dict[str, dict], llm: ChatClient | None
 ) -> tuple[dict[str, dict[str, list[bool]]], dict[str, dict]]:
     """Verdicts of every configured judge on every model's BeaverTails answers (judge -> model -> [safe]),
-    and the cost model's threshold-free statistics per model when it judged."""
+    and the cost model's threshold-free statistics per model when it judged. `llm`: the LLM judge's
+    client (`llm_client`), when `eval.judges` lists it."""
     recipe = ctx.recipe
     ev = recipe.eval
     texts = {name: a["safety"] for name, a in answers.items()}
@@ -242,7 +243,7 @@ def judge_safety(
         if judge == "refusal":
             verdicts[judge] = verdicts_of(RefusalJudge())
         elif judge == "llm":
-            verdicts[judge] = verdicts_of(LLMJudge(_llm_client(ctx)))
+            verdicts[judge] = verdicts_of(LLMJudge(llm))
         elif judge == "cost_model":
             cost_dir = cost_model_dir(ctx)
             if cost_dir is None or not (cost_dir / "config.json").is_file():
@@ -271,12 +272,18 @@ def judge_safety(
     return verdicts, cost_stats
 
 
-def _llm_client(ctx: StageContext) -> ChatClient:
+def llm_client(ctx: StageContext) -> ChatClient | None:
+    """The LLM judge's client when `eval.judges` lists it, checked before any answer is generated: its
+    key is set (the chart's Secret reference is optional) and its endpoint answers."""
     j = ctx.recipe.eval.llm_judge
-    return ChatClient(
+    if j is None or "llm" not in ctx.recipe.eval.judges:
+        return None
+    client = ChatClient(
         j.url, j.model, j.api_key_env, cache_path=ctx.cache_dir("judge") / "llm.jsonl",
         timeout=j.timeout, retries=j.retries, concurrency=j.concurrency,
     )  # fmt: skip
+    client.check_reachable()
+    return client
 
 
 def agreement(verdicts: dict[str, dict[str, list[bool]]]) -> dict[str, float]:
@@ -293,8 +300,11 @@ def agreement(verdicts: dict[str, dict[str, list[bool]]]) -> dict[str, float]:
     return out
 
 
-def helpfulness(ctx: StageContext, questions: list[Question], answers: dict[str, dict]) -> dict[str, dict]:
-    """MT-Bench ratings (llm judge) and the Helpful-RM win rate against the base model (proxy)."""
+def helpfulness(
+    ctx: StageContext, questions: list[Question], answers: dict[str, dict], llm: ChatClient | None
+) -> dict[str, dict]:
+    """MT-Bench ratings (`llm`: the LLM judge's client, if any) and the Helpful-RM win rate against the
+    base model (proxy)."""
     recipe = ctx.recipe
     result: dict[str, dict] = {name: {} for name in answers}
     helpful_dir = ctx.upstream_output("rm", "helpful_rm")
@@ -312,8 +322,8 @@ def helpfulness(ctx: StageContext, questions: list[Question], answers: dict[str,
                 continue
             result[name]["rm_win_rate_vs_base"] = win_rate(values)
         result["base"]["rm_win_rate_vs_base"] = 0.5  # against itself, by definition
-    if recipe.eval.llm_judge is not None and "llm" in recipe.eval.judges:
-        client, prompts = _llm_client(ctx), load_judge_prompts()
+    if llm is not None:
+        client, prompts = llm, load_judge_prompts()
         for name, a in answers.items():
             conversations = [
                 judge_messages(q, tuple(t), turn, prompts) for q, t in zip(questions, a["mt_bench"]) for turn in (1, 2)
@@ -360,10 +370,11 @@ def run_eval(ctx: StageContext) -> dict:
     # What it needs
     prompts, questions = eval_prompts(recipe)
     models = produced_models(ctx)
+    llm = llm_client(ctx)
     # What it runs
     answers = {name: answer_with(path, prompts, questions, recipe, ctx.cache_dir("eval")) for name, path in models.items()}
-    verdicts, cost_stats = judge_safety(ctx, prompts, answers)
-    helpful = helpfulness(ctx, questions, answers)
+    verdicts, cost_stats = judge_safety(ctx, prompts, answers, llm)
+    helpful = helpfulness(ctx, questions, answers, llm)
     heldout = heldout_measure(ctx, models) if ev.heldout_pairs else {}
     results = {
         "models": {
