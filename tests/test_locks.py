@@ -97,5 +97,31 @@ def test_a_run_dir_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
         raise PermissionError(13, "Permission denied", str(self))
 
     monkeypatch.setattr(type(tmp_path), "mkdir", refuse)
-    with pytest.raises(SafeAlignError, match=r"cannot use it as a run directory \(Permission denied\)"):
+    uid, gid = os.getuid(), os.getgid()
+    with pytest.raises(SafeAlignError) as caught:
         RunLock(tmp_path / "runs" / "x" / ".lock").acquire()
+    # The uid, and the usual cause in a pod: an NFS/EFS volume, where fsGroup is not applied.
+    assert str(caught.value) == (
+        f"run directory {tmp_path / 'runs' / 'x'} is not writable by uid {uid} (gid {gid}): Permission denied; "
+        f"make it writable by uid {uid} (on Kubernetes, NFS/EFS volumes ignore fsGroup: chown the export to "
+        f"{uid}:{gid}, docs/kubernetes.md step 2)"
+    )
+
+
+def test_a_model_cache_that_cannot_be_written_is_one_line(tmp_path, tokenizer_dir, monkeypatch):
+    """A GGUF conversion or a random model goes to $SAFEALIGN_CACHE (/models in a pod): the refusal to
+    write there (injected: root writes anywhere) is one line before any model is built."""
+    from safealign.models import build_random
+    from safealign.recipe import RandomModel
+
+    monkeypatch.setenv("SAFEALIGN_CACHE", str(tmp_path / "models"))
+    real_mkdir = type(tmp_path).mkdir
+
+    def refuse(self, *args, **kwargs):
+        if self.is_relative_to(tmp_path / "models"):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tmp_path), "mkdir", refuse)
+    with pytest.raises(SafeAlignError, match=rf"^model directory {tmp_path / 'models'}\S* is not writable by uid \d+"):
+        build_random(RandomModel(tokenizer=str(tokenizer_dir), config={"hidden_size": 32}))

@@ -123,3 +123,26 @@ def _size(n: int) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def unwritable_error(what: str, path: Path, exc: OSError) -> SafeAlignError:
+    """The one line for a directory this process may not write: which uid and gid it runs as, and the
+    usual cause on Kubernetes, where pods run as uid 1000 and NFS/EFS volumes ignore `fsGroup`."""
+    uid, gid = os.getuid(), os.getgid()
+    return SafeAlignError(
+        f"{what} {path} is not writable by uid {uid} (gid {gid}): {exc.strerror or exc}; make it writable by "
+        f"uid {uid} (on Kubernetes, NFS/EFS volumes ignore fsGroup: chown the export to {uid}:{gid}, "
+        "docs/kubernetes.md step 2)"
+    )
+
+
+def require_writable_dir(what: str, path: Path) -> None:
+    """Create `path` if needed and write a file in it, so a read-only volume stops a run at its start
+    with `unwritable_error`, not hours later with a traceback (a permission check such as `os.access`
+    is not enough: NFS decides on the server)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except PermissionError as exc:
+        raise unwritable_error(what, path, exc) from None

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import IO
 
 from safealign.errors import SafeAlignError
+from safealign.files import unwritable_error
 
 log = logging.getLogger("safealign")
 
@@ -74,6 +75,8 @@ class RunLock:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             handle = self.path.open("a+", encoding="utf-8")
+        except PermissionError as exc:
+            raise unwritable_error("run directory", self.path.parent, exc) from None
         except OSError as exc:
             problem = "not a directory" if isinstance(exc, (FileExistsError, NotADirectoryError)) else exc.strerror
             raise SafeAlignError(

@@ -26,6 +26,7 @@ from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 from safealign.errors import SafeAlignError
+from safealign.files import require_writable_dir
 from safealign.recipe import ModelSection, ModelSpec, RandomModel, RandomModelSpec
 
 
@@ -52,7 +53,7 @@ def _publish(build, target: Path) -> Path:
     """Run `build(tmp_dir)` and rename the result to `target` atomically (first writer wins)."""
     if (target / "config.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    require_writable_dir("model directory", target.parent)  # the model cache may be a volume uid 1000 cannot write
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         build(tmp)
