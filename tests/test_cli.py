@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import yaml
@@ -102,6 +103,24 @@ def test_a_job_that_asks_for_gpus_refuses_to_train_without_one(tmp_path):
     result = run_cli("run", path, cwd=tmp_path, extra_env={"SAFEALIGN_REQUIRE_GPU": "1"})
     assert_one_line_error(result, "SAFEALIGN_REQUIRE_GPU=1 (this Job asks for GPUs) but no GPU is visible")
     assert not (tmp_path / "runs").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("driver", ["570.86.15", None])
+def test_a_gpu_job_without_a_gpu_names_the_driver_floor(tmp_path, driver):
+    """A CUDA 13 PyTorch on a driver older than 580 sees no GPU at all: the error names the node's driver
+    (asked through NVML; a stand-in `pynvml` here, as no driver exists on this machine) and the floor."""
+    fake = tmp_path / "fake-nvml"
+    fake.mkdir()
+    body = (f"def nvmlSystemGetDriverVersion():\n    return {driver!r}\n" if driver
+            else "def nvmlSystemGetDriverVersion():\n    raise RuntimeError('NVML Shared Library Not Found')\n")  # fmt: skip
+    (fake / "pynvml.py").write_text("def nvmlInit():\n    pass\n\ndef nvmlShutdown():\n    pass\n\n" + body)
+    path = write_recipe(tmp_path, write_jsonl(tmp_path / "d.jsonl", pku_rows(5)))
+    pythonpath = os.pathsep.join(filter(None, [str(fake), os.environ.get("PYTHONPATH")]))
+    result = run_cli("run", path, cwd=tmp_path, extra_env={"SAFEALIGN_REQUIRE_GPU": "1", "PYTHONPATH": pythonpath})
+    if driver:
+        assert_one_line_error(result, "the node's NVIDIA driver is 570.86.15, older than the 580", "driver.version")
+    else:
+        assert_one_line_error(result, "no NVIDIA driver answers: check the node's NVIDIA driver (>= 580)")
 
 
 def _alias_bomb() -> str:

@@ -97,6 +97,7 @@ def test_vllm_gets_token_ids_without_a_bos_for_an_input_template(monkeypatch, to
     fake.LLM = FakeLLM
     fake.SamplingParams = lambda **kwargs: kwargs
     monkeypatch.setitem(sys.modules, "vllm", fake)
+    monkeypatch.setattr("torch.cuda.mem_get_info", lambda: (80 * 2**30, 80 * 2**30))  # no GPU here
 
     generator = VLLMGenerator("model-dir", dtype="bf16", input_template="Human: {}\nAssistant: ")
     assert generator.generate([GenerationRequest.single_turn("Hi there")]) == ["ok"]
@@ -104,6 +105,49 @@ def test_vllm_gets_token_ids_without_a_bos_for_an_input_template(monkeypatch, to
     expected = tokenizer("Human: Hi there\nAssistant: ", add_special_tokens=False)["input_ids"]
     assert prompt == {"prompt_token_ids": expected}
     assert calls["engine"]["dtype"] == "bfloat16"
+
+
+def test_a_vllm_engine_is_shut_down_and_its_memory_awaited_before_the_next_model(monkeypatch):
+    """`del` + gc left a vLLM engine's worker processes holding the GPUs while the next model loaded.
+    close() shuts the engine core down, then vLLM's process groups, and waits until the GPU's free
+    memory is back (a stand-in `vllm` and a faked `torch.cuda.mem_get_info`: no GPU here)."""
+    import sys
+    import types
+
+    from safealign.eval.generation import VLLMGenerator
+
+    order: list[str] = []
+    engine_core = types.SimpleNamespace(shutdown=lambda: order.append("engine_core.shutdown"))
+
+    class FakeLLM:
+        def __init__(self, **kwargs):
+            self.llm_engine = types.SimpleNamespace(engine_core=engine_core)
+
+    parallel_state = types.ModuleType("vllm.distributed.parallel_state")
+    parallel_state.destroy_model_parallel = lambda: order.append("destroy_model_parallel")
+    parallel_state.destroy_distributed_environment = lambda: order.append("destroy_distributed_environment")
+    fake = types.ModuleType("vllm")
+    fake.LLM = FakeLLM
+    for name, module in {"vllm": fake, "vllm.distributed": types.ModuleType("vllm.distributed"),
+                         "vllm.distributed.parallel_state": parallel_state}.items():  # fmt: skip
+        monkeypatch.setitem(sys.modules, name, module)
+    free = iter([80, 12, 12, 30, 79.5])  # GiB free: before the engine, then polls after its shutdown
+    polls: list[float] = []
+
+    def mem_get_info():
+        polls.append(next(free))
+        return polls[-1] * 2**30, 80 * 2**30
+
+    monkeypatch.setattr("torch.cuda.mem_get_info", mem_get_info)
+    monkeypatch.setattr("safealign.eval.generation.time.sleep", lambda seconds: None)
+
+    generator = VLLMGenerator("model-dir", dtype="bf16")
+    generator.close()
+    assert order == ["engine_core.shutdown", "destroy_model_parallel", "destroy_distributed_environment"]
+    assert polls == [80, 12, 12, 30, 79.5]  # waited until within 1 GiB of the memory free before the engine
+    assert generator.llm is None
+    generator.close()  # a second close is a no-op
+    assert len(order) == 3
 
 
 SHARD_SCRIPT = """

@@ -22,7 +22,7 @@ from safealign.eval.heldout import heldout_rows, load_training_rows
 from safealign.eval.safety import DEFAULT_PATH, load_prompts
 from safealign.files import disk_full, disk_full_error
 from safealign.k8s import submit as k8s
-from safealign.process import gpu_available, init_process_group, is_rank_0, leave_process_group
+from safealign.process import gpu_available, init_process_group, is_rank_0, leave_process_group, no_gpu_reason
 from safealign.recipe import STAGE_ORDER, check_world_size, flatten_recipe, load_recipe
 from safealign.runner import run_recipe
 from safealign.stages import finished_stage
@@ -178,10 +178,7 @@ def require_gpu() -> None:
     not a 7B model training on the CPU for days."""
     if os.environ.get("SAFEALIGN_REQUIRE_GPU") == "1":
         if not gpu_available():
-            raise SafeAlignError(
-                "SAFEALIGN_REQUIRE_GPU=1 (this Job asks for GPUs) but no GPU is visible: check the node's NVIDIA "
-                "driver and device plugin, the pod's nvidia.com/gpu request, and that the image's PyTorch is a CUDA build"
-            )
+            raise SafeAlignError(f"SAFEALIGN_REQUIRE_GPU=1 (this Job asks for GPUs) but no GPU is visible: {no_gpu_reason()}")
 
 
 def check_input_files(recipe) -> list:

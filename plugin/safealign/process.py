@@ -17,6 +17,42 @@ def gpu_available() -> bool:
     return torch.cuda.is_available() and torch.cuda.device_count() > 0
 
 
+#: The oldest NVIDIA driver that runs the GPU image's PyTorch (CUDA 13 wheels; docs/install.md).
+DRIVER_FLOOR = 580
+
+
+def nvidia_driver_version() -> str | None:
+    """The node's NVIDIA driver version as NVML reports it ("570.86.15"), or None where NVML cannot be
+    asked (no driver, no pynvml). A CUDA build of torch on an older driver sees no GPU at all, so this is
+    how a pod says *why*."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            version = pynvml.nvmlSystemGetDriverVersion()
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - any NVML failure means "cannot tell"
+        return None
+    return version.decode() if isinstance(version, bytes) else str(version)
+
+
+def no_gpu_reason() -> str:
+    """Why a pod that asked for GPUs sees none, as far as can be told from inside it."""
+    driver = nvidia_driver_version()
+    if driver is not None and int(driver.split(".")[0]) < DRIVER_FLOOR:
+        return (
+            f"the node's NVIDIA driver is {driver}, older than the {DRIVER_FLOOR} this image's CUDA 13 PyTorch "
+            f"needs: upgrade it (GPU Operator: driver.version) or schedule on nodes with driver >= {DRIVER_FLOOR}"
+        )
+    found = f"driver {driver} found" if driver else "no NVIDIA driver answers"
+    return (
+        f"{found}: check the node's NVIDIA driver (>= {DRIVER_FLOOR}) and device plugin, the pod's nvidia.com/gpu "
+        "request, and that the image's PyTorch is a CUDA build"
+    )
+
+
 def ensure_process_env() -> None:
     """A plain `safealign run` is a one-process world; torchrun and the deepspeed launcher set these."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:

@@ -73,6 +73,34 @@ class Generator(Protocol):
     def generate(self, requests: Sequence[GenerationRequest]) -> list[str]:
         """The answer to every request, in request order."""
 
+    def close(self) -> None:
+        """Give back what the generator holds on the accelerator, before the next model loads."""
+
+
+def release_accelerator_memory() -> None:
+    """Drop unreachable objects and return PyTorch's cached GPU blocks to the driver."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def wait_for_gpu_memory(free_before: int, timeout: float = 120.0, slack: int = 2**30) -> bool:
+    """Wait until the GPU has (about) as much free memory as `free_before` again: a vLLM engine's worker
+    processes exit asynchronously after shutdown, and the next model must not load beside them (an
+    out-of-memory error, or vLLM sizing its KV cache to the leftovers). False on timeout."""
+    import torch
+
+    deadline = time.monotonic() + timeout
+    while torch.cuda.mem_get_info()[0] + slack < free_before:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
 
 class HFGenerator:
     """Batched `model.generate` with left padding, length-sorted batches and the KV cache.
@@ -127,6 +155,11 @@ class HFGenerator:
         torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, **trusted).to(device).eval()
         return cls(model, tokenizer, batch_size=batch_size, seed=seed, input_template=input_template)
+
+    def close(self) -> None:
+        """Drop the model this generator holds (the caller may hold it too: the align trainer's policy)."""
+        self.model = None
+        release_accelerator_memory()
 
     def _encode(self, request: GenerationRequest) -> list[int]:
         text = format_prompt(self.tokenizer, request, self.input_template)
@@ -185,13 +218,33 @@ class VLLMGenerator:
     def __init__(
         self, model_dir: Path, dtype: str = "bf16", seed: int = 0, input_template: str | None = None, **engine_kwargs
     ) -> None:
+        import torch
         from vllm import LLM
 
+        self.free_before = torch.cuda.mem_get_info()[0]
         self.llm = LLM(
             model=str(model_dir), dtype={"bf16": "bfloat16", "fp32": "float32"}[dtype], seed=seed, **engine_kwargs
         )
         self.input_template = input_template
         self.stats = GenerationStats(backend="vllm")
+
+    def close(self) -> None:
+        """Shut the engine down explicitly — its engine-core process and tensor-parallel workers, then
+        vLLM's process groups — instead of trusting `del` and the garbage collector to find every
+        reference, and wait until the GPUs' memory is back before the next model loads."""
+        if self.llm is None:
+            return
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if callable(getattr(core, "shutdown", None)):
+            core.shutdown()
+        from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+        destroy_model_parallel()
+        destroy_distributed_environment()
+        self.llm = None
+        release_accelerator_memory()
+        if not wait_for_gpu_memory(self.free_before):
+            log.warning("vLLM: GPU memory not yet back after the engine's shutdown; loading the next model anyway")
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[str]:
         from vllm import SamplingParams
@@ -225,6 +278,9 @@ class ShardedGenerator:
         self.inner = inner
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.stats = GenerationStats(backend=f"{inner.stats.backend} × {self.world} ranks")
+
+    def close(self) -> None:
+        self.inner.close()
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[str]:
         import torch.distributed as dist

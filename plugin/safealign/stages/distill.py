@@ -23,7 +23,6 @@ Outputs: `model/` (the student the eval stage evaluates), `teacher_answers.jsonl
 from __future__ import annotations
 
 import dataclasses
-import gc
 import json
 import logging
 import shutil
@@ -144,9 +143,8 @@ def teacher_answers(ctx: StageContext, teacher: Path) -> list[dict]:
         for prompt in prompts for _ in range(n)
     ]  # fmt: skip
     flat = generator.generate(requests)
+    generator.close()
     stats = generator.stats
-    del generator
-    gc.collect()
     candidates = [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
     if n == 1:
         chosen = [{"answer": answers[0], "chosen": 0} for answers in candidates]

@@ -17,7 +17,6 @@ and the report (`eval/report.md`, `eval/report.html`).
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import logging
@@ -128,6 +127,7 @@ def answer_with(
             for q, a in zip(questions, first)
         ]
     )
+    generator.close()
     stats = generator.stats
     result = {
         "safety": safety,
@@ -136,8 +136,6 @@ def answer_with(
         "answers_per_second": stats.answers_per_second,
         "new_tokens": stats.new_tokens,
     }
-    del generator
-    gc.collect()
     if is_rank_0():  # every rank holds all answers (sharded generation gathers them); one writes
         write_text_atomically(path, json.dumps(result))
     barrier()
