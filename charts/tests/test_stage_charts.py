@@ -113,6 +113,19 @@ def test_the_judge_key_reaches_only_the_stages_that_judge(stage):
     assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["optional"] is True
 
 
+def test_the_documented_rdma_values_render():
+    """docs/kubernetes.md's multi-node RDMA values pass the schema and reach the container."""
+    objects = render("align", {
+        "job": {"nodes": 2, "env": [{"name": "NCCL_IB_HCA", "value": "mlx5"}, {"name": "NCCL_SOCKET_IFNAME", "value": "eth0"}]},
+        "resources": {"limits": {"rdma/rdma_shared_device_a": 1}},
+        "securityContext": {"container": {"capabilities": {"drop": ["ALL"], "add": ["IPC_LOCK"]}}},
+    })  # fmt: skip
+    main = container(objects)
+    assert main["resources"]["limits"]["rdma/rdma_shared_device_a"] == "1"
+    assert main["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["IPC_LOCK"]}
+    assert {"NCCL_IB_HCA", "NCCL_SOCKET_IFNAME"} <= {e["name"] for e in main["env"]}
+
+
 def test_existing_recipe_configmap_and_missing_recipe():
     objects = render("rm", {"recipe": "", "recipeConfigMap": "run-42-recipe"})
     assert "ConfigMap" not in objects
