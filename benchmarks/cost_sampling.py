@@ -22,6 +22,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 HERE = Path(__file__).resolve().parent
 QUICKSTART = HERE.parent / "recipes" / "quickstart.yaml"
@@ -69,11 +70,12 @@ def measure(run_dir: Path, recipe_path: Path, updates: int) -> dict:
         cost_model_mib = rss_mib() - before
         weights_mib = sum(p.numel() * p.element_size() for p in cost_model.model.parameters()) / 2**20
         sampler = PolicyCostSampler(pool, cost_model, recipe, tokenizer, strategy, Path(scratch) / "samples.jsonl")
+        unwrapped = SimpleNamespace(module=policy)  # the sampler takes an engine; a plain model has nothing to gather
 
         rounds = []
         for update in range(updates):
             started = time.perf_counter()
-            answers, new_tokens = sampler.answer(policy, update)
+            answers, new_tokens = sampler.answer(unwrapped, update)
             generated = time.perf_counter()
             costs = cost_model.score(pool, answers, settings.batch_size)
             scored = time.perf_counter()

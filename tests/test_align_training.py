@@ -451,3 +451,30 @@ def test_adam_offload_steps_torchs_adamw_without_building_an_op(tmp_path, tokeni
     assert len(runs[True]) == len(runs[False]) > 1
     for a, b in zip(runs[True], runs[False], strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6), a["step"]
+
+
+def test_zero3_under_two_ranks_gathers_the_weights_once_per_estimate(tmp_path, tokenizer_dir, mixed_rows):
+    """torchrun, 2 ranks, ZeRO-3 (each rank holds half of every weight, gloo): Ĵ_C's answers generated
+    with the weights gathered once per estimate (`cost_sampling.gather_weights`, the default: DeepSpeed's
+    hooks lifted while it answers) are the ones generated in lockstep with a gather per module per token
+    (`synced_gpus`), and training after each estimate goes on identically (the hooks are back). Greedy,
+    so answers do not depend on the split. The seconds per estimate of both are printed."""
+    runs = {}
+    for gather in (True, False):
+        work = tmp_path / f"gather-{gather}"
+        work.mkdir()
+        recipe = tiny_recipe(
+            work, tokenizer_dir, mixed_rows, deepspeed={"zero_stage": 3},
+            align={"lambda_lr": 0.5, "cost_sampling": {**TINY_COST_SAMPLING, "temperature": 0.0,
+                                                        "max_new_tokens": 24, "gather_weights": gather}},
+        )  # fmt: skip
+        result = torchrun_cli("run", str(recipe), "--run-dir", "runs/z3", cwd=work, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[gather] = train_steps(work / "runs/z3")
+        samples = (work / "runs/z3/align/lambda_samples.jsonl").read_text().splitlines()
+        seconds = [json.loads(line)["seconds"] for line in samples]
+        print(f"gather_weights={gather}: {len(seconds)} estimates, median {sorted(seconds)[len(seconds) // 2]:.3f} s")
+    assert len(runs[True]) == len(runs[False]) > 1
+    for a, b in zip(runs[True], runs[False], strict=True):
+        for key in ("loss", "cost_sampled", "lambda_next"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (key, a["step"])

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,9 +144,11 @@ class PolicyCostSampler:
         self.strategy = strategy
         self.samples_log = MetricsLog(samples_path, enabled=strategy.is_rank_0())
 
-    def answer(self, policy, step: int) -> tuple[list[str], int]:
-        """Every pool prompt's answer from `policy` (on several ranks: sharded, gathered), and the new
-        tokens made."""
+    def answer(self, policy_engine, step: int) -> tuple[list[str], int]:
+        """Every pool prompt's answer from the policy (`policy_engine`: its DeepSpeed engine; on several ranks:
+        sharded, gathered), and the new tokens made. Under ZeRO-3 the weights are gathered once for the
+        whole estimate (`cost_sampling.gather_weights`), else once per generated token in lockstep."""
+        policy = policy_engine.module
         requests = [
             GenerationRequest(
                 messages=tuple((m["role"], m["content"]) for m in prompt),
@@ -155,13 +158,14 @@ class PolicyCostSampler:
             for prompt in self.prompts
         ]
         several = getattr(self.strategy, "world_size", 1) > 1
+        gather = self.zero3 and self.settings.gather_weights
         generator = HFGenerator(
             policy,
             self.tokenizer,
             batch_size=self.settings.batch_size,
             seed=self.seed + step,
             input_template=self.input_template,
-            synced_gpus=self.zero3 and several,
+            synced_gpus=self.zero3 and several and not gather,
             progress=False,
         )
         if several:
@@ -170,17 +174,17 @@ class PolicyCostSampler:
         policy.eval()
         devices = [torch.cuda.current_device()] if gpu_available() else []
         try:
-            with torch.random.fork_rng(devices=devices):
+            with torch.random.fork_rng(devices=devices), engine.full_weights(policy_engine) if gather else nullcontext():
                 answers = generator.generate(requests)
         finally:
             policy.train(was_training)
         return answers, generator.stats.new_tokens
 
-    def estimate(self, policy, step: int, threshold: float | None) -> CostSample:
+    def estimate(self, policy_engine, step: int, threshold: float | None) -> CostSample:
         """Sample the pool's answers from `policy` and score them: one Ĵ_C estimate, against λ's threshold
         (None: this estimate calibrates it, `align.cost_threshold: initial`, so it is its own mean)."""
         started = time.time()
-        answers, new_tokens = self.answer(policy, step)
+        answers, new_tokens = self.answer(policy_engine, step)
         costs = self.cost_model.score(self.prompts, answers, self.settings.batch_size)
         return CostSample(
             prompts=self.prompts,

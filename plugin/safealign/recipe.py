@@ -224,6 +224,11 @@ class CostSamplingSection(Strict):
     logged_answers: Annotated[int, Field(ge=0)] = Field(
         4, description="answers per update written to align/lambda_samples.jsonl"
     )
+    gather_weights: bool = Field(
+        True,
+        description="ZeRO-3: gather the policy's full weights once per estimate instead of once per generated "
+        "token (memory: the whole model on every GPU while it answers); false for a model that does not fit one",
+    )
 
 
 class AlignSection(PairTrainingSection):

@@ -8,6 +8,8 @@ import logging
 import math
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from safealign.errors import SafeAlignError
@@ -149,3 +151,29 @@ def resume_state(strategy: DeepspeedStrategy, engine, args: Settings) -> dict:
         return {}
     log.info("resumed from %s: %d pairs already trained", load_path, states.get("consumed_samples", 0))
     return states
+
+
+@contextmanager
+def full_weights(engine) -> Iterator[None]:
+    """For the length of a generation, every rank holds the whole of a ZeRO-3 model: its weights gathered
+    once, and DeepSpeed's per-module hooks lifted (they would gather each module's weights again before
+    its forward and release them after — once per generated token). Outside ZeRO-3 (nothing partitioned)
+    this does nothing. Costs the full weights' memory on every rank while it lasts; no collective runs
+    during the generation, so ranks need not stay in lockstep (`synced_gpus`)."""
+    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+    if offload is None:
+        yield
+        return
+    import deepspeed
+
+    parameters = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(parameters):
+        for parameter in parameters:
+            parameter.ds_active_sub_modules.clear()
+        for hook in offload.forward_hooks + offload.backward_hooks:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            offload._register_deepspeed_module(offload.module)  # the hooks back, its trace invalidated

@@ -99,7 +99,7 @@ class SafeMMDPOTrainer(StepLoop, DPOTrainer):
         """d = Ĵ_C of the policy before its first step, sampled and scored like every later estimate
         (logged as step 0 of lambda_samples.jsonl): λ then rises only if training makes the policy's
         answers costlier than they were, whatever the cost model's offset."""
-        sample = self.cost_sampler.estimate(self.model.model.module, 0, threshold=None)
+        sample = self.cost_sampler.estimate(self.model.model, 0, threshold=None)
         self.lagrange.threshold = sample.threshold
         self.cost_sampler.record(0, sample, self.lagrange.value)
 
@@ -166,7 +166,7 @@ class SafeMMDPOTrainer(StepLoop, DPOTrainer):
     def after_step(self, global_step: int, logs: dict[str, float]) -> None:
         """Safe RLHF's dual update when λ is due, from the policy's sampled cost."""
         if self.cost_sampler is not None and self.lagrange.due(global_step):
-            sample = self.cost_sampler.estimate(self.model.model.module, global_step, self.lagrange.threshold)
+            sample = self.cost_sampler.estimate(self.model.model, global_step, self.lagrange.threshold)
             self.lagrange.update(sample.mean_cost)
             logs.update(
                 cost_sampled=sample.mean_cost,
