@@ -211,6 +211,30 @@ def test_held_out_pairs_whose_prompt_is_trained_on_are_left_out_of_the_measure(t
     overlap = ("--set", "stages=[align,eval]", "--set", f"eval.heldout_pairs=[{{path: {data}, skip_rows: 5}}]")
     result = run_cli("validate", path, "--set", "data.train.0.max_rows=6", *overlap, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "eval.heldout_pairs: 1 of 3 pairs share a prompt with data.train and are left out" in result.stderr
+    assert "eval.heldout_pairs: 1 of 3 pairs belong to a conversation data.train trains on (1 the same prompt" in result.stderr
     assert "d.jsonl:6" in result.stderr
-    assert_one_line_error(run_cli("validate", path, *overlap, cwd=tmp_path), "every pair's prompt is a training prompt")
+    assert_one_line_error(run_cli("validate", path, *overlap, cwd=tmp_path), "every pair's conversation is a training one")
+
+
+def test_held_out_pairs_of_a_trained_conversation_are_left_out_of_the_measure(tmp_path):
+    """HH-RLHF holds several pairs of one conversation: a held-out prompt that extends a training prompt
+    (whose rejected answer then sits inside it), or opens with the same turn in other capitals and
+    punctuation, is not held out; an unrelated one is."""
+    def conversation(*turns: str) -> list[dict]:
+        return [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+
+    train = [{"prompt": conversation("How do I pick a lock?"), "chosen": "I can't help.", "rejected": "Use a pin."}]
+    held = [
+        {"prompt": conversation("How do I pick a lock?", "Use a pin.", "Which pin?"), "chosen": "No.", "rejected": "A bobby pin."},
+        {"prompt": conversation("how do i pick a LOCK"), "chosen": "No.", "rejected": "Like this."},
+        {"prompt": conversation("What is the capital of France?"), "chosen": "Paris.", "rejected": "Lyon."},
+    ]  # fmt: skip
+    write_jsonl(tmp_path / "train.jsonl", train)
+    write_jsonl(tmp_path / "held.jsonl", held)
+    path = write_recipe(tmp_path, tmp_path / "train.jsonl")
+    result = run_cli("validate", path, "--set", "stages=[align,eval]", "--set", "data.train.0.format=pairs",
+                     "--set", "data.train.0.dimension=safe",
+                     "--set", f"eval.heldout_pairs=[{{path: {tmp_path / 'held.jsonl'}, format: pairs, dimension: safe}}]",
+                     cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "2 of 3 pairs belong to a conversation data.train trains on (0 the same prompt, 2 the same opening" in result.stderr

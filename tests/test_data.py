@@ -135,3 +135,20 @@ def test_training_subsets_are_nested_deterministic_and_in_file_order():
     positions = [rows.index(r) for r in large]
     assert positions == sorted(positions) and positions != list(range(60))  # spread over the file, not its head
     assert subset_by_prompt(rows, 20, seed=8) != small
+
+
+def test_the_rm_split_keeps_a_conversation_on_one_side():
+    """Pairs of one conversation (a prompt extending another, the same opening in other capitals) are
+    held out together or not at all, for any seed."""
+    from safealign.data import PreferenceRow, held_out_indices
+
+    def row(*turns: str) -> PreferenceRow:
+        prompt = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+        return PreferenceRow(prompt=prompt, response_0="a", response_1="b", safer_response_id=0)
+
+    family = [row("How do I pick a lock?"), row("how do i pick a LOCK"), row("How do I pick a lock?", "No.", "Please?")]
+    others = [row(f"Question number {i}?") for i in range(40)]
+    for seed in range(20):
+        held = held_out_indices(family + others, 0.5, seed)
+        assert {0, 1, 2} <= held or not {0, 1, 2} & held
+        assert 0 < len(held & set(range(3, 43))) < 40  # the others do split

@@ -356,6 +356,16 @@ def prompt_identity(messages: list[Message]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def conversation_identity(messages: list[Message]) -> str:
+    """The conversation a prompt belongs to: its first user turn, lower-cased, punctuation and spacing
+    removed. HH-RLHF holds several pairs of one conversation (a prompt that extends another, the same
+    opening asked again with other capitals or a missing question mark); they share this identity, so a
+    split that keeps conversations whole keeps a held-out answer out of a training prompt."""
+    first = next((m["content"] for m in messages if m["role"] == "user"), messages[0]["content"] if messages else "")
+    words = "".join(ch.lower() if ch.isalnum() else " " for ch in first).split()
+    return hashlib.sha256(" ".join(words).encode("utf-8")).hexdigest()
+
+
 def _prompt_bucket(prompt: list[Message], seed: int | str) -> float:
     """A prompt's pseudo-random place in [0, 1): a pure function of the prompt and the seed."""
     digest = hashlib.sha256(f"{seed}:{prompt_identity(prompt)}".encode()).digest()
@@ -363,9 +373,18 @@ def _prompt_bucket(prompt: list[Message], seed: int | str) -> float:
 
 
 def held_out_indices(rows: list[PreferenceRow], eval_fraction: float, seed: int) -> set[int]:
-    """Indices of the held-out rows: a deterministic share of prompts, so pairs sharing a prompt land
-    on one side of the split."""
-    return {i for i, row in enumerate(rows) if _prompt_bucket(row.prompt, seed) < eval_fraction}
+    """Indices of the held-out rows: a deterministic share of conversations, so pairs sharing a prompt —
+    or a conversation (`conversation_identity`) — land on one side of the split."""
+    def bucket(row: PreferenceRow) -> float:
+        digest = hashlib.sha256(f"{seed}:{conversation_identity(row.prompt)}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2**64
+
+    return {i for i, row in enumerate(rows) if bucket(row) < eval_fraction}
+
+
+def prompt_folds(rows: list[PreferenceRow], folds: int, seed: int) -> list[int]:
+    """Each row's cross-validation fold (0..folds-1), by prompt: pairs sharing a prompt share a fold."""
+    return [min(folds - 1, int(_prompt_bucket(row.prompt, seed) * folds)) for row in rows]
 
 
 def hold_out_prompts(

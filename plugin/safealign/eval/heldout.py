@@ -6,8 +6,10 @@ BeaverTails file, default or `eval.beavertails`, and MT-Bench's first turns) and
 error on any match: silently dropping them would hide a data problem the user should fix at the source.
 
 Held-out preference pairs (`eval.heldout_pairs`) are defined the other way round: the pairs given,
-minus every pair whose prompt is among `data.train`'s (public preference files repeat prompts, so a
-split by row range leaves a few on both sides). Everything that trains — the reward models, the policy,
+minus every pair of a conversation `data.train` has a pair of — the same first user turn, ignoring case,
+punctuation and spacing (`data.conversation_identity`). Public preference files repeat prompts and hold
+several pairs per conversation (an HH-RLHF prompt may extend another, whose rejected answer then sits
+verbatim inside it), so a split by row range leaves some on both sides. Everything that trains — the reward models, the policy,
 its Ĵ_C prompt pool, the distilled student's prompts by default — draws on `data.train`, so no held-out
 pair's prompt reaches a training stage; the ones left out are counted in the log.
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from safealign.data import Message, PreferenceRow, load_sources, prompt_identity
+from safealign.data import Message, PreferenceRow, conversation_identity, load_sources, prompt_identity
 from safealign.errors import SafeAlignError
 from safealign.eval.mtbench import load_questions
 from safealign.eval.safety import DEFAULT_PATH, load_prompts
@@ -59,14 +61,17 @@ def load_training_rows(recipe: Recipe) -> list[PreferenceRow]:
 
 
 def heldout_rows(recipe: Recipe, training: list[PreferenceRow]) -> list[PreferenceRow]:
-    """`eval.heldout_pairs` without the pairs whose prompt is a training prompt (see the module docs)."""
-    trained = {prompt_identity(row.prompt) for row in training}
+    """`eval.heldout_pairs` without the pairs whose conversation is a training pair's (see the module docs)."""
+    trained = {conversation_identity(row.prompt) for row in training}
     rows = load_sources(recipe.eval.heldout_pairs)
-    kept = [row for row in rows if prompt_identity(row.prompt) not in trained]
+    kept = [row for row in rows if conversation_identity(row.prompt) not in trained]
     if len(kept) < len(rows):
-        first = next(row for row in rows if prompt_identity(row.prompt) in trained)
-        log.warning("eval.heldout_pairs: %d of %d pairs share a prompt with data.train and are left out of the "
-                    "held-out measure (first: %s)", len(rows) - len(kept), len(rows), first.source)  # fmt: skip
+        left_out = [row for row in rows if conversation_identity(row.prompt) in trained]
+        trained_prompts = {prompt_identity(row.prompt) for row in training}
+        same_prompt = sum(prompt_identity(row.prompt) in trained_prompts for row in left_out)
+        log.warning("eval.heldout_pairs: %d of %d pairs belong to a conversation data.train trains on (%d the same "
+                    "prompt, %d the same opening turn) and are left out of the held-out measure (first: %s)",
+                    len(left_out), len(rows), same_prompt, len(left_out) - same_prompt, left_out[0].source)  # fmt: skip
     if not kept:
-        raise SafeAlignError("eval.heldout_pairs: every pair's prompt is a training prompt; nothing is held out")
+        raise SafeAlignError("eval.heldout_pairs: every pair's conversation is a training one; nothing is held out")
     return kept
