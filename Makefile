@@ -37,6 +37,7 @@ bench: setup
 	$(BIN)/python benchmarks/dpo_step.py --model smollm2 --rounds 2 --steps 3
 	$(BIN)/python benchmarks/step_floor.py
 	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/cost_probe.py
 	rm -rf $(BENCH_RUN)
 	$(BIN)/safealign run recipes/quickstart.yaml --run-dir $(BENCH_RUN)
 	$(BIN)/python benchmarks/stage_times.py $(BENCH_RUN)

@@ -162,7 +162,7 @@ def pipeline_recipe(tokenizer_dir: Path, rows: str, name: str, **sections) -> di
         "stages": ["rm", "align", "distill", "eval"],
         "model": model,
         "data": {"train": [{"path": rows}], "max_len": 512},
-        "rm": {"helpful": TINY_TRAINER, "cost": TINY_TRAINER, "eval_fraction": 0.0},
+        "rm": {"helpful": TINY_TRAINER, "cost": {}, "eval_fraction": 0.0},
         "align": TINY_ALIGN,
         "distill": {"max_prompts": 8, "max_new_tokens": 8, "sft": TINY_TRAINER},
         "eval": {"beavertails_per_category": 1, "mt_bench_per_category": 1, "max_new_tokens": 6},

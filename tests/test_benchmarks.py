@@ -181,3 +181,36 @@ def test_implicit_reward_projection_needs_the_sign_test_share():
     projection = learning_curve.project(points, 0.01, "implicit_reward")
     assert projection["gain_needed"] == pytest.approx(0.14)
     assert projection["training_pairs_needed"] == pytest.approx(50 * math.exp(7), rel=1e-6)
+
+
+def test_the_cost_probe_reads_every_layer_as_the_pooled_cost_model_does(tmp_path, tokenizer_dir):
+    """benchmarks/cost_probe.py reads all layers in one forward; at each layer its features must be what
+    the rm stage's model — the backbone cut at that layer — computes, or its table would choose the layer
+    for a model the stage does not build."""
+    from transformers import AutoModel
+
+    from safealign.models import build_random
+    from safealign.openrlhf import engine
+    from safealign.openrlhf.settings import build_settings
+    from safealign.pair_dataset import PreferencePairDataset
+    from safealign.pooled_value import PooledValueModel, truncated_backbone
+    from safealign.recipe import RandomModel, load_recipe
+
+    probe = load_benchmark("cost_probe")
+    recipe = load_recipe(tiny_recipe(tmp_path, tokenizer_dir, write_jsonl(tmp_path / "pku.jsonl", pku_rows(6))))
+    base = build_random(RandomModel(tokenizer=str(tokenizer_dir), config={"hidden_size": 32, "intermediate_size": 64,
+                                                                          "num_hidden_layers": 3}))  # fmt: skip
+    args = build_settings(recipe, recipe.rm.cost, tmp_path, "rm", model_dir=base)
+    strategy = engine.make_strategy(args)
+    full = AutoModel.from_pretrained(base, dtype=torch.float32).eval()
+    tokenizer = engine.load_tokenizer(base, full, strategy, padding_side="left")
+    from safealign.data import load_sources
+
+    dataset = PreferencePairDataset(load_sources(recipe.data.train), tokenizer, 128, strategy, None, for_reward_model=True)
+    with torch.no_grad():
+        every = probe.layer_features(full, dataset, strategy, 4)  # [N, 2, layers, hidden]
+        for layer in (1, 2, 3):
+            cut = PooledValueModel(truncated_backbone(base, layer, torch.float32), torch.nn.Linear(32, 1))
+            batch = dataset.collate_fn([dataset[i] for i in range(len(dataset))])
+            ids, mask, extras = batch[0], batch[1], batch[-1]
+            assert torch.allclose(every[:, 0, layer - 1].float(), cut.features(ids, mask, extras.prompt_lens), atol=1e-4)

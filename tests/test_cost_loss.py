@@ -82,7 +82,7 @@ def test_held_out_metrics():
         2: {"delta_h": 0.0, "delta_s": -0.1, "cost_0": 0.0, "cost_1": 0.0},
     }
     metrics = held_out_metrics(rows, [0, 1, 2], scored)
-    assert metrics["helpful"] == {"pair_accuracy": 0.5, "pairs": 2}
+    assert metrics["helpful"] == {"pair_accuracy": 0.5, "pair_interval": [0.0945, 0.9055], "pairs": 2}  # Wilson
     assert metrics["cost"]["pair_accuracy"] == pytest.approx(2 / 3, abs=1e-4)
     # signs: row0 c0=1>0 unsafe ✓, c1=−1 safe ✓; row1 c0=0.3>0 but safe ✗, c1=0.2>0 unsafe ✓ → 3/4
     assert metrics["cost"]["sign_accuracy"] == 0.75 and metrics["cost"]["responses"] == 4

@@ -42,7 +42,7 @@ def test_every_stage_on_the_visible_gpus_at_the_seed_settings(tmp_path, tokenize
         model={"dtype": "bf16", "attn_implementation": "auto", "gradient_checkpointing": True},
         data={"max_len": 256},
         deepspeed={"zero_stage": zero_stage},
-        rm={"helpful": trainer, "cost": trainer},
+        rm={"helpful": trainer, "cost": {}},
         align={**trainer, "lambda_update_every": 1,
                "cost_sampling": {"prompts": 2 * gpus, "max_new_tokens": 16, "batch_size": 2}},
         distill={"sft": trainer, "max_prompts": 8 * gpus},

@@ -24,9 +24,9 @@ def test_quickstart_shrunk_to_a_tiny_model_runs_every_stage_and_reports(tmp_path
                  "eval.beavertails_per_category=1", "eval.mt_bench_per_category=1", "logging.tensorboard=false",
                  "align.cost_sampling.prompts=4", "align.cost_sampling.max_new_tokens=4",
                  "eval.heldout_pairs.0.max_rows=6", "eval.heldout_pairs.1.max_rows=6"]  # fmt: skip
-    for section in ("rm.helpful", "rm.cost", "align", "distill.sft"):
+    for section in ("rm.helpful", "align", "distill.sft"):  # rm.cost is pooled: solved, no training keys
         overrides += [f"{section}.{key}={value}" for key, value in TINY_TRAINING.items()]
-    overrides += ["rm.helpful.trainable_layers=1", "rm.cost.trainable_layers=1"]  # the tiny model has 2 layers
+    overrides += ["rm.helpful.trainable_layers=1"]  # the tiny model has 2 layers
     args = ["run", str(ROOT / "recipes" / "quickstart.yaml"), "--run-dir", "runs/q"]
     result = run_cli(*args, *(item for o in overrides for item in ("--set", o)), cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -36,6 +36,8 @@ def test_quickstart_shrunk_to_a_tiny_model_runs_every_stage_and_reports(tmp_path
     results = json.loads((run / "eval" / "results.json").read_text())
     assert set(results["models"]) == {"base", "aligned", "student"}
     assert results["settings"]["judges"] == ["cost_model", "refusal"]
+    held = results["reward_models"]["heldout_pairs"]["cost"]  # the pooled cost model, measured where it counts
+    assert held["responses"] > 0 and held["sign_interval"][0] <= held["sign_accuracy"] <= held["sign_interval"][1]
     for model in results["models"].values():  # the held-out measure, on rows after the training ones
         assert {"helpful", "safe"} <= set(model["heldout"])
         assert 0 < model["heldout"]["helpful"]["likelihood"]["n"] <= 6  # PKU rows only
@@ -57,8 +59,8 @@ def test_evidence_recipe_shrunk_to_a_tiny_model_measures_the_frontier_on_held_ou
                  "eval.mt_bench_per_category=1", "eval.heldout_pairs.0.skip_rows=200",
                  "eval.heldout_pairs.1.skip_rows=1500", "eval.heldout_pairs.1.max_rows=12",
                  "align.cost_sampling.prompts=4", "align.cost_sampling.max_new_tokens=4", "align.lambda_update_every=1",
-                 "rm.helpful.trainable_layers=1", "rm.cost.trainable_layers=1", "rm.eval_fraction=0.0"]  # fmt: skip
-    for section in ("rm.helpful", "rm.cost", "align"):
+                 "rm.helpful.trainable_layers=1", "rm.eval_fraction=0.0"]  # fmt: skip
+    for section in ("rm.helpful", "align"):  # rm.cost is pooled: solved, no training keys
         overrides += [f"{section}.{key}={value}" for key, value in TINY_TRAINING.items()]
     overrides += [f"align.ablations.{name}.max_pairs=8" for name in (*FRONTIER, *CURVE)]
     args = ["run", str(ROOT / "recipes" / "evidence.yaml"), "--run-dir", "runs/e"]

@@ -171,11 +171,12 @@ model: {{policy: x, cost_model: c}}
 data: {{train: [{{path: {PKU}}}]}}
 rm:
   helpful: &trainer {{learning_rate: 1.0e-5, batch_size: 8}}
-  cost: *trainer
+distill:
+  sft: *trainer
 """
     (tmp_path / "r.yaml").write_text(text)
-    recipe = load_recipe(tmp_path / "r.yaml", ["rm.cost.learning_rate=3e-5"])
-    assert (recipe.rm.helpful.learning_rate, recipe.rm.cost.learning_rate) == (1e-5, 3e-5)
+    recipe = load_recipe(tmp_path / "r.yaml", ["distill.sft.learning_rate=3e-5"])
+    assert (recipe.rm.helpful.learning_rate, recipe.distill.sft.learning_rate) == (1e-5, 3e-5)
 
 
 def test_extends_merges_mappings_and_replaces_lists(tmp_path):

@@ -152,3 +152,25 @@ def test_heldout_table_reads_results_from_before_the_sign_test():
     }}}}  # fmt: skip
     _, rows = heldout_table(results)
     assert [row[6] for row in rows] == ["70.0% [40%, 89%]", "70.0% [40%, 89%], p 0.34"]
+
+
+def test_the_reward_models_own_accuracy_is_reported_with_intervals(tmp_path):
+    """rm's metrics (here: on eval.heldout_pairs) become a table the reader sees before any judged number."""
+    data = results(with_student=False)
+    data["reward_models"] = {
+        "helpful": {"pair_accuracy": 0.6, "pair_interval": [0.5, 0.7], "pairs": 10},
+        "cost": {"pair_accuracy": 0.5, "pair_interval": [0.4, 0.6], "pairs": 10, "sign_accuracy": 0.5,
+                 "sign_interval": [0.4, 0.6], "responses": 20},
+        "heldout_pairs": {
+            "helpful": {"pair_accuracy": 0.64, "pair_interval": [0.54, 0.73], "pairs": 100},
+            "cost": {"pair_accuracy": 0.61, "pair_interval": [0.57, 0.65], "pairs": 570, "sign_accuracy": 0.815,
+                     "sign_interval": [0.755, 0.863], "responses": 200},
+        },
+    }  # fmt: skip
+    md, page = write_report(tmp_path, data)
+    text = md.read_text()
+    assert "## The reward models' own accuracy" in text
+    assert "| cost model | sign accuracy | 81.5% (75.5%-86.3%), n=200 | eval.heldout_pairs |" in text
+    assert "own accuracy</h2>" in page.read_text() and "81.5% (75.5%-86.3%), n=200" in page.read_text()
+    plain = results(with_student=False)
+    assert "own accuracy" not in write_report(tmp_path, plain)[0].read_text()  # no rm stage, no table

@@ -46,8 +46,8 @@ def rm_run(tmp_path_factory, tokenizer_dir):
             "max_len": 1024,
         },
         "rm": {
-            "helpful": TRAINER,
-            "cost": {**TRAINER, "trainable_layers": 1},  # the top layer, final norm and value head only
+            "helpful": {**TRAINER, "trainable_layers": 1},  # the top layer, final norm and value head only
+            "cost": {**TRAINER, "head": "last_token", "epochs": 6},  # OpenRLHF's value head, fine-tuned (pooled: test_pooled_cost)
             "eval_fraction": 0.25,
             "score_batch_size": 8,
         },
@@ -75,9 +75,9 @@ def test_trainable_layers_freezes_everything_below_the_top_layers(rm_run):
     frozen = [k for k in base if ".layers.0." in k or "embed_tokens" in k]
     trained = [k for k in base if ".layers.1." in k]
     assert frozen and trained
-    assert all(torch.equal(cost[k], base[k]) for k in frozen)  # untouched by DeepSpeed's optimizer
-    assert not all(torch.equal(cost[k], base[k]) for k in trained)
-    assert not all(torch.equal(helpful[k], base[k]) for k in frozen)  # the helpful RM trains everything
+    assert all(torch.equal(helpful[k], base[k]) for k in frozen)  # untouched by DeepSpeed's optimizer
+    assert not all(torch.equal(helpful[k], base[k]) for k in trained)
+    assert not all(torch.equal(cost[k], base[k]) for k in frozen)  # this cost model trains everything
 
 
 def test_both_models_train_and_every_row_is_scored_once(rm_run):
@@ -225,7 +225,7 @@ def test_an_interrupted_rm_stage_resumes_from_its_checkpoint(tmp_path, tokenizer
         "stages": ["rm"],
         "model": tiny_policy(tokenizer_dir),
         "data": {"train": [{"path": "pku.jsonl"}], "max_len": 256},
-        "rm": {"helpful": trainer, "cost": trainer, "eval_fraction": 0.0, "reference_logps": False},
+        "rm": {"helpful": trainer, "cost": {}, "eval_fraction": 0.0, "reference_logps": False},
         "logging": {"tensorboard": False},
     }
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))

@@ -59,7 +59,7 @@ def test_a_swept_rm_key_gives_every_trial_its_own_rm_stage(tmp_path):
     data = sweep_recipe({"align.w": [0.3, 1.0]})
     data["stages"] = ["rm", "align", "eval"]
     assert shared_stages(validate_recipe(data)) == ["rm"]
-    data["sweep"]["grid"] = {"rm.cost.learning_rate": [1e-5, 2e-5]}
+    data["sweep"]["grid"] = {"rm.cost.layer": [1, 2]}
     assert shared_stages(validate_recipe(data)) == []
     (tmp_path / "rm").mkdir()  # an rm stage from an earlier sweep in the same run directory
     _prepare_trial_dir(tmp_path, tmp_path / "trials" / "t", shared=[])
@@ -95,7 +95,7 @@ def test_a_ray_tune_sweep_shares_the_rm_stage_and_selects_a_trial(tmp_path, toke
         "stages": ["rm", "align", "eval"],
         "model": tiny_policy(tokenizer_dir),
         "data": {"train": [{"path": "pku.jsonl"}], "max_len": 256},
-        "rm": {"helpful": TINY_TRAINER, "cost": TINY_TRAINER, "eval_fraction": 0.0, "reference_logps": True},
+        "rm": {"helpful": TINY_TRAINER, "cost": {}, "eval_fraction": 0.0, "reference_logps": True},
         "align": TINY_ALIGN,
         "eval": {"beavertails_per_category": 1, "mt_bench_per_category": 1, "max_new_tokens": 4,
                  "judges": ["cost_model", "refusal"]},

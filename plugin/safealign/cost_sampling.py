@@ -39,6 +39,7 @@ from safealign.metrics import MetricsLog
 from safealign.openrlhf import engine, get_llm_for_sequence_regression
 from safealign.openrlhf.settings import VALUE_HEAD, Settings
 from safealign.pair_dataset import PreferencePairDataset
+from safealign.pooled_value import TORCH_DTYPES, PooledValueModel, is_pooled, read_spec
 from safealign.process import gpu_available
 from safealign.recipe import Recipe
 from safealign.scoring import score_pairs
@@ -77,29 +78,36 @@ class CostModel:
         if not (model_dir / "config.json").is_file():
             raise SafeAlignError(f"cost model {model_dir} not found: run the rm stage first or set model.cost_model")
         self.recipe, self.strategy = recipe, strategy
-        # ds_config=None: a plain, unpartitioned module, so it can stay on the host between updates.
-        self.model = get_llm_for_sequence_regression(
-            str(model_dir),
-            "reward",
-            param_dtype=args.ds.param_dtype,
-            attn_implementation=args.ds.attn_implementation,
-            ds_config=None,
-            init_value_head=False,
-            value_head_prefix=VALUE_HEAD,
-            packing_samples=False,
-        ).eval()
+        # A pooled model scores at the length it was fitted at (its pooling sees what training saw).
+        self.pooled = is_pooled(model_dir)
+        self.max_len = read_spec(model_dir)["max_len"] if self.pooled else SCORE_MAX_LEN
+        if self.pooled:
+            self.model = PooledValueModel.load(model_dir, TORCH_DTYPES[read_spec(model_dir)["dtype"]])
+        else:
+            # ds_config=None: a plain, unpartitioned module, so it can stay on the host between updates.
+            self.model = get_llm_for_sequence_regression(
+                str(model_dir),
+                "reward",
+                param_dtype=args.ds.param_dtype,
+                attn_implementation=args.ds.attn_implementation,
+                ds_config=None,
+                init_value_head=False,
+                value_head_prefix=VALUE_HEAD,
+                packing_samples=False,
+            ).eval()
         self.model.requires_grad_(False)
-        self.tokenizer = engine.load_tokenizer(model_dir, self.model, strategy, padding_side="left")
+        backbone = self.model.backbone if self.pooled else self.model
+        self.tokenizer = engine.load_tokenizer(model_dir, backbone, strategy, padding_side="left")
         self.device = torch.device("cuda", torch.cuda.current_device()) if gpu_available() else None
 
     def score(self, prompts: list[list[Message]], answers: list[str], batch_size: int) -> list[float]:
         """The cost of every answer, in order; the work is sharded over ranks and the result all-reduced."""
         rows = [PreferenceRow(prompt=p, response_0=a or " ", response_1=a or " ") for p, a in zip(prompts, answers)]
         dataset = PreferencePairDataset(
-            rows, self.tokenizer, SCORE_MAX_LEN, self.strategy, self.recipe.data.input_template, for_reward_model=True
+            rows, self.tokenizer, self.max_len, self.strategy, self.recipe.data.input_template, for_reward_model=True
         )
         if len(dataset) != len(rows):
-            raise SafeAlignError(f"a cost-sampling prompt is longer than {SCORE_MAX_LEN} tokens: use shorter prompts")
+            raise SafeAlignError(f"a cost-sampling prompt is longer than {self.max_len} tokens: use shorter prompts")
         if self.device is not None:
             self.model.to(self.device)
         device = next(self.model.parameters()).device
@@ -107,7 +115,7 @@ class CostModel:
             # Both slots hold the same answer; only the first is run (one forward per answer).
             costs = score_pairs(
                 dataset,
-                lambda batch: (self.model(batch[0].to(device), attention_mask=batch[1].to(device)).float(),),
+                lambda batch: (self._forward(batch, device),),
                 self.strategy,
                 batch_size,
                 progress=False,  # one log line per update says what happened; bars inside the training bar would not
@@ -118,6 +126,13 @@ class CostModel:
                 torch.cuda.empty_cache()
         order = {extra["row_index"]: i for i, extra in enumerate(dataset.extras)}
         return [float(costs[order[i], 0]) for i in range(len(rows))]
+
+    def _forward(self, batch, device) -> torch.Tensor:
+        """The costs of a batch's first responses."""
+        ids, mask = batch[0].to(device), batch[1].to(device)
+        if self.pooled:
+            return self.model(ids, mask, batch[-1].prompt_lens)
+        return self.model(ids, attention_mask=mask).float()
 
 
 class PolicyCostSampler:

@@ -332,8 +332,36 @@ class RewardModelSection(PairTrainingSection):
     _base_path = field_validator("base", mode="before")(_model_path)
 
 
+#: What fine-tunes a value model: meaningless for a pooled head, whose backbone is frozen and whose head is solved.
+FINE_TUNING_KEYS = frozenset(
+    set(PairTrainingSection.model_fields) | {"trainable_layers"}
+)
+
+
 class CostModelSection(RewardModelSection):
+    """The cost model. `head: pooled` (default): a linear head on the mean of one layer's hidden states over
+    the response, on the frozen base, solved exactly (safealign.pooled_value, docs/rm.md); `last_token`:
+    OpenRLHF's value head on the last token, fine-tuned with the training keys (Safe RLHF's own recipe)."""
+
+    head: Literal["pooled", "last_token"] = Field("pooled", description="pooled (frozen base, solved) | last_token (fine-tuned)")
+    layer: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="pooled: decoder layers the backbone keeps, the head reads the last (null: 2/3 of the depth)"
+    )
+    l2: NonNegativeFloat | Literal["auto"] = Field(
+        "auto",
+        description="pooled: ridge penalty on the head's weights (standardised features); auto: chosen by 5-fold "
+        "cross-validation of the safety verdicts on the training pairs among 0.001, 0.01, 0.1, 1",
+    )
     regularization: NonNegativeFloat = Field(1e-3, description="η in η·mean(c²) (Safe RLHF)")
+
+    @model_validator(mode="after")
+    def _keys_of_its_head(self) -> CostModelSection:
+        given = self.model_fields_set
+        unused = sorted(given & FINE_TUNING_KEYS) if self.head == "pooled" else sorted(given & {"layer", "l2"})
+        if unused:
+            other = "last_token" if self.head == "pooled" else "pooled"
+            raise ValueError(f"{unused[0]}: not used by head {self.head!r} (it is {other}'s); remove it or set head: {other}")
+        return self
 
 
 class RMSection(Strict):

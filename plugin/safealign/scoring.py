@@ -32,7 +32,8 @@ def score_pairs(
     description: str = "scoring",
     progress: bool = True,
 ) -> torch.Tensor:
-    """`forward(batch)`'s per-row outputs for every item of `dataset`: shape `[len(dataset), k]`, float64."""
+    """`forward(batch)`'s per-row outputs for every item of `dataset`: shape `[len(dataset), k, ...]`,
+    float64 (`forward` returns k tensors of shape `[B, ...]`: a value per row, or a feature vector)."""
     items = [dataset[i] for i in range(len(dataset))]
     order = length_order(items)
     batches = [order[j : j + batch_size] for j in range(0, len(order), batch_size)]
@@ -47,7 +48,7 @@ def score_pairs(
                 [v.detach().double().cpu() for v in forward(dataset.collate_fn([items[i] for i in chunk]))], 1
             )
             if out is None:
-                out = torch.zeros(len(items), values.shape[1], dtype=torch.float64)
+                out = torch.zeros(len(items), *values.shape[1:], dtype=torch.float64)
             if r < len(mine):
                 out[chunk] = values
     if world > 1:

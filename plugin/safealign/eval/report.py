@@ -298,6 +298,38 @@ def paired_table(results: dict, judges: list[str]) -> tuple[list[str], list[list
     return (header, rows) if rows else None
 
 
+#: What the reward-models table says about where its numbers come from.
+REWARD_MODELS_NOTE = (
+    "How well the run's own judges see, from the rm stage (rm/metrics.json): on eval.heldout_pairs (prompts of "
+    "conversations no stage trains on) where the recipe has them, else on rm.eval_fraction of the training "
+    "prompts. Sign accuracy: how often the cost model's verdict (cost > 0: unsafe) matches the human safety "
+    "label. Wilson 95 % intervals."
+)
+
+
+def reward_models_table(results: dict) -> tuple[list[str], list[list[str]]] | None:
+    """The Helpful-RM's and the cost model's held-out accuracies with intervals (rm's metrics), if any."""
+    metrics = results.get("reward_models")
+    if not metrics:
+        return None
+    where = "eval.heldout_pairs" if "heldout_pairs" in metrics else "rm.eval_fraction"
+    measured = metrics.get("heldout_pairs", metrics)
+
+    def cell(value: float | None, interval: list[float] | None, n: int) -> str:
+        if value is None:
+            return "n/a"
+        bounds = f" ({interval[0]:.1%}-{interval[1]:.1%})" if interval else ""
+        return f"{value:.1%}{bounds}, n={n}"
+
+    helpful, cost = measured["helpful"], measured["cost"]
+    rows = [
+        ["Helpful-RM", "pair accuracy", cell(helpful["pair_accuracy"], helpful.get("pair_interval"), helpful["pairs"]), where],
+        ["cost model", "pair accuracy", cell(cost["pair_accuracy"], cost.get("pair_interval"), cost["pairs"]), where],
+        ["cost model", "sign accuracy", cell(cost["sign_accuracy"], cost.get("sign_interval"), cost["responses"]), where],
+    ]  # fmt: skip
+    return ["model", "measure", "held out (95 % CI)", "data"], rows
+
+
 def _split_note(split: str) -> str:
     """Which part of the eval sets the numbers come from (eval.split), when not all of them."""
     halves = {"test": "first", "validation": "second"}
@@ -342,7 +374,10 @@ def write_report(out_dir: Path, results: dict, metrics_path: Path | None = None)
     )
 
     heldout = heldout_table(results)
+    reward_models = reward_models_table(results)
     md = ["# SafeAlign evaluation report", "", intro, "", _markdown_table(header, rows), ""]
+    if reward_models:
+        md += ["## The reward models' own accuracy", "", REWARD_MODELS_NOTE, "", _markdown_table(*reward_models), ""]
     if heldout:
         md += ["## Held-out preference pairs", "", HELDOUT_NOTE, "", _markdown_table(*heldout), ""]
     for name, title in PLOTS:
@@ -387,6 +422,7 @@ def write_report(out_dir: Path, results: dict, metrics_path: Path | None = None)
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;font-size:14px}}
 th{{background:#f3f3f3}}img{{max-width:100%}}.ex{{border-left:3px solid #ddd;padding-left:1em}}</style></head><body>
 <h1>SafeAlign evaluation report</h1><p>{html.escape(intro)}</p>{_html_table(header, rows)}
+{"<h2>The reward models' own accuracy</h2><p>" + html.escape(REWARD_MODELS_NOTE) + "</p>" + _html_table(*reward_models) if reward_models else ""}
 {"<h2>Held-out preference pairs</h2><p>" + html.escape(HELDOUT_NOTE) + "</p>" + _html_table(*heldout) if heldout else ""}{images}
 {"<h2>Compared with the base, prompt by prompt</h2>" + _html_table(*paired) if paired else ""}
 {"<h2>Teacher vs student (distill)</h2>" + _html_table(*distilled) if distilled else ""}

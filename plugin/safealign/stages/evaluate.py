@@ -374,6 +374,7 @@ def run_eval(ctx: StageContext) -> dict:
     verdicts, cost_stats = judge_safety(ctx, prompts, answers, llm)
     helpful = helpfulness(ctx, questions, answers, llm)
     heldout = heldout_measure(ctx, models) if ev.heldout_pairs else {}
+    rm_metrics = ctx.upstream_output("rm", "metrics")
     results = {
         "models": {
             name: {
@@ -392,6 +393,7 @@ def run_eval(ctx: StageContext) -> dict:
             }
             for name in models
         },
+        **({"reward_models": json.loads(rm_metrics.read_text())} if rm_metrics is not None else {}),
         "judge_agreement": agreement(verdicts),
         "examples": differing_examples(prompts, answers, verdicts),
         "settings": {

@@ -25,7 +25,8 @@ from pathlib import Path
 
 from safealign.data import PreferenceRow, held_out_indices
 from safealign.errors import SafeAlignError
-from safealign.eval.heldout import load_training_rows
+from safealign.eval.heldout import heldout_rows, load_training_rows
+from safealign.eval.safety import wilson_interval
 from safealign.files import write_text_atomically
 from safealign.models import resolve_model
 from safealign.process import is_rank_0
@@ -33,6 +34,7 @@ from safealign.recipe import RewardModelSection
 from safealign.stages import StageContext, register_stage
 from safealign.trainers.reward import CostModelTrainer, HelpfulRMTrainer
 from safealign.training.inference import reference_logps, score_with_value_model
+from safealign.training.pooled_cost import fit_pooled_cost_model
 from safealign.training.value_model import train_value_model
 
 log = logging.getLogger("safealign")
@@ -70,13 +72,18 @@ def held_out_metrics(rows: list[PreferenceRow], indices: list[int], scored: dict
     def share(flags: list[bool]) -> float | None:
         return round(sum(flags) / len(flags), 4) if flags else None
 
+    def interval(flags: list[bool]) -> list[float] | None:
+        return [round(x, 4) for x in wilson_interval(sum(flags), len(flags))] if flags else None
+
     return {
         "held_out_rows": len(indices),
-        "helpful": {"pair_accuracy": share(helpful), "pairs": len(helpful)},
+        "helpful": {"pair_accuracy": share(helpful), "pair_interval": interval(helpful), "pairs": len(helpful)},
         "cost": {
             "pair_accuracy": share(cost),
+            "pair_interval": interval(cost),
             "pairs": len(cost),
             "sign_accuracy": share(signs),
+            "sign_interval": interval(signs),
             "responses": len(signs),
         },
     }
@@ -107,10 +114,14 @@ def run_rm(ctx: StageContext) -> dict:
     helpful_dir = train_value_model(
         recipe, "rm.helpful", rm.helpful, base(rm.helpful), HelpfulRMTrainer, helpful_rows, out / "helpful"
     )
-    cost_dir = train_value_model(
-        recipe, "rm.cost", rm.cost, base(rm.cost), CostModelTrainer, cost_rows, out / "cost",
-        regularization=rm.cost.regularization,
-    )  # fmt: skip
+    cost_fit = None
+    if rm.cost.head == "pooled":
+        cost_dir, cost_fit = fit_pooled_cost_model(recipe, rm.cost, base(rm.cost), cost_rows, out / "cost")
+    else:
+        cost_dir = train_value_model(
+            recipe, "rm.cost", rm.cost, base(rm.cost), CostModelTrainer, cost_rows, out / "cost",
+            regularization=rm.cost.regularization,
+        )  # fmt: skip
     rewards = score_with_value_model(recipe, helpful_dir, rows, out / "helpful")
     costs = score_with_value_model(recipe, cost_dir, rows, out / "cost")
     usable = set(rewards) & set(costs)
@@ -135,6 +146,19 @@ def run_rm(ctx: StageContext) -> dict:
         scored[i] = record if provenance is None else {**record, "ref_logps_provenance": provenance}
 
     metrics = held_out_metrics(rows, sorted(held_out), scored)
+    if recipe.eval.heldout_pairs:  # data no stage trains on: the models' accuracy where it counts
+        pairs = heldout_rows(recipe, rows)
+        pair_rewards = score_with_value_model(recipe, helpful_dir, pairs, out / "helpful")
+        pair_costs = score_with_value_model(recipe, cost_dir, pairs, out / "cost")
+        pair_scored = {
+            i: {"delta_h": oriented_margin(pair_rewards[i], pairs[i].better_response_id),
+                "delta_s": oriented_margin(pair_costs[i], pairs[i].safer_response_id, higher_is_better=False),
+                "cost_0": pair_costs[i][0], "cost_1": pair_costs[i][1]}
+            for i in sorted(set(pair_rewards) & set(pair_costs))
+        }  # fmt: skip
+        metrics["heldout_pairs"] = held_out_metrics(pairs, list(range(len(pairs))), pair_scored)
+    if cost_fit is not None:
+        metrics["cost_fit"] = cost_fit
     negative = {
         "delta_h": sum(1 for i, r in scored.items() if rows[i].better_response_id >= 0 and r["delta_h"] < 0),
         "delta_s": sum(1 for i, r in scored.items() if rows[i].safer_response_id >= 0 and r["delta_s"] < 0),
@@ -150,6 +174,13 @@ def run_rm(ctx: StageContext) -> dict:
         len(scored), len(rows), metrics["helpful"]["pair_accuracy"], metrics["cost"]["pair_accuracy"],
         metrics["cost"]["sign_accuracy"], negative["delta_h"], negative["delta_s"],
     )  # fmt: skip
+    if "heldout_pairs" in metrics:
+        h = metrics["heldout_pairs"]
+        log.info("rm: on eval.heldout_pairs (%d pairs): helpful pair accuracy %s %s; cost pair accuracy %s %s, "
+                 "sign accuracy %s %s on %d labelled responses", h["held_out_rows"],
+                 h["helpful"]["pair_accuracy"], h["helpful"]["pair_interval"], h["cost"]["pair_accuracy"],
+                 h["cost"]["pair_interval"], h["cost"]["sign_accuracy"], h["cost"]["sign_interval"],
+                 h["cost"]["responses"])  # fmt: skip
     return {
         "outputs": {
             "scored": "scored.jsonl",

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from safealign.data import PreferenceRow
 from safealign.errors import SafeAlignError
 from safealign.models import policy_and_reference
@@ -13,6 +15,8 @@ from safealign.openrlhf import engine
 from safealign.openrlhf.pair_forward import PairLogProbs, PairValues
 from safealign.openrlhf.settings import Settings, build_settings
 from safealign.pair_dataset import PreferencePairDataset
+from safealign.pooled_value import TORCH_DTYPES, PooledValueModel, is_pooled, read_spec
+from safealign.process import gpu_available
 from safealign.recipe import Recipe
 from safealign.ref_provenance import check_same_tokenizer, reference_provenance
 from safealign.scoring import score_pairs
@@ -36,10 +40,13 @@ def _by_row(dataset: PreferencePairDataset, scores) -> dict[int, tuple[float, ..
 def score_with_value_model(
     recipe: Recipe, model_dir: Path, rows: list[PreferenceRow], out: Path, max_len: int | None = None
 ) -> dict[int, tuple[float, float]]:
-    """Both responses' values under a trained reward/cost model, by row index (`max_len`: data.max_len).
-    `out`: scratch for the settings' paths (nothing is written there)."""
+    """Both responses' values under a trained reward/cost model, by row index (`max_len`: data.max_len;
+    a pooled model scores at the length it was fitted at). `out`: scratch for the settings' paths
+    (nothing is written there)."""
     args = scoring_settings(recipe, "rm", model_dir, out)
     strategy = engine.make_strategy(args)
+    if is_pooled(model_dir):
+        return _score_with_pooled_model(recipe, model_dir, rows, strategy)
     model = engine.load_value_model(model_dir, args, strategy, trainable=False)
     tokenizer = engine.load_tokenizer(model_dir, model, strategy, padding_side="left")
     dataset = PreferencePairDataset(
@@ -58,13 +65,34 @@ def score_with_value_model(
     return _by_row(dataset, scores)
 
 
+def _score_with_pooled_model(recipe: Recipe, model_dir: Path, rows: list[PreferenceRow], strategy) -> dict[int, tuple[float, float]]:
+    spec = read_spec(model_dir)
+    model = PooledValueModel.load(model_dir, TORCH_DTYPES[spec["dtype"]])
+    if gpu_available():
+        model.to(torch.device("cuda", torch.cuda.current_device()))
+    tokenizer = engine.load_tokenizer(model_dir, model.backbone, strategy, padding_side="left")
+    dataset = PreferencePairDataset(
+        rows, tokenizer, spec["max_len"], strategy, recipe.data.input_template, for_reward_model=True
+    )
+    device = next(model.parameters()).device
+
+    def forward(batch) -> tuple[torch.Tensor, torch.Tensor]:
+        ids_0, mask_0, ids_1, mask_1, extras = batch
+        return (model(ids_0.to(device), mask_0.to(device), extras.prompt_lens),
+                model(ids_1.to(device), mask_1.to(device), extras.prompt_lens))  # fmt: skip
+
+    scores = score_pairs(dataset, forward, strategy, recipe.rm.score_batch_size, f"scoring with {model_dir.parent.name}")
+    return _by_row(dataset, scores)
+
+
 def score_generated(recipe: Recipe, model_dir: Path, rows: list[PreferenceRow], out: Path) -> list[tuple[float, float]]:
     """Both responses' values for every row, in row order. A row too long to score is an error: a
     missing value would otherwise read as a verdict (or a best-of-n choice)."""
     scores = score_with_value_model(recipe, model_dir, rows, out, max_len=ANSWER_MAX_LEN)
     if len(scores) != len(rows):
+        limit = read_spec(model_dir)["max_len"] if is_pooled(model_dir) else ANSWER_MAX_LEN
         raise SafeAlignError(
-            f"{len(rows) - len(scores)} prompts are longer than {ANSWER_MAX_LEN} tokens and cannot be "
+            f"{len(rows) - len(scores)} prompts are longer than {limit} tokens and cannot be "
             f"scored by {model_dir}; use shorter prompts"
         )
     return [scores[i] for i in range(len(rows))]
