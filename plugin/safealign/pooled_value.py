@@ -107,5 +107,6 @@ def save_pooled(out: Path, backbone: nn.Module, tokenizer, weight: torch.Tensor,
     out.mkdir(parents=True, exist_ok=True)
     backbone.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    save_file({"weight": weight.detach().float().contiguous(), "bias": bias.detach().float().reshape(())}, str(out / HEAD_FILE))
+    head = {"weight": weight.detach().float().contiguous(), "bias": bias.detach().float().reshape(())}
+    save_file(head, str(out / HEAD_FILE))
     (out / SPEC_FILE).write_text(json.dumps(spec, indent=2) + "\n")

@@ -57,6 +57,16 @@ def oriented_margin(values: tuple[float, float], preferred_id: int, higher_is_be
     return preferred - other if higher_is_better else other - preferred
 
 
+def margins(row: PreferenceRow, rewards: tuple[float, float], costs: tuple[float, float]) -> dict[str, float]:
+    """A row's margins in each label's direction and its two costs, as `scored.jsonl` stores them."""
+    return {
+        "delta_h": oriented_margin(rewards, row.better_response_id),
+        "delta_s": oriented_margin(costs, row.safer_response_id, higher_is_better=False),
+        "cost_0": costs[0],
+        "cost_1": costs[1],
+    }
+
+
 def held_out_metrics(rows: list[PreferenceRow], indices: list[int], scored: dict[int, dict]) -> dict:
     """Pairwise accuracy of both models and the cost model's sign accuracy on rows they did not train on."""
     helpful = [scored[i]["delta_h"] > 0 for i in indices if i in scored and rows[i].better_response_id >= 0]
@@ -91,7 +101,7 @@ def held_out_metrics(rows: list[PreferenceRow], indices: list[int], scored: dict
 
 @register_stage("rm", sections=("seed", "model", "data", "rm", "deepspeed"))
 def run_rm(ctx: StageContext) -> dict:
-    """Helpful-RM + cost model (OpenRLHF RewardModelTrainer), then every pair scored once."""
+    """Helpful-RM (fine-tuned) and cost model (pooled head solved, or fine-tuned); every pair scored once."""
     recipe, out, rm = ctx.recipe, ctx.work_dir, ctx.recipe.rm
     # What it needs
     rows = load_training_rows(recipe)
@@ -133,12 +143,7 @@ def run_rm(ctx: StageContext) -> dict:
     scored: dict[int, dict] = {}
     for i in sorted(usable):
         row = rows[i]
-        record = {
-            "delta_h": oriented_margin(rewards[i], row.better_response_id),
-            "delta_s": oriented_margin(costs[i], row.safer_response_id, higher_is_better=False),
-            "cost_0": costs[i][0],
-            "cost_1": costs[i][1],
-        }
+        record = margins(row, rewards[i], costs[i])
         if refs:
             record["ref_logps_0"], record["ref_logps_1"] = refs[i]
         if not all(math.isfinite(v) for v in record.values()):
@@ -150,12 +155,7 @@ def run_rm(ctx: StageContext) -> dict:
         pairs = heldout_rows(recipe, rows)
         pair_rewards = score_with_value_model(recipe, helpful_dir, pairs, out / "helpful")
         pair_costs = score_with_value_model(recipe, cost_dir, pairs, out / "cost")
-        pair_scored = {
-            i: {"delta_h": oriented_margin(pair_rewards[i], pairs[i].better_response_id),
-                "delta_s": oriented_margin(pair_costs[i], pairs[i].safer_response_id, higher_is_better=False),
-                "cost_0": pair_costs[i][0], "cost_1": pair_costs[i][1]}
-            for i in sorted(set(pair_rewards) & set(pair_costs))
-        }  # fmt: skip
+        pair_scored = {i: margins(pairs[i], pair_rewards[i], pair_costs[i]) for i in set(pair_rewards) & set(pair_costs)}
         metrics["heldout_pairs"] = held_out_metrics(pairs, list(range(len(pairs))), pair_scored)
     if cost_fit is not None:
         metrics["cost_fit"] = cost_fit

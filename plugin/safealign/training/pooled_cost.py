@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoConfig
 
 from safealign.cost_loss import cost_model_loss, cross_validated_l2, fit_linear_cost_head
 from safealign.data import PreferenceRow, prompt_folds
@@ -33,8 +34,9 @@ from safealign.scoring import score_pairs
 
 log = logging.getLogger("safealign")
 
-#: Folds of `l2: auto`'s cross-validation.
+#: Folds of `l2: auto`'s cross-validation, and its penalty where there are too few pairs to fold.
 CV_FOLDS = 5
+FALLBACK_L2 = 0.01
 
 
 def default_layer(depth: int) -> int:
@@ -78,8 +80,6 @@ def fit_pooled_cost_model(
     args = build_settings(recipe, section, out, "rm", model_dir=base_dir)
     strategy = engine.make_strategy(args)
     dtype = TORCH_DTYPES[args.ds.param_dtype]
-    from transformers import AutoConfig
-
     depth = AutoConfig.from_pretrained(base_dir, trust_remote_code=recipe.model.trust_remote_code).num_hidden_layers
     layer = section.layer if section.layer is not None else default_layer(depth)
     if layer > depth:
@@ -101,9 +101,14 @@ def fit_pooled_cost_model(
     if l2 == "auto":
         item_rows = [rows[e["row_index"]] for e in dataset.extras]
         folds = torch.tensor(prompt_folds(item_rows, CV_FOLDS, recipe.seed))
-        l2, cv = cross_validated_l2(features[:, 0], features[:, 1], safer, safe_0, safe_1, folds, section.regularization)
-        log.info("rm.cost: l2 %g chosen by %d-fold cross-validation (loss %s)", l2, CV_FOLDS,
-                 ", ".join(f"{k:g}: {v:.4f}" for k, v in cv.items()))  # fmt: skip
+        if len(folds.unique()) < CV_FOLDS:  # a handful of pairs: nothing to cross-validate on
+            l2 = FALLBACK_L2
+            log.info("rm.cost: %d pairs are too few to cross-validate the penalty: l2 %g", len(dataset), l2)
+        else:
+            l2, cv = cross_validated_l2(features[:, 0], features[:, 1], safer, safe_0, safe_1, folds,
+                                        section.regularization)  # fmt: skip
+            log.info("rm.cost: l2 %g chosen by %d-fold cross-validation (verdict log-loss %s)", l2, CV_FOLDS,
+                     ", ".join(f"{k:g}: {v:.4f}" for k, v in cv.items()))  # fmt: skip
     weight, bias = fit_linear_cost_head(
         features[:, 0], features[:, 1], safer, safe_0, safe_1, section.regularization, l2
     )
