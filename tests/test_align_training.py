@@ -478,3 +478,27 @@ def test_zero3_under_two_ranks_gathers_the_weights_once_per_estimate(tmp_path, t
     for a, b in zip(runs[True], runs[False], strict=True):
         for key in ("loss", "cost_sampled", "lambda_next"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (key, a["step"])
+
+
+def test_label_controls_train_the_same_pairs_toward_the_other_response_or_toward_none(
+    tmp_path, tokenizer_dir, scored_rows
+):
+    """`align.labels` controls: DPO on the harmlessness labels as given moves the policy toward the safer
+    response; flipped, away from it by the same kind of step; shuffled (a seeded coin per pair) trains the
+    same pairs and steps with no preference left, so its move lies between the two."""
+    controls = {name: {"loss": "dpo", "dimension": "safe", "labels": name} for name in ("given", "flipped", "shuffled")}
+    recipe = tiny_recipe(tmp_path, tokenizer_dir, scored_rows, align={"epochs": 4, "ablations": controls})
+    summary = run_ok(tmp_path, recipe)
+    assert {summary["ablations"][name]["train_pairs"] for name in controls} == {summary["train_pairs"]}
+    rows = [json.loads(line) for line in scored_rows.read_text().splitlines()]
+    base_dir = Path(summary["policy_dir"])
+    before = response_logps(base_dir, tokenizer_dir, rows, 128)
+    safer = torch.tensor([r["safer_response_id"] for r in rows])
+
+    def toward_safer(name: str) -> float:
+        ratio = response_logps(tmp_path / f"runs/tiny/align/ablations/{name}/model", tokenizer_dir, rows, 128) - before
+        return (ratio.gather(1, safer[:, None])[:, 0] - ratio.gather(1, 1 - safer[:, None])[:, 0]).mean().item()
+
+    moved = {name: toward_safer(name) for name in controls}
+    assert moved["given"] > 0.5 and moved["flipped"] < -0.5, moved
+    assert moved["flipped"] < moved["shuffled"] < moved["given"], moved

@@ -152,3 +152,39 @@ def test_the_rm_split_keeps_a_conversation_on_one_side():
         held = held_out_indices(family + others, 0.5, seed)
         assert {0, 1, 2} <= held or not {0, 1, 2} & held
         assert 0 < len(held & set(range(3, 43))) < 40  # the others do split
+
+
+def test_flipped_labels_reverse_both_preferences_and_negate_the_margins():
+    from safealign.data import PreferenceRow, relabel
+
+    rows = [
+        PreferenceRow(prompt=[{"role": "user", "content": "q"}], response_0="a", response_1="b", better_response_id=0,
+                      safer_response_id=1, delta_h=0.5, delta_s=-0.25, cost_0=1.0, cost_1=-1.0, ref_logps_0=-3.0),
+        PreferenceRow(prompt=[{"role": "user", "content": "r"}], response_0="c", response_1="d", safer_response_id=0),
+    ]  # fmt: skip
+    flipped = relabel(rows, "flipped", seed=0)
+    assert (flipped[0].better_response_id, flipped[0].safer_response_id) == (1, 0)
+    assert (flipped[0].delta_h, flipped[0].delta_s) == (-0.5, 0.25)
+    assert (flipped[0].cost_0, flipped[0].cost_1, flipped[0].ref_logps_0) == (1.0, -1.0, -3.0)  # per response: kept
+    assert (flipped[1].better_response_id, flipped[1].safer_response_id, flipped[1].delta_s) == (-1, 1, None)
+    assert relabel(rows, "given", seed=0) is rows and rows[0].better_response_id == 0  # the input is untouched
+
+
+def test_shuffled_labels_flip_about_half_the_pairs_the_same_way_every_time():
+    from safealign.data import relabel
+
+    rows = [row_of(i) for i in range(400)]
+    once, again, other_seed = (relabel(rows, "shuffled", seed) for seed in (1, 1, 2))
+    flipped = [a.safer_response_id != r.safer_response_id for a, r in zip(once, rows)]
+    assert 160 < sum(flipped) < 240  # a fair coin per pair
+    assert [a.safer_response_id for a in once] == [a.safer_response_id for a in again]  # seeded
+    assert [a.safer_response_id for a in once] != [a.safer_response_id for a in other_seed]
+    # whatever the coin said, a pair's labels move together: better and safer are flipped as one
+    assert all((a.better_response_id != r.better_response_id) == f for a, r, f in zip(once, rows, flipped))
+
+
+def row_of(i: int):
+    from safealign.data import PreferenceRow
+
+    return PreferenceRow(prompt=[{"role": "user", "content": f"question {i}"}], response_0=f"a{i}", response_1=f"b{i}",
+                         better_response_id=i % 2, safer_response_id=0)  # fmt: skip

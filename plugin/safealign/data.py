@@ -21,7 +21,7 @@ import logging
 import math
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -402,6 +402,34 @@ def hold_out_prompts(
     chosen = prompts[:count]
     identities = {prompt_identity(p) for p in chosen}
     return chosen, [row for row in rows if prompt_identity(row.prompt) not in identities]
+
+
+def flip_labels(row: PreferenceRow) -> PreferenceRow:
+    """The row with both preferences reversed (a missing label stays missing) and the reward models'
+    margins, which are oriented by the labels, negated: as if the annotators had chosen the other answer."""
+    return replace(
+        row,
+        better_response_id=1 - row.better_response_id if row.better_response_id >= 0 else -1,
+        safer_response_id=1 - row.safer_response_id if row.safer_response_id >= 0 else -1,
+        delta_h=None if row.delta_h is None else -row.delta_h,
+        delta_s=None if row.delta_s is None else -row.delta_s,
+    )
+
+
+def relabel(rows: list[PreferenceRow], labels: str, seed: int) -> list[PreferenceRow]:
+    """`align.labels`: the rows as given, every row flipped, or each row flipped by a coin seeded by its
+    prompt (`shuffled`: the same rows and steps with the preference made independent of the content —
+    the label-free control a real effect must beat)."""
+    if labels == "given":
+        return rows
+    if labels == "flipped":
+        return [flip_labels(row) for row in rows]
+    return [flip_labels(row) if _pair_coin(row, seed) else row for row in rows]
+
+
+def _pair_coin(row: PreferenceRow, seed: int) -> bool:
+    digest = hashlib.sha256(f"labels:{seed}:{prompt_identity(row.prompt)}:{row.response_0}:{row.response_1}".encode())
+    return digest.digest()[0] % 2 == 1
 
 
 def subset_by_prompt(rows: list[PreferenceRow], count: int, seed: int) -> list[PreferenceRow]:

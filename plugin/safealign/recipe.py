@@ -243,6 +243,11 @@ class AlignSection(PairTrainingSection):
     )
     loss: str = Field("safe_mm_dpo", description="registered loss: dpo, mm_dpo, safe_mm_dpo or a plugin's")
     dimension: Dimension = Field("helpful", description="dpo/mm_dpo: which labels to train on")
+    labels: Literal["given", "flipped", "shuffled"] = Field(
+        "given",
+        description="controls: flipped trains toward the dispreferred response of every pair; shuffled keeps "
+        "or flips each pair's labels by a seeded coin (label-free: the same pairs and steps, no preference)",
+    )
     beta_ori: PositiveFloat = 0.1
     kl_coeff: PositiveFloat | None = Field(None, description="RLHF name of beta_ori (see module docs)")
     w: NonNegativeFloat = 0.5

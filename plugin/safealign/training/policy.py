@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from safealign.cost_sampling import CostModel, PolicyCostSampler
-from safealign.data import Message, PreferenceRow, has_field, split_by_prompt, subset_by_prompt
+from safealign.data import Message, PreferenceRow, has_field, relabel, split_by_prompt, subset_by_prompt
 from safealign.errors import SafeAlignError
 from safealign.lagrange import LagrangeMultiplier
 from safealign.length_grouping import pair_loader
@@ -68,12 +68,14 @@ class PolicyRows:
 
 def split_policy_rows(recipe: Recipe, rows: list[PreferenceRow], pool_from: Recipe | None = None) -> PolicyRows:
     """The Ĵ_C pool held out as `pool_from`'s settings say (default `recipe`; an ablation passes the
-    recipe it varies, so every variant trains on the same pairs), the eval split, `align.max_pairs`."""
+    recipe it varies, so every variant trains on the same pairs), the eval split, `align.max_pairs`, and
+    `align.labels` on the training rows (a control's flipped or coin-flipped preferences; eval keeps the
+    labels as given)."""
     pool, rows = split_cost_pool(pool_from or recipe, rows)
     train, held = split_by_prompt(rows, recipe.data.eval_fraction, recipe.seed)
     if recipe.align.max_pairs is not None:
         train = subset_by_prompt(train, recipe.align.max_pairs, recipe.seed)
-    return PolicyRows(train=train, eval=held, cost_pool=pool)
+    return PolicyRows(train=relabel(train, recipe.align.labels, recipe.seed), eval=held, cost_pool=pool)
 
 
 @dataclass
@@ -151,11 +153,13 @@ def build_policy_training(
         model, ref_model, strategy, tokenizer, optimizer, train_loader, eval_loader, scheduler,
         settings=args, loss=loss, lagrange=lagrange, cost_sampler=sampler, metrics_path=out / "metrics.jsonl",
     )  # fmt: skip
-    log.info("align: loss=%s, %d train / %d eval pairs, %d steps × %d pairs, reference log-probs %s",
+    log.info("align: loss=%s, %d train / %d eval pairs, %d steps × %d pairs, reference log-probs %s%s",
              loss.name, len(train_set), len(rows.eval), total_steps, align.batch_size,
-             "cached in the data" if cached_ref else "from the reference model")  # fmt: skip
+             "cached in the data" if cached_ref else "from the reference model",
+             "" if align.labels == "given" else f", labels {align.labels} (a control)")  # fmt: skip
     summary = {
         "loss": loss.name,
+        "labels": align.labels,
         "cost_estimator": "sampled" if sampler else None,
         "cost_pool_prompts": len(rows.cost_pool),
         "train_pairs": len(train_set),
