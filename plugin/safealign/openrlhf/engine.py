@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
-import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -137,6 +137,32 @@ def publish_model(strategy: DeepspeedStrategy, model, tokenizer, args: Settings,
     barrier()
 
 
+def resumable_tag(ckpt_dir: Path) -> str | None:
+    """The checkpoint to resume from: the one DeepSpeed's `latest` names, or None to start fresh.
+
+    DeepSpeed writes `latest` last, after every state file of the new checkpoint, by truncating and
+    rewriting it. A kill inside that write leaves it empty (seen in CI: a SIGKILLed distill stage), and
+    DeepSpeed would then look for states in the checkpoint folder itself and fail. The checkpoint being
+    announced was complete by then, so the newest one with model states is taken, and the log says so."""
+    latest = ckpt_dir / "latest"
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    if tag and (ckpt_dir / tag).is_dir():
+        return tag
+    saved = {
+        int(match[1]): d
+        for d in ckpt_dir.iterdir()
+        if (match := re.fullmatch(r"global_step(\d+)", d.name)) and d.is_dir() and any(d.glob("*model_states.pt"))
+    }
+    if not saved:
+        return None
+    newest = saved[max(saved)]
+    log.warning("%s names %s, which is not a checkpoint (a kill while it was being written); resuming from %s, "
+                "the newest one", latest, repr(tag) if tag else "nothing", newest.name)  # fmt: skip
+    return newest.name
+
+
 def resume_state(strategy: DeepspeedStrategy, engine, args: Settings) -> dict:
     """The client state of the newest DeepSpeed checkpoint in `args.ckpt.path` ({} to start fresh).
 
@@ -144,9 +170,10 @@ def resume_state(strategy: DeepspeedStrategy, engine, args: Settings) -> dict:
     is the engine itself — whose attribute lookups fall through to the wrapped module, so
     `getattr(engine, "model")` would hand OpenRLHF the value model's backbone instead.
     """
-    if not os.path.isdir(args.ckpt.path):
+    tag = resumable_tag(Path(args.ckpt.path))
+    if tag is None:
         return {}
-    load_path, states = strategy.load_ckpt(engine.model if isinstance(engine, Actor) else engine, args.ckpt.path)
+    load_path, states = strategy.load_ckpt(engine.model if isinstance(engine, Actor) else engine, args.ckpt.path, tag=tag)
     if load_path is None:
         return {}
     log.info("resumed from %s: %d pairs already trained", load_path, states.get("consumed_samples", 0))
