@@ -80,9 +80,11 @@ class CostModel:
         self.recipe, self.strategy = recipe, strategy
         # A pooled model scores at the length it was fitted at (its pooling sees what training saw).
         self.pooled = is_pooled(model_dir)
-        self.max_len = read_spec(model_dir)["max_len"] if self.pooled else SCORE_MAX_LEN
+        self.max_len = SCORE_MAX_LEN
         if self.pooled:
-            self.model = PooledValueModel.load(model_dir, TORCH_DTYPES[read_spec(model_dir)["dtype"]])
+            spec = read_spec(model_dir)
+            self.max_len = spec["max_len"]
+            self.model = PooledValueModel.load(model_dir, TORCH_DTYPES[spec["dtype"]])
         else:
             # ds_config=None: a plain, unpartitioned module, so it can stay on the host between updates.
             self.model = get_llm_for_sequence_regression(
