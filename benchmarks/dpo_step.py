@@ -169,7 +169,7 @@ def child(variant: str, setting: Setting, reference: Path) -> dict:
 def measured_run(variant: str, setting: Setting, reference: Path, out: Path) -> dict:
     """Build the variant, train `steps` optimizer steps, report timings and memory."""
     from safealign.models import resolve_model
-    from safealign.openrlhf import DeepspeedStrategy  # (after the CPU patches, as everywhere)
+    from safealign.openrlhf import DeepspeedStrategy  # (after the patches, as everywhere)
 
     recipe = recipe_for(setting, out)
     rows = bench_rows(setting)

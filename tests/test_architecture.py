@@ -96,7 +96,7 @@ def test_stages_do_not_import_each_other():
 
 
 def test_only_the_adapter_imports_openrlhf():
-    """OpenRLHF is reached through `safealign.openrlhf` alone (its classes load after the CPU patches)."""
+    """OpenRLHF is reached through `safealign.openrlhf` alone (its classes load after its patches)."""
     violations = []
     for path in MODULES:
         if module_name(path).startswith("safealign.openrlhf"):
