@@ -42,12 +42,12 @@ def measure(run_dir: Path, recipe_path: Path, updates: int) -> dict:
 
     from safealign.cost_sampling import CostModel, PolicyCostSampler
     from safealign.data import hold_out_prompts
-    from safealign.eval.heldout import load_training_rows
     from safealign.models import resolve_model
     from safealign.openrlhf import engine
     from safealign.openrlhf.settings import build_settings
     from safealign.recipe import load_recipe
     from safealign.stages import finished_stage
+    from safealign.training.rows import training_rows
 
     recipe = load_recipe(recipe_path)
     settings = recipe.align.cost_sampling
@@ -58,12 +58,13 @@ def measure(run_dir: Path, recipe_path: Path, updates: int) -> dict:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.ds.param_dtype]
         policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=dtype)
         tokenizer = engine.load_tokenizer(policy_dir, policy, strategy)
-        pool, _ = hold_out_prompts(load_training_rows(recipe), settings.prompts, recipe.seed)
+        rm = finished_stage(run_dir, "rm")
+        # The pool as align draws it: from the rm stage's scored rows (those that fit data.max_len).
+        pool, _ = hold_out_prompts(training_rows(recipe, rm.output("scored")), settings.prompts, recipe.seed)
 
         # Safetensors are mapped lazily: the weights count once a forward has touched them, so the cost
         # model is measured after loading it and scoring the pool once (weights + scoring activations).
         before = rss_mib()
-        rm = finished_stage(run_dir, "rm")
         cost_dir = Path(recipe.model.cost_model) if recipe.model.cost_model else rm.output("cost_model")
         cost_model = CostModel(cost_dir, recipe, args, strategy)
         cost_model.score(pool, ["I cannot help with that."] * len(pool), settings.batch_size)
