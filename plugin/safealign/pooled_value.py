@@ -6,8 +6,8 @@ data a freshly initialised last-token head trained for an epoch stayed at chance
 gave every answer the same cost, so λ followed that offset, not the policy (docs/results.md). Harmfulness is
 close to linearly readable from what an instruction-tuned model's middle-to-late layers hold about the
 whole answer; averaging over the answer's tokens reads it from all of them, and stopping at that layer
-drops the rest of the network (a 2/3-depth model scores 1.5× faster). Measured on PKU-SafeRLHF with a
-frozen SmolLM2-135M: benchmarks/cost_probe.py, docs/rm.md.
+drops the decoder layers above it (at the default 2/3 depth, a third of the scoring work). Measured on
+PKU-SafeRLHF with a frozen SmolLM2-135M: benchmarks/cost_probe.py, docs/rm.md.
 
 A pooled model is a directory of its own: the backbone cut at the chosen layer (an HF `AutoModel`
 checkpoint whose config has `num_hidden_layers` = that layer), its tokenizer, the head
