@@ -366,20 +366,21 @@ def conversation_identity(messages: list[Message]) -> str:
     return hashlib.sha256(" ".join(words).encode("utf-8")).hexdigest()
 
 
-def _prompt_bucket(prompt: list[Message], seed: int | str) -> float:
-    """A prompt's pseudo-random place in [0, 1): a pure function of the prompt and the seed."""
-    digest = hashlib.sha256(f"{seed}:{prompt_identity(prompt)}".encode()).digest()
+def _bucket(identity: str, seed: int | str) -> float:
+    """An identity's pseudo-random place in [0, 1): a pure function of the identity and the seed."""
+    digest = hashlib.sha256(f"{seed}:{identity}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _prompt_bucket(prompt: list[Message], seed: int | str) -> float:
+    """A prompt's pseudo-random place in [0, 1)."""
+    return _bucket(prompt_identity(prompt), seed)
 
 
 def held_out_indices(rows: list[PreferenceRow], eval_fraction: float, seed: int) -> set[int]:
     """Indices of the held-out rows: a deterministic share of conversations, so pairs sharing a prompt —
     or a conversation (`conversation_identity`) — land on one side of the split."""
-    def bucket(row: PreferenceRow) -> float:
-        digest = hashlib.sha256(f"{seed}:{conversation_identity(row.prompt)}".encode()).digest()
-        return int.from_bytes(digest[:8], "big") / 2**64
-
-    return {i for i, row in enumerate(rows) if bucket(row) < eval_fraction}
+    return {i for i, row in enumerate(rows) if _bucket(conversation_identity(row.prompt), seed) < eval_fraction}
 
 
 def prompt_folds(rows: list[PreferenceRow], folds: int, seed: int) -> list[int]:
