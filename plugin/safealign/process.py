@@ -53,6 +53,18 @@ def no_gpu_reason() -> str:
     )
 
 
+def release_memory() -> None:
+    """Free what finished work held: unreachable objects, then PyTorch's cached GPU blocks (back to the
+    driver, so the next model or engine — possibly another process's — can have them)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def ensure_process_env() -> None:
     """A plain `safealign run` is a one-process world; torchrun and the deepspeed launcher set these."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:

@@ -29,7 +29,7 @@ from safealign import __version__
 from safealign.errors import SafeAlignError
 from safealign.files import disk_full, disk_full_error, tree_size, write_text_atomically
 from safealign.locks import RunLock
-from safealign.process import agree, barrier, is_rank_0
+from safealign.process import agree, barrier, is_rank_0, release_memory
 from safealign.recipe import STAGE_ORDER, Recipe
 from safealign.stages import STAGE_FILE, Stage, StageContext, finished_stage, load_builtin_stages
 
@@ -72,17 +72,6 @@ def select_stages(recipe: Recipe, requested: list[str] | None) -> list[Stage]:
     if unknown:
         raise SafeAlignError(f"--stage {unknown[0]}: unknown stage; available: {', '.join(sorted(stages))}")
     return [stages[name] for name in STAGE_ORDER if name in names]
-
-
-def release_memory() -> None:
-    """Free what a finished stage's models, optimizers and engines held (host and GPU caches)."""
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def run_stage(recipe: Recipe, run_dir: Path, stage: Stage, force: bool = False) -> dict:

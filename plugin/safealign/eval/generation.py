@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from safealign.data import flatten_messages
 from safealign.errors import SafeAlignError
-from safealign.process import gpu_available
+from safealign.process import gpu_available, release_memory
 
 log = logging.getLogger("safealign")
 
@@ -75,17 +75,6 @@ class Generator(Protocol):
 
     def close(self) -> None:
         """Give back what the generator holds on the accelerator, before the next model loads."""
-
-
-def release_accelerator_memory() -> None:
-    """Drop unreachable objects and return PyTorch's cached GPU blocks to the driver."""
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def wait_for_gpu_memory(free_before: int, timeout: float = 120.0, slack: int = 2**30) -> bool:
@@ -159,7 +148,7 @@ class HFGenerator:
     def close(self) -> None:
         """Drop the model this generator holds (the caller may hold it too: the align trainer's policy)."""
         self.model = None
-        release_accelerator_memory()
+        release_memory()
 
     def _encode(self, request: GenerationRequest) -> list[int]:
         text = format_prompt(self.tokenizer, request, self.input_template)
@@ -242,7 +231,7 @@ class VLLMGenerator:
         destroy_model_parallel()
         destroy_distributed_environment()
         self.llm = None
-        release_accelerator_memory()
+        release_memory()
         if not wait_for_gpu_memory(self.free_before):
             log.warning("vLLM: GPU memory not yet back after the engine's shutdown; loading the next model anyway")
 
