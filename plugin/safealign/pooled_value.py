@@ -99,6 +99,15 @@ class PooledValueModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lens: list[int]) -> torch.Tensor:
         return self.head(self.features(input_ids, attention_mask, prompt_lens)).squeeze(-1)
 
+    def pair(self, batch, features: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both responses of a reward-model pair batch (`ids_0, mask_0, ids_1, mask_1, extras` with
+        `extras.prompt_lens`), on this model's device: their values, or their pooled features."""
+        ids_0, mask_0, ids_1, mask_1, extras = batch
+        device = next(self.parameters()).device
+        read = self.features if features else self
+        return (read(ids_0.to(device), mask_0.to(device), extras.prompt_lens),
+                read(ids_1.to(device), mask_1.to(device), extras.prompt_lens))  # fmt: skip
+
 
 def save_pooled(out: Path, backbone: nn.Module, tokenizer, weight: torch.Tensor, bias: torch.Tensor, spec: dict) -> None:
     """Write a pooled value model into `out` (the caller publishes the directory atomically)."""

@@ -74,14 +74,7 @@ def _score_with_pooled_model(recipe: Recipe, model_dir: Path, rows: list[Prefere
     dataset = PreferencePairDataset(
         rows, tokenizer, spec["max_len"], strategy, recipe.data.input_template, for_reward_model=True
     )
-    device = next(model.parameters()).device
-
-    def forward(batch) -> tuple[torch.Tensor, torch.Tensor]:
-        ids_0, mask_0, ids_1, mask_1, extras = batch
-        return (model(ids_0.to(device), mask_0.to(device), extras.prompt_lens),
-                model(ids_1.to(device), mask_1.to(device), extras.prompt_lens))  # fmt: skip
-
-    scores = score_pairs(dataset, forward, strategy, recipe.rm.score_batch_size, f"scoring with {model_dir.parent.name}")
+    scores = score_pairs(dataset, model.pair, strategy, recipe.rm.score_batch_size, f"scoring with {model_dir.parent.name}")
     return _by_row(dataset, scores)
 
 

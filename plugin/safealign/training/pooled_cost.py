@@ -50,16 +50,7 @@ def pair_features(model: PooledValueModel, dataset: PreferencePairDataset, strat
                   description: str) -> torch.Tensor:  # fmt: skip
     """Both responses' pooled features for every item of `dataset`: `[len(dataset), 2, hidden]` (sharded
     over ranks and merged, like every scoring pass)."""
-    device = next(model.parameters()).device
-
-    def forward(batch) -> tuple[torch.Tensor, torch.Tensor]:
-        ids_0, mask_0, ids_1, mask_1, extras = batch
-        return (
-            model.features(ids_0.to(device), mask_0.to(device), extras.prompt_lens),
-            model.features(ids_1.to(device), mask_1.to(device), extras.prompt_lens),
-        )
-
-    return score_pairs(dataset, forward, strategy, batch_size, description)
+    return score_pairs(dataset, lambda batch: model.pair(batch, features=True), strategy, batch_size, description)
 
 
 def label_tensors(dataset: PreferencePairDataset) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
