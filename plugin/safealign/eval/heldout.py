@@ -64,9 +64,10 @@ def heldout_rows(recipe: Recipe, training: list[PreferenceRow]) -> list[Preferen
     """`eval.heldout_pairs` without the pairs whose conversation is a training pair's (see the module docs)."""
     trained = {conversation_identity(row.prompt) for row in training}
     rows = load_sources(recipe.eval.heldout_pairs)
-    kept = [row for row in rows if conversation_identity(row.prompt) not in trained]
+    shared = [conversation_identity(row.prompt) in trained for row in rows]
+    kept = [row for row, out in zip(rows, shared) if not out]
     if len(kept) < len(rows):
-        left_out = [row for row in rows if conversation_identity(row.prompt) in trained]
+        left_out = [row for row, out in zip(rows, shared) if out]
         trained_prompts = {prompt_identity(row.prompt) for row in training}
         same_prompt = sum(prompt_identity(row.prompt) in trained_prompts for row in left_out)
         log.warning("eval.heldout_pairs: %d of %d pairs belong to a conversation data.train trains on (%d the same "
