@@ -238,3 +238,10 @@ def test_held_out_pairs_of_a_trained_conversation_are_left_out_of_the_measure(tm
                      cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "2 of 3 pairs belong to a conversation data.train trains on (0 the same prompt, 2 the same opening" in result.stderr
+
+
+def test_a_driver_version_nvml_gives_in_another_form_is_reported_not_a_traceback(monkeypatch):
+    from safealign import process
+
+    monkeypatch.setattr(process, "nvidia_driver_version", lambda: "r580-open")
+    assert process.no_gpu_reason().startswith("driver r580-open found: check the node's NVIDIA driver (>= 580)")

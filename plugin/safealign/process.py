@@ -41,7 +41,8 @@ def nvidia_driver_version() -> str | None:
 def no_gpu_reason() -> str:
     """Why a pod that asked for GPUs sees none, as far as can be told from inside it."""
     driver = nvidia_driver_version()
-    if driver is not None and int(driver.split(".")[0]) < DRIVER_FLOOR:
+    major = driver.split(".")[0] if driver else ""
+    if major.isdigit() and int(major) < DRIVER_FLOOR:
         return (
             f"the node's NVIDIA driver is {driver}, older than the {DRIVER_FLOOR} this image's CUDA 13 PyTorch "
             f"needs: upgrade it (GPU Operator: driver.version) or schedule on nodes with driver >= {DRIVER_FLOOR}"
