@@ -183,3 +183,12 @@ def run_cli_python(cwd, script: str) -> list:
     result = subprocess.run([sys.executable, "-c", script], cwd=cwd, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("text", ["{not json", "[]", '{"max_len": "192", "dtype": "bf16"}', '{"max_len": 192, "dtype": "fp16"}'])
+def test_a_damaged_pooled_model_spec_is_one_line(tmp_path, text):
+    """`model.cost_model` may name any folder: its spec is checked, not trusted."""
+    (tmp_path / "safealign_value_model.json").write_text(text)
+    with pytest.raises(SafeAlignError, match=r"safealign_value_model\.json: .*(spec|readable)") as caught:
+        read_spec(tmp_path)
+    assert "\n" not in str(caught.value)

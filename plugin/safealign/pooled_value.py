@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from safealign.errors import SafeAlignError
+
 SPEC_FILE = "safealign_value_model.json"
 HEAD_FILE = "value_head.safetensors"
 #: The recipe's parameter dtypes as torch's (the spec records the one a model was fitted in).
@@ -37,8 +39,16 @@ def is_pooled(model_dir: Path) -> bool:
 
 
 def read_spec(model_dir: Path) -> dict:
-    """What `save_pooled` recorded: layer, pooling, max_len, base, fit statistics."""
-    return json.loads((Path(model_dir) / SPEC_FILE).read_text())
+    """What `save_pooled` recorded: layer, pooling, max_len, dtype, base, fit statistics. A model folder is
+    outside input (`model.cost_model` may name any): a damaged spec is one line, not a traceback."""
+    path = Path(model_dir) / SPEC_FILE
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise SafeAlignError(f"{path}: not a readable pooled value model spec ({exc})") from None
+    if not (isinstance(spec, dict) and isinstance(spec.get("max_len"), int) and spec.get("dtype") in TORCH_DTYPES):
+        raise SafeAlignError(f"{path}: a pooled value model spec needs an integer max_len and dtype fp32 or bf16")
+    return spec
 
 
 def response_mask(attention_mask: torch.Tensor, prompt_lens: list[int]) -> torch.Tensor:
