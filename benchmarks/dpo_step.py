@@ -198,7 +198,7 @@ def measured_run(variant: str, setting: Setting, reference: Path, out: Path) -> 
     else:
         from safealign.training.policy import split_policy_rows, train_policy
 
-        train_policy(recipe, split_policy_rows(recipe, rows), policy, policy, None, out)
+        train_policy(recipe, split_policy_rows(recipe, rows, pairs_from=recipe), policy, policy, None, out)
     # optimizer_step runs once per micro-batch; DeepSpeed steps the optimizer at the accumulation boundary.
     per_step = max(1, setting.batch // setting.micro)
     boundaries = [start] + stamps[per_step - 1 :: per_step]

@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("stages", ("safealign.stages",)),
     ("training floor", ("safealign.training",)),
     ("trainers", ("safealign.trainers", "safealign.cost_sampling")),
-    ("openrlhf adapter", ("safealign.openrlhf", "safealign.pair_dataset", "safealign.length_grouping",
+    ("openrlhf adapter", ("safealign.openrlhf", "safealign.pair_dataset", "safealign.pair_sampler",
                           "safealign.scoring")),
     ("recipe", ("safealign.recipe", "safealign.models", "safealign.pooled_value", "safealign.ref_provenance",
                 "safealign.eval.heldout")),

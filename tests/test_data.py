@@ -137,6 +137,17 @@ def test_training_subsets_are_nested_deterministic_and_in_file_order():
     assert subset_by_prompt(rows, 20, seed=8) != small
 
 
+def test_a_training_subset_takes_the_pairs_with_both_labels_first():
+    """align.max_pairs on mixed data: every pair labelled for helpfulness is in before a harmless-only one."""
+    from safealign.data import subset_by_prompt
+
+    pku, hh = load_rows(PKU, "pku_saferlhf")[:10], load_rows(HH, "hh_rlhf", dimension="safe")[:30]
+    mixed = hh[:15] + pku + hh[15:]
+    subset = subset_by_prompt(mixed, 14, seed=7)
+    assert sum(r.better_response_id >= 0 for r in subset) == 10  # all of PKU's, where 14/40 of random rows gives 3-4
+    assert subset == [r for r in mixed if any(r is s for s in subset)]  # in the rows' own order
+
+
 def test_the_rm_split_keeps_a_conversation_on_one_side():
     """Pairs of one conversation (a prompt extending another, the same opening in other capitals) are
     held out together or not at all, for any seed."""

@@ -434,9 +434,16 @@ def _pair_coin(row: PreferenceRow, seed: int) -> bool:
 
 
 def subset_by_prompt(rows: list[PreferenceRow], count: int, seed: int) -> list[PreferenceRow]:
-    """At most `count` rows, chosen by prompt in a seeded order (its own salt: independent of the other
-    splits), kept in their original order: the same subset for every variant that asks for `count`."""
-    ranked = sorted(range(len(rows)), key=lambda i: (_prompt_bucket(rows[i].prompt, f"subset:{seed}"), i))
+    """At most `count` rows, kept in their original order: the rows labelled on more dimensions first (a
+    pair with both labels feeds both losses, and helpfulness labels are the scarce ones in the evidence
+    data), then by prompt in a seeded order (its own salt: independent of the other splits). The same
+    subset for every variant that asks for `count`, and a smaller one inside a larger one."""
+
+    def rank(i: int) -> tuple:
+        labels = (rows[i].better_response_id >= 0) + (rows[i].safer_response_id >= 0)
+        return -labels, _prompt_bucket(rows[i].prompt, f"subset:{seed}"), i
+
+    ranked = sorted(range(len(rows)), key=rank)
     return [rows[i] for i in sorted(ranked[:count])]
 
 

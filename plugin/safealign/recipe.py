@@ -182,7 +182,13 @@ class PairTrainingSection(TrainingSection):
     group_by_length: bool = Field(
         True,
         description="sort each optimizer step's pairs by length before cutting micro-batches: less padding, "
-        "same gradient (safealign.length_grouping)",
+        "same gradient (safealign.pair_sampler)",
+    )
+    group_by_labels: bool = Field(
+        True,
+        description="spread each label pattern (both labels, harmlessness only, ...) evenly over the optimizer "
+        "steps: every step holds the same count of each to within one, so no step lacks a loss's labels "
+        "(safealign.pair_sampler)",
     )
 
 
@@ -240,6 +246,11 @@ class AlignSection(PairTrainingSection):
         None,
         description="train on this many of the training pairs (chosen by prompt and seed): the same subset for "
         "every ablation that sets it, e.g. a trade-off frontier cheaper than the main model",
+    )
+    seed: int | None = Field(
+        None,
+        description="this policy's training seed (data order, a shuffled control's coins, Ĵ_C sampling; default: "
+        "the recipe's seed); its pairs stay the recipe seed's, so seeds of one variant train on the same pairs",
     )
     loss: str = Field("safe_mm_dpo", description="registered loss: dpo, mm_dpo, safe_mm_dpo or a plugin's")
     dimension: Dimension = Field("helpful", description="dpo/mm_dpo: which labels to train on")

@@ -18,7 +18,7 @@ from pathlib import Path
 from safealign.models import policy_and_reference
 from safealign.recipe import Recipe
 from safealign.stages import StageContext, cost_model_dir, register_stage, run_once, run_training_rows
-from safealign.training.policy import split_policy_rows, train_policy
+from safealign.training.policy import policy_recipe, split_policy_rows, train_policy
 
 log = logging.getLogger("safealign")
 
@@ -32,16 +32,18 @@ def run_align(ctx: StageContext) -> dict:
     policy_dir, reference_dir = policy_and_reference(recipe.model)
     cost_model = cost_model_dir(ctx)
     # What it runs
-    split = split_policy_rows(recipe, rows)
-    summary = run_once(out, lambda: train_policy(recipe, split, policy_dir, reference_dir, cost_model, out))
+    main = policy_recipe(recipe, recipe.align)
+    split = split_policy_rows(main, rows, pairs_from=recipe)
+    summary = run_once(out, lambda: train_policy(main, split, policy_dir, reference_dir, cost_model, out))
     ablations = {}
     for name in recipe.align.ablations:
-        variant = recipe.model_copy(update={"align": recipe.align.ablation(name)})
+        variant = policy_recipe(recipe, recipe.align.ablation(name))
         work = out / "ablations" / name
-        log.info("align: ablation %s (loss %s, λ %s)", name, variant.align.loss, variant.align.lambda_update)
+        log.info("align: ablation %s (loss %s, λ %s, labels %s, seed %d)", name, variant.align.loss,
+                 variant.align.lambda_update, variant.align.labels, variant.seed)  # fmt: skip
 
         def train(variant: Recipe = variant, work: Path = work) -> dict:
-            rows_of_variant = split_policy_rows(variant, rows, pool_from=recipe)
+            rows_of_variant = split_policy_rows(variant, rows, pairs_from=recipe)
             return train_policy(variant, rows_of_variant, policy_dir, reference_dir, cost_model, work)
 
         ablations[name] = run_once(work, train)

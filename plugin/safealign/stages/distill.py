@@ -226,7 +226,7 @@ def run_distill(ctx: StageContext) -> dict:
         cost_model = cost_model_dir(ctx)
 
         def ddpo_train() -> dict:
-            rows = split_policy_rows(recipe, ddpo_rows(ctx))
+            rows = split_policy_rows(recipe, ddpo_rows(ctx), pairs_from=recipe)
             return train_policy(recipe, rows, final, final, cost_model, out / "ddpo")
 
         ddpo = run_once(out / "ddpo", ddpo_train)

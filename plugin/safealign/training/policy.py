@@ -16,12 +16,12 @@ from safealign.cost_sampling import CostModel, PolicyCostSampler
 from safealign.data import Message, PreferenceRow, has_field, relabel, split_by_prompt, subset_by_prompt
 from safealign.errors import SafeAlignError
 from safealign.lagrange import LagrangeMultiplier
-from safealign.length_grouping import pair_loader
 from safealign.losses import LossSettings, PreferenceLoss, get_loss
 from safealign.models import merge_lora
 from safealign.openrlhf import engine
 from safealign.openrlhf.settings import Settings, build_settings
 from safealign.pair_dataset import PreferencePairDataset
+from safealign.pair_sampler import pair_loader
 from safealign.process import barrier, gpu_available
 from safealign.recipe import AlignSection, Recipe, samples_policy_cost
 from safealign.ref_provenance import check_cached_reference, check_same_tokenizer, reference_provenance
@@ -66,15 +66,21 @@ class PolicyRows:
         return has_field(self.train, "ref_logps_0") and (not self.eval or has_field(self.eval, "ref_logps_0"))
 
 
-def split_policy_rows(recipe: Recipe, rows: list[PreferenceRow], pool_from: Recipe | None = None) -> PolicyRows:
-    """The Ĵ_C pool held out as `pool_from`'s settings say (default `recipe`; an ablation passes the
-    recipe it varies, so every variant trains on the same pairs), the eval split, `align.max_pairs`, and
-    `align.labels` on the training rows (a control's flipped or coin-flipped preferences; eval keeps the
+def policy_recipe(recipe: Recipe, align: AlignSection) -> Recipe:
+    """The recipe one policy trains under: `align` (the recipe's own or an ablation's) in place, and its
+    `align.seed`, when set, as the recipe's seed."""
+    return recipe.model_copy(update={"align": align, "seed": recipe.seed if align.seed is None else align.seed})
+
+
+def split_policy_rows(recipe: Recipe, rows: list[PreferenceRow], pairs_from: Recipe) -> PolicyRows:
+    """The Ĵ_C pool, the eval split and `align.max_pairs` as `pairs_from`'s settings and seed say (the
+    run's recipe: every variant and seed trains on the same pairs), then `recipe`'s `align.labels` on the
+    training rows, with `recipe`'s seed (a control's flipped or coin-flipped preferences; eval keeps the
     labels as given)."""
-    pool, rows = split_cost_pool(pool_from or recipe, rows)
-    train, held = split_by_prompt(rows, recipe.data.eval_fraction, recipe.seed)
+    pool, rows = split_cost_pool(pairs_from, rows)
+    train, held = split_by_prompt(rows, pairs_from.data.eval_fraction, pairs_from.seed)
     if recipe.align.max_pairs is not None:
-        train = subset_by_prompt(train, recipe.align.max_pairs, recipe.seed)
+        train = subset_by_prompt(train, recipe.align.max_pairs, pairs_from.seed)
     return PolicyRows(train=relabel(train, recipe.align.labels, recipe.seed), eval=held, cost_pool=pool)
 
 
