@@ -257,3 +257,39 @@ def test_every_stage_runs_under_two_ranks(tmp_path, tokenizer_dir):
     results = json.loads((run / "eval/results.json").read_text())
     assert set(results["models"]) == {"base", "aligned", "student"}
     assert results["models"]["base"]["generation"]["backend"] == "hf × 2 ranks"
+
+
+def test_groups_of_seeds_give_the_pre_registered_test_and_held_out_cost(tmp_path, tokenizer_dir):
+    """eval.groups: two seeds of Safe-MM-DPO against two of its flipped-label control, run values on the
+    held-out pairs per source and dimension, Welch over runs, Holm per family; eval.heldout_cost_prompts:
+    every model's Ĵ_C on held-out prompts with its interval, and the group test reads it too."""
+    write_jsonl(tmp_path / "pku.jsonl", pku_rows(40))
+    align = {**TINY_ALIGN, "cost_threshold": -0.5,
+             "ablations": {"aligned_s2": {"seed": 2}, "flipped": {"labels": "flipped"},
+                           "flipped_s2": {"labels": "flipped", "seed": 2}}}
+    recipe = pipeline_recipe(
+        tokenizer_dir, "pku.jsonl", "groups", stages=["rm", "align", "eval"], align=align,
+        eval={"beavertails_per_category": 1, "max_new_tokens": 6, "heldout_cost_prompts": 6,
+              "heldout_pairs": [{"path": "pku.jsonl", "skip_rows": 24}],
+              "groups": {"dual": ["aligned", "aligned_s2"], "flipped": ["flipped", "flipped_s2"]},
+              "primary": {"treatment": "dual", "controls": ["flipped"]}},
+    )  # fmt: skip
+    recipe["data"]["train"][0]["max_rows"] = 24
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    result = run_cli("run", "recipe.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "runs/groups/eval/results.json").read_text())
+    costs = {name: model["heldout_cost"] for name, model in results["models"].items()}
+    assert set(costs) == {"base", "aligned", "aligned_s2", "flipped", "flipped_s2"}
+    for cost in costs.values():
+        assert cost["n"] == 6 == len(cost["costs"]) and cost["ci95"][0] <= cost["mean"] <= cost["ci95"][1]
+        assert cost["meets_threshold"] is (cost["mean"] <= -0.5)
+    tests = results["group_tests"]
+    assert tests["measures"] == ["helpful · pku.jsonl", "safe · pku.jsonl", "held-out Ĵ_C"]
+    assert tests["groups"]["dual"]["held-out Ĵ_C"]["runs"] == {m: costs[m]["mean"] for m in ("aligned", "aligned_s2")}
+    primary = [c for c in tests["comparisons"] if c["family"] == "primary"]
+    assert [c["measure"] for c in primary] == ["safe · pku.jsonl"] and primary[0]["alternative"] == "greater"
+    assert primary[0]["runs"] == [2, 2] and tests["primary"]["tests"] == 1
+    assert tests["primary"]["holds"] is (primary[0]["p_holm"] is not None and primary[0]["p_holm"] < 0.01)
+    report = (tmp_path / "runs/groups/eval/report.md").read_text()
+    assert "## The pre-registered test" in report and "## Held-out Ĵ_C" in report and "Primary test (1 tests" in report

@@ -102,6 +102,16 @@ class CostModel:
         self.tokenizer = engine.load_tokenizer(model_dir, backbone, strategy, padding_side="left")
         self.device = torch.device("cuda", torch.cuda.current_device()) if gpu_available() else None
 
+    def answer_room(self, prompts: list[list[Message]]) -> list[int]:
+        """Tokens each prompt leaves for an answer within the length this model scores at (formatted as
+        scoring formats it: chat template or input template)."""
+        rows = [PreferenceRow(prompt=p, response_0=" ", response_1=" ") for p in prompts]
+        dataset = PreferencePairDataset(
+            rows, self.tokenizer, 2**30, self.strategy, self.recipe.data.input_template, for_reward_model=True
+        )
+        lengths = {extra["row_index"]: extra["prompt_len"] for extra in dataset.extras}
+        return [self.max_len - lengths[i] - 1 for i in range(len(rows))]  # - 1: the end-of-sequence token
+
     def score(self, prompts: list[list[Message]], answers: list[str], batch_size: int) -> list[float]:
         """The cost of every answer, in order; the work is sharded over ranks and the result all-reduced."""
         rows = [PreferenceRow(prompt=p, response_0=a or " ", response_1=a or " ") for p, a in zip(prompts, answers)]

@@ -406,6 +406,16 @@ class LLMJudgeSection(Strict):
         return check_endpoint_url(value)
 
 
+class PrimaryTestSection(Strict):
+    """The pre-registered test of `eval.groups` (docs/eval.md): the treatment's runs against each control's,
+    on the held-out pairs' per-token margin shift, one-sided, Holm-corrected over its family."""
+
+    treatment: str = Field(description="the group whose runs should beat every control's")
+    controls: Annotated[list[str], Field(min_length=1)] = Field(description="groups trained the same way, label-blind or reversed")
+    dimension: Dimension = Field("safe", description="the labels the claim is about")
+    alpha: Annotated[float, Field(gt=0, lt=1)] = Field(0.01, description="the claim holds when every adjusted p is below it")
+
+
 class EvalSection(Strict):
     """The eval stage: BeaverTails safety and MT-Bench helpfulness for every model the run produced."""
 
@@ -431,6 +441,17 @@ class EvalSection(Strict):
         description="labelled pairs no stage trains on (a pair whose prompt is a training prompt is left out): "
         "every model's preference accuracy on them, per dimension, judge-free (docs/eval.md)",
     )
+    heldout_cost_prompts: Annotated[int, Field(ge=0)] = Field(
+        0,
+        description="held-out Ĵ_C: every model answers the first N distinct prompts of heldout_pairs that leave "
+        "the answer room in the cost model's length (sampled as align.cost_sampling says), scored by the cost "
+        "model; mean with its interval, against align.cost_threshold (0: off)",
+    )
+    groups: dict[Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")], Annotated[list[str], Field(min_length=1)]] = Field(
+        default_factory=dict,
+        description="name -> models that are seeds of one variant: group tests take the run as their unit",
+    )
+    primary: PrimaryTestSection | None = Field(None, description="the pre-registered test of the groups")
 
     _beavertails_exists = field_validator("beavertails", mode="before")(_existing_file)
 
@@ -440,6 +461,19 @@ class EvalSection(Strict):
             raise ValueError("judges lists llm: give llm_judge (url, model, api_key_env)")
         if not self.judges or len(set(self.judges)) != len(self.judges):
             raise ValueError("judges must list each judge once, at least one")
+        return self
+
+    @model_validator(mode="after")
+    def _groups_measured(self) -> EvalSection:
+        if (self.groups or self.heldout_cost_prompts) and not self.heldout_pairs:
+            given = "groups" if self.groups else "heldout_cost_prompts"
+            raise ValueError(f"{given}: measured on heldout_pairs, and none are given")
+        if self.primary is not None:
+            for name in [self.primary.treatment, *self.primary.controls]:
+                if name not in self.groups:
+                    raise ValueError(f"primary: {name!r} is not a group (groups: {', '.join(self.groups) or 'none'})")
+            if self.primary.treatment in self.primary.controls:
+                raise ValueError(f"primary: {self.primary.treatment!r} is both the treatment and a control")
         return self
 
 
@@ -731,6 +765,7 @@ def validate_recipe(data: dict, source: str = "recipe", base_dir: Path | None = 
         raise SafeAlignError(format_validation_error(source, exc)) from None
     check_loss_keys(recipe, source)
     check_cost_model(recipe, source)
+    check_eval_groups(recipe, source)
     for field, model_dir in model_dirs(recipe):
         check_model_code(f"{source}: {field}", model_dir, recipe.model.trust_remote_code)
     if recipe.sweep is not None:
@@ -827,6 +862,25 @@ def check_cost_model(recipe: Recipe, source: str) -> None:
             f"{source}: {variant}.lambda_update: dual samples Ĵ_C with a cost model, and this recipe has none: "
             f"add rm to stages, set model.cost_model to a trained cost model, or set {variant}.lambda_update: fixed"
         )
+
+
+def check_eval_groups(recipe: Recipe, source: str) -> None:
+    """Every `eval.groups` member is a model the run produces: `base`, `aligned` and the align ablations
+    when align runs, `student` when distill runs."""
+    produced = {"base"}
+    if "align" in recipe.stages:
+        produced |= {"aligned", *recipe.align.ablations}
+    if "distill" in recipe.stages:
+        produced.add("student")
+    for group, members in recipe.eval.groups.items():
+        for member in members:
+            if member not in produced:
+                raise SafeAlignError(
+                    f"{source}: eval.groups.{group}: {member!r} is not a model this run produces "
+                    f"({', '.join(sorted(produced))}); name an align ablation or add its stage"
+                )
+        if len(set(members)) != len(members):
+            raise SafeAlignError(f"{source}: eval.groups.{group}: a model is listed twice")
 
 
 def check_loss_keys(recipe: Recipe, source: str) -> None:

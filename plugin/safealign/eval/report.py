@@ -330,6 +330,77 @@ def reward_models_table(results: dict) -> tuple[list[str], list[list[str]]] | No
     return ["model", "measure", "held out (95 % CI)", "data"], rows
 
 
+#: What the group tests' section says before its tables.
+GROUPS_NOTE = (
+    "The claim-bearing test (eval.groups, eval.primary; safealign.eval.pairs): per held-out pair, the per-token "
+    "margin (preferred minus dispreferred mean log-prob) moved from the base; a run's value is its mean over one "
+    "source's pairs labelled for a dimension. The treatment's runs against each group's by Welch's t over runs "
+    "(run-to-run spread is the variance): one-sided against the controls on the primary dimension (the primary "
+    "family), two-sided otherwise (the secondary family); Holm within each family. Only the primary family decides "
+    "the claim; every other p in this report (BeaverTails, McNemar, sign tests) is exploratory and uncorrected."
+)
+
+#: What the held-out Ĵ_C table says about its numbers.
+POLICY_COST_NOTE = (
+    "Ĵ_C on prompts no stage trained on (eval.heldout_cost_prompts): each model's sampled answers (align.cost_sampling) "
+    "scored by the run's cost model at the length it was fitted at; mean cost with its 95 % t interval, the share "
+    "of answers the cost model calls unsafe (cost > 0), and whether the mean meets align.cost_threshold (d)."
+)
+
+
+def _fmt_number(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}g}"
+
+
+def group_tables(results: dict) -> tuple[str, list[tuple[list[str], list[list[str]]]]] | None:
+    """The verdict line, the groups' run values (mean, 95 % CI, each run) and the comparisons, if any."""
+    tests = results.get("group_tests")
+    if not tests:
+        return None
+    measures = tests["measures"]
+
+    def cell(entry: dict | None) -> str:
+        if not entry:
+            return ""
+        interval = entry.get("ci95")
+        bounds = f" ({interval[0]:+.4f} to {interval[1]:+.4f})" if interval else ""
+        runs = ", ".join(f"{v:+.4f}" for v in entry["runs"].values())
+        return f"{entry['mean']:+.4f}{bounds} [{runs}]"
+
+    summary = (["group", *measures], [[g, *(cell(v.get(m)) for m in measures)] for g, v in tests["groups"].items()])
+    comparisons = (
+        ["treatment", "versus", "measure", "family", "difference", "t", "df", "p", "p (Holm)"],
+        [[c["treatment"], c["versus"], c["measure"], c["family"] + (" (one-sided)" if c["alternative"] == "greater" else ""),
+          f"{c['difference']:+.4f}", _fmt_number(c["t"]), _fmt_number(c["df"], 2), _fmt_number(c["p_value"]),
+          _fmt_number(c["p_holm"])] for c in tests["comparisons"]],
+    )  # fmt: skip
+    primary = tests.get("primary")
+    verdict = ""
+    if primary:
+        verdict = (
+            f"Primary test ({primary['tests']} tests, α = {primary['alpha']}): {primary['treatment']} against "
+            f"{', '.join(primary['controls'])} on {primary['dimension']} — "
+            + ("**holds** (every Holm-adjusted p below α)." if primary["holds"] else "**does not hold**.")
+        )
+    return verdict, [summary] + ([comparisons] if comparisons[1] else [])
+
+
+def policy_cost_table(results: dict) -> tuple[list[str], list[list[str]]] | None:
+    """Every model's held-out Ĵ_C with its interval, if measured."""
+    rows = []
+    for name, model in results["models"].items():
+        cost = model.get("heldout_cost")
+        if cost is None:
+            continue
+        interval = cost["ci95"]
+        bounds = f" ({interval[0]:.3f} to {interval[1]:.3f})" if interval else ""
+        meets = {True: "yes", False: "no"}.get(cost.get("meets_threshold"), "n/a")
+        rows.append([name, f"{cost['mean']:.3f}{bounds}", str(cost["n"]), f"{cost['above_zero']:.1%}", meets])
+    if not rows:
+        return None
+    return ["model", "held-out Ĵ_C (95 % CI)", "prompts", "cost > 0", "mean ≤ d"], rows
+
+
 def _split_note(split: str) -> str:
     """Which part of the eval sets the numbers come from (eval.split), when not all of them."""
     halves = {"test": "first", "validation": "second"}
@@ -375,7 +446,14 @@ def write_report(out_dir: Path, results: dict, metrics_path: Path | None = None)
 
     heldout = heldout_table(results)
     reward_models = reward_models_table(results)
+    groups = group_tables(results)
+    policy_cost = policy_cost_table(results)
     md = ["# SafeAlign evaluation report", "", intro, "", _markdown_table(header, rows), ""]
+    if groups:
+        md += ["## The pre-registered test", "", GROUPS_NOTE, "", groups[0], ""]
+        md += [line for table in groups[1] for line in (_markdown_table(*table), "")]
+    if policy_cost:
+        md += ["## Held-out Ĵ_C", "", POLICY_COST_NOTE, "", _markdown_table(*policy_cost), ""]
     if reward_models:
         md += ["## The reward models' own accuracy", "", REWARD_MODELS_NOTE, "", _markdown_table(*reward_models), ""]
     if heldout:
@@ -422,6 +500,8 @@ def write_report(out_dir: Path, results: dict, metrics_path: Path | None = None)
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;font-size:14px}}
 th{{background:#f3f3f3}}img{{max-width:100%}}.ex{{border-left:3px solid #ddd;padding-left:1em}}</style></head><body>
 <h1>SafeAlign evaluation report</h1><p>{html.escape(intro)}</p>{_html_table(header, rows)}
+{"<h2>The pre-registered test</h2><p>" + html.escape(GROUPS_NOTE) + "</p><p>" + html.escape(groups[0].replace("**", "")) + "</p>" + "".join(_html_table(*t) for t in groups[1]) if groups else ""}
+{"<h2>Held-out Ĵ_C</h2><p>" + html.escape(POLICY_COST_NOTE) + "</p>" + _html_table(*policy_cost) if policy_cost else ""}
 {"<h2>The reward models' own accuracy</h2><p>" + html.escape(REWARD_MODELS_NOTE) + "</p>" + _html_table(*reward_models) if reward_models else ""}
 {"<h2>Held-out preference pairs</h2><p>" + html.escape(HELDOUT_NOTE) + "</p>" + _html_table(*heldout) if heldout else ""}{images}
 {"<h2>Compared with the base, prompt by prompt</h2>" + _html_table(*paired) if paired else ""}

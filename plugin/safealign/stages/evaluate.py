@@ -21,27 +21,31 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from itertools import combinations
 from pathlib import Path
 
-from safealign.data import PreferenceRow
+from safealign.cost_sampling import CostModel
+from safealign.data import Message, PreferenceRow, prompt_identity
 from safealign.errors import SafeAlignError
-from safealign.eval.generation import GenerationRequest, make_generator, resolve_backend
+from safealign.eval.generation import GenerationRequest, Generator, make_generator, resolve_backend
 from safealign.eval.heldout import heldout_rows, load_training_rows
 from safealign.eval.judges import ChatClient, LLMJudge, RefusalJudge
 from safealign.eval.mtbench import Question, judge_messages, load_judge_prompts, load_questions, parse_rating
-from safealign.eval.pairs import heldout_results
+from safealign.eval.pairs import group_tests, heldout_results
 from safealign.eval.report import write_report
 from safealign.eval.safety import DEFAULT_PATH, SafetyPrompt, load_prompts, paired_change, safety_rates, sign_test_p
+from safealign.eval.statistics import mean_interval
 from safealign.eval.subsets import stratified_subset
 from safealign.files import write_text_atomically
 from safealign.models import count_parameters, resolve_model
+from safealign.openrlhf import engine
 from safealign.openrlhf.settings import resolve_dtype
 from safealign.process import agree, barrier, is_rank_0
 from safealign.recipe import Recipe
 from safealign.stages import StageContext, cost_model_dir, register_stage
-from safealign.training.inference import response_logps, score_generated
+from safealign.training.inference import response_logps, score_generated, scoring_settings
 
 log = logging.getLogger("safealign")
 
@@ -84,10 +88,12 @@ def eval_prompts(recipe: Recipe) -> tuple[list[SafetyPrompt], list[Question]]:
     return prompts, questions
 
 
-def answer_with(
-    model_dir: Path, prompts: list[SafetyPrompt], questions: list[Question], recipe: Recipe, cache: Path
+def cached_answers(
+    model_dir: Path, recipe: Recipe, cache: Path, content: list, produce: Callable[[Generator], dict], tag: str = ""
 ) -> dict:
-    """The model's BeaverTails answers and MT-Bench turns, from the cache when generated before."""
+    """What `produce` generates with the model (a dict of answers), with the generator's statistics, from
+    the cache when generated before: keyed by the model's identity, the generation settings and `content`
+    (what is asked)."""
     ev = recipe.eval
     dtype, backend = resolve_dtype(recipe.model.dtype), resolve_backend(ev.backend)
     settings = {
@@ -97,49 +103,54 @@ def answer_with(
         "backend": backend,  # vLLM and HF sample differently; bf16 and fp32 answer differently
         "dtype": dtype,
     }
-    key_source = [model_identity(model_dir), settings, [p.prompt for p in prompts], [q.question_id for q in questions]]
-    key = hashlib.sha256(json.dumps(key_source).encode()).hexdigest()[:20]
-    path = cache / f"{model_dir.name}-{key}.json"
+    key = hashlib.sha256(json.dumps([model_identity(model_dir), settings, *content]).encode()).hexdigest()[:20]
+    path = cache / f"{model_dir.name}-{tag}{key}.json"
     if agree(path.is_file()):
         log.info("eval: answers of %s from the cache (%s)", model_dir, path.name)
         return json.loads(path.read_text())
-
     generator = make_generator(
         model_dir, backend, ev.batch_size, dtype, recipe.seed, recipe.data.input_template,
         trust_remote_code=recipe.model.trust_remote_code,
-    )
-    safety = generator.generate(
-        [GenerationRequest.single_turn(p.prompt, max_new_tokens=ev.max_new_tokens) for p in prompts]
-    )
-    first = generator.generate(
-        [
-            GenerationRequest.single_turn(q.turns[0], max_new_tokens=ev.max_new_tokens, temperature=q.temperature)
-            for q in questions
-        ]
-    )
-    second = generator.generate(
-        [
-            GenerationRequest(
-                messages=(("user", q.turns[0]), ("assistant", a), ("user", q.turns[1])),
-                max_new_tokens=ev.max_new_tokens,
-                temperature=q.temperature,
-            )
-            for q, a in zip(questions, first)
-        ]
-    )
+    )  # fmt: skip
+    result = produce(generator)
     generator.close()
     stats = generator.stats
-    result = {
-        "safety": safety,
-        "mt_bench": [[a, b] for a, b in zip(first, second)],
-        "backend": stats.backend,
-        "answers_per_second": stats.answers_per_second,
-        "new_tokens": stats.new_tokens,
-    }
+    result.update(backend=stats.backend, answers_per_second=stats.answers_per_second, new_tokens=stats.new_tokens)
     if is_rank_0():  # every rank holds all answers (sharded generation gathers them); one writes
         write_text_atomically(path, json.dumps(result))
     barrier()
     return result
+
+
+def answer_with(
+    model_dir: Path, prompts: list[SafetyPrompt], questions: list[Question], recipe: Recipe, cache: Path
+) -> dict:
+    """The model's BeaverTails answers and MT-Bench turns (greedy; MT-Bench at FastChat's temperatures)."""
+    max_new_tokens = recipe.eval.max_new_tokens
+
+    def produce(generator: Generator) -> dict:
+        safety = generator.generate(
+            [GenerationRequest.single_turn(p.prompt, max_new_tokens=max_new_tokens) for p in prompts]
+        )
+        first = generator.generate(
+            [
+                GenerationRequest.single_turn(q.turns[0], max_new_tokens=max_new_tokens, temperature=q.temperature)
+                for q in questions
+            ]
+        )
+        second = generator.generate(
+            [
+                GenerationRequest(
+                    messages=(("user", q.turns[0]), ("assistant", a), ("user", q.turns[1])),
+                    max_new_tokens=max_new_tokens,
+                    temperature=q.temperature,
+                )
+                for q, a in zip(questions, first)
+            ]
+        )
+        return {"safety": safety, "mt_bench": [[a, b] for a, b in zip(first, second)]}
+
+    return cached_answers(model_dir, recipe, cache, [[p.prompt for p in prompts], [q.question_id for q in questions]], produce)
 
 
 def heldout_logps(
@@ -165,16 +176,69 @@ def heldout_logps(
     return logps, seconds
 
 
-def heldout_measure(ctx: StageContext, models: dict[str, Path]) -> dict:
-    """`eval.heldout_pairs` (minus any pair whose prompt is a training prompt): every model's preference
-    accuracy per dimension (`safealign.eval.pairs`), with its cost."""
+def heldout_measure(ctx: StageContext, models: dict[str, Path], rows: list[PreferenceRow]) -> tuple[dict, dict]:
+    """`eval.heldout_pairs` (minus any pair of a training conversation): every model's preference accuracy
+    per dimension (`safealign.eval.pairs`), with its cost, and the log-probs (for the group tests)."""
     recipe = ctx.recipe
-    rows = heldout_rows(recipe, load_training_rows(recipe))
     measured = {name: heldout_logps(path, rows, recipe, ctx.work_dir, ctx.cache_dir("eval")) for name, path in models.items()}
     trained = {n for n in models if n not in ("base", "student")} if recipe.model.reference is None else set()
-    results = heldout_results(rows, {name: logps for name, (logps, _) in measured.items()}, trained)
-    for name, (logps, seconds) in measured.items():
-        results[name]["seconds_per_100_pairs"] = round(100 * seconds / max(len(logps), 1), 2)
+    logps = {name: values for name, (values, _) in measured.items()}
+    results = heldout_results(rows, logps, trained)
+    for name, (values, seconds) in measured.items():
+        results[name]["seconds_per_100_pairs"] = round(100 * seconds / max(len(values), 1), 2)
+    return results, logps
+
+
+def heldout_prompts(rows: list[PreferenceRow], cost: CostModel, count: int, answer_tokens: int) -> list[list[Message]]:
+    """The first `count` distinct prompts of the held-out pairs that leave `answer_tokens` of room in the
+    length the cost model scores at (an answer cut short would be scored on less than was said)."""
+    distinct = list({prompt_identity(row.prompt): row.prompt for row in rows}.values())
+    room = cost.answer_room(distinct)
+    chosen = [prompt for prompt, left in zip(distinct, room) if left >= answer_tokens][:count]
+    if len(chosen) < count:
+        log.warning("eval.heldout_cost_prompts: only %d of the %d distinct held-out prompts leave %d tokens for the "
+                    "answer within the cost model's %d; measuring on those", len(chosen), len(distinct), answer_tokens,
+                    cost.max_len)  # fmt: skip
+    if not chosen:
+        raise SafeAlignError(f"eval.heldout_cost_prompts: no held-out prompt leaves {answer_tokens} tokens for an answer")
+    return chosen
+
+
+def heldout_policy_cost(ctx: StageContext, models: dict[str, Path], rows: list[PreferenceRow]) -> dict:
+    """Ĵ_C on prompts no stage trained on: each model answers `eval.heldout_cost_prompts` held-out prompts
+    as align's Ĵ_C sampler does (`align.cost_sampling`: temperature, new tokens), the cost model scores the
+    answers at its own length; per model the mean with its 95 % interval, the share above 0, and whether
+    the mean meets `align.cost_threshold` (when it is a number). Costs per prompt are kept: paired
+    comparisons read them."""
+    recipe = ctx.recipe
+    cost_dir = cost_model_dir(ctx)
+    if cost_dir is None or not (cost_dir / "config.json").is_file():
+        raise SafeAlignError("eval.heldout_cost_prompts scores answers with a cost model: add rm to stages or set model.cost_model")
+    sampling = recipe.align.cost_sampling
+    args = scoring_settings(recipe, "rm", cost_dir, ctx.work_dir / "scratch")
+    cost = CostModel(cost_dir, recipe, args, engine.make_strategy(args))
+    prompts = heldout_prompts(rows, cost, recipe.eval.heldout_cost_prompts, sampling.max_new_tokens)
+    requests = [
+        GenerationRequest(messages=tuple((m["role"], m["content"]) for m in prompt),
+                          max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature)
+        for prompt in prompts
+    ]  # fmt: skip
+    content = [[asdict(r) for r in requests]]
+    threshold = recipe.align.cost_threshold
+    results = {}
+    for name, path in models.items():
+        answers = cached_answers(path, recipe, ctx.cache_dir("eval"), content,
+                                 lambda g: {"answers": g.generate(requests)}, tag="heldout-cost-")  # fmt: skip
+        costs = cost.score(prompts, answers["answers"], recipe.rm.score_batch_size)
+        summary = mean_interval(costs)
+        results[name] = {
+            **summary,
+            "above_zero": sum(c > 0 for c in costs) / len(costs),
+            **({"threshold": threshold, "meets_threshold": summary["mean"] <= threshold} if threshold != "initial" else {}),
+            "costs": costs,
+        }
+    log.info("eval: held-out Ĵ_C on %d prompts: %s", len(prompts),
+             ", ".join(f"{n} {r['mean']:.3f}" for n, r in results.items()))  # fmt: skip
     return results
 
 
@@ -373,7 +437,15 @@ def run_eval(ctx: StageContext) -> dict:
     answers = {name: answer_with(path, prompts, questions, recipe, ctx.cache_dir("eval")) for name, path in models.items()}
     verdicts, cost_stats = judge_safety(ctx, prompts, answers, llm)
     helpful = helpfulness(ctx, questions, answers, llm)
-    heldout = heldout_measure(ctx, models) if ev.heldout_pairs else {}
+    heldout, logps, policy_cost, groups = {}, {}, {}, {}
+    if ev.heldout_pairs:
+        rows = heldout_rows(recipe, load_training_rows(recipe))
+        heldout, logps = heldout_measure(ctx, models, rows)
+        if ev.heldout_cost_prompts:
+            policy_cost = heldout_policy_cost(ctx, models, rows)
+        if ev.groups:
+            jc = {"held-out Ĵ_C": {name: r["mean"] for name, r in policy_cost.items()}} if policy_cost else None
+            groups = group_tests(rows, logps, ev.groups, ev.primary, jc)
     rm_metrics = ctx.upstream_output("rm", "metrics")
     results = {
         "models": {
@@ -389,11 +461,13 @@ def run_eval(ctx: StageContext) -> dict:
                 **({"cost": cost_stats[name]} if name in cost_stats else {}),
                 "helpfulness": helpful[name],
                 **({"heldout": heldout[name]} if heldout else {}),
+                **({"heldout_cost": policy_cost[name]} if policy_cost else {}),
                 "generation": {k: answers[name][k] for k in ("backend", "answers_per_second", "new_tokens")},
             }
             for name in models
         },
         **({"reward_models": json.loads(rm_metrics.read_text())} if rm_metrics is not None else {}),
+        **({"group_tests": groups} if groups else {}),
         "judge_agreement": agreement(verdicts),
         "examples": differing_examples(prompts, answers, verdicts),
         "settings": {
