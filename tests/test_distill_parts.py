@@ -72,6 +72,11 @@ def test_eval_prompts_never_reach_training():
         with pytest.raises(SafeAlignError) as info:
             check_not_eval_prompts(recipe, poisoned, "distill.prompts", sources=[""] * 5 + ["p.jsonl:6"])
         assert f"distill.prompts: 1 prompt(s) are {eval_set} evaluation prompts (first: p.jsonl:6" in str(info.value)
+    # the same conversation: its first turn re-cased and unpunctuated, opening a longer conversation
+    opening = "".join(ch for ch in leaked.upper() if ch.isalnum() or ch == " ")
+    tree = [{"role": "user", "content": opening}, {"role": "assistant", "content": "No."}, {"role": "user", "content": "Why?"}]
+    with pytest.raises(SafeAlignError, match=r"data.train: 1 prompt\(s\) are BeaverTails-Evaluation evaluation prompts"):
+        check_not_eval_prompts(recipe, training + [tree], "data.train")
 
 
 def test_prompts_without_a_chat_template_use_the_input_template(tokenizer_dir):

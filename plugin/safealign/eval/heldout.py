@@ -2,8 +2,10 @@
 
 A model trained (or distilled) on BeaverTails-Evaluation or MT-Bench prompts would be graded on its
 homework. Every stage that trains checks its prompts against the eval sets the recipe names (the
-BeaverTails file, default or `eval.beavertails`, and MT-Bench's first turns) and stops with a clear
-error on any match: silently dropping them would hide a data problem the user should fix at the source.
+BeaverTails file, default or `eval.beavertails`, and MT-Bench's first turns) — by conversation: a
+training prompt whose first user turn is an eval prompt up to case, punctuation and spacing, alone or
+opening a longer conversation, matches — and stops with a clear error on any match: silently dropping
+them would hide a data problem the user should fix at the source.
 
 Held-out preference pairs (`eval.heldout_pairs`) are defined the other way round: the pairs given,
 minus every pair of a conversation `data.train` has a pair of — the same first user turn, ignoring case,
@@ -29,25 +31,28 @@ log = logging.getLogger("safealign")
 
 
 def eval_prompt_identities(recipe: Recipe) -> dict[str, str]:
-    """`prompt_identity` of every evaluation prompt -> the eval set it belongs to."""
+    """`conversation_identity` of every evaluation prompt -> the eval set it belongs to."""
     single = lambda text: [{"role": "user", "content": text}]  # noqa: E731
-    known = {prompt_identity(single(q.turns[0])): "MT-Bench" for q in load_questions()}
+    known = {conversation_identity(single(q.turns[0])): "MT-Bench" for q in load_questions()}
     for p in load_prompts(recipe.eval.beavertails or DEFAULT_PATH):
-        known[prompt_identity(single(p.prompt))] = "BeaverTails-Evaluation"
+        known[conversation_identity(single(p.prompt))] = "BeaverTails-Evaluation"
     return known
 
 
 def check_not_eval_prompts(
     recipe: Recipe, prompts: Sequence[list[Message]], what: str, sources: Sequence[str] | None = None
 ) -> None:
-    """Stop if any of `prompts` (from `what`, e.g. `data.train`; `sources` name each, e.g. file:line) is an eval prompt."""
+    """Stop if any of `prompts` (from `what`, e.g. `data.train`; `sources` name each, e.g. file:line) opens
+    the conversation of an eval prompt: the same first user turn, ignoring case, punctuation and spacing
+    (`data.conversation_identity`), so a multi-turn prompt that starts with one counts too."""
     known = eval_prompt_identities(recipe)
-    hits = [i for i, prompt in enumerate(prompts) if prompt_identity(prompt) in known]
+    identities = [conversation_identity(prompt) for prompt in prompts]
+    hits = [i for i, identity in enumerate(identities) if identity in known]
     if hits:
         first = hits[0]
         where = sources[first] if sources and sources[first] else f"prompt {first + 1}"
         raise SafeAlignError(
-            f"{what}: {len(hits)} prompt(s) are {known[prompt_identity(prompts[first])]} evaluation prompts "
+            f"{what}: {len(hits)} prompt(s) are {known[identities[first]]} evaluation prompts "
             f"(first: {where}: {prompts[first][-1]['content'][:60]!r}); remove them from the training data, "
             "or the eval would grade answers to prompts the model was trained on"
         )
