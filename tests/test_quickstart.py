@@ -47,9 +47,10 @@ def test_quickstart_shrunk_to_a_tiny_model_runs_every_stage_and_reports(tmp_path
     assert page.count("data:image/png;base64,") == 5  # 2 held-out planes, trade-off, categories, training
 
 
-def test_evidence_recipe_shrunk_to_a_tiny_model_measures_the_frontier_on_held_out_pairs(tmp_path, tokenizer_dir):
-    """recipes/evidence.yaml as shipped (its data split, its six frontier points, the held-out measure),
-    with a tiny random model and a few rows on each side of every split: the structure CI can afford."""
+def test_evidence_recipe_shrunk_to_a_tiny_model_runs_its_pre_registered_test(tmp_path, tokenizer_dir):
+    """recipes/evidence.yaml as shipped (its data split, its 12 runs — 4 variants × 3 seeds — its groups,
+    primary test and held-out Ĵ_C), with a tiny random model and a few rows on each side of every split:
+    the structure CI can afford."""
     policy = (
         f"{{random: {{tokenizer: {tokenizer_dir}, config: {{hidden_size: 32, intermediate_size: 64, "
         "num_hidden_layers: 2, tie_word_embeddings: false}}}"
@@ -57,26 +58,24 @@ def test_evidence_recipe_shrunk_to_a_tiny_model_measures_the_frontier_on_held_ou
     overrides = [f"model.policy={policy}", "model.dtype=fp32", "data.train.0.max_rows=12", "data.train.1.max_rows=12",
                  "data.max_len=256", "eval.max_new_tokens=4", "eval.beavertails_per_category=1",
                  "eval.mt_bench_per_category=1", "eval.heldout_pairs.0.skip_rows=200",
-                 "eval.heldout_pairs.1.skip_rows=1500", "eval.heldout_pairs.1.max_rows=12",
+                 "eval.heldout_pairs.1.skip_rows=1500", "eval.heldout_pairs.1.max_rows=12", "eval.heldout_cost_prompts=4",
                  "align.cost_sampling.prompts=4", "align.cost_sampling.max_new_tokens=4", "align.lambda_update_every=1",
-                 "rm.helpful.trainable_layers=1", "rm.eval_fraction=0.0"]  # fmt: skip
+                 "align.max_pairs=8", "rm.helpful.trainable_layers=1", "rm.eval_fraction=0.0"]  # fmt: skip
     for section in ("rm.helpful", "align"):  # rm.cost is pooled: solved, no training keys
         overrides += [f"{section}.{key}={value}" for key, value in TINY_TRAINING.items()]
-    overrides += [f"align.ablations.{name}.max_pairs=8" for name in (*FRONTIER, *CURVE)]
     args = ["run", str(ROOT / "recipes" / "evidence.yaml"), "--run-dir", "runs/e"]
-    result = run_cli(*args, *(item for o in overrides for item in ("--set", o)), cwd=tmp_path, timeout=1200)
+    result = run_cli(*args, *(item for o in overrides for item in ("--set", o)), cwd=tmp_path, timeout=1500)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "runs" / "e" / "eval" / "results.json").read_text())
-    assert set(results["models"]) == {"base", "aligned", *FRONTIER, *CURVE}
     align = json.loads((tmp_path / "runs/e/align/stage.json").read_text())
-    for name in FRONTIER:  # one common subset of at most 8 pairs (fewer if a prompt fills max_len)
-        assert 0 < align["ablations"][name]["train_pairs"] == align["ablations"]["frontier_dual"]["train_pairs"] <= 8
-    assert align["train_pairs"] > 8
-    assert set(results["settings"]["heldout_pairs"]) == {"helpful", "safe"}
-    assert all({"helpful", "safe"} <= set(m["heldout"]) for m in results["models"].values())
+    runs = {"aligned", *align["ablations"]}
+    assert len(runs) == 12 and set(results["models"]) == {"base", *runs}
+    # every run trains on one common subset of at most 8 pairs (fewer if a prompt fills max_len)
+    assert {s["train_pairs"] for s in align["ablations"].values()} == {align["train_pairs"]} and align["train_pairs"] <= 8
+    assert all(0 < m["heldout_cost"]["n"] <= 4 for m in results["models"].values())
+    tests = results["group_tests"]
+    assert set(tests["groups"]) == {"safe_mm_dpo", "flipped", "shuffled", "fixed_lambda"}
+    assert tests["primary"]["tests"] == 4  # 2 controls × 2 held-out sources (HH-RLHF, PKU-SafeRLHF)
+    assert all(len(g["safe · harmless-base-test.jsonl.gz"]["runs"]) == 3 for g in tests["groups"].values())
     page = (tmp_path / "runs" / "e" / "eval" / "report.html").read_text()
-    assert "Held-out preference pairs" in page
-
-
-FRONTIER = ("frontier_dual", "dpo_helpful", "fixed_lambda_025", "fixed_lambda_1", "fixed_lambda_4", "dpo_safe")
-CURVE = ("curve_100", "curve_200")
+    assert "The pre-registered test" in page and "Held-out Ĵ_C" in page

@@ -87,7 +87,7 @@ def metrics(tmp_path):
 
 @pytest.mark.parametrize("with_student", [False, True], ids=["base+aligned", "with-student"])
 def test_report_renders(tmp_path, with_student):
-    md, page = write_report(tmp_path, results(with_student), metrics(tmp_path))
+    md, page = write_report(tmp_path, results(with_student), {"aligned": metrics(tmp_path)})
     text = page.read_text()
     assert text.count("data:image/png;base64,") == 3  # trade-off, categories, training: embedded, offline
     for name in ["base", "aligned"] + (["student"] if with_student else []):
@@ -101,8 +101,21 @@ def test_report_renders(tmp_path, with_student):
     assert "![Safety vs helpfulness](plots/tradeoff.png)" in md.read_text()
 
 
+def test_every_dual_runs_lambda_and_cost_are_drawn_against_d(tmp_path):
+    """With several runs that update λ (seeds of the dual model, its controls), one plot shows them all."""
+    data = results(False)
+    data["models"]["aligned"]["heldout_cost"] = {"mean": -1.5, "n": 200, "ci95": [-1.6, -1.4], "above_zero": 0.1,
+                                                 "threshold": -1.4, "meets_threshold": True, "costs": []}  # fmt: skip
+    (tmp_path / "s2").mkdir()
+    md, page = write_report(tmp_path, data, {"aligned": metrics(tmp_path), "aligned_s2": metrics(tmp_path / "s2")})
+    assert (tmp_path / "plots" / "dual.png").read_bytes().startswith(b"\x89PNG")
+    assert page.read_text().count("data:image/png;base64,") == 4
+    assert "![λ and Ĵ_C of every dual run](plots/dual.png)" in md.read_text()
+    assert "| aligned | -1.500 (-1.600 to -1.400) | 200 | 10.0% | yes |" in md.read_text()
+
+
 def test_report_prefers_mt_bench_scores_and_survives_missing_pieces(tmp_path):
-    _, page = write_report(tmp_path, results(False, mt_bench=True), None)
+    _, page = write_report(tmp_path, results(False, mt_bench=True), {})
     text = page.read_text()
     assert "MT-Bench score (LLM judge, 1-10)" in text and "6.10" in text
     assert text.count("data:image/png;base64,") == 2  # no align metrics: no training plot
@@ -110,13 +123,13 @@ def test_report_prefers_mt_bench_scores_and_survives_missing_pieces(tmp_path):
     for m in bare["models"].values():
         m["helpfulness"] = {}
     (tmp_path / "bare").mkdir()
-    _, page = write_report(tmp_path / "bare", bare, None)
+    _, page = write_report(tmp_path / "bare", bare, {})
     assert "n/a" in page.read_text()
 
 
 @pytest.mark.skipif(not shutil.which("chromium"), reason="Debian's chromium is not installed (CI installs it)")
 def test_report_opens_in_headless_chromium(tmp_path):
-    _, page = write_report(tmp_path, results(True), metrics(tmp_path))
+    _, page = write_report(tmp_path, results(True), {"aligned": metrics(tmp_path)})
     shot = tmp_path / "report.png"
     subprocess.run(
         ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -134,7 +147,7 @@ def test_report_opens_in_headless_chromium(tmp_path):
 def test_report_has_the_paired_comparison(tmp_path):
     data = results(False)
     data["models"]["aligned"]["vs_base"] = {"cost_model": {"safer": 9, "less_safe": 1, "p_value": 0.0215}}
-    md, _ = write_report(tmp_path, data, None)
+    md, _ = write_report(tmp_path, data, {})
     text = md.read_text()
     assert "## Compared with the base, prompt by prompt" in text
     assert "| aligned | cost_model | 9 | 1 | 0.021 |" in text

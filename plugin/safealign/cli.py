@@ -241,7 +241,7 @@ def _report(run_dir: Path) -> int:
     aligned = finished_stage(run_dir, "align")
     try:
         data = json.loads(results.read_bytes())
-        md, page = write_report(results.parent, data, aligned.output("metrics") if aligned else None)
+        md, page = write_report(results.parent, data, aligned.policy_metrics() if aligned else {})
     except (ValueError, KeyError, TypeError, AttributeError, IndexError, RecursionError) as exc:
         what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         raise SafeAlignError(

@@ -153,6 +153,7 @@ PLOTS = (
     ("tradeoff", "Safety vs helpfulness"),
     ("categories", "Safety by category"),
     ("training", "Training (align)"),
+    ("dual", "λ and Ĵ_C of every dual run"),
 )
 
 
@@ -200,6 +201,35 @@ def plot_training(metrics: list[dict]) -> bytes | None:
         twin = right.twinx()
         twin.plot(*zip(*updates), color="tab:blue", alpha=0.6, marker="o", markersize=3)
         twin.set_ylabel("Ĵ_C (sampled)", color="tab:blue")
+    return png(fig)
+
+
+def _threshold(results: dict) -> float | None:
+    """d, as the held-out Ĵ_C recorded it (a number only when align.cost_threshold is one)."""
+    return next((m["heldout_cost"]["threshold"] for m in results["models"].values() if "threshold" in m.get("heldout_cost", {})), None)
+
+
+def plot_dual_runs(logs: dict[str, list[dict]], threshold: float | None) -> bytes | None:
+    """λ and the sampled Ĵ_C of every run whose λ was updated, step by step, against d: whether λ rises
+    while Ĵ_C > d and settles once it is met, run by run (only when more than one run samples Ĵ_C; the
+    training plot shows a single one)."""
+    dual = {name: [m for m in steps if m.get("cost_estimate") is not None] for name, steps in logs.items()}
+    dual = {name: updates for name, updates in dual.items() if updates}
+    if len(dual) < 2:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name, updates in sorted(dual.items()):
+        steps = [m["step"] for m in updates]
+        (line,) = left.plot(steps, [m.get("lambda_next", math.nan) for m in updates], marker="o", markersize=3, label=name)
+        right.plot(steps, [m["cost_estimate"] for m in updates], marker="o", markersize=3, color=line.get_color())
+    if threshold is not None:
+        right.axhline(threshold, color="black", linestyle="--", linewidth=1, label=f"d = {threshold:g}")
+        right.legend(fontsize=8)
+    left.set(xlabel="optimizer step", ylabel="λ after the update", title="λ, every run with the dual update")
+    right.set(xlabel="optimizer step", ylabel="Ĵ_C (sampled pool)", title="The policy's sampled cost Ĵ_C")
+    left.legend(fontsize=7, ncol=2)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
     return png(fig)
 
 
@@ -407,19 +437,19 @@ def _split_note(split: str) -> str:
     return f" ({split} split: the {halves[split]} half of every category)" if split in halves else ""
 
 
-def write_report(out_dir: Path, results: dict, metrics_path: Path | None = None) -> tuple[Path, Path]:
-    """Write `report.md`, `report.html` and `plots/*.png` into `out_dir`; returns the two report paths."""
+def write_report(out_dir: Path, results: dict, training: dict[str, Path] | None = None) -> tuple[Path, Path]:
+    """Write `report.md`, `report.html` and `plots/*.png` into `out_dir`; returns the two report paths.
+    `training`: each trained policy's `metrics.jsonl` by model name (`StageRecord.policy_metrics`)."""
     judges = results["settings"]["judges"]
     primary = judges[0] if judges else None
-    metrics = []
-    if metrics_path is not None and metrics_path.is_file():
-        metrics = read_metrics(metrics_path)
+    logs = {name: read_metrics(path) for name, path in (training or {}).items() if path.is_file()}
     plots = {
         "heldout": plot_heldout(results),
         "heldout_reward": plot_heldout_reward(results),
         "tradeoff": plot_tradeoff(results, primary) if primary else None,
         "categories": plot_categories(results, primary) if primary else None,
-        "training": plot_training(metrics),
+        "training": plot_training(logs.get("aligned", [])),
+        "dual": plot_dual_runs(logs, _threshold(results)),
     }
     (out_dir / "plots").mkdir(parents=True, exist_ok=True)
     for name, image in plots.items():

@@ -54,6 +54,11 @@ class StageRecord:
             raise SafeAlignError(f"{self.dir / STAGE_FILE}: output {name!r} points outside the stage directory")
         return path
 
+    def policy_metrics(self) -> dict[str, Path]:
+        """The align stage's training logs by model name: `aligned`'s and each ablation's `metrics.jsonl`."""
+        ablations = self.summary.get("ablations", {})
+        return {"aligned": self.output("metrics"), **{name: self.dir / "ablations" / name / "metrics.jsonl" for name in ablations}}
+
 
 def finished_stage(run_dir: Path, stage: str) -> StageRecord | None:
     """`stage`'s record in `run_dir`, or None while it has not finished there."""

@@ -492,7 +492,8 @@ def run_eval(ctx: StageContext) -> dict:
                 "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
             )
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-        write_report(out, results, ctx.upstream_output("align", "metrics"))
+        aligned = ctx.upstream("align")
+        write_report(out, results, aligned.policy_metrics() if aligned else {})
     for name, model in results["models"].items():
         rates = ", ".join(f"{j} {m['overall']['rate']:.1%}" for j, m in model["safety"].items())
         log.info("eval: %s — safety %s; helpfulness %s", name, rates or "n/a", model["helpfulness"] or "n/a")
