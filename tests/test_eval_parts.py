@@ -6,6 +6,7 @@ OpenAI-compatible API (GPT-4, or Llama-Guard behind vLLM), which cannot be reach
 
 from __future__ import annotations
 
+import re
 import socket
 
 import pytest
@@ -15,6 +16,8 @@ from safealign.eval.judges import ChatClient, ChatClientError, LLMJudge, Refusal
 from safealign.eval.mtbench import judge_messages, load_judge_prompts, load_questions, parse_rating
 from safealign.eval.safety import load_prompts, safety_rates, wilson_interval
 from safealign.eval.subsets import stratified_subset
+
+from conftest import PKU
 
 
 @pytest.mark.parametrize(
@@ -38,16 +41,46 @@ def test_refusal_detector(answer, refused):
 
 def test_llm_judge_verdicts_cache_and_key(judge_api, tmp_path, monkeypatch):
     url, api = judge_api
-    monkeypatch.setenv("JUDGE_KEY", "sk-test")
+    monkeypatch.setenv("SAFEALIGN_JUDGE_KEY", "sk-test")
     client = ChatClient(
-        url, "judge-model", "JUDGE_KEY", cache_path=tmp_path / "cache.jsonl", concurrency=1, backoff=0.01
+        url, "judge-model", "SAFEALIGN_JUDGE_KEY", cache_path=tmp_path / "cache.jsonl", concurrency=1, backoff=0.01
     )
     items = [("how to make a bomb", "I can't help with that."), ("how to make a bomb", "Step 1 ...")]
     assert [v.safe for v in LLMJudge(client).judge(items)] == [True, False]
     assert api.requests[0]["auth"] == "Bearer sk-test" and api.requests[0]["body"]["model"] == "judge-model"
-    rerun = ChatClient(url, "judge-model", "JUDGE_KEY", cache_path=tmp_path / "cache.jsonl")
+    rerun = ChatClient(url, "judge-model", "SAFEALIGN_JUDGE_KEY", cache_path=tmp_path / "cache.jsonl")
     assert [v.safe for v in LLMJudge(rerun).judge(items)] == [True, False]
     assert len(api.requests) == 2 and rerun.calls == 0  # the rerun cost nothing
+
+
+def test_a_recipe_cannot_choose_which_secret_goes_where(monkeypatch):
+    """The judge's key comes only from a judge key variable, and never crosses a network in clear text
+    without an opt-in: a recipe naming HF_TOKEN with a URL of its choosing sent that token as a Bearer."""
+    from safealign.recipe import validate_recipe
+
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    with pytest.raises(SafeAlignError, match="judge: 'HF_TOKEN' is not a judge key variable: name OPENAI_API_KEY"):
+        ChatClient("https://attacker.example/v1", "m", "HF_TOKEN")
+    with pytest.raises(SafeAlignError, match="the key would cross the network unencrypted to http://judge:8000/v1"):
+        ChatClient("http://judge:8000/v1", "m", "SAFEALIGN_JUDGE_KEY")
+    monkeypatch.setenv("SAFEALIGN_JUDGE_KEY", "sk")
+    for url in ("http://judge:8000/v1", "http://10.0.0.5/v1"):
+        ChatClient(url, "m", "SAFEALIGN_JUDGE_KEY", insecure_http=True)  # opted in
+    for url in ("https://judge/v1", "http://127.0.0.1:8000/v1", "http://localhost/v1", "http://[::1]:80/v1"):
+        ChatClient(url, "m", "SAFEALIGN_JUDGE_KEY")
+    ChatClient("http://judge:8000/v1", "m")  # no key, nothing to leak
+
+    def judge(**fields) -> dict:
+        return {"name": "t", "stages": ["eval"], "model": {"policy": "x"}, "data": {"train": [{"path": str(PKU)}]},
+                "eval": {"judges": ["llm"], "llm_judge": {"url": "https://j/v1", "model": "m", **fields}}}  # fmt: skip
+
+    for fields, message in (
+        ({"api_key_env": "HF_TOKEN"}, "eval.llm_judge.api_key_env: 'HF_TOKEN' is not a judge key variable"),
+        ({"url": "http://j/v1", "api_key_env": "OPENAI_API_KEY"}, "eval.llm_judge: the key would cross the network"),
+    ):
+        with pytest.raises(SafeAlignError, match=re.escape(message)):
+            validate_recipe(judge(**fields), source="r.yaml")
+    validate_recipe(judge(url="http://j/v1", api_key_env="OPENAI_API_KEY", insecure_http=True), source="r.yaml")
 
 
 def test_llm_judge_retries_server_errors(judge_api):
@@ -78,14 +111,14 @@ def test_a_judge_nobody_deployed_is_one_line_before_any_work(judge_api, monkeypa
     """The eval stage asks the endpoint once before generating: unreachable, or refusing the key, is one
     line naming the fix; any other HTTP answer (`/models` is optional in OpenAI-compatible servers) passes."""
     url, api = judge_api
-    monkeypatch.setenv("JUDGE_KEY", "sk-test")
-    ChatClient(url, "m", "JUDGE_KEY", retries=0).check_reachable()
+    monkeypatch.setenv("SAFEALIGN_JUDGE_KEY", "sk-test")
+    ChatClient(url, "m", "SAFEALIGN_JUDGE_KEY", retries=0).check_reachable()
     assert api.probes == [{"auth": "Bearer sk-test", "path": "/v1/models"}] and api.requests == []
     api.models_status = 404
     ChatClient(url, "m", retries=0).check_reachable()
     api.models_status = 401
-    with pytest.raises(ChatClientError, match=r"refused the key in \$JUDGE_KEY \(HTTP 401\): check the secret"):
-        ChatClient(url, "m", "JUDGE_KEY", retries=0).check_reachable()
+    with pytest.raises(ChatClientError, match=r"refused the key in \$SAFEALIGN_JUDGE_KEY \(HTTP 401\): check the secret"):
+        ChatClient(url, "m", "SAFEALIGN_JUDGE_KEY", retries=0).check_reachable()
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
@@ -96,11 +129,11 @@ def test_a_judge_nobody_deployed_is_one_line_before_any_work(judge_api, monkeypa
 def test_the_judge_key_never_follows_a_redirect_to_another_host(judge_api, monkeypatch):
     """urllib forwards every header, Authorization included, to wherever a redirect points."""
     url, api = judge_api
-    monkeypatch.setenv("JUDGE_KEY", "sk-secret")
+    monkeypatch.setenv("SAFEALIGN_JUDGE_KEY", "sk-secret")
     elsewhere = url.replace("127.0.0.1", "localhost") + "/steal"
     api.script = [{"redirect": elsewhere}]
     with pytest.raises(ChatClientError, match="redirects to another origin"):
-        ChatClient(url, "m", "JUDGE_KEY", retries=0).complete([[{"role": "user", "content": "x"}]])
+        ChatClient(url, "m", "SAFEALIGN_JUDGE_KEY", retries=0).complete([[{"role": "user", "content": "x"}]])
     assert [r["path"] for r in api.requests] == ["/v1/chat/completions"]  # the redirect was not followed
 
 
@@ -111,9 +144,9 @@ def test_a_judge_url_must_be_http(url):
 
 
 def test_missing_api_key_is_a_clear_error(monkeypatch):
-    monkeypatch.delenv("NOPE_KEY", raising=False)
-    with pytest.raises(Exception, match=r"\$NOPE_KEY is empty"):
-        ChatClient("http://127.0.0.1:1/v1", "m", "NOPE_KEY")
+    monkeypatch.delenv("SAFEALIGN_JUDGE_NOPE", raising=False)
+    with pytest.raises(Exception, match=r"\$SAFEALIGN_JUDGE_NOPE is empty"):
+        ChatClient("http://127.0.0.1:1/v1", "m", "SAFEALIGN_JUDGE_NOPE")
 
 
 @pytest.mark.parametrize(

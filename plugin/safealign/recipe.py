@@ -31,7 +31,7 @@ from pydantic import (
 
 from safealign.data import Dimension, Format
 from safealign.errors import SafeAlignError
-from safealign.eval.judges import check_endpoint_url
+from safealign.eval.judges import INSECURE_MESSAGE, check_endpoint_url, check_key_variable, sends_key_in_clear
 from safealign.lagrange import LAMBDA_FLOOR
 from safealign.remote_code import check_model_code
 
@@ -395,7 +395,12 @@ class LLMJudgeSection(Strict):
 
     url: str = Field(description="base URL, e.g. http://judge:8000/v1")
     model: str
-    api_key_env: str | None = Field(None, description="name of the environment variable holding the key")
+    api_key_env: str | None = Field(
+        None, description="the environment variable holding the key: OPENAI_API_KEY or SAFEALIGN_JUDGE_<NAME>"
+    )
+    insecure_http: bool = Field(
+        False, description="allow sending the key over plain http to another machine (a trusted network only)"
+    )
     concurrency: Annotated[int, Field(ge=1)] = 4
     timeout: PositiveFloat = 60.0
     retries: Annotated[int, Field(ge=0)] = 3
@@ -404,6 +409,17 @@ class LLMJudgeSection(Strict):
     @classmethod
     def _http_only(cls, value: str) -> str:
         return check_endpoint_url(value)
+
+    @field_validator("api_key_env")
+    @classmethod
+    def _judge_key_variable(cls, value: str | None) -> str | None:
+        return None if value is None else check_key_variable(value)
+
+    @model_validator(mode="after")
+    def _key_not_in_clear(self) -> LLMJudgeSection:
+        if self.api_key_env and sends_key_in_clear(self.url) and not self.insecure_http:
+            raise ValueError(INSECURE_MESSAGE.format(url=self.url))
+        return self
 
 
 class PrimaryTestSection(Strict):

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
 import re
@@ -113,6 +114,35 @@ def _origin(url: str) -> tuple[str, str | None, int | None]:
     return parts.scheme, parts.hostname, parts.port or {"http": 80, "https": 443}.get(parts.scheme)
 
 
+#: The environment variables a recipe may name as the judge's key: the OpenAI client's own, or one in the
+#: SAFEALIGN_JUDGE_ namespace. The operator decides what those hold; a recipe (possibly someone else's)
+#: cannot point the judge's `Authorization` header at any other secret of theirs (HF_TOKEN, cloud keys).
+JUDGE_KEY_VARIABLE = re.compile(r"^(OPENAI_API_KEY|SAFEALIGN_JUDGE_[A-Z0-9_]+)$")
+
+
+def check_key_variable(name: str) -> str:
+    """`name` if it may hold a judge key (`JUDGE_KEY_VARIABLE`), else a one-line reason."""
+    if not JUDGE_KEY_VARIABLE.match(name):
+        raise ValueError(
+            f"{name!r} is not a judge key variable: name OPENAI_API_KEY or SAFEALIGN_JUDGE_<NAME> (a recipe does not "
+            "choose which of your secrets is sent to its URL; docs/security.md)"
+        )
+    return name
+
+
+def sends_key_in_clear(url: str) -> bool:
+    """Whether a key sent to `url` would cross a network unencrypted: plain http to a host other than this
+    machine (loopback names and addresses)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "http":
+        return False
+    host = parts.hostname or ""
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host != "localhost"
+
+
 def check_endpoint_url(url: str) -> str:
     """An http(s) URL with a host: urllib would also open `file://` (a local file read as the answer)."""
     parts = urllib.parse.urlsplit(url)
@@ -131,6 +161,13 @@ def _opener() -> urllib.request.OpenerDirector:
     return opener
 
 
+#: Why a key is not sent over plain http to another machine, and how to opt in.
+INSECURE_MESSAGE = (
+    "the key would cross the network unencrypted to {url}: use https, or set eval.llm_judge.insecure_http: true "
+    "for an endpoint inside a trusted network"
+)
+
+
 class ChatClient:
     """A minimal OpenAI-compatible `/chat/completions` client: retries, timeout, concurrency, cache;
     http(s) only, and its key never follows a redirect to another host."""
@@ -146,11 +183,16 @@ class ChatClient:
         retries: int = 3,
         backoff: float = 1.0,
         concurrency: int = 4,
+        insecure_http: bool = False,
     ) -> None:
         try:
             self.base_url = check_endpoint_url(url).rstrip("/")
+            if api_key_env:
+                check_key_variable(api_key_env)
         except ValueError as exc:
-            raise SafeAlignError(f"judge url: {exc}") from None
+            raise SafeAlignError(f"judge: {exc}") from None
+        if api_key_env and sends_key_in_clear(url) and not insecure_http:
+            raise SafeAlignError(f"judge: {INSECURE_MESSAGE.format(url=url)}")
         self.url = self.base_url + "/chat/completions"
         self._opener = _opener()
         self.model = model

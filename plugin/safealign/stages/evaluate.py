@@ -342,7 +342,7 @@ def llm_client(ctx: StageContext) -> ChatClient | None:
         return None
     client = ChatClient(
         j.url, j.model, j.api_key_env, cache_path=ctx.cache_dir("judge") / "llm.jsonl",
-        timeout=j.timeout, retries=j.retries, concurrency=j.concurrency,
+        timeout=j.timeout, retries=j.retries, concurrency=j.concurrency, insecure_http=j.insecure_http,
     )  # fmt: skip
     client.check_reachable()
     return client
