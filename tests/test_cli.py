@@ -8,7 +8,7 @@ import os
 import pytest
 import yaml
 
-from conftest import assert_one_line_error, pku_rows, run_cli, write_jsonl
+from conftest import ROOT, assert_one_line_error, pku_rows, run_cli, write_jsonl
 
 
 def write_recipe(tmp_path, data_path, **align) -> str:
@@ -80,7 +80,6 @@ def test_bad_data_stops_run_with_one_line(tmp_path, rows, fragments):
 def test_validate_checks_the_batches_split_over_a_world_size():
     """The seed recipe on one 8-GPU node validates; on two nodes (16 ranks) its batch of 16 at micro-batch
     2 cannot split, and the error says which sizes would."""
-    from conftest import ROOT
 
     seed = str(ROOT / "recipes" / "mistral-7b-beavertails.yaml")
     ok = run_cli("validate", seed, "--world-size", "8", cwd=ROOT)
@@ -147,6 +146,34 @@ def test_a_recipe_that_is_not_a_recipe_is_one_line_fast(tmp_path, content, fragm
     (tmp_path / "r.yaml").write_bytes(content)
     result = run_cli("validate", "r.yaml", cwd=tmp_path, timeout=30)  # the alias bomb once took 46 s and 2.4 GB
     assert_one_line_error(result, *fragments)
+
+
+def _flow_alias_bomb() -> str:
+    """The alias bomb as one flow-style YAML value, for --set: 9**7 strings once expanded."""
+    items, previous = ['&a [x, x, x, x, x, x, x, x, x]'], "a"
+    for name in "bcdefg":
+        items.append(f"&{name} [{', '.join(['*' + previous] * 9)}]")
+        previous = name
+    return "[" + ", ".join(items) + "]"
+
+
+@pytest.mark.parametrize(
+    "value, fragment",
+    [
+        (_flow_alias_bomb(), "the recipe expands to more than 100,000 values"),
+        ("&a [*a]", "nested deeper than 32 levels (a value that contains itself?)"),
+        ("[" * 300 + "]" * 300, "nested deeper than 32 levels"),
+        ("[" * 5000 + "]" * 5000, "nested too deeply"),
+    ],
+    ids=["alias-bomb", "self-reference", "300-deep", "5000-deep"],
+)
+@pytest.mark.parametrize("flatten", [False, True], ids=["validate", "flatten"])
+def test_an_override_gets_the_same_budget_and_depth_as_a_recipe_file(tmp_path, value, fragment, flatten):
+    """--set values once skipped the recipe file's checks: a bomb validated, then `run` filled memory; a
+    value that contains itself crashed `--flatten` with a traceback."""
+    args = ["validate", str(ROOT / "recipes" / "quickstart.yaml"), "--set", f"model.policy.random.config.x={value}"]
+    result = run_cli(*args, *(["--flatten"] if flatten else []), cwd=tmp_path, timeout=30)
+    assert_one_line_error(result, "--set model.policy.random.config.x: " + fragment)
 
 
 def _nested_prompt_row() -> bytes:

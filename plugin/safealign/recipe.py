@@ -652,20 +652,25 @@ def format_validation_error(source: str, exc: ValidationError) -> str:
 #: More values than any recipe has (a full one is a few hundred): a YAML alias bomb (aliases of
 #: aliases, each doubling the tree) stops here instead of filling memory.
 MAX_RECIPE_VALUES = 100_000
+#: Deeper than any recipe nests (a full one: 6 levels; a model config's free-form values a few more).
+MAX_RECIPE_DEPTH = 32
 
 
-def unshare(node: Any, budget: list[int] | None = None) -> Any:
+def unshare(node: Any, budget: list[int] | None = None, depth: int = 0) -> Any:
     """A copy of a YAML tree in which no mapping or list appears twice. YAML anchors (`align: *base`)
     load as one shared object; an override must change the one place it names, not every alias.
-    Raises ValueError past MAX_RECIPE_VALUES values."""
+    Raises ValueError past MAX_RECIPE_VALUES values or MAX_RECIPE_DEPTH levels (a value that contains
+    itself, `&a [*a]`, is infinitely deep)."""
     budget = [MAX_RECIPE_VALUES] if budget is None else budget
     budget[0] -= 1
     if budget[0] < 0:
         raise ValueError(f"the recipe expands to more than {MAX_RECIPE_VALUES:,} values (aliases of aliases?)")
+    if depth > MAX_RECIPE_DEPTH:
+        raise ValueError(f"nested deeper than {MAX_RECIPE_DEPTH} levels (a value that contains itself?)")
     if isinstance(node, dict):
-        return {key: unshare(value, budget) for key, value in node.items()}
+        return {key: unshare(value, budget, depth + 1) for key, value in node.items()}
     if isinstance(node, list):
-        return [unshare(value, budget) for value in node]
+        return [unshare(value, budget, depth + 1) for value in node]
     return node
 
 
@@ -675,9 +680,13 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not sep or not key:
         raise SafeAlignError(f"--set {item!r}: expected KEY=VALUE, e.g. align.epochs=1")
     try:
-        return key.split("."), yaml.load(value, Loader=RecipeLoader)
+        return key.split("."), unshare(yaml.load(value, Loader=RecipeLoader))
     except yaml.YAMLError as exc:
         raise SafeAlignError(f"--set {item!r}: the value is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    except RecursionError:
+        raise SafeAlignError(f"--set {key}: nested too deeply to be a recipe value") from None
+    except ValueError as exc:
+        raise SafeAlignError(f"--set {key}: {exc}") from None
 
 
 def apply_override(data: dict, path: list[str], value: Any) -> None:
@@ -755,10 +764,14 @@ def read_recipe_data(path: Path, seen: tuple[Path, ...] = ()) -> dict:
 
 
 def _overridden_data(path: Path, overrides: list[str]) -> dict:
+    """The recipe file's data with `--set` overrides applied, within one value budget for the whole."""
     data = read_recipe_data(path)
     for item in overrides:
         apply_override(data, *parse_override(item))
-    return data
+    try:
+        return unshare(data)
+    except ValueError as exc:
+        raise SafeAlignError(f"{path} with --set: {exc}") from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
