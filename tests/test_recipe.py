@@ -109,6 +109,10 @@ def test_seed_defaults():
         ({**base(), "eval": {"heldout_pairs": [{"path": str(PKU)}], "groups": {"g": ["aligned"]},
           "primary": {"treatment": "g", "controls": ["h"]}}}, "eval: primary: 'h' is not a group (groups: g)"),
         (base(seed="two"), "align.seed: Input should be a valid integer"),
+        ({**base(), "seed": 2**32}, "seed: Input should be less than or equal to 4294967295"),
+        ({**base(), "data": {"train": [{"path": str(PKU)}], "max_len": 10**30}}, "data.max_len: Input should be less than"),
+        (base(batch_size=10**12), "align.batch_size: Input should be less than or equal to 1048576"),
+        (base(lambda_max=1e308), "align.lambda_max: Input should be less than or equal to 1000000"),
         ({**base(), "stages": ["distil"]}, "stages.0: Input should be 'rm', 'align', 'distill' or 'eval'"),
         ({**base(), "distill": {"temperature": 0.9}}, "temperature is used only with best_of_n > 1"),
         ({**base(), "distill": {"best_of_n": 0}}, "distill.best_of_n: Input should be greater than or equal to 1"),
@@ -260,3 +264,12 @@ def test_docs_describe_every_recipe_key():
     documented = (ROOT / "docs" / "recipes.md").read_text()
     missing = sorted(key for key in _schema_keys(Recipe) if f"{key}:" not in documented)
     assert not missing, f"docs/recipes.md does not describe: {missing}"
+
+
+def test_divisors_without_a_linear_scan():
+    """`validate --world-size` names the micro-batch sizes that split a batch: divisors by trial up to √n
+    (a batch of 10**12 once made it count to 10**12; sizes are now bounded too)."""
+    from safealign.recipe import divisors
+
+    assert divisors(36) == [1, 2, 3, 4, 6, 9, 12, 18, 36] and divisors(1) == [1] and divisors(17) == [1, 17]
+    assert len(divisors(2**20)) == 21

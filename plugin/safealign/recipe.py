@@ -112,6 +112,11 @@ class ModelSection(Strict):
     _paths = field_validator("policy", "reference", "cost_model", mode="before")(_model_path)
 
 
+#: Bounds far beyond any real run, so an absurd size is a field error at validate, not a hang or a crash in
+#: `run` (a batch of 10**12 once made `validate --world-size` count to it).
+MAX_TOKENS = 1 << 20
+MAX_BATCH = 1 << 20
+
 #: The choices several sections share, named once.
 LRScheduler = Literal["cosine_with_min_lr", "cosine", "linear", "constant", "constant_with_warmup"]  # transformers' get_scheduler names OpenRLHF passes on
 GenerationBackend = Literal["auto", "hf", "vllm"]
@@ -140,7 +145,7 @@ class DataSource(Strict):
 class DataSection(Strict):
     train: Annotated[list[DataSource], Field(min_length=1)]
     eval_fraction: Annotated[float, Field(ge=0, lt=1)] = Field(0.0, description="held-out share of prompts")
-    max_len: Annotated[int, Field(ge=8)] = 512
+    max_len: Annotated[int, Field(ge=8, le=MAX_TOKENS)] = 512
     input_template: str | None = Field(None, description="prompt template for models without a chat template")
 
     @field_validator("input_template")
@@ -155,8 +160,8 @@ class TrainingSection(Strict):
     """Optimiser and schedule settings shared by every training stage."""
 
     learning_rate: PositiveFloat
-    batch_size: Annotated[int, Field(ge=1, description="global batch (pairs per optimizer step)")] = 16
-    micro_batch_size: Annotated[int, Field(ge=1, description="pairs per forward on one device")] = 1
+    batch_size: Annotated[int, Field(ge=1, le=MAX_BATCH, description="global batch (pairs per optimizer step)")] = 16
+    micro_batch_size: Annotated[int, Field(ge=1, le=MAX_BATCH, description="pairs per forward on one device")] = 1
     epochs: Annotated[int, Field(ge=1)] = 1
     lr_scheduler: LRScheduler = "cosine_with_min_lr"
     warmup_ratio: Fraction = 0.03
@@ -224,9 +229,9 @@ class CostSamplingSection(Strict):
     prompts: Annotated[int, Field(ge=1)] = Field(
         64, description="distinct training prompts held out as the pool (their pairs are never trained on)"
     )
-    max_new_tokens: Annotated[int, Field(ge=1)] = 128
+    max_new_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS)] = 128
     temperature: NonNegativeFloat = Field(1.0, description="sampling temperature (Safe RLHF's 1.0); 0: greedy")
-    batch_size: Annotated[int, Field(ge=1)] = Field(16, description="prompts per generate call / scoring forward")
+    batch_size: Annotated[int, Field(ge=1, le=MAX_BATCH)] = Field(16, description="prompts per generate call / scoring forward")
     logged_answers: Annotated[int, Field(ge=0)] = Field(
         4, description="answers per update written to align/lambda_samples.jsonl"
     )
@@ -247,7 +252,7 @@ class AlignSection(PairTrainingSection):
         description="train on this many of the training pairs (chosen by prompt and seed): the same subset for "
         "every ablation that sets it, e.g. a trade-off frontier cheaper than the main model",
     )
-    seed: int | None = Field(
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] | None = Field(
         None,
         description="this policy's training seed (data order, a shuffled control's coins, Ĵ_C sampling; default: "
         "the recipe's seed); its pairs stay the recipe seed's, so seeds of one variant train on the same pairs",
@@ -266,7 +271,7 @@ class AlignSection(PairTrainingSection):
     loss_options: dict[str, Any] = Field(default_factory=dict, description="extra settings for a plugin loss")
     lambda_init: Annotated[float, Field(ge=LAMBDA_FLOOR, allow_inf_nan=False)] = 1.0
     lambda_lr: NonNegativeFloat = 0.01
-    lambda_max: PositiveFloat = Field(
+    lambda_max: Annotated[float, Field(gt=0, le=1e6)] = Field(
         5.0, description="cap on λ (safe-rlhf's value; the harmless term's weight is then at most 5/6)"
     )
     lambda_update: Literal["dual", "fixed"] = Field("dual", description="fixed: λ stays at lambda_init")
@@ -386,7 +391,7 @@ class RMSection(Strict):
     helpful: RewardModelSection = Field(default_factory=RewardModelSection)
     cost: CostModelSection = Field(default_factory=CostModelSection)
     eval_fraction: Annotated[float, Field(ge=0, lt=1)] = Field(0.1, description="held-out prompts for RM metrics")
-    score_batch_size: Annotated[int, Field(ge=1)] = Field(16, description="pairs per scoring forward")
+    score_batch_size: Annotated[int, Field(ge=1, le=MAX_BATCH)] = Field(16, description="pairs per scoring forward")
     reference_logps: bool = Field(True, description="also store the reference policy's log-probs for align")
 
 
@@ -436,8 +441,8 @@ class EvalSection(Strict):
     """The eval stage: BeaverTails safety and MT-Bench helpfulness for every model the run produced."""
 
     backend: GenerationBackend = Field("auto", description="auto: vLLM on a GPU when installed, else HF")
-    batch_size: Annotated[int, Field(ge=1)] = 8
-    max_new_tokens: Annotated[int, Field(ge=1)] = 256
+    batch_size: Annotated[int, Field(ge=1, le=MAX_BATCH)] = 8
+    max_new_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS)] = 256
     beavertails: Path | None = Field(None, description="BeaverTails-Evaluation JSONL; default: the copy in data/")
     beavertails_per_category: Annotated[int, Field(ge=1, le=50)] | None = Field(
         None, description="stratified subset; null: all 50"
@@ -497,7 +502,7 @@ class SFTSection(TrainingSection):
     """dSFT of the student on the teacher's answers; Zephyr's settings are the defaults (Tunstall et al. 2023)."""
 
     learning_rate: PositiveFloat = 2e-5
-    batch_size: Annotated[int, Field(ge=1, description="global batch (examples per optimizer step)")] = 16
+    batch_size: Annotated[int, Field(ge=1, le=MAX_BATCH, description="global batch (examples per optimizer step)")] = 16
     lr_scheduler: LRScheduler = "cosine"
     warmup_ratio: Fraction = 0.1
 
@@ -510,10 +515,10 @@ class DistillSection(Strict):
     student: ModelSpec | None = Field(None, description="default: the teacher with every other layer dropped")
     prompts: Path | None = Field(None, description="JSONL with a `prompt` per line; default: the training prompts")
     max_prompts: Annotated[int, Field(ge=1)] | None = Field(None, description="first N prompts (after dedup)")
-    max_new_tokens: Annotated[int, Field(ge=1)] = 256
+    max_new_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS)] = 256
     backend: GenerationBackend = Field("auto", description="auto: vLLM on a GPU when installed, else HF")
-    generation_batch_size: Annotated[int, Field(ge=1)] = 8
-    best_of_n: Annotated[int, Field(ge=1)] = Field(1, description="1: one greedy answer; n>1: n samples, RM-reranked")
+    generation_batch_size: Annotated[int, Field(ge=1, le=MAX_BATCH)] = 8
+    best_of_n: Annotated[int, Field(ge=1, le=1024)] = Field(1, description="1: one greedy answer; n>1: n samples, RM-reranked")
     temperature: PositiveFloat = Field(0.7, description="sampling temperature when best_of_n > 1")
     sft: SFTSection = Field(default_factory=SFTSection)
     ddpo: bool = Field(False, description="after dSFT, Safe-MM-DPO on the student with the align settings")
@@ -576,7 +581,7 @@ class LoggingSection(Strict):
 
 class Recipe(Strict):
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", max_length=63)]
-    seed: int = 42
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1, description="NumPy and torch take seeds in 0..2**32-1")] = 42
     stages: list[StageName] = Field(
         default_factory=lambda: ["align"], description="what `safealign run` runs"
     )
@@ -847,13 +852,19 @@ def training_sections(recipe: Recipe, stages: list[str] | None = None) -> dict[s
     return sections
 
 
+def divisors(n: int) -> list[int]:
+    """Every divisor of `n` (≥ 1), ascending, by trial division up to √n."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
+
+
 def check_world_size(recipe: Recipe, world_size: int, stages: list[str] | None = None) -> None:
     """Every global batch must split evenly into micro-batches over `world_size` processes; the first one
     that does not is a one-line error saying which sizes would."""
     for key, section in training_sections(recipe, stages).items():
         group = section.micro_batch_size * world_size
         if section.batch_size % group:
-            fits = [m for m in range(1, section.batch_size + 1) if section.batch_size % (m * world_size) == 0]
+            fits = divisors(section.batch_size // world_size) if section.batch_size % world_size == 0 else []
             micro = f", or micro_batch_size {' / '.join(map(str, fits))}" if fits else ""
             raise SafeAlignError(
                 f"{key}.batch_size={section.batch_size} does not split over {world_size} processes × "
