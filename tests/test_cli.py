@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+from pathlib import Path
 
 import pytest
 import yaml
@@ -189,12 +191,45 @@ def _nested_prompt_row() -> bytes:
             json.dumps({**pku_rows(1)[0], "prompt": [{"role": "user", "content": 5}]}).encode() + b"\n",
             ("d.jsonl:1: prompt must be", "string values"),
         ),
+        (
+            json.dumps(pku_rows(1)[0]).encode()[:-1] + b', "extra": ' + b"1" * 4400 + b"}\n",
+            ("d.jsonl:1: not valid JSON (Exceeds the limit (4300 digits) for integer string conversion",),
+        ),
+        (json.dumps({**pku_rows(1)[0], "prompt": "a \ud800 b"}).encode() + b"\n", ("d.jsonl:1: a string holds a lone UTF-16 surrogate",)),
     ],
-    ids=["not-utf8", "nested-100000", "content-not-a-string"],
+    ids=["not-utf8", "nested-100000", "content-not-a-string", "int-4400-digits", "lone-surrogate"],
 )
 def test_a_bad_data_file_is_one_line_from_validate(tmp_path, data, fragments):
     (tmp_path / "d.jsonl").write_bytes(data)
     assert_one_line_error(run_cli("validate", write_recipe(tmp_path, tmp_path / "d.jsonl"), cwd=tmp_path), *fragments)
+
+
+@pytest.mark.parametrize("cut", [None, 40], ids=["not-gzip", "truncated"])
+def test_a_gz_that_is_not_gzip_or_is_cut_short_is_one_line(tmp_path, cut):
+    rows = b"".join(json.dumps(r).encode() + b"\n" for r in pku_rows(200))
+    data = rows if cut is None else gzip.compress(rows)[:cut]
+    (tmp_path / "d.jsonl.gz").write_bytes(data)
+    result = run_cli("validate", write_recipe(tmp_path, tmp_path / "d.jsonl.gz"), cwd=tmp_path)
+    assert_one_line_error(result, "d.jsonl.gz", "cannot be read (", "is the file complete and what its name says?")
+
+
+def test_an_unreadable_recipe_or_data_file_is_one_line(tmp_path, monkeypatch):
+    """Permissions (root reads everything here, so the refusal is injected where the file is opened)."""
+    import safealign.data
+    from safealign.errors import SafeAlignError
+    from safealign.recipe import load_recipe
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    write_jsonl(tmp_path / "d.jsonl", pku_rows(2))
+    monkeypatch.setattr(safealign.data, "open", refuse, raising=False)
+    with pytest.raises(SafeAlignError, match=r"d.jsonl: cannot be read \(Permission denied\); check the file's permissions"):
+        safealign.data.load_rows(tmp_path / "d.jsonl", "pku_saferlhf")
+    recipe = Path(write_recipe(tmp_path, tmp_path / "d.jsonl"))
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+    with pytest.raises(SafeAlignError, match=r"r.yaml: cannot be read \(Permission denied\); check the file's permissions"):
+        load_recipe(recipe)
 
 
 def test_a_malformed_eval_file_fails_validate_and_run_before_any_training(tmp_path):

@@ -15,11 +15,13 @@ reference log-probs). Formats:
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import logging
 import math
 import re
+import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -224,31 +226,54 @@ MAX_JSON_DEPTH = 100
 
 
 def read_jsonl(path: Path) -> Iterable[tuple[int, dict]]:
-    """(line number, object) for each non-blank line; a malformed line (not UTF-8, not JSON, nested
-    absurdly deep, not an object) is an error naming it."""
-    opener = open
-    if path.suffix == ".gz":
-        import gzip
+    """(line number, object) for each non-blank line; a file that cannot be read (permissions, a `.gz`
+    that is not gzip or is cut short) or a malformed line (not UTF-8, not JSON, nested absurdly deep, an
+    integer past Python's 4,300 digits, a lone UTF-16 surrogate, not an object) is an error naming it."""
+    number = 0
+    try:
+        with _open_data(path) as handle:
+            for number, raw in enumerate(handle, start=1):
+                obj = _parse_line(path, number, raw)
+                if obj is not None:
+                    yield number, obj
+    except (OSError, EOFError, zlib.error) as exc:
+        where = f"{path}:{number + 1}" if number else str(path)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+        hint = "check the file's permissions" if isinstance(exc, PermissionError) else "is the file complete and what its name says?"
+        raise RowError(f"{where}: cannot be read ({reason}); {hint}") from None
 
-        opener = gzip.open
-    with opener(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise RowError(f"{path}:{number}: not UTF-8 text (byte {raw[exc.start]:#04x} at column "
-                               f"{exc.start + 1}); save the file as UTF-8") from None  # fmt: skip
-            if not line.strip():
-                continue
-            if _nesting(line) > MAX_JSON_DEPTH:
-                raise RowError(f"{path}:{number}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise RowError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise RowError(f"{path}:{number}: each line must be a JSON object")
-            yield number, obj
+
+def _open_data(path: Path):
+    if path.suffix == ".gz":
+        return gzip.open(path, "rb")
+    return open(path, "rb")
+
+
+def _parse_line(path: Path, number: int, raw: bytes) -> dict | None:
+    """One JSONL line as an object (None when blank), or a RowError naming `path:number`."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RowError(f"{path}:{number}: not UTF-8 text (byte {raw[exc.start]:#04x} at column "
+                       f"{exc.start + 1}); save the file as UTF-8") from None  # fmt: skip
+    if not line.strip():
+        return None
+    if _nesting(line) > MAX_JSON_DEPTH:
+        raise RowError(f"{path}:{number}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise RowError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+    except ValueError as exc:  # e.g. an integer past sys.get_int_max_str_digits()
+        raise RowError(f"{path}:{number}: not valid JSON ({str(exc).split(';')[0]})") from None
+    if not isinstance(obj, dict):
+        raise RowError(f"{path}:{number}: each line must be a JSON object")
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RowError(f"{path}:{number}: a string holds a lone UTF-16 surrogate ({exc.object[exc.start]!r}), "
+                       "which is not text; fix the escape in the file") from None  # fmt: skip
+    return obj
 
 
 def _nesting(text: str) -> int:

@@ -719,7 +719,10 @@ def apply_override(data: dict, path: list[str], value: Any) -> None:
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise SafeAlignError(f"{path}: recipe file not found")
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise SafeAlignError(f"{path}: cannot be read ({exc.strerror or exc}); check the file's permissions") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
