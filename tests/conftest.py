@@ -330,7 +330,7 @@ class FakeJudgeAPI(BaseHTTPRequestHandler):
         payload = {"choices": [{"message": {"role": "assistant", "content": action}}]}
         if action == "garbage":
             payload = {"unexpected": True}
-        data = json.dumps(payload).encode()
+        data = action if isinstance(action, bytes) else json.dumps(payload).encode()  # bytes: the raw reply
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))

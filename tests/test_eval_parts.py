@@ -83,6 +83,24 @@ def test_a_recipe_cannot_choose_which_secret_goes_where(monkeypatch):
     validate_recipe(judge(url="http://j/v1", api_key_env="OPENAI_API_KEY", insecure_http=True), source="r.yaml")
 
 
+@pytest.mark.parametrize(
+    "reply, reason",
+    [
+        (b'{"choices": "[[SAFE]]"}', "no choices list"),
+        (b'{"choices": [{"message": {"content": 5}}]}', "choices[0].message.content is int, not text"),
+        (b'{"choices": [{"message": null}]}', "choices[0].message.content is NoneType, not text"),
+        (b"[" * 100_000 + b"]" * 100_000, "JSON nested deeper than 64 levels"),
+        (b"<html>", "Expecting value"),
+    ],
+    ids=["choices-a-string", "content-an-int", "message-null", "100000-deep", "not-json"],
+)
+def test_a_malformed_judge_reply_is_one_line(judge_api, reply, reason):
+    url, api = judge_api
+    api.script = [reply]
+    with pytest.raises(ChatClientError, match=re.escape(f"failed after 1 attempts: malformed response ({reason}")):
+        ChatClient(url, "m", retries=0).complete([[{"role": "user", "content": "x"}]])
+
+
 def test_llm_judge_retries_server_errors(judge_api):
     url, api = judge_api
     api.script = [500, 503, "fine [[UNSAFE]]"]

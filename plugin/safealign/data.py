@@ -258,7 +258,7 @@ def _parse_line(path: Path, number: int, raw: bytes) -> dict | None:
                        f"{exc.start + 1}); save the file as UTF-8") from None  # fmt: skip
     if not line.strip():
         return None
-    if _nesting(line) > MAX_JSON_DEPTH:
+    if json_nesting(line) > MAX_JSON_DEPTH:
         raise RowError(f"{path}:{number}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         obj = json.loads(line)
@@ -276,7 +276,7 @@ def _parse_line(path: Path, number: int, raw: bytes) -> dict | None:
     return obj
 
 
-def _nesting(text: str) -> int:
+def json_nesting(text: str) -> int:
     """The nesting depth of a JSON text, brackets inside strings ignored, computed without recursion
     (Python's own parser recurses, and a line of 100,000 `[` crashes it)."""
     depth = deepest = 0

@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from safealign.data import json_nesting
 from safealign.errors import SafeAlignError
 from safealign.files import read_appended_jsonl
 from safealign.locks import locked_file
@@ -161,6 +162,27 @@ def _opener() -> urllib.request.OpenerDirector:
     return opener
 
 
+#: Deeper than an OpenAI-compatible reply nests; Python's JSON parser recurses and a 100,000-deep reply crashes it.
+MAX_REPLY_DEPTH = 64
+
+
+def reply_content(raw: bytes) -> str:
+    """The text of a `/chat/completions` reply (`choices[0].message.content`); ValueError naming what is
+    wrong when the reply is not JSON, nests absurdly deep, or has a field of the wrong shape or type."""
+    text = raw.decode("utf-8", errors="replace")
+    if json_nesting(text) > MAX_REPLY_DEPTH:
+        raise ValueError(f"JSON nested deeper than {MAX_REPLY_DEPTH} levels")
+    reply = json.loads(text)
+    choices = reply.get("choices") if isinstance(reply, dict) else None
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise ValueError("no choices list")
+    message = choices[0].get("message")
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, str):
+        raise ValueError(f"choices[0].message.content is {type(content).__name__}, not text")
+    return content
+
+
 #: Why a key is not sent over plain http to another machine, and how to opt in.
 INSECURE_MESSAGE = (
     "the key would cross the network unencrypted to {url}: use https, or set eval.llm_judge.insecure_http: true "
@@ -266,14 +288,14 @@ class ChatClient:
                 request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
                 with self._opener.open(request, timeout=self.timeout) as response:
                     self.calls += 1
-                    return json.loads(response.read())["choices"][0]["message"]["content"]
+                    return reply_content(response.read())
             except urllib.error.HTTPError as exc:
                 last_error = f"HTTP {exc.code}"
                 if exc.code < 500 and exc.code != 429:
                     break  # a client error will not fix itself
             except (urllib.error.URLError, TimeoutError, OSError) as exc:
                 last_error = f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
-            except (KeyError, IndexError, ValueError) as exc:
+            except ValueError as exc:
                 last_error = f"malformed response ({exc})"
         raise ChatClientError(f"judge endpoint {self.url} failed after {self.retries + 1} attempts: {last_error}")
 
