@@ -125,3 +125,35 @@ def test_a_model_cache_that_cannot_be_written_is_one_line(tmp_path, tokenizer_di
     monkeypatch.setattr(type(tmp_path), "mkdir", refuse)
     with pytest.raises(SafeAlignError, match=rf"^model directory {tmp_path / 'models'}\S* is not writable by uid \d+"):
         build_random(RandomModel(tokenizer=str(tokenizer_dir), config={"hidden_size": 32}))
+
+
+def test_a_lock_file_that_is_a_symlink_is_refused_and_its_target_untouched(tmp_path):
+    """Release truncates the lock file: through a symlink it would have emptied whatever it points at."""
+    target = tmp_path / "precious.txt"
+    target.write_text("keep me\n")
+    run = tmp_path / "runs" / "x"
+    run.mkdir(parents=True)
+    (run / ".lock").symlink_to(target)
+    with pytest.raises(SafeAlignError, match=r"\.lock: is a symbolic link; a run's lock file is never followed: remove it"):
+        RunLock(run / ".lock").acquire()
+    assert target.read_text() == "keep me\n"
+
+
+def test_a_filesystem_without_locks_warns_once_and_releases_cleanly(tmp_path, monkeypatch, caplog):
+    """NFSv3 without lockd answers ENOLCK to lock *and* unlock: the documented warning, then no traceback."""
+    import errno
+
+    from safealign import locks
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(locks.fcntl, "flock", no_locks)
+    lock = RunLock(tmp_path / ".lock")
+    with caplog.at_level("WARNING", logger="safealign"):
+        lock.acquire()
+        lock.release()
+        with locks.locked_file(tmp_path / "cache.jsonl") as handle:
+            handle.write("x\n")
+    assert caplog.text.count("does not support locks") == 2
+    assert (tmp_path / "cache.jsonl").read_text() == "x\n"  # appended, and nothing raised

@@ -52,11 +52,12 @@ def locked_file(path: Path, mode: str = "a+") -> Iterator[IO]:
     (a torn last line) is never a line another process is still writing."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open(mode, encoding="utf-8") as handle:
-        _flock(handle, fcntl.LOCK_EX, path)
+        locked = _flock(handle, fcntl.LOCK_EX, path)
         try:
             yield handle
         finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            if locked:  # where the filesystem cannot lock, it cannot unlock either (ENOLCK again)
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 class RunLock:
@@ -70,14 +71,21 @@ class RunLock:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._handle: IO | None = None
+        self._locked = False
 
     def acquire(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            handle = self.path.open("a+", encoding="utf-8")
+            # O_NOFOLLOW: a lock file replaced by a symlink would have its target truncated on release
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            handle = os.fdopen(fd, "a+", encoding="utf-8")
         except PermissionError as exc:
             raise unwritable_error("run directory", self.path.parent, exc) from None
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise SafeAlignError(
+                    f"{self.path}: is a symbolic link; a run's lock file is never followed: remove it"
+                ) from None
             problem = "not a directory" if isinstance(exc, (FileExistsError, NotADirectoryError)) else exc.strerror
             raise SafeAlignError(
                 f"{self.path.parent}: cannot use it as a run directory ({problem}); give --run-dir a writable directory"
@@ -86,6 +94,7 @@ class RunLock:
             if not _flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB, self.path):
                 self._handle = handle
                 return
+            self._locked = True
         except BlockingIOError:
             holder = self._holder(handle)
             handle.close()
@@ -108,9 +117,10 @@ class RunLock:
             return
         self._handle.seek(0)
         self._handle.truncate()
-        fcntl.flock(self._handle.fileno(), fcntl.LOCK_UN)
+        if self._locked:  # a filesystem without locks refuses the unlock too (ENOLCK)
+            fcntl.flock(self._handle.fileno(), fcntl.LOCK_UN)
         self._handle.close()
-        self._handle = None
+        self._handle, self._locked = None, False
 
     @staticmethod
     def _holder(handle: IO) -> str:
