@@ -97,3 +97,31 @@ def test_consent_names_the_files_and_the_model_trains(tmp_path, tokenizer_dir):
     assert json.loads((tmp_path / "runs" / "rc" / "align" / "model" / "config.json").read_text())["model_type"] == (
         "custom_llama"
     )
+
+
+def test_a_random_models_config_takes_only_llama_fields(tmp_path, tokenizer_dir):
+    """`random.config: {auto_map: ...}` once passed validate; the model was saved with it, and OpenRLHF's
+    trust_remote_code=True load imported the named module (a marker file was written)."""
+    policy = tiny_policy(tokenizer_dir)["policy"]
+    policy["random"]["config"]["auto_map"] = {"AutoModelForCausalLM": "evil.Model"}
+    recipe = write_recipe(tmp_path, "unused")
+    data = yaml.safe_load(open(recipe))
+    data["model"]["policy"] = policy
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(data))
+    result = run_cli("validate", recipe, cwd=tmp_path)
+    assert_one_line_error(result, "model.policy.random.config: 'auto_map' is not a LlamaConfig field", "hidden_size")
+
+
+def test_a_folder_that_gains_code_after_validate_is_refused_where_it_loads(tmp_path, tokenizer_dir, monkeypatch):
+    """Consent is checked where a stage resolves a model, not only at validate."""
+    import pytest
+
+    from safealign.errors import SafeAlignError
+    from safealign.models import resolve_model
+
+    folder = remote_code_model(tmp_path, tokenizer_dir)
+    monkeypatch.setenv("MARKER", str(tmp_path / "marker"))
+    with pytest.raises(SafeAlignError, match=r"model custom-model: .* ships its own Python \(custom_llama.py\)"):
+        resolve_model(str(folder))
+    assert resolve_model(str(folder), trust_remote_code=True) == folder  # consent given: resolved (and logged)
+    assert not (tmp_path / "marker").exists()

@@ -28,6 +28,7 @@ from pathlib import Path
 from safealign.errors import SafeAlignError
 from safealign.files import require_writable_dir
 from safealign.recipe import ModelSection, ModelSpec, RandomModel, RandomModelSpec
+from safealign.remote_code import check_model_code
 
 
 def cache_root() -> Path:
@@ -110,9 +111,9 @@ def convert_gguf(gguf: Path) -> Path:
     return _publish(build, target)
 
 
-def build_random(spec: RandomModel) -> Path:
+def build_random(spec: RandomModel, trust_remote_code: bool = False) -> Path:
     """A random-weight Llama with the tokenizer of `spec.tokenizer`, cached by its settings."""
-    tokenizer_dir = resolve_tokenizer(spec.tokenizer)
+    tokenizer_dir = resolve_tokenizer(spec.tokenizer, trust_remote_code)
     target = cache_root() / "models" / f"random-{_key(str(tokenizer_dir), spec.config, spec.seed)}"
 
     def build(out: Path) -> None:
@@ -145,18 +146,28 @@ def build_random(spec: RandomModel) -> Path:
     return _publish(build, target)
 
 
-def resolve_tokenizer(spec: str) -> Path:
-    """A directory holding a tokenizer: a tokenizer-only directory, or any model spec's directory."""
+def resolve_tokenizer(spec: str, trust_remote_code: bool = False) -> Path:
+    """A directory holding a tokenizer: a tokenizer-only directory, or any model spec's directory (its
+    shipped code checked either way: a tokenizer config's `auto_map` runs code too)."""
     path = Path(spec).expanduser()
     if path.is_dir() and ((path / "tokenizer_config.json").is_file() or (path / "tokenizer.json").is_file()):
+        check_model_code(f"tokenizer {path.name}", path, trust_remote_code)
         return path
-    return resolve_model(spec)
+    return resolve_model(spec, trust_remote_code)
 
 
-def resolve_model(spec: ModelSpec) -> Path:
-    """A local HF directory for any model spec the recipe accepts."""
+def resolve_model(spec: ModelSpec, trust_remote_code: bool = False) -> Path:
+    """A local HF directory for any model spec the recipe accepts, checked for shipped code where it is
+    about to be loaded (`check_model_code`), not only at validate: a folder can change in between, and a
+    built one (random, GGUF) is checked like any other."""
+    model_dir = _model_dir(spec, trust_remote_code)
+    check_model_code(f"model {model_dir.name}", model_dir, trust_remote_code)
+    return model_dir
+
+
+def _model_dir(spec: ModelSpec, trust_remote_code: bool) -> Path:
     if isinstance(spec, RandomModelSpec):
-        return build_random(spec.random)
+        return build_random(spec.random, trust_remote_code)
     if spec.startswith("gguf:"):
         return convert_gguf(find_packaged_gguf(spec.removeprefix("gguf:")))
     path = Path(spec).expanduser()
@@ -172,8 +183,8 @@ def resolve_model(spec: ModelSpec) -> Path:
 
 def policy_and_reference(model: ModelSection) -> tuple[Path, Path]:
     """The base policy's directory and its frozen reference's (`model.reference`, else the policy)."""
-    policy = resolve_model(model.policy)
-    return policy, resolve_model(model.reference) if model.reference is not None else policy
+    policy = resolve_model(model.policy, model.trust_remote_code)
+    return policy, resolve_model(model.reference, model.trust_remote_code) if model.reference is not None else policy
 
 
 def merge_lora(base_dir: Path, adapter_dir: Path, target: Path, trust_remote_code: bool = False) -> Path:

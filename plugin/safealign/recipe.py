@@ -80,6 +80,29 @@ class RandomModel(Strict):
 
     _tokenizer_path = field_validator("tokenizer", mode="before")(_model_path)
 
+    @field_validator("config")
+    @classmethod
+    def _llama_fields_only(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """Only LlamaConfig's own fields: the model is saved with this config and loaded by OpenRLHF with
+        trust_remote_code=True, so an `auto_map` here would import a module of the recipe's choosing."""
+        unknown = sorted(set(value) - llama_config_fields())
+        if unknown:
+            raise ValueError(
+                f"{unknown[0]!r} is not a LlamaConfig field (a random model takes only its own fields: "
+                f"{', '.join(sorted(llama_config_fields()))})"
+            )
+        return value
+
+
+def llama_config_fields() -> set[str]:
+    """The fields a random model's `config` may set: LlamaConfig's, minus what names code or provenance."""
+    import inspect
+
+    from transformers import LlamaConfig  # lazily: a recipe without a random model never pays for the import
+
+    fields = set(inspect.signature(LlamaConfig.__init__).parameters) | set(LlamaConfig().to_dict())
+    return fields - {"self", "kwargs", "auto_map", "architectures", "transformers_version", "_name_or_path", "model_type"}
+
 
 class RandomModelSpec(Strict):
     random: RandomModel

@@ -51,9 +51,9 @@ def teacher_dir(ctx: StageContext) -> Path:
     """`distill.teacher`, else the aligned model when the recipe aligns, else the base policy."""
     recipe = ctx.recipe
     if recipe.distill.teacher is not None:
-        return resolve_model(recipe.distill.teacher)
+        return resolve_model(recipe.distill.teacher, recipe.model.trust_remote_code)
     aligned = ctx.upstream_output("align", "model")
-    return aligned if aligned is not None else resolve_model(recipe.model.policy)
+    return aligned if aligned is not None else resolve_model(recipe.model.policy, recipe.model.trust_remote_code)
 
 
 def prompt_set(ctx: StageContext) -> list[list[Message]]:
@@ -168,7 +168,7 @@ def teacher_answers(ctx: StageContext, teacher: Path) -> list[dict]:
 def student_init(recipe: Recipe, teacher: Path, work_dir: Path) -> Path:
     """`distill.student`, or a half-depth copy of the teacher (built once, in the work dir)."""
     if recipe.distill.student is not None:
-        student = resolve_model(recipe.distill.student)
+        student = resolve_model(recipe.distill.student, recipe.model.trust_remote_code)
         _check_student(student, teacher, recipe)
         return student
     target = work_dir / "student-init"
@@ -238,7 +238,7 @@ def run_distill(ctx: StageContext) -> dict:
                     **({"ddpo_metrics": "ddpo/metrics.jsonl"} if ddpo else {})},
         "teacher": str(teacher),
         "student_init": (
-            str(resolve_model(recipe.distill.student)) if recipe.distill.student is not None
+            str(resolve_model(recipe.distill.student, recipe.model.trust_remote_code)) if recipe.distill.student is not None
             else "the teacher's even-numbered layers"
         ),
         "teacher_parameters": count_parameters(teacher),

@@ -53,7 +53,7 @@ log = logging.getLogger("safealign")
 def produced_models(ctx: StageContext) -> dict[str, Path]:
     """Every model to evaluate, by name: the base policy, and each later stage's output the recipe runs
     (`aligned` and each of `align.ablations` from align, `student` from distill)."""
-    models = {"base": resolve_model(ctx.recipe.model.policy)}
+    models = {"base": resolve_model(ctx.recipe.model.policy, ctx.recipe.model.trust_remote_code)}
     for stage, name in (("align", "aligned"), ("distill", "student")):
         record = ctx.upstream(stage)
         if record is None:

@@ -118,7 +118,7 @@ def run_rm(ctx: StageContext) -> dict:
 
     def base(section: RewardModelSection) -> Path:
         """`rm.<name>.base`, else the policy: the model a value head is trained on."""
-        return resolve_model(section.base if section.base is not None else recipe.model.policy)
+        return resolve_model(section.base if section.base is not None else recipe.model.policy, recipe.model.trust_remote_code)
 
     # What it runs: both models trained, then every row scored once
     helpful_dir = train_value_model(
