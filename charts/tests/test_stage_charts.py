@@ -69,6 +69,19 @@ def test_pods_have_no_api_token_and_a_read_only_root(stage, values):
     assert writable == {"/runs", "/models", "/dev/shm", "/tmp"}
 
 
+@pytest.mark.parametrize("stage, values", [("align", {"job": {"nodes": 2}}), ("eval", {})], ids=["align-2-nodes", "eval"])
+def test_every_container_states_its_resources(stage, values):
+    """A namespace with a ResourceQuota or LimitRange admits a pod only if each of its containers states
+    requests: the init containers (validate, rendezvous) and the helm test pod too."""
+    objects = render(stage, values)
+    for pod in [job_of(objects)["spec"]["template"]["spec"], *(p["spec"] for p in objects.get("Pod", []))]:
+        for c in pod.get("initContainers", []) + pod["containers"]:
+            assert c["resources"]["requests"]["memory"] and c["resources"]["limits"]["memory"], c["name"]
+    init = job_of(render("align", {"job": {"nodes": 2}, "resources": {"init": {"requests": {"cpu": "2", "memory": "3Gi"}}}}))
+    resources = {c["name"]: c["resources"] for c in init["spec"]["template"]["spec"]["initContainers"]}
+    assert resources["validate"]["requests"] == resources["rendezvous"]["requests"] == {"cpu": "2", "memory": "3Gi"}
+
+
 def test_scheduling_secrets_and_existing_claims():
     objects = render(
         "align",
@@ -144,6 +157,13 @@ def test_existing_recipe_configmap_and_missing_recipe():
         ({"job": {"nodes": -1}}, "nodes"),
         ({"storage": {"runs": {"size": "lots"}}}, "size"),
         ({"secrets": {"judgeApiKey": {"name": "judge", "key": "k"}}}, "judgeApiKey"),
+        # the pods' hardening is enforced, not a default a values file can switch off
+        ({"securityContext": {"container": {"privileged": True}}}, "privileged"),
+        ({"securityContext": {"container": {"allowPrivilegeEscalation": True}}}, "allowPrivilegeEscalation"),
+        ({"securityContext": {"container": {"capabilities": {"add": ["SYS_ADMIN"], "drop": ["ALL"]}}}}, "add"),
+        ({"securityContext": {"container": {"capabilities": {"drop": []}}}}, "drop"),
+        ({"securityContext": {"pod": {"runAsNonRoot": False}}}, "runAsNonRoot"),
+        ({"securityContext": {"pod": {"runAsUser": 0}}}, "runAsUser"),
     ],
 )
 def test_schema_rejects_bad_values(values, message):

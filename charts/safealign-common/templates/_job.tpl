@@ -109,6 +109,8 @@ spec:
           image: {{ include "safealign.image" . }}
           imagePullPolicy: {{ $v.image.pullPolicy }}
           command: {{ include "safealign.waitForRendezvous" . }}
+          resources:
+            {{- toYaml $v.resources.init | nindent 12 }}
           securityContext:
             {{- toYaml $v.securityContext.container | nindent 12 }}
       {{- end }}
@@ -119,6 +121,8 @@ spec:
           imagePullPolicy: {{ $v.image.pullPolicy }}
           command: {{ include "safealign.validateCommand" . }}
           workingDir: /tmp
+          resources:
+            {{- toYaml $v.resources.init | nindent 12 }}
           env:
             {{- include "safealign.writableHome" . | nindent 12 }}
           securityContext:

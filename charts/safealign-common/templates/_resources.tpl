@@ -104,8 +104,7 @@ spec:
         - name: SAFEALIGN_CACHE
           value: /models/safealign
       resources:
-        requests: {cpu: 100m, memory: 512Mi}
-        limits: {memory: 2Gi}
+        {{- toYaml $v.resources.init | nindent 8 }}
       securityContext:
         {{- toYaml $v.securityContext.container | nindent 8 }}
       volumeMounts:
