@@ -160,3 +160,30 @@ def test_a_stage_reads_upstream_outputs_only_through_their_recorded_summary(tmp_
     (run / "rm" / "stage.json").write_text("[]")
     with pytest.raises(SafeAlignError, match="damaged"):
         ctx.upstream("rm")
+
+
+def test_a_folder_that_is_not_a_run_is_refused_untouched(tmp_path):
+    """`safealign run recipe.yaml --run-dir .` in a project holding an `align/` folder once deleted it and
+    overwrote the user's commented recipe.yaml. Only a directory SafeAlign made is ever written."""
+    from safealign.errors import SafeAlignError
+    from safealign.runner import RUN_MARKER, claim_run_dir, run_recipe
+
+    project = tmp_path / "project"
+    (project / "align").mkdir(parents=True)
+    (project / "align" / "notes.md").write_text("mine")
+    (project / "recipe.yaml").write_text("# my comments\nname: t\n")
+    with pytest.raises(SafeAlignError, match=r"project: holds files that are not a SafeAlign run \(align, recipe.yaml\); "
+                       r"a run writes recipe.yaml and replaces <stage>/ folders there: give --run-dir a new or empty"):
+        run_recipe(recipe(), project, ["align"])
+    assert (project / "recipe.yaml").read_text() == "# my comments\nname: t\n" and (project / "align" / "notes.md").is_file()
+    assert sorted(p.name for p in project.iterdir()) == ["align", "recipe.yaml"]  # not even a lock file left
+
+    for fresh in (tmp_path / "new" / "run", tmp_path / "empty"):  # new or empty: claimed
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        claim_run_dir(fresh)
+        assert (fresh / RUN_MARKER).is_file()
+    legacy = tmp_path / "legacy"  # a run dir from before the marker: a finished stage in it
+    (legacy / "rm").mkdir(parents=True)
+    (legacy / "rm" / "stage.json").write_text("{}")
+    claim_run_dir(legacy)
+    assert (legacy / RUN_MARKER).is_file()

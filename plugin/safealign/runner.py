@@ -2,6 +2,7 @@
 
 Layout of a run directory (a PVC on Kubernetes, shared by every stage):
 
+    runs/<name>/.safealign-run         says SafeAlign made this directory (`claim_run_dir`)
     runs/<name>/recipe.yaml            the validated recipe, as run
     runs/<name>/.lock                  held by the one `safealign run` working here (`safealign.locks`)
     runs/<name>/<stage>/stage.json     fingerprint + summary: present only when the stage finished
@@ -27,7 +28,7 @@ import yaml
 
 from safealign import __version__
 from safealign.errors import SafeAlignError
-from safealign.files import disk_full, disk_full_error, tree_size, write_text_atomically
+from safealign.files import disk_full, disk_full_error, tree_size, unwritable_error, write_text_atomically
 from safealign.locks import RunLock
 from safealign.process import agree, barrier, is_rank_0, release_memory
 from safealign.recipe import STAGE_ORDER, Recipe
@@ -37,6 +38,35 @@ log = logging.getLogger("safealign")
 
 FINGERPRINT_FILE = "fingerprint"
 LOCK_FILE = ".lock"
+RUN_MARKER = ".safealign-run"
+
+
+def claim_run_dir(run_dir: Path) -> None:
+    """Make `run_dir` a run directory, or refuse it in one line. A run writes `recipe.yaml` and replaces
+    `<stage>/` folders there, so only a directory SafeAlign made (its marker) is ever used: a new or empty
+    one gets the marker; one from before the marker existed (a `.lock`, or a stage's `stage.json` or
+    partial work) is recognised and marked; anything else — `--run-dir .` in a project holding an
+    `align/` folder and a commented `recipe.yaml` — is refused untouched."""
+    marker = run_dir / RUN_MARKER
+    if marker.is_file() or (run_dir.exists() and not run_dir.is_dir()):  # not a directory: the lock says so
+        return
+    if run_dir.is_dir():
+        entries = sorted(p.name for p in run_dir.iterdir())
+        ours = (run_dir / LOCK_FILE).exists() or any(
+            (run_dir / s / STAGE_FILE).is_file() or (run_dir / f".{s}.partial" / FINGERPRINT_FILE).is_file()
+            for s in STAGE_ORDER
+        )
+        if entries and not ours:
+            shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+            raise SafeAlignError(
+                f"{run_dir}: holds files that are not a SafeAlign run ({shown}); a run writes recipe.yaml and "
+                "replaces <stage>/ folders there: give --run-dir a new or empty directory (default runs/<name>)"
+            )
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(marker, json.dumps({"created_by": f"safealign {__version__}"}) + "\n")
+    except PermissionError as exc:
+        raise unwritable_error("run directory", run_dir, exc) from None
 
 
 def _file_digest(path: Path) -> str:
@@ -164,6 +194,7 @@ def run_recipe(recipe: Recipe, run_dir: Path, stages: list[str] | None = None, f
     refused = None
     if is_rank_0():
         try:
+            claim_run_dir(run_dir)
             lock.acquire()
         except SafeAlignError as exc:
             refused = str(exc)

@@ -35,6 +35,7 @@ from safealign.eval.plots import plt, png
 from safealign.files import write_text_atomically
 from safealign.locks import RunLock
 from safealign.recipe import Recipe, load_recipe, trial_overrides
+from safealign.runner import claim_run_dir
 from safealign.stages import finished_stage, load_builtin_stages
 
 log = logging.getLogger("safealign")
@@ -138,7 +139,7 @@ def _trial_command(recipe_path: Path, trial_dir: Path, stages: list[str], params
 def _prepare_trial_dir(sweep_dir: Path, trial_dir: Path, shared: list[str]) -> None:
     """Link this sweep's shared stages and the eval-answer cache into a trial's run directory (only
     those: a trial that runs its own rm stage must not write through a link into another's)."""
-    trial_dir.mkdir(parents=True, exist_ok=True)
+    claim_run_dir(trial_dir)
     (sweep_dir / "cache").mkdir(exist_ok=True)
     for name in (*shared, "cache"):
         link, target = trial_dir / name, sweep_dir / name
@@ -315,6 +316,7 @@ def run_sweep(
             raise SafeAlignError(f"--trial-index {trial_index}: the grid has trials 0..{len(grid) - 1}")
         run_one_trial(recipe_path, recipe, run_dir, overrides, grid[trial_index])
         return None
+    claim_run_dir(run_dir)
     with RunLock(run_dir / SWEEP_LOCK_FILE):  # one driver; a trial's own run locks its trial directory
         shared = shared_stages(recipe)
         if part in ("all", "shared") and shared:
