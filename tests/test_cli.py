@@ -141,8 +141,9 @@ def _alias_bomb() -> str:
         (b"name: a\nseed: 1\nname: b\n", ("r.yaml:3", "key 'name' given twice (first on line 1)")),
         (_alias_bomb().encode(), ("r.yaml: the recipe expands to more than 100,000 values",)),
         (("a: " + "[" * 5000 + "]" * 5000).encode(), ("r.yaml: nested too deeply",)),
+        (b"name: t\nseed: 1\x00\n", ("r.yaml:2: not valid YAML (special characters are not allowed)",)),
     ],
-    ids=["not-utf8", "binary", "duplicate-key", "alias-bomb", "deep"],
+    ids=["not-utf8", "binary", "duplicate-key", "alias-bomb", "deep", "nul-byte"],
 )
 def test_a_recipe_that_is_not_a_recipe_is_one_line_fast(tmp_path, content, fragments):
     (tmp_path / "r.yaml").write_bytes(content)
@@ -176,6 +177,14 @@ def test_an_override_gets_the_same_budget_and_depth_as_a_recipe_file(tmp_path, v
     args = ["validate", str(ROOT / "recipes" / "quickstart.yaml"), "--set", f"model.policy.random.config.x={value}"]
     result = run_cli(*args, *(["--flatten"] if flatten else []), cwd=tmp_path, timeout=30)
     assert_one_line_error(result, "--set model.policy.random.config.x: " + fragment)
+
+
+def test_a_long_extends_chain_is_one_line_naming_the_limit(tmp_path):
+    """3,000 recipes each extending the next was reported as "nested too deeply" (a recursion limit)."""
+    for i in range(40):
+        (tmp_path / f"r{i}.yaml").write_text(f"extends: r{i + 1}.yaml\n")
+    result = run_cli("validate", "r0.yaml", cwd=tmp_path)
+    assert_one_line_error(result, "r16.yaml: extends: a chain of more than 16 recipes")
 
 
 def _nested_prompt_row() -> bytes:

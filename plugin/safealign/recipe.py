@@ -680,6 +680,8 @@ def format_validation_error(source: str, exc: ValidationError) -> str:
 #: More values than any recipe has (a full one is a few hundred): a YAML alias bomb (aliases of
 #: aliases, each doubling the tree) stops here instead of filling memory.
 MAX_RECIPE_VALUES = 100_000
+#: Longer than any sensible `extends:` chain (the shipped recipes use 1).
+MAX_EXTENDS = 16
 #: Deeper than any recipe nests (a full one: 6 levels; a model config's free-form values a few more).
 MAX_RECIPE_DEPTH = 32
 
@@ -757,8 +759,11 @@ def _read_yaml(path: Path) -> dict:
         data = yaml.load(text, Loader=RecipeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark else ""
-        raise SafeAlignError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        position = getattr(exc, "position", None)  # a reader error (e.g. a NUL byte) has a position, no mark
+        line = mark.line + 1 if mark else text.count("\n", 0, position) + 1 if position is not None else None
+        reason = getattr(exc, "problem", None) or getattr(exc, "reason", None) or str(exc)
+        where = f":{line}" if line else ""
+        raise SafeAlignError(f"{path}{where}: not valid YAML ({' '.join(str(reason).split())})") from None
     except RecursionError:
         raise SafeAlignError(f"{path}: nested too deeply to be a recipe") from None
     if not isinstance(data, dict):
@@ -791,6 +796,8 @@ def read_recipe_data(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         raise SafeAlignError(f"{path}: extends: {parent} must be in the same directory (relative paths would move)")
     if parent_path in seen:
         raise SafeAlignError(f"{path}: extends: {parent} extends itself (a cycle)")
+    if len(seen) >= MAX_EXTENDS:
+        raise SafeAlignError(f"{path}: extends: a chain of more than {MAX_EXTENDS} recipes; extend a recipe that extends fewer")
     return merge(read_recipe_data(parent_path, (*seen, path.resolve())), data)
 
 
