@@ -54,7 +54,7 @@ def test_failure_publishes_nothing_and_the_rerun_resumes_the_partial_work(tmp_pa
     assert (tmp_path / "align" / "progress.txt").read_text() == "call 2"
 
 
-def test_up_to_date_stage_is_skipped_and_a_changed_recipe_starts_clean(tmp_path):
+def test_up_to_date_stage_is_skipped_and_a_changed_recipe_starts_clean(tmp_path, caplog):
     fn = FlakyStage()
     first = run_stage(recipe(), tmp_path, stage(fn))
     assert run_stage(recipe(), tmp_path, stage(fn)) == first and fn.calls == 1
@@ -65,8 +65,10 @@ def test_up_to_date_stage_is_skipped_and_a_changed_recipe_starts_clean(tmp_path)
         run_stage(recipe(lambda_init=2.0), tmp_path, stage(failing))
     assert (tmp_path / "align" / "stage.json").exists()  # the old finished outputs are untouched
     other = FlakyStage()
-    run_stage(recipe(lambda_init=3.0), tmp_path, stage(other))  # yet another recipe: the partial is discarded
+    run_stage(recipe(lambda_init=3.0), tmp_path, stage(other))  # yet another recipe: the partial is discarded ...
     assert other.seen_previous_work == [False]
+    assert "align: discarding the unfinished work in" in caplog.text  # ... and the log says so, and why
+    assert "the recipe, data or SafeAlign version changed since it started; 0 MiB)" in caplog.text
 
 
 def test_logging_changes_do_not_invalidate_a_stage(tmp_path):

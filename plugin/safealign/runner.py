@@ -129,6 +129,9 @@ def run_stage(recipe: Recipe, run_dir: Path, stage: Stage, force: bool = False) 
     if is_rank_0():
         marker = work_dir / FINGERPRINT_FILE
         if work_dir.is_dir() and (force or not marker.is_file() or marker.read_text() != expected):
+            why = "--force" if force else "the recipe, data or SafeAlign version changed since it started"
+            log.warning("%s: discarding the unfinished work in %s (%s; %s)", stage.name, work_dir, why,
+                        _size_note(work_dir))  # fmt: skip
             shutil.rmtree(work_dir)
         if work_dir.is_dir():
             log.info("%s: resuming the unfinished run in %s", stage.name, work_dir)
@@ -154,6 +157,12 @@ def run_stage(recipe: Recipe, run_dir: Path, stage: Stage, force: bool = False) 
         log.info("%s: done in %.0f s -> %s", stage.name, summary["seconds"], final_dir)
     barrier()
     return summary
+
+
+def _size_note(work_dir: Path) -> str:
+    """What is thrown away, in a user's terms: its size and whether it held checkpoints."""
+    checkpoints = largest_checkpoint(work_dir)
+    return f"{tree_size(work_dir) / 2**20:.0f} MiB" + (", checkpoints included" if checkpoints else "")
 
 
 def _unpublished(work_dir: Path, expected: str) -> dict | None:
