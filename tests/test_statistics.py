@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from safealign.eval.statistics import holm, mean_interval, regularized_beta, t_quantile_975, t_test_p, welch_t_test
+from safealign.eval.statistics import holm, mean_interval, t_quantile_975, t_test_p, welch_t_test
 
 
 @pytest.mark.parametrize(
@@ -24,13 +24,6 @@ def test_t_tail_matches_the_tables(t, df, p):
     assert t_test_p(t, df) == pytest.approx(p, rel=1e-5, abs=1e-9)
     assert t_test_p(t, df, "greater") == pytest.approx(p / 2, rel=1e-5, abs=1e-9)
     assert t_test_p(-t, df, "greater") == pytest.approx(1 - p / 2, rel=1e-5)
-
-
-def test_incomplete_beta_by_hand():
-    """I_x(1, 1) = x; I_x(2, 1) = x²; I_x(a, b) = 1 − I_{1−x}(b, a)."""
-    assert regularized_beta(1, 1, 0.3) == pytest.approx(0.3)
-    assert regularized_beta(2, 1, 0.7) == pytest.approx(0.49)
-    assert regularized_beta(2.5, 0.5, 0.4) == pytest.approx(1 - regularized_beta(0.5, 2.5, 0.6))
 
 
 def test_welch_by_hand():
