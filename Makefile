@@ -19,6 +19,7 @@ $(STAMP): setup.cfg pyproject.toml requirements/cpu-no-deps.txt
 
 quickstart: setup
 	$(BIN)/safealign run recipes/quickstart.yaml
+	@echo "Report: runs/quickstart/eval/report.html. Next: source $(VENV)/bin/activate, then safealign --help (README: Use it)"
 
 # charts/safealign-*/: values, schema, README, templates and the vendored library, from the sources in
 # charts/safealign-common/ (drift-tested by charts/tests/test_chart_files.py).
