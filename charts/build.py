@@ -146,6 +146,7 @@ def readme(stage: str, chart: dict, source: ValuesSource, values: dict, schema: 
     for path, value in _leaves(values):
         description = source.descriptions.get(path, "")
         default = json.dumps(value).replace("|", "\\|")
+        description = description.replace("|", "\\|")  # "all | shared | trial" is one cell, not four
         rows.append(f"| `{'.'.join(path)}` | {_type(schema, path, value)} | `{default}` | {description} |")
     return "\n".join(
         [
@@ -157,7 +158,10 @@ def readme(stage: str, chart: dict, source: ValuesSource, values: dict, schema: 
             "",
             "```bash",
             f"helm install my-{stage} charts/{chart['name']} -n safealign \\",
-            "  --set-file recipe=recipes/mistral-7b-beavertails.yaml",
+            # the sweep chart needs a recipe with a sweep section; that one extends the quickstart: flattened
+            "  --set-file recipe=<(safealign validate recipes/sweep-lambda-w.yaml --flatten)"
+            if stage == "sweep"
+            else "  --set-file recipe=recipes/mistral-7b-beavertails.yaml",
             f"helm test my-{stage} -n safealign",
             "```",
             "",

@@ -3,6 +3,7 @@ chart listing every value, and `helm package` giving an archive that renders wit
 
 from __future__ import annotations
 
+import re
 import sys
 import tarfile
 
@@ -32,6 +33,8 @@ def test_readme_documents_every_value_with_its_default(stage):
         assert row is not None, path
         assert f"`{build.json.dumps(value)}`" in row.replace("\\|", "|"), (path, row)
         assert row.rstrip(" |").rsplit("|", 1)[1].strip(), f"{path}: no description (comment it in stage-values.yaml)"
+        cells = re.split(r"(?<!\\)\|", row.strip().strip("|"))
+        assert len(cells) == 4, f"{path}: {len(cells)} cells, a '|' in the text is not escaped: {row}"
 
 
 def test_stage_defaults_differ_where_the_stages_do():
