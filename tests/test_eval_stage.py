@@ -102,6 +102,9 @@ def test_rerunning_eval_regenerates_nothing(pipeline):
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stderr.count("from the cache") == 3  # every model's answers reused
     assert "generating" not in again.stderr and "held-out pairs:" not in again.stderr  # log-probs reused too
+    assert "eval: finished in" in again.stdout
+    skipped = run_cli("run", "recipe.yaml", "--stage", "rm", cwd=root)  # up to date: said so, not "finished in"
+    assert skipped.returncode == 0 and "rm: done earlier in" in skipped.stdout, skipped.stdout
 
 
 def test_report_command_rewrites_the_report(pipeline):

@@ -227,7 +227,8 @@ def _run(args: argparse.Namespace) -> int:
             outputs = ", ".join(
                 f"{name}: {run_dir / summary['stage'] / path}" for name, path in summary.get("outputs", {}).items()
             )
-            print(f"{summary['stage']}: finished in {summary['seconds']:.0f} s; {outputs}")
+            when = "done earlier" if summary.get("up_to_date") else "finished"
+            print(f"{summary['stage']}: {when} in {summary['seconds']:.0f} s; {outputs}")
     return 0
 
 

@@ -105,7 +105,8 @@ def select_stages(recipe: Recipe, requested: list[str] | None) -> list[Stage]:
 
 
 def run_stage(recipe: Recipe, run_dir: Path, stage: Stage, force: bool = False) -> dict:
-    """Run one stage unless its finished outputs are current; returns its summary."""
+    """Run one stage unless its finished outputs are current; returns its summary (with `up_to_date`
+    true when it was skipped: its `seconds` are then the earlier run's)."""
     final_dir, work_dir = run_dir / stage.name, run_dir / f".{stage.name}.partial"
     expected = fingerprint(recipe, stage, run_dir)
     done = final_dir / STAGE_FILE
@@ -123,7 +124,7 @@ def run_stage(recipe: Recipe, run_dir: Path, stage: Stage, force: bool = False) 
             log.info("%s: up to date (%s); --force to run it again", stage.name, final_dir)
             if is_rank_0():
                 (final_dir / FINGERPRINT_FILE).unlink(missing_ok=True)  # a kill's leftover from `_publish`
-            return finished
+            return {**finished, "up_to_date": True}
         log.info("%s: recipe or data changed since the last run; running it again", stage.name)
 
     if is_rank_0():
