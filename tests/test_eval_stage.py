@@ -69,6 +69,9 @@ def test_every_model_is_judged_by_every_judge(pipeline):
     assert "Teacher vs student (distill)" in page and "<th>teacher (aligned)</th>" in page
     assert "<th>cost below base&#x27;s</th>" in page
     assert "eval: aligned — safety cost_model" in result.stderr
+    origin = results["provenance"]  # what produced the numbers, at the top of the report
+    assert origin["recipe"] == "ev" and origin["seed"] == 42 and origin["final_lambda"] > 0 and origin["commit"]
+    assert f"Recipe ev (content sha256 {origin['recipe_sha256']})" in (root / "runs/ev/eval/report.md").read_text()
 
 
 def test_every_model_is_measured_on_the_held_out_pairs(pipeline):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import json
 import shutil
 import subprocess
@@ -187,3 +188,25 @@ def test_the_reward_models_own_accuracy_is_reported_with_intervals(tmp_path):
     assert "own accuracy</h2>" in page.read_text() and "81.5% (75.5%-86.3%), n=200" in page.read_text()
     plain = results(with_student=False)
     assert "own accuracy" not in write_report(tmp_path, plain)[0].read_text()  # no rm stage, no table
+
+
+def test_the_report_opens_with_where_its_numbers_come_from(tmp_path):
+    data = results(False)
+    data["provenance"] = {"recipe": "evidence", "recipe_sha256": "0123456789ab", "safealign": "0.1.0",
+                          "commit": "abcdef123456", "seed": 42, "dtype": "bf16", "date": "2026-12-04 18:00 UTC",
+                          "final_lambda": 3.4567, "cost_threshold": -1.4}  # fmt: skip
+    md, page = write_report(tmp_path, data, {})
+    line = ("Recipe evidence (content sha256 0123456789ab), SafeAlign 0.1.0, commit abcdef123456, seed 42, bf16, "
+            "2026-12-04 18:00 UTC; aligned model's final λ 3.46, d = -1.4.")  # fmt: skip
+    assert md.read_text().splitlines()[2] == f"*{line}*"
+    assert html.escape(line) in page.read_text()
+    assert "Recipe " not in write_report(tmp_path, results(False), {})[0].read_text()  # older results: no line
+
+
+def test_source_commit_names_this_checkout():
+    import subprocess
+
+    from safealign.process import source_commit
+
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert source_commit().split("+")[0] == head

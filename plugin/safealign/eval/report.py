@@ -378,6 +378,19 @@ POLICY_COST_NOTE = (
 )
 
 
+def provenance_line(results: dict) -> str:
+    """Where the report's numbers come from, in one line (empty for results from before it was recorded)."""
+    p = results.get("provenance")
+    if not p:
+        return ""
+    commit = f", commit {p['commit']}" if p.get("commit") else ""
+    threshold = p.get("cost_threshold")
+    lam = f"; aligned model's final λ {p['final_lambda']:.3g}" if isinstance(p.get("final_lambda"), (int, float)) else ""
+    d = f", d = {threshold:g}" if isinstance(threshold, (int, float)) else ""
+    return (f"Recipe {p['recipe']} (content sha256 {p['recipe_sha256']}), SafeAlign {p['safealign']}{commit}, "
+            f"seed {p['seed']}, {p['dtype']}, {p['date']}{lam}{d}.")  # fmt: skip
+
+
 def _fmt_number(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}g}"
 
@@ -478,7 +491,9 @@ def write_report(out_dir: Path, results: dict, training: dict[str, Path] | None 
     reward_models = reward_models_table(results)
     groups = group_tables(results)
     policy_cost = policy_cost_table(results)
-    md = ["# SafeAlign evaluation report", "", intro, "", _markdown_table(header, rows), ""]
+    origin = provenance_line(results)
+    md = ["# SafeAlign evaluation report", "", *([f"*{origin}*", ""] if origin else []), intro, "",
+          _markdown_table(header, rows), ""]  # fmt: skip
     if groups:
         md += ["## The pre-registered test", "", GROUPS_NOTE, "", groups[0], ""]
         md += [line for table in groups[1] for line in (_markdown_table(*table), "")]
@@ -529,7 +544,7 @@ def write_report(out_dir: Path, results: dict, training: dict[str, Path] | None 
 <style>body{{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;color:#222}}
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;font-size:14px}}
 th{{background:#f3f3f3}}img{{max-width:100%}}.ex{{border-left:3px solid #ddd;padding-left:1em}}</style></head><body>
-<h1>SafeAlign evaluation report</h1><p>{html.escape(intro)}</p>{_html_table(header, rows)}
+<h1>SafeAlign evaluation report</h1>{"<p class='origin'><i>" + html.escape(origin) + "</i></p>" if origin else ""}<p>{html.escape(intro)}</p>{_html_table(header, rows)}
 {"<h2>The pre-registered test</h2><p>" + html.escape(GROUPS_NOTE) + "</p><p>" + html.escape(groups[0].replace("**", "")) + "</p>" + "".join(_html_table(*t) for t in groups[1]) if groups else ""}
 {"<h2>Held-out Ĵ_C</h2><p>" + html.escape(POLICY_COST_NOTE) + "</p>" + _html_table(*policy_cost) if policy_cost else ""}
 {"<h2>The reward models' own accuracy</h2><p>" + html.escape(REWARD_MODELS_NOTE) + "</p>" + _html_table(*reward_models) if reward_models else ""}

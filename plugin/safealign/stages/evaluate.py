@@ -26,6 +26,7 @@ from dataclasses import asdict
 from itertools import combinations
 from pathlib import Path
 
+from safealign import __version__
 from safealign.cost_sampling import CostModel
 from safealign.data import Message, PreferenceRow, prompt_identity
 from safealign.errors import SafeAlignError
@@ -42,7 +43,7 @@ from safealign.files import write_text_atomically
 from safealign.models import count_parameters, resolve_model
 from safealign.openrlhf import engine
 from safealign.openrlhf.settings import resolve_dtype
-from safealign.process import agree, barrier, is_rank_0
+from safealign.process import agree, barrier, is_rank_0, source_commit
 from safealign.recipe import Recipe
 from safealign.stages import StageContext, cost_model_dir, register_stage
 from safealign.training.inference import response_logps, score_generated, scoring_settings
@@ -334,6 +335,24 @@ def judge_safety(
     return verdicts, cost_stats
 
 
+def provenance(ctx: StageContext) -> dict:
+    """What produced these numbers: the recipe (name, hash of its validated content), SafeAlign's version
+    and commit, seed, dtype, date, and the aligned model's final λ and its threshold d."""
+    recipe = ctx.recipe
+    content = json.dumps(recipe.model_dump(mode="json"), sort_keys=True)
+    aligned = ctx.upstream("align")
+    return {
+        "recipe": recipe.name,
+        "recipe_sha256": hashlib.sha256(content.encode()).hexdigest()[:12],
+        "safealign": __version__,
+        "commit": source_commit(),
+        "seed": recipe.seed,
+        "dtype": resolve_dtype(recipe.model.dtype),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        **({key: aligned.summary.get(key) for key in ("final_lambda", "cost_threshold")} if aligned else {}),
+    }
+
+
 def llm_client(ctx: StageContext) -> ChatClient | None:
     """The LLM judge's client when `eval.judges` lists it, checked before any answer is generated: its
     key is set (the chart's Secret reference is optional) and its endpoint answers."""
@@ -468,6 +487,7 @@ def run_eval(ctx: StageContext) -> dict:
         },
         **({"reward_models": json.loads(rm_metrics.read_text())} if rm_metrics is not None else {}),
         **({"group_tests": groups} if groups else {}),
+        "provenance": provenance(ctx),
         "judge_agreement": agreement(verdicts),
         "examples": differing_examples(prompts, answers, verdicts),
         "settings": {
