@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_cli, tiny_recipe
+from conftest import PKU, ROOT, run_cli, tiny_recipe
 
 PLUGIN = ROOT / "plugin" / "safealign"
 
@@ -85,3 +85,30 @@ def test_the_plugin_never_runs_what_it_reads(path):
             assert _keyword(call, "weights_only") == "True", where
         if name == "yaml.load":
             assert _keyword(call, "Loader") in ("RecipeLoader", "yaml.SafeLoader"), where
+
+
+def test_wandb_is_checked_before_anything_loads(tmp_path, monkeypatch):
+    """`logging.wandb_project` once failed with `No module named 'wandb'` after the models loaded: the
+    package and a key (env, `wandb login`'s netrc entry, or offline mode) are checked at validate and run."""
+    import safealign.recipe as recipe_module
+    from safealign.errors import SafeAlignError
+    from safealign.recipe import check_wandb, validate_recipe
+
+    recipe = validate_recipe({"name": "t", "model": {"policy": "x", "cost_model": "c"}, "data": {"train": [{"path": str(PKU)}]},
+                              "logging": {"wandb_project": "p"}})  # fmt: skip
+    for name in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(recipe_module.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SafeAlignError, match=r"the wandb package is not installed: pip install 'safealign\[wandb\]'"):
+        check_wandb(recipe)
+    monkeypatch.setattr(recipe_module.importlib.util, "find_spec", lambda name: object())  # installed
+    (tmp_path / "netrc").write_text("machine example.com login u password p\n")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    with pytest.raises(SafeAlignError, match=r"no W&B key: run `wandb login`, export WANDB_API_KEY, or set WANDB_MODE=offline"):
+        check_wandb(recipe)
+    (tmp_path / "netrc").write_text("machine api.wandb.ai login user password k\n")  # what `wandb login` writes
+    (tmp_path / "netrc").chmod(0o600)
+    check_wandb(recipe)
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    check_wandb(recipe)

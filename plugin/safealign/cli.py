@@ -23,7 +23,7 @@ from safealign.eval.safety import DEFAULT_PATH, load_prompts
 from safealign.files import disk_full, disk_full_error
 from safealign.k8s import submit as k8s
 from safealign.process import gpu_available, init_process_group, is_rank_0, leave_process_group, no_gpu_reason
-from safealign.recipe import STAGE_ORDER, check_world_size, flatten_recipe, load_recipe
+from safealign.recipe import STAGE_ORDER, check_wandb, check_world_size, flatten_recipe, load_recipe
 from safealign.runner import run_recipe
 from safealign.stages import finished_stage
 
@@ -185,6 +185,7 @@ def check_input_files(recipe) -> list:
     """Read every data file the recipe's stages will read (training pairs, distill prompts, the eval
     sets, the held-out pairs), so a malformed row, or a training prompt that is an eval prompt, is one
     line from `validate` and from the start of `run`; returns the training pairs."""
+    check_wandb(recipe)
     rows = load_training_rows(recipe)
     if "distill" in recipe.stages and recipe.distill.prompts is not None:
         load_prompt_file(recipe.distill.prompts)

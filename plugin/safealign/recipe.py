@@ -12,8 +12,10 @@ form *is* β (Rafailov et al. 2023, eq. 3-7), so `align.kl_coeff` is accepted as
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import math
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -598,7 +600,9 @@ class DeepSpeedSection(Strict):
 
 class LoggingSection(Strict):
     tensorboard: bool = True
-    wandb_project: str | None = Field(None, description="log to Weights & Biases (key from $WANDB_API_KEY)")
+    wandb_project: str | None = Field(
+        None, description="log to Weights & Biases (the wandb extra; a key from `wandb login` or $WANDB_API_KEY)"
+    )
     logging_steps: Annotated[int, Field(ge=1)] = 1
 
 
@@ -962,6 +966,34 @@ def check_cost_model(recipe: Recipe, source: str) -> None:
             f"{source}: {variant}.lambda_update: dual samples Ĵ_C with a cost model, and this recipe has none: "
             f"add rm to stages, set model.cost_model to a trained cost model, or set {variant}.lambda_update: fixed"
         )
+
+
+def check_wandb(recipe: Recipe) -> None:
+    """With `logging.wandb_project`, W&B can log before anything loads: the package is installed (it is
+    an extra) and a key exists — $WANDB_API_KEY or `wandb login`'s entry in ~/.netrc — unless W&B runs
+    offline. Otherwise one line, at validate and at the start of run (it once failed after the models loaded)."""
+    if not recipe.logging.wandb_project:
+        return
+    if importlib.util.find_spec("wandb") is None:
+        raise SafeAlignError(
+            "logging.wandb_project: the wandb package is not installed: pip install 'safealign[wandb]' "
+            "(or unset logging.wandb_project)"
+        )
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") in ("offline", "dryrun") or _netrc_has_wandb():
+        return
+    raise SafeAlignError(
+        "logging.wandb_project: no W&B key: run `wandb login`, export WANDB_API_KEY, or set WANDB_MODE=offline"
+    )
+
+
+def _netrc_has_wandb() -> bool:
+    """Whether `wandb login` left a key in the netrc file (W&B's own store)."""
+    import netrc
+
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def check_eval_groups(recipe: Recipe, source: str) -> None:

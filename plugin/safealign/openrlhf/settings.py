@@ -16,7 +16,6 @@ same object would see.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Literal
@@ -26,7 +25,7 @@ import torch
 from safealign.errors import SafeAlignError
 from safealign.openrlhf import patches
 from safealign.process import gpu_available
-from safealign.recipe import Recipe, TrainingSection
+from safealign.recipe import Recipe, TrainingSection, check_wandb
 
 #: Which OpenRLHF CLI's fields a settings object carries: `train_dpo`, `train_rm` or `train_sft`.
 Kind = Literal["dpo", "rm", "sft"]
@@ -144,8 +143,7 @@ def uses_chat_template(recipe: Recipe, tokenizer_dir: Path, model_field: str = "
 def _wandb_key(recipe: Recipe) -> str | None:
     if not recipe.logging.wandb_project:
         return None
-    if not os.environ.get("WANDB_API_KEY"):
-        raise SafeAlignError("logging.wandb_project is set but $WANDB_API_KEY is empty; export it or unset the project")
+    check_wandb(recipe)
     return WANDB_KEY_FROM_ENV
 
 
