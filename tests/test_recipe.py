@@ -71,6 +71,7 @@ def test_seed_defaults():
         (base(loss="dpo", lambda_lr=0.1), "align.lambda_lr: not used by loss 'dpo'"),
         (base(loss="nope"), "align.loss: unknown loss 'nope'"),
         (base(kl_coeff=0.2, beta_ori=0.1), "kl_coeff (0.2) and beta_ori (0.1) name the same β"),
+        (base(beta=0.2, beta_ori=0.1), "beta (0.2) and beta_ori (0.1) name the same β"),
         ({**base(), "data": {"train": [{"path": "missing.jsonl"}]}}, "data.train.0.path: file not found"),
         ({**base(), "data": {"train": []}}, "data.train: List should have at least 1 item"),
         ({**base(), "data": {"train": [{"path": str(PKU), "format": "pairs"}]}}, "format pairs needs `dimension"),
@@ -96,7 +97,9 @@ def test_seed_defaults():
             {**base(), "eval": {"llm_judge": {"url": "file:///etc/passwd", "model": "m"}}},
             "eval.llm_judge.url: must be an http:// or https:// URL with a host (got 'file:///etc/passwd')",
         ),
-        (base(ablations={"x": {"lamda_init": 2.0}}), "align: ablations.x.lamda_init: unknown key"),
+        (base(ablations={"x": {"lamda_init": 2.0}}), "align: ablations.x.lamda_init: unknown key (did you mean 'lambda_init'?"),
+        (base(lamda_lr=0.1, bta_ori=0.2), "align.lamda_lr: unknown key (did you mean 'lambda_lr'? check the spelling"),
+        (base(lamda_lr=0.1, bta_ori=0.2), "align.bta_ori: unknown key (did you mean 'beta_ori'?"),  # every one at once
         (base(max_pairs=0), "align.max_pairs: Input should be greater than or equal to 1"),
         ({**base(), "eval": {"heldout_pairs": [{"path": "gone.jsonl"}]}}, "eval.heldout_pairs.0.path: file not found"),
         ({**base(), "data": {"train": [{"path": str(PKU), "skip_rows": -1}]}}, "data.train.0.skip_rows: Input should be"),
@@ -144,6 +147,8 @@ def test_an_ablation_inherits_align_and_changes_only_what_it_names():
 def test_kl_coeff_is_beta_ori():
     assert validate_recipe(base(kl_coeff=0.05)).align.beta_ori == 0.05
     assert validate_recipe(base(kl_coeff=0.05, beta_ori=0.05)).align.beta_ori == 0.05
+    recipe = validate_recipe(base(beta=0.05, ablations={"dpo": {"loss": "dpo", "beta": 0.2}}))  # TRL's / OpenRLHF's name
+    assert recipe.align.beta_ori == 0.05 and recipe.align.ablation("dpo").beta_ori == 0.2
 
 
 def test_relative_paths_resolve_against_the_recipe(tmp_path):

@@ -125,6 +125,12 @@ def _size(n: int) -> str:
     raise AssertionError("unreachable")
 
 
+def unusable_dir_error(path: Path, exc: OSError) -> SafeAlignError:
+    """One line for a directory that cannot be made or used (a file in the way, a read-only mount, ...)."""
+    problem = "not a directory" if isinstance(exc, (FileExistsError, NotADirectoryError)) else exc.strerror
+    return SafeAlignError(f"{path}: cannot use it as a run directory ({problem}); give --run-dir a writable directory")
+
+
 def unwritable_error(what: str, path: Path, exc: OSError) -> SafeAlignError:
     """The one line for a directory this process may not write: which uid and gid it runs as, and the
     usual cause on Kubernetes, where pods run as uid 1000 and NFS/EFS volumes ignore `fsGroup`."""

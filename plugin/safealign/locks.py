@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO
 
 from safealign.errors import SafeAlignError
-from safealign.files import unwritable_error
+from safealign.files import unusable_dir_error, unwritable_error
 
 log = logging.getLogger("safealign")
 
@@ -86,10 +86,7 @@ class RunLock:
                 raise SafeAlignError(
                     f"{self.path}: is a symbolic link; a run's lock file is never followed: remove it"
                 ) from None
-            problem = "not a directory" if isinstance(exc, (FileExistsError, NotADirectoryError)) else exc.strerror
-            raise SafeAlignError(
-                f"{self.path.parent}: cannot use it as a run directory ({problem}); give --run-dir a writable directory"
-            ) from None
+            raise unusable_dir_error(self.path.parent, exc) from None
         try:
             if not _flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB, self.path):
                 self._handle = handle

@@ -12,6 +12,8 @@ form *is* β (Rafailov et al. 2023, eq. 3-7), so `align.kl_coeff` is accepted as
 
 from __future__ import annotations
 
+import difflib
+import functools
 import importlib.util
 import itertools
 import math
@@ -229,6 +231,9 @@ STAGE_ORDER: tuple[str, ...] = get_args(StageName)
 #: Model names the eval stage gives the run's own models; ablations need other names.
 RESERVED_MODEL_NAMES = ("base", "aligned", "student")
 
+#: The names a recipe may give β_ori by (safealign's, the RLHF literature's, TRL's and OpenRLHF's).
+BETA_NAMES = frozenset({"beta_ori", "kl_coeff", "beta"})
+
 #: `align` keys that configure the loss or the multiplier; each must be used by the selected loss.
 LOSS_KEYS = frozenset({"beta_ori", "w", "k", "dimension", "loss_options"})
 LAMBDA_KEYS = frozenset(
@@ -329,12 +334,16 @@ class AlignSection(PairTrainingSection):
     @model_validator(mode="before")
     @classmethod
     def _kl_coeff_is_beta(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("kl_coeff") is not None:
-            beta = data.get("beta_ori")
-            if beta is not None and not (isinstance(beta, (int, float)) and math.isclose(beta, data["kl_coeff"])):
-                raise ValueError(f"kl_coeff ({data['kl_coeff']}) and beta_ori ({beta}) name the same β; give one")
-            data = {**data, "beta_ori": data["kl_coeff"]}
-        return data
+        """`kl_coeff` (the RLHF name) and `beta` (TRL's `DPOConfig.beta`, OpenRLHF's `--beta`) name β_ori."""
+        if not isinstance(data, dict):
+            return data
+        given = {key: data[key] for key in ("kl_coeff", "beta", "beta_ori") if data.get(key) is not None}
+        first = next(iter(given.values()), None)
+        if any(not (isinstance(v, (int, float)) and isinstance(first, (int, float)) and math.isclose(v, first))
+               for v in given.values()):  # fmt: skip
+            raise ValueError(f"{' and '.join(f'{k} ({v})' for k, v in given.items())} name the same β; give one")
+        data = {key: value for key, value in data.items() if key != "beta"}
+        return data if first is None else {**data, "beta_ori": first}
 
     @model_validator(mode="after")
     def _lambda_bounds(self) -> AlignSection:
@@ -356,6 +365,8 @@ class AlignSection(PairTrainingSection):
         if "ablations" in overrides:
             raise ValueError(f"ablations.{name}: an ablation cannot have ablations")
         inherited = self.model_dump(exclude={"ablations", "kl_coeff"}, exclude_unset=True)
+        if overrides.keys() & BETA_NAMES:  # the ablation's own β, by any of its names, replaces the inherited one
+            inherited.pop("beta_ori", None)
         try:
             return AlignSection.model_validate({**inherited, **overrides})
         except ValidationError as exc:
@@ -666,6 +677,25 @@ def _location(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "recipe"
 
 
+@functools.cache
+def recipe_keys() -> tuple[str, ...]:
+    """Every key name the recipe schema knows, at any depth (what "did you mean" suggests from)."""
+    keys: set[str] = set()
+    stack: list[Any] = [Recipe]
+    seen: set[type] = set()
+    while stack:
+        annotation = stack.pop()
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if annotation in seen:
+                continue
+            seen.add(annotation)
+            keys |= set(annotation.model_fields)
+            stack += [field.annotation for field in annotation.model_fields.values()]
+        else:
+            stack += list(get_args(annotation))
+    return tuple(sorted(keys | {"beta"}))
+
+
 def format_validation_error(source: str, exc: ValidationError) -> str:
     """Pydantic's errors as one line: `source: field.path: message (got …); …`."""
     parts = []
@@ -674,7 +704,9 @@ def format_validation_error(source: str, exc: ValidationError) -> str:
             continue  # a mapping given for a `str | mapping` field: the mapping branch says what is wrong
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
-            message = "unknown key (check the spelling; see docs/recipes.md)"
+            close = difflib.get_close_matches(str(err["loc"][-1]), recipe_keys(), n=1, cutoff=0.75)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            message = f"unknown key ({hint}check the spelling; see docs/recipes.md)"
         elif err["type"] != "missing" and "input" in err and not isinstance(err["input"], (dict, list)):
             message += f" (got {err['input']!r})"
         parts.append(f"{_location(err['loc'])}: {message}")
@@ -1030,7 +1062,7 @@ def _check_loss_keys(align: AlignSection, given_keys: set[str], where: str) -> N
     loss = get_loss(align.loss)
     used = set(loss.reads) | (LAMBDA_KEYS if loss.uses_lambda else set())
     given = given_keys & (LOSS_KEYS | LAMBDA_KEYS)
-    if "kl_coeff" in given_keys:
+    if given_keys & BETA_NAMES:
         given.add("beta_ori")
     unused = sorted(given - used)
     if unused:

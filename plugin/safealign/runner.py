@@ -28,7 +28,14 @@ import yaml
 
 from safealign import __version__
 from safealign.errors import SafeAlignError
-from safealign.files import disk_full, disk_full_error, tree_size, unwritable_error, write_text_atomically
+from safealign.files import (
+    disk_full,
+    disk_full_error,
+    tree_size,
+    unusable_dir_error,
+    unwritable_error,
+    write_text_atomically,
+)
 from safealign.locks import RunLock
 from safealign.process import agree, barrier, is_rank_0, release_memory
 from safealign.recipe import STAGE_ORDER, Recipe
@@ -67,6 +74,8 @@ def claim_run_dir(run_dir: Path) -> None:
         write_text_atomically(marker, json.dumps({"created_by": f"safealign {__version__}"}) + "\n")
     except PermissionError as exc:
         raise unwritable_error("run directory", run_dir, exc) from None
+    except OSError as exc:
+        raise unusable_dir_error(run_dir, exc) from None
 
 
 def _file_digest(path: Path) -> str:
