@@ -98,14 +98,15 @@ class RandomModel(Strict):
         return value
 
 
-def llama_config_fields() -> set[str]:
+@functools.cache
+def llama_config_fields() -> frozenset[str]:
     """The fields a random model's `config` may set: LlamaConfig's, minus what names code or provenance."""
     import inspect
 
     from transformers import LlamaConfig  # lazily: a recipe without a random model never pays for the import
 
     fields = set(inspect.signature(LlamaConfig.__init__).parameters) | set(LlamaConfig().to_dict())
-    return fields - {"self", "kwargs", "auto_map", "architectures", "transformers_version", "_name_or_path", "model_type"}
+    return frozenset(fields - {"self", "kwargs", "auto_map", "architectures", "transformers_version", "_name_or_path", "model_type"})
 
 
 class RandomModelSpec(Strict):
