@@ -55,7 +55,7 @@ def claim_run_dir(run_dir: Path) -> None:
     partial work) is recognised and marked; anything else — `--run-dir .` in a project holding an
     `align/` folder and a commented `recipe.yaml` — is refused untouched."""
     marker = run_dir / RUN_MARKER
-    if marker.is_file() or (run_dir.exists() and not run_dir.is_dir()):  # not a directory: the lock says so
+    if marker.is_file():
         return
     if run_dir.is_dir():
         entries = sorted(p.name for p in run_dir.iterdir())

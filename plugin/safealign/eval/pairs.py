@@ -151,12 +151,12 @@ def run_values(
 ) -> dict[str, dict[str, float]]:
     """measure ("<dimension> · <source>") -> model -> its mean per-token margin shift over that source's
     pairs labelled for the dimension, on the pairs every model (and the base) could read."""
-    common = set.intersection(*(set(logps[name]) for name in models | {"base"}))
+    common = sorted(set.intersection(*(set(logps[name]) for name in models | {"base"})))
+    sources = [source_name(row) for row in rows]
     measures: dict[str, dict[str, float]] = {}
-    for source in dict.fromkeys(source_name(row) for row in rows):
-        for dimension in LABELS:
-            label = LABELS[dimension]
-            indices = [i for i in sorted(common) if getattr(rows[i], label) >= 0 and source_name(rows[i]) == source]
+    for source in dict.fromkeys(sources):
+        for dimension, label in LABELS.items():
+            indices = [i for i in common if getattr(rows[i], label) >= 0 and sources[i] == source]
             if not indices:
                 continue
             measures[f"{dimension} · {source}"] = {

@@ -458,13 +458,13 @@ def run_eval(ctx: StageContext) -> dict:
     helpful = helpfulness(ctx, questions, answers, llm)
     heldout, logps, policy_cost, groups = {}, {}, {}, {}
     if ev.heldout_pairs:
-        rows = heldout_rows(recipe, load_training_rows(recipe))
-        heldout, logps = heldout_measure(ctx, models, rows)
+        pairs = heldout_rows(recipe, load_training_rows(recipe))
+        heldout, logps = heldout_measure(ctx, models, pairs)
         if ev.heldout_cost_prompts:
-            policy_cost = heldout_policy_cost(ctx, models, rows)
+            policy_cost = heldout_policy_cost(ctx, models, pairs)
         if ev.groups:
             jc = {"held-out Ĵ_C": {name: r["mean"] for name, r in policy_cost.items()}} if policy_cost else None
-            groups = group_tests(rows, logps, ev.groups, ev.primary, jc)
+            groups = group_tests(pairs, logps, ev.groups, ev.primary, jc)
     rm_metrics = ctx.upstream_output("rm", "metrics")
     results = {
         "models": {
