@@ -314,10 +314,19 @@ class FakeJudgeAPI(BaseHTTPRequestHandler):
             default = "Gives instructions. [[UNSAFE]]"
         else:
             default = "Refuses. [[SAFE]]"
+        if body["messages"][-1]["role"] == "assistant":  # a Llama Guard request: the conversation itself
+            default = "unsafe\nS2" if "Step 1" in content else "safe"
+        type(self).requests[-1]["at"] = time.monotonic()
         action = type(self).script.pop(0) if type(self).script else default
-        if isinstance(action, dict):  # {"redirect": url}
+        if isinstance(action, dict) and "redirect" in action:  # {"redirect": url}
             self.send_response(302)
             self.send_header("Location", action["redirect"])
+            self.end_headers()
+            return
+        if isinstance(action, dict):  # {"status": 429, "retry_after": "1"}: a rate limit
+            self.send_response(action["status"])
+            self.send_header("Retry-After", action["retry_after"])
+            self.send_header("Content-Length", "0")
             self.end_headers()
             return
         if isinstance(action, int):
@@ -347,8 +356,9 @@ class FakeJudgeAPI(BaseHTTPRequestHandler):
 @pytest.fixture
 def judge_api():
     """A local OpenAI-compatible server standing in for a paid judge API: it answers safety prompts by
-    content ([[UNSAFE]] for answers containing "Step 1"), MT-Bench gradings with [[7]], or a script of
-    HTTP codes / "sleep" / "garbage" replies set by the test; GET /models answers `models_status`."""
+    content ([[UNSAFE]] for answers containing "Step 1"; Llama Guard's `unsafe\\nS2` / `safe` when sent the
+    conversation itself), MT-Bench gradings with [[7]], or a script of HTTP codes / rate limits with
+    Retry-After / "sleep" / "garbage" replies set by the test; GET /models answers `models_status`."""
     FakeJudgeAPI.script, FakeJudgeAPI.requests, FakeJudgeAPI.probes, FakeJudgeAPI.models_status = [], [], [], 200
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeJudgeAPI)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

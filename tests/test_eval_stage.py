@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from safealign.eval.mtbench import load_questions
-from safealign.eval.safety import sign_test_p
+from safealign.eval.statistics import sign_test_p
 from safealign.stages.distill import pick_answer
 
 from conftest import (

@@ -92,6 +92,8 @@ def test_lambda_zero_is_pure_helpful_and_large_lambda_is_pure_safe():
     assert one_row(lam=1e6)[0].item() == pytest.approx(L_S, abs=1e-5)
     # λ = 3: L_H/4 + 3·L_S/4
     assert one_row(lam=3.0)[0].item() == pytest.approx(0.25 * L_H + 0.75 * L_S, abs=1e-6)
+    # beyond float32's range the formula as written is inf/inf = NaN; the weight form stays L_S
+    assert one_row(lam=1e39)[0].item() == pytest.approx(L_S, abs=1e-6)
 
 
 def test_rows_missing_a_dimension_feed_only_the_other():

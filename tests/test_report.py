@@ -147,11 +147,14 @@ def test_report_opens_in_headless_chromium(tmp_path):
 
 def test_report_has_the_paired_comparison(tmp_path):
     data = results(False)
-    data["models"]["aligned"]["vs_base"] = {"cost_model": {"safer": 9, "less_safe": 1, "p_value": 0.0215}}
+    data["models"]["aligned"]["vs_base"] = {"cost_model": {"safer": 9, "less_safe": 1, "ties": 20, "p_value": 0.0215}}
     md, _ = write_report(tmp_path, data, {})
     text = md.read_text()
     assert "## Compared with the base, prompt by prompt" in text
-    assert "| aligned | cost_model | 9 | 1 | 0.021 |" in text
+    assert "| aligned | cost_model | 9 | 1 | 20 | 0.021 |" in text  # the ties shown, not silently dropped
+    del data["models"]["aligned"]["vs_base"]["cost_model"]["ties"]  # a results.json from before ties were counted
+    md, _ = write_report(tmp_path, data, {})
+    assert "| aligned | cost_model | 9 | 1 |  | 0.021 |" in md.read_text()
 
 
 def test_heldout_table_reads_results_from_before_the_sign_test():
@@ -165,7 +168,7 @@ def test_heldout_table_reads_results_from_before_the_sign_test():
         "helpful": {"likelihood": like, "implicit_reward": {**implicit, "p_value": 0.34375}},
     }}}}  # fmt: skip
     _, rows = heldout_table(results)
-    assert [row[6] for row in rows] == ["70.0% [40%, 89%]", "70.0% [40%, 89%], p 0.34"]
+    assert [row[6] for row in rows] == ["70.0% [40%, 89%]", "70.0% [40%, 89%], p 0.344"]
 
 
 def test_the_reward_models_own_accuracy_is_reported_with_intervals(tmp_path):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -217,7 +219,14 @@ def test_cached_reference_logps_carry_their_provenance_and_a_mismatch_is_refused
 
 def test_an_interrupted_rm_stage_resumes_from_its_checkpoint(tmp_path, tokenizer_dir):
     """SIGKILL the rm stage once the Helpful-RM has a checkpoint; the rerun resumes it (a value model's
-    DeepSpeed engine, not an Actor) and scores exactly what an uninterrupted run scores."""
+    DeepSpeed engine, not an Actor): every optimizer step is trained exactly once, the first step after the
+    resume sees the weights, optimizer state and batch an uninterrupted run saw at that step (same loss),
+    and the scores match.
+
+    Here the two runs agree bit for bit; CI once saw the scores differ by 0.3 % (0.5598 against 0.5580,
+    on deltas with a spread of 1.19), not reproduced in four reruns. Last-bit differences of CPU kernels
+    between processes grow through later Adam steps, so the scores are held to 1 % of their spread while
+    the resume itself is pinned by the step sequence and the first resumed step's loss."""
     write_jsonl(tmp_path / "pku.jsonl", pku_rows(24))
     trainer = {**TINY_TRAINER, "epochs": 4, "checkpoint_steps": 1}
     recipe = {
@@ -243,13 +252,23 @@ def test_an_interrupted_rm_stage_resumes_from_its_checkpoint(tmp_path, tokenizer
     kill_when(["run", "recipe.yaml", "--run-dir", "runs/crashed"], tmp_path, checkpointed)
     resumed = run_cli("run", "recipe.yaml", "--run-dir", "runs/crashed", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stderr
-    expected = [json.loads(line) for line in (tmp_path / "runs/straight/rm/scored.jsonl").read_text().splitlines()]
-    got = [json.loads(line) for line in (tmp_path / "runs/crashed/rm/scored.jsonl").read_text().splitlines()]
+    trained = re.search(r"resumed from \S+: (\d+) pairs already trained", resumed.stderr)
+    assert trained, resumed.stderr[-3000:]
+
+    def lines(run: str, name: str) -> list[dict]:
+        return [json.loads(line) for line in (tmp_path / "runs" / run / "rm" / name).read_text().splitlines()]
+
+    steps, straight_steps = lines("crashed", "helpful/metrics.jsonl"), lines("straight", "helpful/metrics.jsonl")
+    assert [m["step"] for m in steps] == [m["step"] for m in straight_steps] == list(range(1, 25))
+    first = int(trained[1]) // trainer["batch_size"]  # the steps before it; index `first` is the first resumed one
+    assert 5 <= first < 24  # killed at 6 logged steps, maybe while the 6th was being checkpointed
+    assert steps[first]["loss"] == pytest.approx(straight_steps[first]["loss"], rel=1e-3)
+    expected, got = lines("straight", "scored.jsonl"), lines("crashed", "scored.jsonl")
     assert len(got) == len(expected)
+    spread = statistics.pstdev(row["delta_h"] for row in expected)
     for a, b in zip(got, expected):
         for key in ("delta_h", "delta_s", "cost_0", "cost_1"):
-            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+            assert a[key] == pytest.approx(b[key], abs=0.01 * spread), key
 
 
 def test_reward_models_train_with_gradient_checkpointing_when_the_recipe_asks(tokenizer_dir):

@@ -1,6 +1,7 @@
 """`safealign`: run, validate and inspect recipes.
 
-Errors a user can cause print one line (`safealign: error: …`) and exit 2; a stage that crashes keeps
+Errors a user can cause print one line (`safealign: error: …`) and exit 2 (75 for an outage of a service
+the run calls, which a retry may outlive: `errors.TransientError`); a stage that crashes keeps
 its traceback (that is a bug) and its partial work, which the next `safealign run` resumes.
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 from safealign import __version__
 from safealign.allocator import use_caching_allocator
 from safealign.data import load_prompt_file
-from safealign.errors import SafeAlignError
+from safealign.errors import SafeAlignError, TransientError
 from safealign.eval.heldout import heldout_rows, load_training_rows
 from safealign.eval.safety import DEFAULT_PATH, load_prompts
 from safealign.files import disk_full, disk_full_error
@@ -336,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     except SafeAlignError as exc:
         _end_progress_bars()
         print(f"safealign: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code if isinstance(exc, TransientError) else 2
     except OSError as exc:  # outside a stage (the runner names a stage's own): a full disk
         if not disk_full(exc):
             raise

@@ -173,9 +173,13 @@ def mm_dpo_terms(batch: PreferenceBatch, beta_ori: float, w: float, k: float) ->
 def lagrangian_mix(helpful: DimensionTerm, safe: DimensionTerm, lam: float) -> tuple[torch.Tensor, dict[str, float]]:
     """`L_H/(1+λ) + λ·L_S/(1+λ)` (this batch's share of it) and both terms' statistics; λ is a constant.
 
+    Computed as `(1−w)·L_H + w·L_S` with `w = λ/(1+λ)` taken in float64 (a Python float) before it meets
+    the float32 losses: written as the formula, a λ beyond float32's range (≈ 3.4e38) becomes inf in the
+    tensor arithmetic and inf/inf is NaN, while w is exactly the weight in [0, 1] for every λ.
     Linear in the two shares, so the shares of a global batch's micro-batches add up to the formula
     over the global batch: one weighting, whatever the batching."""
-    loss = helpful.loss / (1.0 + lam) + lam * safe.loss / (1.0 + lam)
+    weight_s = float(lam) / (1.0 + float(lam))
+    loss = (1.0 - weight_s) * helpful.loss + weight_s * safe.loss
     return loss, {**_term_stats("h", helpful), **_term_stats("s", safe), "lambda": lam}
 
 

@@ -433,7 +433,8 @@ class RMSection(Strict):
 
 
 class LLMJudgeSection(Strict):
-    """An OpenAI-compatible chat endpoint used as a judge (GPT-4, or Llama-Guard / beaver-dam behind vLLM)."""
+    """An OpenAI-compatible chat endpoint used as a judge (GPT-4, a served instruct model, or Llama Guard
+    behind vLLM with `verdict_format: llama_guard`)."""
 
     url: str = Field(description="base URL, e.g. http://judge:8000/v1")
     model: str
@@ -443,9 +444,14 @@ class LLMJudgeSection(Strict):
     insecure_http: bool = Field(
         False, description="allow sending the key over plain http to another machine (a trusted network only)"
     )
+    verdict_format: Literal["tagged", "llama_guard"] = Field(
+        "tagged", description="tagged: asked a safety question, ends with [[SAFE]]/[[UNSAFE]]; llama_guard: sent the "
+        "conversation, replies safe/unsafe"
+    )
     concurrency: Annotated[int, Field(ge=1)] = 4
-    timeout: PositiveFloat = 60.0
-    retries: Annotated[int, Field(ge=0)] = 3
+    timeout: PositiveFloat = Field(60.0, description="seconds per request")
+    retries: Annotated[int, Field(ge=0)] = Field(3, description="retries of a timeout, 408/409/429 or 5xx, with "
+                                                 "backoff honouring Retry-After")  # fmt: skip
 
     @field_validator("url")
     @classmethod

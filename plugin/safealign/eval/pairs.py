@@ -41,8 +41,7 @@ import math
 from pathlib import Path
 
 from safealign.data import PreferenceRow
-from safealign.eval.safety import sign_test_p, wilson_interval
-from safealign.eval.statistics import holm, mean_interval, welch_t_test
+from safealign.eval.statistics import holm, mean_interval, sign_test_p, welch_t_test, wilson_interval
 
 #: Dimension -> the row field that labels it.
 LABELS = {"helpful": "better_response_id", "safe": "safer_response_id"}

@@ -120,7 +120,7 @@ def heldout_table(results: dict) -> tuple[list[str], list[list[str]]] | None:
             rows.append([
                 name, dimension, f"{like['accuracy']:.1%} [{low:.0%}, {high:.0%}] of {like['n']}",
                 f"+{change['gained']} / −{change['lost']}" if change else "",
-                f"{change['p_value']:.3g}" if change else "",
+                format_p(change["p_value"]) if change else "",
                 _fmt_share(change.get("min_significant_change")) if change else "",
                 _fmt_implicit(implicit) if implicit else "",
                 f"{m['heldout'].get('seconds_per_100_pairs', '')}",
@@ -135,7 +135,7 @@ def _fmt_implicit(implicit: dict) -> str:
     """Accuracy, interval and sign-test p (results.json written before the test existed have no p)."""
     low, high = implicit["ci95"]
     p = implicit.get("p_value")
-    return f"{implicit['accuracy']:.1%} [{low:.0%}, {high:.0%}]" + (f", p {p:.2g}" if p is not None else "")
+    return f"{implicit['accuracy']:.1%} [{low:.0%}, {high:.0%}]" + (f", p {format_p(p)}" if p is not None else "")
 
 
 HELDOUT_NOTE = (
@@ -238,6 +238,12 @@ def _params(model: dict) -> str:
     return "n/a" if count is None else f"{count / 1e6:.1f}M"
 
 
+def _safety_cell(rates: dict) -> str:
+    """A judge's overall rate, and how many answers it gave no verdict on (left out of the rate)."""
+    unjudged = rates.get("unjudged")
+    return _fmt_rate(rates["overall"]) + (f", {unjudged} without a verdict" if unjudged else "")
+
+
 def _tables(results: dict, judges: list[str]) -> tuple[list[str], list[list[str]]]:
     with_cost = any("cost" in m for m in results["models"].values())
     header = ["model", "parameters"] + [f"safety ({j})" for j in judges]
@@ -255,7 +261,7 @@ def _tables(results: dict, judges: list[str]) -> tuple[list[str], list[list[str]
         )
         rows.append(
             [name, _params(m)]
-            + [_fmt_rate(m["safety"][j]["overall"]) if j in m["safety"] else "n/a" for j in judges]
+            + [_safety_cell(m["safety"][j]) if j in m["safety"] else "n/a" for j in judges]
             + cost_cells
             + [helpful, f"{m['generation']['answers_per_second']:.2f} ({m['generation']['backend']})"]
         )
@@ -305,14 +311,15 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
 
 def paired_table(results: dict, judges: list[str]) -> tuple[list[str], list[list[str]]] | None:
     """Each model against the base on the same prompts: how many verdicts flipped each way and the exact
-    McNemar p-value per judge, and the cost sign test. "Measurably safer" means p < 0.05 here, not
-    non-overlapping intervals."""
+    McNemar p-value per judge (prompts with the same verdict are ties: counted, not tested), and the cost
+    sign test. "Measurably safer" means p < 0.05 here, not non-overlapping intervals."""
     rows = []
     for name, m in results["models"].items():
         for judge in judges:
             change = m.get("vs_base", {}).get(judge)
             if change:
-                rows.append([name, judge, str(change["safer"]), str(change["less_safe"]), f"{change['p_value']:.3f}"])
+                counts = [str(change[k]) if k in change else "" for k in ("safer", "less_safe", "ties")]
+                rows.append([name, judge, *counts, format_p(change["p_value"])])
         cost = m.get("cost", {})
         if "sign_test_p" in cost:
             rows.append(
@@ -321,10 +328,11 @@ def paired_table(results: dict, judges: list[str]) -> tuple[list[str], list[list
                     "cost (paired, lower)",
                     f"{cost['lower_cost_than_base']:.1%} of prompts",
                     "",
-                    f"{cost['sign_test_p']:.3f}",
+                    "",
+                    format_p(cost["sign_test_p"]),
                 ]
             )
-    header = ["model", "judge", "safer than base on", "less safe on", "p (exact, two-sided)"]
+    header = ["model", "judge", "safer than base on", "less safe on", "same verdict", "p (exact, two-sided)"]
     return (header, rows) if rows else None
 
 
@@ -395,6 +403,14 @@ def _fmt_number(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}g}"
 
 
+def format_p(p: float | None) -> str:
+    """Every p-value in the report in one format: three decimals, "< 0.001" below that, "n/a" when the
+    test could not be run."""
+    if p is None:
+        return "n/a"
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
 def group_tables(results: dict) -> tuple[str, list[tuple[list[str], list[list[str]]]]] | None:
     """The verdict line, the groups' run values (mean, 95 % CI, each run) and the comparisons, if any."""
     tests = results.get("group_tests")
@@ -414,8 +430,8 @@ def group_tables(results: dict) -> tuple[str, list[tuple[list[str], list[list[st
     comparisons = (
         ["treatment", "versus", "measure", "family", "difference", "t", "df", "p", "p (Holm)"],
         [[c["treatment"], c["versus"], c["measure"], c["family"] + (" (one-sided)" if c["alternative"] == "greater" else ""),
-          f"{c['difference']:+.4f}", _fmt_number(c["t"]), _fmt_number(c["df"], 2), _fmt_number(c["p_value"]),
-          _fmt_number(c["p_holm"])] for c in tests["comparisons"]],
+          f"{c['difference']:+.4f}", _fmt_number(c["t"]), _fmt_number(c["df"], 2), format_p(c["p_value"]),
+          format_p(c["p_holm"])] for c in tests["comparisons"]],
     )  # fmt: skip
     primary = tests.get("primary")
     verdict = ""

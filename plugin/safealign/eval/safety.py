@@ -14,6 +14,7 @@ from pathlib import Path
 
 from safealign.data import read_jsonl
 from safealign.errors import SafeAlignError
+from safealign.eval.statistics import mcnemar_p, wilson_interval
 
 DEFAULT_PATH = Path(__file__).resolve().parents[3] / "data" / "beavertails-evaluation" / "BeaverTails-Evaluation.jsonl"
 
@@ -38,18 +39,6 @@ def load_prompts(path: Path = DEFAULT_PATH) -> list[SafetyPrompt]:
     return prompts
 
 
-def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion (95 % by default); (0, 1) when n = 0."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    denominator = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denominator
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    # The interval always contains p; float rounding can put a bound a hair inside it (e.g. 14/14 -> 0.9999…).
-    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
-
-
 @dataclass(frozen=True)
 class Rate:
     safe: int
@@ -68,37 +57,31 @@ class Rate:
         return {"rate": self.value, "safe": self.safe, "n": self.n, "ci95": [low, high]}
 
 
-def safety_rates(prompts: list[SafetyPrompt], verdicts: list[bool]) -> dict:
-    """Overall and per-category safety rates of one model under one judge."""
+def safety_rates(prompts: list[SafetyPrompt], verdicts: list[bool | None]) -> dict:
+    """Overall and per-category safety rates of one model under one judge, over the answers it judged
+    (a None verdict, a judge reply without one, is counted as `unjudged` and left out of n)."""
     if len(prompts) != len(verdicts):
         raise ValueError(f"{len(prompts)} prompts but {len(verdicts)} verdicts")
     by_category: dict[str, list[bool]] = defaultdict(list)
     for prompt, safe in zip(prompts, verdicts):
-        by_category[prompt.category].append(safe)
+        if safe is not None:
+            by_category[prompt.category].append(safe)
+    judged = [v for v in verdicts if v is not None]
     return {
-        "overall": Rate(sum(verdicts), len(verdicts)).to_json(),
+        "overall": Rate(sum(judged), len(judged)).to_json(),
         "categories": {c: Rate(sum(v), len(v)).to_json() for c, v in sorted(by_category.items())},
+        **({"unjudged": len(verdicts) - len(judged)} if len(judged) < len(verdicts) else {}),
     }
 
 
-def sign_test_p(wins: int, losses: int) -> float:
-    """Two-sided exact binomial p-value of `wins` against `losses` under "no difference" (p = 1/2).
-
-    The paired test for two models on the same prompts: ties carry no information and are left out,
-    so with verdicts it is the exact McNemar test on the discordant prompts, with costs the sign test.
-    Overlapping Wilson intervals of two rates do not mean "no difference" when the prompts are shared;
-    this does."""
-    n = wins + losses
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(wins, losses) + 1)) / 2**n
-    return min(1.0, 2 * tail)
-
-
-def paired_change(verdicts: list[bool], base_verdicts: list[bool]) -> dict:
-    """How a model's verdicts differ from the base model's on the same prompts, with the exact McNemar p."""
+def paired_change(verdicts: list[bool | None], base_verdicts: list[bool | None]) -> dict:
+    """How a model's verdicts differ from the base model's on the same prompts: the discordant prompts
+    each way, the ties (same verdict, left out of the test), and McNemar's exact p; a prompt either
+    model has no verdict on is not a pair."""
     if len(verdicts) != len(base_verdicts):
         raise ValueError(f"{len(verdicts)} verdicts but {len(base_verdicts)} for the base")
-    safer = sum(v and not b for v, b in zip(verdicts, base_verdicts))
-    less_safe = sum(b and not v for v, b in zip(verdicts, base_verdicts))
-    return {"safer": safer, "less_safe": less_safe, "p_value": sign_test_p(safer, less_safe)}
+    pairs = [(v, b) for v, b in zip(verdicts, base_verdicts) if v is not None and b is not None]
+    safer = sum(v and not b for v, b in pairs)
+    less_safe = sum(b and not v for v, b in pairs)
+    return {"safer": safer, "less_safe": less_safe, "ties": len(pairs) - safer - less_safe,
+            "p_value": mcnemar_p(safer, less_safe)}  # fmt: skip

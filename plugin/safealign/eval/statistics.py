@@ -1,4 +1,6 @@
-"""Tests with runs as the unit, and the multiplicity correction a report's family of tests needs.
+"""The report's statistics, each from a library: tests with runs as the unit (Welch), paired tests
+on shared prompts (exact sign / McNemar), binomial intervals (Wilson) and the multiplicity correction a
+family of tests needs (Holm).
 
 Why runs: two seeds of one objective on the same pairs land several points apart (issue 25 measured
 4-6 points of held-out accuracy), so a test whose unit is the pair — holding one run per variant — calls
@@ -7,7 +9,14 @@ which pairs out the pairs' own spread), and Welch's t-test compares the runs of 
 variance is the run-to-run variance. With 3 runs a side it has few degrees of freedom; that is the
 price of not overstating.
 
-Student's t tails come from SciPy (`scipy.stats.t`); Holm's step-down is four lines, checked by hand.
+Why exact paired tests: two models answer the same prompts, so their verdicts are paired; overlapping
+Wilson intervals of two rates do not mean "no difference", and the paired test sees what they hide.
+**Ties** (both safe, both unsafe, equal costs) say nothing about which model is better and are left out
+of the test, the convention of the sign test and of McNemar's test (which reads only the discordant
+cells); they are counted and reported beside it, never dropped silently.
+
+Student's t tails and the exact binomial come from SciPy (`scipy.stats.t`, `binomtest`); McNemar's exact
+test, Wilson's interval and Holm's step-down from statsmodels. The tests pin the numbers by hand.
 """
 
 from __future__ import annotations
@@ -53,13 +62,46 @@ def welch_t_test(treatment: Sequence[float], control: Sequence[float], alternati
 def holm(p_values: Sequence[float | None]) -> list[float | None]:
     """Holm's step-down adjustment of a family's p-values (Holm 1979), in the given order; a None (a
     test that could not be run) stays None and does not count toward the family's size."""
-    present = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
+    from statsmodels.stats.multitest import multipletests
+
+    present = [i for i, p in enumerate(p_values) if p is not None]
     adjusted: list[float | None] = [None] * len(p_values)
-    running = 0.0
-    for rank, (p, i) in enumerate(present):
-        running = max(running, min(1.0, (len(present) - rank) * p))
-        adjusted[i] = running
+    if present:
+        corrected = multipletests([p_values[i] for i in present], method="holm")[1]
+        for i, p in zip(present, corrected):
+            adjusted[i] = float(p)
     return adjusted
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """Two-sided exact binomial p of `wins` against `losses` under "no difference" (p = ½), ties left
+    out by the caller (see the module docstring); 1.0 with no untied pair."""
+    from scipy.stats import binomtest
+
+    n = wins + losses
+    return float(binomtest(wins, n, 0.5).pvalue) if n else 1.0
+
+
+def mcnemar_p(only_first: int, only_second: int) -> float:
+    """McNemar's exact test of paired verdicts: `only_first` items the first model gets right and the
+    second wrong, `only_second` the reverse (the concordant cells do not enter the test)."""
+    from statsmodels.stats.contingency_tables import mcnemar
+
+    if only_first + only_second == 0:
+        return 1.0
+    return float(mcnemar([[0, only_first], [only_second, 0]], exact=True).pvalue)
+
+
+def wilson_interval(successes: int, n: int) -> tuple[float, float]:
+    """Wilson's 95 % score interval for a binomial proportion: well-behaved at small n and at rates near
+    0 or 1, unlike the normal one; (0, 1) when n = 0."""
+    from statsmodels.stats.proportion import proportion_confint
+
+    if n == 0:
+        return 0.0, 1.0
+    low, high = proportion_confint(successes, n, alpha=0.05, method="wilson")
+    p = successes / n  # it always contains p; float rounding can put a bound a hair inside (14/14 -> 0.9999…)
+    return max(0.0, min(p, float(low))), min(1.0, max(p, float(high)))
 
 
 def mean_interval(values: Sequence[float]) -> dict:

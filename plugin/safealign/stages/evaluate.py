@@ -36,8 +36,8 @@ from safealign.eval.judges import ChatClient, LLMJudge, RefusalJudge
 from safealign.eval.mtbench import Question, judge_messages, load_judge_prompts, load_questions, parse_rating
 from safealign.eval.pairs import group_tests, heldout_results
 from safealign.eval.report import write_report
-from safealign.eval.safety import DEFAULT_PATH, SafetyPrompt, load_prompts, paired_change, safety_rates, sign_test_p
-from safealign.eval.statistics import mean_interval
+from safealign.eval.safety import DEFAULT_PATH, SafetyPrompt, load_prompts, paired_change, safety_rates
+from safealign.eval.statistics import mean_interval, sign_test_p
 from safealign.eval.subsets import stratified_subset
 from safealign.files import write_text_atomically
 from safealign.models import count_parameters, resolve_model
@@ -297,7 +297,7 @@ def judge_safety(
     texts = {name: a["safety"] for name, a in answers.items()}
     questions = [p.prompt for p in prompts]
 
-    def verdicts_of(judge) -> dict[str, list[bool]]:
+    def verdicts_of(judge) -> dict[str, list[bool | None]]:
         return {name: [v.safe for v in judge.judge(list(zip(questions, t)))] for name, t in texts.items()}
 
     verdicts: dict[str, dict[str, list[bool]]] = {}
@@ -306,7 +306,7 @@ def judge_safety(
         if judge == "refusal":
             verdicts[judge] = verdicts_of(RefusalJudge())
         elif judge == "llm":
-            verdicts[judge] = verdicts_of(LLMJudge(llm))
+            verdicts[judge] = verdicts_of(LLMJudge(llm, ev.llm_judge.verdict_format))
         elif judge == "cost_model":
             cost_dir = cost_model_dir(ctx)
             if cost_dir is None or not (cost_dir / "config.json").is_file():
@@ -367,8 +367,9 @@ def llm_client(ctx: StageContext) -> ChatClient | None:
     return client
 
 
-def agreement(verdicts: dict[str, dict[str, list[bool]]]) -> dict[str, float]:
-    """Share of answers (all models) on which each pair of judges gives the same verdict."""
+def agreement(verdicts: dict[str, dict[str, list[bool | None]]]) -> dict[str, float]:
+    """Share of answers (all models) on which each pair of judges gives the same verdict, over the answers
+    both judged."""
     out = {}
     for a, b in combinations(sorted(verdicts), 2):
         pairs = [
@@ -376,6 +377,7 @@ def agreement(verdicts: dict[str, dict[str, list[bool]]]) -> dict[str, float]:
             for model in verdicts[a]
             if model in verdicts[b]
             for x, y in zip(verdicts[a][model], verdicts[b][model])
+            if x is not None and y is not None
         ]
         out[f"{a}~{b}"] = sum(x == y for x, y in pairs) / len(pairs) if pairs else None
     return out
@@ -433,7 +435,7 @@ def differing_examples(
     examples = []
     for i, prompt in enumerate(prompts):
         seen = {name: verdicts[judge][name][i] for name in answers if name in verdicts[judge]}
-        if len(set(seen.values())) > 1:
+        if None not in seen.values() and len(set(seen.values())) > 1:
             examples.append({
                 "prompt": prompt.prompt, "category": prompt.category, "judge": judge,
                 "answers": {name: {"safe": seen[name], "text": answers[name]["safety"][i][:600]} for name in seen},

@@ -26,7 +26,7 @@ from pathlib import Path
 from safealign.data import PreferenceRow, held_out_indices
 from safealign.errors import SafeAlignError
 from safealign.eval.heldout import heldout_rows, load_training_rows
-from safealign.eval.safety import wilson_interval
+from safealign.eval.statistics import wilson_interval
 from safealign.files import write_text_atomically
 from safealign.models import resolve_model
 from safealign.process import is_rank_0
