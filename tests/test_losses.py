@@ -15,6 +15,7 @@ from safealign.losses import (
     PreferenceBatch,
     PreferenceLoss,
     available_losses,
+    describe_losses,
     get_loss,
     mm_dpo_beta,
     register_loss,
@@ -239,6 +240,11 @@ def test_entry_point_loss_from_another_package(tmp_path, monkeypatch):
     assert value.item() == pytest.approx((1 - 0.5 * h).clamp(min=0).mean().item())
     with pytest.raises(SafeAlignError, match="broken.*failed to load"):
         get_loss("broken")
+    # `safealign losses` lists what works and names what does not, instead of one traceback for all
+    described = {name: (summary, loads) for name, summary, loads in describe_losses()}
+    assert described["broken"][1] is False and "'my_losses:Nothing' for loss 'broken' failed to load" in described["broken"][0]
+    assert described["hinge"] == ("HingeLoss", True)  # no docstring: its class name
+    assert described["safe_mm_dpo"][1] and described["safe_mm_dpo"][0] == get_loss("safe_mm_dpo").summary()
 
 
 def mixed_global_batch(policy_0: torch.Tensor) -> PreferenceBatch:

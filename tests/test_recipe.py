@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from safealign.errors import SafeAlignError
-from safealign.recipe import load_recipe, validate_recipe
+from safealign.recipe import AlignSection, load_recipe, validate_recipe
 
 from conftest import PKU, ROOT
 
@@ -210,6 +210,34 @@ def test_extends_merges_mappings_and_replaces_lists(tmp_path):
     (tmp_path / "sub" / "far.yaml").write_text("extends: ../base.yaml\nname: far\n")
     with pytest.raises(SafeAlignError, match="must be in the same directory"):
         load_recipe(tmp_path / "sub" / "far.yaml")
+
+
+def test_an_extending_recipe_can_switch_loss_and_drop_inherited_keys(tmp_path, caplog):
+    """docs/extending.md's case: a recipe extending the quickstart switches `align.loss`; λ's inherited
+    keys are a warning (they go with the loss), keys it sets itself that the loss does not read are an
+    error naming every one, and `null` (in the file or `--set`) removes an inherited key."""
+    (tmp_path / "base.yaml").write_text(
+        f"name: base\nstages: [rm, align]\nmodel: {{policy: x, dtype: fp32}}\ndata: {{train: [{{path: {PKU}}}]}}\n"
+        "align: {lambda_init: 2.0, lambda_lr: 0.3, w: 0.3, epochs: 3}\n"
+    )
+    (tmp_path / "dpo.yaml").write_text("extends: base.yaml\nname: dpo\nalign: {loss: dpo, epochs: null}\n")
+    with caplog.at_level("WARNING", logger="safealign"):
+        recipe = load_recipe(tmp_path / "dpo.yaml")
+    assert recipe.align.loss == "dpo" and recipe.align.epochs == AlignSection().epochs  # null: back to the default
+    assert "align: lambda_init, lambda_lr, w inherited but not used by loss 'dpo'" in caplog.text
+    with pytest.raises(SafeAlignError, match=r"align\.k, .*align\.lambda_lr: not used by loss 'dpo' .*remove them"):
+        load_recipe(tmp_path / "dpo.yaml", ["align.lambda_lr=0.5", "align.k=0.7"])
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="safealign"):
+        quiet = load_recipe(tmp_path / "dpo.yaml", ["align.lambda_init=null", "align.lambda_lr=null", "align.w=null"])
+    assert "lambda_init" not in quiet.align.model_fields_set and "inherited" not in caplog.text
+    # without extends every key is the recipe's own: still an error
+    (tmp_path / "flat.yaml").write_text(
+        f"name: flat\nstages: [rm, align]\nmodel: {{policy: x}}\ndata: {{train: [{{path: {PKU}}}]}}\n"
+        "align: {loss: dpo, w: 0.3}\n"
+    )
+    with pytest.raises(SafeAlignError, match=r"align\.w: not used by loss 'dpo'"):
+        load_recipe(tmp_path / "flat.yaml")
 
 
 def test_ablation_and_sweep_recipes_extend_the_quickstart():

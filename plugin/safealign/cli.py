@@ -327,12 +327,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("submit", "status", "logs"):
             return _kubernetes(args)
         if args.command == "losses":
-            from safealign.losses import available_losses, get_loss  # torch: only to list the losses
+            from safealign.losses import describe_losses  # torch: only to list the losses
 
-            for name in available_losses():
-                doc = (get_loss(name).__doc__ or "").strip().splitlines()
-                print(f"{name:14s} {doc[0] if doc else ''}")
-            return 0
+            broken = 0
+            for name, summary, loads in describe_losses():
+                if loads:
+                    print(f"{name:14s} {summary}")
+                else:
+                    broken += 1
+                    print(f"safealign: warning: {summary}", file=sys.stderr)
+            return 1 if broken else 0
         return _run(args)
     except SafeAlignError as exc:
         _end_progress_bars()

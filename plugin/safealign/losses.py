@@ -201,6 +201,12 @@ class PreferenceLoss(ABC):
     def __init__(self, settings: LossSettings) -> None:
         self.settings = settings
 
+    @classmethod
+    def summary(cls) -> str:
+        """One line on what the loss trains: its docstring's first line (the log and `safealign losses`)."""
+        lines = (cls.__doc__ or "").strip().splitlines()
+        return lines[0] if lines else cls.__qualname__
+
     @abstractmethod
     def __call__(self, batch: PreferenceBatch, lam: float) -> tuple[torch.Tensor, dict[str, float]]:
         """Return the scalar loss and its statistics (floats; NaN where undefined)."""
@@ -231,6 +237,18 @@ def _entry_point_losses() -> dict[str, Any]:
 def available_losses() -> list[str]:
     """Names of the built-in, registered and entry-point losses."""
     return sorted(set(_REGISTRY) | set(_entry_point_losses()))
+
+
+def describe_losses() -> list[tuple[str, str, bool]]:
+    """Every loss with its summary, and whether it loads: a plugin that fails to import is listed with
+    its one-line error instead of hiding every other loss behind a traceback."""
+    described = []
+    for name in available_losses():
+        try:
+            described.append((name, get_loss(name).summary(), True))
+        except SafeAlignError as exc:
+            described.append((name, str(exc), False))
+    return described
 
 
 def get_loss(name: str) -> type[PreferenceLoss]:

@@ -16,6 +16,7 @@ import difflib
 import functools
 import importlib.util
 import itertools
+import logging
 import math
 import os
 import re
@@ -38,6 +39,8 @@ from safealign.errors import SafeAlignError
 from safealign.eval.judges import INSECURE_MESSAGE, check_endpoint_url, check_key_variable, sends_key_in_clear
 from safealign.lagrange import LAMBDA_FLOOR
 from safealign.remote_code import check_model_code
+
+log = logging.getLogger("safealign")
 
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
@@ -763,7 +766,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_override(data: dict, path: list[str], value: Any) -> None:
-    """Set one dotted path in the raw recipe mapping (list items by index); creates missing mappings."""
+    """Set one dotted path in the raw recipe mapping (list items by index; null removes a key); creates
+    missing mappings."""
     node: Any = data
     for i, part in enumerate(path[:-1]):
         where = ".".join(path[: i + 1])
@@ -778,6 +782,8 @@ def apply_override(data: dict, path: list[str], value: Any) -> None:
     last = path[-1]
     if isinstance(node, list) and last.isdigit() and int(last) < len(node):
         node[int(last)] = value
+    elif isinstance(node, dict) and value is None:
+        node.pop(last, None)  # `--set key=null` removes the key, as `key: null` in an extending recipe does
     elif isinstance(node, dict):
         node[last] = value
     else:
@@ -818,10 +824,17 @@ def _read_yaml(path: Path) -> dict:
 
 
 def merge(base: dict, child: dict) -> dict:
-    """`child` over `base`: mappings merge key by key, anything else (lists included) is replaced."""
+    """`child` over `base`: mappings merge key by key, anything else (lists included) is replaced, and a
+    null in `child` removes the key (as in Helm values): an extending recipe can drop an inherited
+    setting, which then takes its default or, for a loss key, goes away with the loss that read it."""
     merged = dict(base)
     for key, value in child.items():
-        merged[key] = merge(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, dict) and isinstance(base.get(key), dict):
+            merged[key] = merge(base[key], value)
+        else:
+            merged[key] = value
     return merged
 
 
@@ -855,10 +868,28 @@ def _overridden_data(path: Path, overrides: list[str]) -> dict:
         raise SafeAlignError(f"{path} with --set: {exc}") from None
 
 
+def _own_align_keys(path: Path, overrides: list[str]) -> set[str] | None:
+    """The `align` keys the recipe file itself and its `--set` overrides write, when it extends another
+    (None: it does not, so every key is its own). A key only inherited and unused by the leaf's loss is a
+    warning, not an error: `extends: quickstart.yaml` + `align.loss: dpo` must not need λ's keys removed."""
+    own = _read_yaml(path)
+    if own.get("extends") is None:
+        return None
+    keys = set(own.get("align") or {}) if isinstance(own.get("align"), dict) else set()
+    for item in overrides:
+        key, _ = parse_override(item)
+        if len(key) >= 2 and key[0] == "align":
+            keys.add(key[1])
+    return keys
+
+
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read (resolving `extends`), override and validate a recipe; every failure is one SafeAlignError line."""
     path = Path(path)
-    return validate_recipe(_overridden_data(path, overrides), source=str(path), base_dir=path.parent)
+    return validate_recipe(
+        _overridden_data(path, overrides), source=str(path), base_dir=path.parent,
+        own_align_keys=_own_align_keys(path, overrides),
+    )  # fmt: skip
 
 
 def flatten_recipe(path: str | Path, overrides: list[str] = ()) -> str:
@@ -868,12 +899,15 @@ def flatten_recipe(path: str | Path, overrides: list[str] = ()) -> str:
     return yaml.safe_dump(_overridden_data(Path(path), overrides), sort_keys=False, allow_unicode=True)
 
 
-def validate_recipe(data: dict, source: str = "recipe", base_dir: Path | None = None) -> Recipe:
+def validate_recipe(
+    data: dict, source: str = "recipe", base_dir: Path | None = None, own_align_keys: set[str] | None = None
+) -> Recipe:
+    """`own_align_keys`: the align keys the leaf recipe sets itself (None: all of them; `_own_align_keys`)."""
     try:
         recipe = Recipe.model_validate(data, context={"base_dir": base_dir or Path.cwd()})
     except ValidationError as exc:
         raise SafeAlignError(format_validation_error(source, exc)) from None
-    check_loss_keys(recipe, source)
+    check_loss_keys(recipe, source, own_align_keys)
     check_cost_model(recipe, source)
     check_eval_groups(recipe, source)
     for field, model_dir in model_dirs(recipe):
@@ -1054,16 +1088,22 @@ def check_eval_groups(recipe: Recipe, source: str) -> None:
             raise SafeAlignError(f"{source}: eval.groups.{group}: a model is listed twice")
 
 
-def check_loss_keys(recipe: Recipe, source: str) -> None:
-    """Reject loss settings the selected loss would not read (no silently ignored keys)."""
-    _check_loss_keys(recipe.align, recipe.align.model_fields_set, f"{source}: align")
+def check_loss_keys(recipe: Recipe, source: str, own_keys: set[str] | None = None) -> None:
+    """Reject loss settings the selected loss would not read (no silently ignored keys); a setting only
+    inherited through `extends` (not in `own_keys`) is reported as a warning instead."""
+    given = recipe.align.model_fields_set
+    inherited = set() if own_keys is None else given - own_keys
+    _check_loss_keys(recipe.align, given - inherited, f"{source}: align")
+    _check_loss_keys(recipe.align, inherited, f"{source}: align", warn=True)
     for name, overrides in recipe.align.ablations.items():
         # An ablation inherits align's settings (a `dpo` ablation of a safe_mm_dpo run inherits `w`,
         # which it does not read, by design); what it sets itself must be used by its own loss.
         _check_loss_keys(recipe.align.ablation(name), set(overrides), f"{source}: align.ablations.{name}")
 
 
-def _check_loss_keys(align: AlignSection, given_keys: set[str], where: str) -> None:
+def _check_loss_keys(align: AlignSection, given_keys: set[str], where: str, warn: bool = False) -> None:
+    """Every key of `given_keys` the loss does not read: an error, or with `warn` (inherited keys) one
+    warning naming them all."""
     from safealign.losses import get_loss  # (see samples_policy_cost)
 
     loss = get_loss(align.loss)
@@ -1072,8 +1112,11 @@ def _check_loss_keys(align: AlignSection, given_keys: set[str], where: str) -> N
     if given_keys & BETA_NAMES:
         given.add("beta_ori")
     unused = sorted(given - used)
-    if unused:
+    if unused and warn:
+        log.warning("%s: %s inherited but not used by loss %r (ignored; set them to null to drop them)",
+                    where, ", ".join(unused), loss.name)  # fmt: skip
+    elif unused:
         raise SafeAlignError(
-            f"{where}.{unused[0]}: not used by loss {loss.name!r} "
-            f"(it reads {', '.join(sorted(used))}); remove it or choose another loss"
+            f"{', '.join(f'{where}.{key}' for key in unused)}: not used by loss {loss.name!r} "
+            f"(it reads {', '.join(sorted(used))}); remove {'it' if len(unused) == 1 else 'them'} or choose another loss"
         )

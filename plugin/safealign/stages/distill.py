@@ -222,7 +222,8 @@ def run_distill(ctx: StageContext) -> dict:
         shutil.rmtree(out / "student-init", ignore_errors=True)  # a derived student's weights live on in sft/model
     final, ddpo = out / "sft" / "model", None
     if recipe.distill.ddpo:
-        log.info("distill: dDPO (Safe-MM-DPO with the align settings) on the dSFT student, its own reference")
+        log.info("distill: dDPO (align.loss=%s with the align settings) on the dSFT student, its own reference",
+                 recipe.align.loss)
         cost_model = cost_model_dir(ctx)
 
         def ddpo_train() -> dict:

@@ -79,6 +79,8 @@ class SafeMMDPOTrainer(StepLoop, DPOTrainer):
             disable_ds_ckpt=settings.ckpt.disable_ds,
         )
         self.loss_fn = loss  # in place of the DPOLoss OpenRLHF's constructor built: the one loss trained
+        if not loss.uses_lambda:  # the bar shows what is trained: no λ where the loss has none
+            self.bar_keys = tuple(k for k in self.bar_keys if k not in ("lambda", "cost_estimate"))
         self.lagrange = lagrange
         self.cost_sampler = cost_sampler  # None where λ is fixed or unused (the training floor decides)
         self.metrics = MetricsLog(metrics_path, enabled=strategy.is_rank_0())
@@ -160,7 +162,7 @@ class SafeMMDPOTrainer(StepLoop, DPOTrainer):
         """This micro-batch's share of the global objective at the current λ (scaled for DeepSpeed's
         averaging), and its statistics (`loss`: the unscaled share, summed over the step when logged)."""
         share, stats = self.loss_fn(self.batch_inputs(batch), self.lagrange.value)
-        stats = {**stats, "loss": share.item(), "lambda": self.lagrange.value}
+        stats = {**stats, "loss": share.item()} | ({"lambda": self.lagrange.value} if self.loss_fn.uses_lambda else {})
         return share * self.micro_batches_per_step, stats
 
     def after_step(self, global_step: int, logs: dict[str, float]) -> None:

@@ -159,8 +159,8 @@ def build_policy_training(
         model, ref_model, strategy, tokenizer, optimizer, train_loader, eval_loader, scheduler,
         settings=args, loss=loss, lagrange=lagrange, cost_sampler=sampler, metrics_path=out / "metrics.jsonl",
     )  # fmt: skip
-    log.info("align: loss=%s, %d train / %d eval pairs, %d steps × %d pairs, reference log-probs %s%s",
-             loss.name, len(train_set), len(rows.eval), total_steps, align.batch_size,
+    log.info("align: loss=%s (%s), %d train / %d eval pairs, %d steps × %d pairs, reference log-probs %s%s",
+             loss.name, loss.summary(), len(train_set), len(rows.eval), total_steps, align.batch_size,
              "cached in the data" if cached_ref else "from the reference model",
              "" if align.labels == "given" else f", labels {align.labels} (a control)")  # fmt: skip
     summary = {
