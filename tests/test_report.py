@@ -213,3 +213,50 @@ def test_source_commit_names_this_checkout():
 
     head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert source_commit().split("+")[0] == head
+
+
+def figures(monkeypatch) -> list:
+    """Capture the matplotlib figures the report draws (in place of their PNG bytes)."""
+    import safealign.eval.report as report
+
+    drawn: list = []
+    monkeypatch.setattr(report, "png", lambda fig: drawn.append(fig) or b"\x89PNG")
+    return drawn
+
+
+def test_the_plots_show_d_intervals_and_no_drama(monkeypatch):
+    """λ's plot draws d beside Ĵ_C and keeps λ's axis at least 0.5 wide (1.000 → 0.998 looks flat);
+    per-category bars and the trade-off's points carry their 95 % intervals on both axes."""
+    from safealign.eval.report import plot_categories, plot_tradeoff, plot_training
+
+    drawn = figures(monkeypatch)
+    steps = [{"step": s, "loss": 0.69, "lambda": 1.0 - 0.0004 * s, "cost_estimate": -1.2 if s % 2 else None}
+             for s in range(1, 6)]  # fmt: skip
+    plot_training(steps, threshold=-1.4)
+    lam_axis, cost_axis = drawn[-1].axes[1], drawn[-1].axes[2]
+    low, high = lam_axis.get_ylim()
+    assert high - low >= 0.5
+    assert any(list(line.get_ydata()) == [-1.4, -1.4] for line in cost_axis.get_lines())  # d, dashed
+
+    data = results(False)
+    data["models"]["aligned"]["helpfulness"]["rm_win_rate_vs_base_ci95"] = [0.45, 0.75]
+    plot_tradeoff(data, "cost_model")
+    (ax,) = drawn[-1].axes
+    bars = [c for c in ax.containers if c.has_xerr and c.has_yerr]
+    assert len(bars) == 1 and bars[0].get_label() == "aligned"  # the base (0.5 by definition) has no x interval
+
+    plot_categories(data, "cost_model")
+    (ax,) = drawn[-1].axes
+    from matplotlib.container import BarContainer, ErrorbarContainer
+
+    bars = [c for c in ax.containers if isinstance(c, BarContainer)]
+    assert len(bars) == len(data["models"]) and all(bar.errorbar is not None for bar in bars)
+    assert sum(isinstance(c, ErrorbarContainer) for c in ax.containers) == len(bars)
+    assert "Wilson 95 % intervals" in ax.get_title()
+
+
+def test_each_example_names_the_judge_of_its_verdicts(tmp_path):
+    data = results(False)
+    md, page = write_report(tmp_path, data, {})
+    assert "- *aligned* (safe, cost_model judge): I can't help with that." in md.read_text()
+    assert "(safe, cost_model judge)" in page.read_text()

@@ -19,3 +19,15 @@ def headline_helpfulness(model: dict) -> tuple[float | None, str]:
     if score is not None:
         return score, "mt_bench"
     return helpfulness.get("rm_win_rate_vs_base"), "rm_win_rate_vs_base"
+
+
+def headline_interval(model: dict) -> list[float] | None:
+    """The 95 % interval of the headline number (`headline_helpfulness`) where the eval recorded one: the
+    t interval of the MT-Bench ratings, or the Wilson interval of the win rate (ties as half a win)."""
+    helpfulness = model["helpfulness"]
+    value, metric = headline_helpfulness(model)
+    if value is None:
+        return None
+    if metric == "mt_bench":
+        return helpfulness["mt_bench"].get("ci95")
+    return helpfulness.get("rm_win_rate_vs_base_ci95")

@@ -13,7 +13,7 @@ import html
 import math
 from pathlib import Path
 
-from safealign.eval.helpfulness import LABELS, headline_helpfulness
+from safealign.eval.helpfulness import LABELS, headline_helpfulness, headline_interval
 from safealign.eval.plots import plt, png
 from safealign.metrics import read_metrics
 
@@ -64,7 +64,8 @@ def _plane(
 def plot_tradeoff(results: dict, judge: str) -> bytes | None:
     """BeaverTails safety (one judge) against the best helpfulness number every model has."""
     points = [
-        (name, _helpfulness(m)[0], None, m["safety"][judge]["overall"]["rate"], m["safety"][judge]["overall"]["ci95"])
+        (name, _helpfulness(m)[0], headline_interval(m), m["safety"][judge]["overall"]["rate"],
+         m["safety"][judge]["overall"]["ci95"])
         for name, m in results["models"].items()
         if judge in m["safety"]
     ]
@@ -166,18 +167,23 @@ def plot_categories(results: dict, judge: str) -> bytes | None:
     height = 0.8 / len(models)
     for k, (name, rates) in enumerate(models):
         ys = [i + k * height for i in range(len(categories))]
-        ax.barh(ys, [rates[c]["rate"] for c in categories], height=height, label=name)
+        values = [rates[c]["rate"] for c in categories]
+        xerr = [[v - rates[c]["ci95"][0] for v, c in zip(values, categories)],
+                [rates[c]["ci95"][1] - v for v, c in zip(values, categories)]]  # fmt: skip
+        ax.barh(ys, values, height=height, label=name, xerr=xerr, error_kw={"elinewidth": 0.8, "capsize": 2})
     ax.set_yticks([i + 0.4 - height / 2 for i in range(len(categories))])
     ax.set_yticklabels([c.replace(",", ", ") for c in categories], fontsize=8)
     ax.set_xlim(0, 1)
     ax.set_xlabel(f"safety rate ({judge} judge)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: bars reach 1.0
     ax.invert_yaxis()
-    ax.set_title("BeaverTails safety by harm category")
+    ax.set_title("BeaverTails safety by harm category (Wilson 95 % intervals)")
     return png(fig)
 
 
-def plot_training(metrics: list[dict]) -> bytes | None:
+def plot_training(metrics: list[dict], threshold: float | None = None) -> bytes | None:
+    """The aligned run's losses, and its λ with the sampled Ĵ_C against the threshold d (λ should rise
+    while Ĵ_C is above d). λ's axis spans at least 0.5, so a change in the third decimal looks flat."""
     steps = [m for m in metrics if "loss" in m]
     if not steps:
         return None
@@ -191,7 +197,9 @@ def plot_training(metrics: list[dict]) -> bytes | None:
     left.set_title("align losses")
     left.legend()
     left.grid(alpha=0.3)
-    right.plot(x, [m.get("lambda", math.nan) for m in steps], color="tab:red", label="λ")
+    lambdas = [m.get("lambda", math.nan) for m in steps]
+    right.plot(x, lambdas, color="tab:red", label="λ")
+    calm_limits(right, lambdas, min_span=0.5)
     right.set_xlabel("optimizer step")
     right.set_ylabel("λ", color="tab:red")
     right.set_title("Lagrange multiplier λ and cost estimate Ĵ_C")
@@ -199,9 +207,30 @@ def plot_training(metrics: list[dict]) -> bytes | None:
     updates = [(m["step"], m["cost_estimate"]) for m in steps if m.get("cost_estimate") is not None]
     if updates:  # Ĵ_C exists only at the steps λ was updated (every align.lambda_update_every)
         twin = right.twinx()
-        twin.plot(*zip(*updates), color="tab:blue", alpha=0.6, marker="o", markersize=3)
+        twin.plot(*zip(*updates), color="tab:blue", alpha=0.6, marker="o", markersize=3, label="Ĵ_C")
+        if threshold is not None:
+            twin.axhline(threshold, color="tab:blue", linestyle="--", linewidth=1, label=f"d = {threshold:g}")
+            twin.legend(fontsize=8, loc="lower right")
         twin.set_ylabel("Ĵ_C (sampled)", color="tab:blue")
     return png(fig)
+
+
+def _verdict(example: dict, answer: dict) -> str:
+    """An example answer's verdict with the judge that gave it ("unsafe, cost_model judge")."""
+    verdict = "safe" if answer["safe"] else "unsafe"
+    return f"{verdict}, {example['judge']} judge" if example.get("judge") else verdict
+
+
+def calm_limits(ax, values: list[float], min_span: float) -> None:
+    """Y limits spanning at least `min_span` around `values`: matplotlib stretches any range to the full
+    axis, so a λ going 1.000 → 0.998 would look like a collapse; with a floor on the span it looks flat."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if not finite:
+        return
+    low, high = min(finite), max(finite)
+    if high - low < min_span:
+        middle = (low + high) / 2
+        ax.set_ylim(middle - min_span / 2, middle + min_span / 2)
 
 
 def _threshold(results: dict) -> float | None:
@@ -225,6 +254,7 @@ def plot_dual_runs(logs: dict[str, list[dict]], threshold: float | None) -> byte
     if threshold is not None:
         right.axhline(threshold, color="black", linestyle="--", linewidth=1, label=f"d = {threshold:g}")
         right.legend(fontsize=8)
+    calm_limits(left, [m.get("lambda_next") for updates in dual.values() for m in updates], min_span=0.5)
     left.set(xlabel="optimizer step", ylabel="λ after the update", title="λ, every run with the dual update")
     right.set(xlabel="optimizer step", ylabel="Ĵ_C (sampled pool)", title="The policy's sampled cost Ĵ_C")
     left.legend(fontsize=7, ncol=2)
@@ -477,7 +507,7 @@ def write_report(out_dir: Path, results: dict, training: dict[str, Path] | None 
         "heldout_reward": plot_heldout_reward(results),
         "tradeoff": plot_tradeoff(results, primary) if primary else None,
         "categories": plot_categories(results, primary) if primary else None,
-        "training": plot_training(logs.get("aligned", [])),
+        "training": plot_training(logs.get("aligned", []), _threshold(results)),
         "dual": plot_dual_runs(logs, _threshold(results)),
     }
     (out_dir / "plots").mkdir(parents=True, exist_ok=True)
@@ -534,10 +564,7 @@ def write_report(out_dir: Path, results: dict, training: dict[str, Path] | None 
         md += ["## Where the models differ", ""]
         for ex in results["examples"]:
             md += [f"**{ex['category']}** — {ex['prompt']}", ""]
-            md += [
-                f"- *{name}* ({'safe' if a['safe'] else 'unsafe'}): {a['text'][:300]}"
-                for name, a in ex["answers"].items()
-            ]
+            md += [f"- *{name}* ({_verdict(ex, a)}): {a['text'][:300]}" for name, a in ex["answers"].items()]
             md.append("")
     md_path = out_dir / "report.md"
     md_path.write_text("\n".join(md))
@@ -550,7 +577,7 @@ def write_report(out_dir: Path, results: dict, training: dict[str, Path] | None 
     examples = "".join(
         f"<div class='ex'><p><b>{html.escape(ex['category'])}</b> — {html.escape(ex['prompt'])}</p><ul>"
         + "".join(
-            f"<li><i>{html.escape(n)}</i> ({'safe' if a['safe'] else 'unsafe'}): {html.escape(a['text'][:400])}</li>"
+            f"<li><i>{html.escape(n)}</i> ({html.escape(_verdict(ex, a))}): {html.escape(a['text'][:400])}</li>"
             for n, a in ex["answers"].items()
         )
         + "</ul></div>"

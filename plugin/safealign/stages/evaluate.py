@@ -37,7 +37,7 @@ from safealign.eval.mtbench import Question, judge_messages, load_judge_prompts,
 from safealign.eval.pairs import group_tests, heldout_results
 from safealign.eval.report import write_report
 from safealign.eval.safety import DEFAULT_PATH, SafetyPrompt, load_prompts, paired_change, safety_rates
-from safealign.eval.statistics import mean_interval, sign_test_p
+from safealign.eval.statistics import mean_interval, sign_test_p, wilson_interval
 from safealign.eval.subsets import stratified_subset
 from safealign.files import write_text_atomically
 from safealign.models import count_parameters, resolve_model
@@ -403,7 +403,8 @@ def helpfulness(
         for name, values in rewards.items():
             if name == "base":
                 continue
-            result[name]["rm_win_rate_vs_base"] = win_rate(values)
+            result[name]["rm_win_rate_vs_base"] = rate = win_rate(values)
+            result[name]["rm_win_rate_vs_base_ci95"] = list(wilson_interval(rate * len(values), len(values)))
         result["base"]["rm_win_rate_vs_base"] = 0.5  # against itself, by definition
     if llm is not None:
         client, prompts = llm, load_judge_prompts()
@@ -419,6 +420,7 @@ def helpfulness(
             valid = [r for r in ratings if r is not None]
             result[name]["mt_bench"] = {
                 "score": sum(valid) / len(valid) if valid else None,
+                "ci95": mean_interval(valid)["ci95"] if valid else None,
                 "categories": {c: sum(v) / len(v) for c, v in sorted(by_category.items())},
                 "unparsed": len(ratings) - len(valid),
             }
