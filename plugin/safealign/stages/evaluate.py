@@ -39,6 +39,7 @@ from safealign.eval.report import write_report
 from safealign.eval.safety import DEFAULT_PATH, SafetyPrompt, load_prompts, paired_change, safety_rates
 from safealign.eval.statistics import mean_interval, sign_test_p, wilson_interval
 from safealign.eval.subsets import stratified_subset
+from safealign.eval.trackers import log_eval
 from safealign.files import write_text_atomically
 from safealign.models import count_parameters, resolve_model
 from safealign.openrlhf import engine
@@ -518,6 +519,7 @@ def run_eval(ctx: StageContext) -> dict:
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         aligned = ctx.upstream("align")
         write_report(out, results, aligned.policy_metrics() if aligned else {})
+        log_eval(recipe, out, results)
     for name, model in results["models"].items():
         rates = ", ".join(f"{j} {m['overall']['rate']:.1%}" for j, m in model["safety"].items())
         log.info("eval: %s — safety %s; helpfulness %s", name, rates or "n/a", model["helpfulness"] or "n/a")
