@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from safealign.errors import SafeAlignError
 from safealign.recipe import validate_recipe
 from safealign.runner import run_stage
 from safealign.stages import Stage
@@ -69,6 +70,34 @@ def test_up_to_date_stage_is_skipped_and_a_changed_recipe_starts_clean(tmp_path,
     assert other.seen_previous_work == [False]
     assert "align: discarding the unfinished work in" in caplog.text  # ... and the log says so, and why
     assert "the recipe, data or SafeAlign version changed since it started; 0 MiB)" in caplog.text
+
+
+def test_an_operational_change_after_a_crash_resumes_instead_of_discarding(tmp_path, caplog):
+    """Checkpointing more often after a kill (or asking the judge more patiently) changes how the stage
+    runs, not what it produces: the partial work is resumed, not thrown away without a word."""
+    failing = FlakyStage(failures=1)
+    with pytest.raises(RuntimeError):
+        run_stage(recipe(checkpoint_steps=50), tmp_path, stage(failing))
+    caplog.set_level("INFO")
+    run_stage(recipe(checkpoint_steps=5), tmp_path, stage(failing))
+    assert failing.seen_previous_work == [False, True] and "discarding" not in caplog.text
+    assert run_stage(recipe(checkpoint_steps=0), tmp_path, stage(failing))["up_to_date"]  # 0: never checkpoint
+
+
+def test_operational_fields_are_left_out_of_the_fingerprint_in_every_section():
+    from safealign.recipe import results_dump
+
+    dumped = results_dump(validate_recipe({
+        "name": "t", "stages": ["rm", "align"], "model": {"policy": "x"}, "data": {"train": [{"path": str(PKU)}]},
+        "rm": {"helpful": {"learning_rate": 1e-5, "checkpoint_steps": 7}},
+        "eval": {"llm_judge": {"url": "https://j/v1", "model": "m", "retries": 9}},
+    }))  # fmt: skip
+    assert "checkpoint_steps" not in dumped["align"] and "checkpoint_steps" not in dumped["rm"]["helpful"]
+    assert dumped["rm"]["helpful"]["learning_rate"] == 1e-5
+    assert "retries" not in dumped["eval"]["llm_judge"] and dumped["eval"]["llm_judge"]["model"] == "m"
+    assert "checkpoint_steps" not in dumped["distill"]["sft"]
+    with pytest.raises(SafeAlignError, match=r"align\.checkpoint_steps: use 0 for never \(null removes an inherited key\)"):
+        recipe(checkpoint_steps=None)
 
 
 def test_logging_changes_do_not_invalidate_a_stage(tmp_path):

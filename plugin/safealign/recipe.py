@@ -53,6 +53,29 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, validate_default=True)
 
 
+#: Marks a field that changes how a stage runs but not what it produces (how often it checkpoints, how
+#: patiently it calls a judge): left out of the stage fingerprint, so changing it after a crash resumes
+#: the unfinished stage instead of discarding it (`results_dump`).
+OPERATIONAL = {"operational": True}
+
+
+def results_dump(model: BaseModel) -> dict:
+    """`model`'s JSON dump without its operational fields (`OPERATIONAL`), in nested sections too: what
+    the stage fingerprint hashes."""
+    dumped = model.model_dump(mode="json")
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        if (field.json_schema_extra or {}).get("operational"):
+            dumped.pop(name, None)
+        elif isinstance(value, BaseModel):
+            dumped[name] = results_dump(value)
+        elif isinstance(value, (list, tuple)) and any(isinstance(v, BaseModel) for v in value):
+            dumped[name] = [results_dump(v) if isinstance(v, BaseModel) else d for v, d in zip(value, dumped[name])]
+        elif isinstance(value, dict) and any(isinstance(v, BaseModel) for v in value.values()):
+            dumped[name] = {k: results_dump(v) if isinstance(v, BaseModel) else dumped[name][k] for k, v in value.items()}
+    return dumped
+
+
 def _resolve(value: str, info: ValidationInfo) -> Path:
     base = (info.context or {}).get("base_dir", Path.cwd())
     path = Path(value).expanduser()
@@ -199,9 +222,17 @@ class TrainingSection(Strict):
     min_lr_ratio: Fraction = 0.1
     weight_decay: NonNegativeFloat = 0.0
     max_norm: NonNegativeFloat = Field(1.0, description="gradient clipping norm (0: off)")
-    checkpoint_steps: Annotated[int, Field(ge=1)] | None = Field(
-        50, description="DeepSpeed checkpoint every N optimizer steps, so a crash resumes (null: never)"
+    checkpoint_steps: Annotated[int, Field(ge=0)] = Field(
+        50, description="DeepSpeed checkpoint every N optimizer steps, so a crash resumes (0: never)",
+        json_schema_extra=OPERATIONAL,
     )
+
+    @field_validator("checkpoint_steps", mode="before")
+    @classmethod
+    def _never_is_zero(cls, value: Any) -> Any:
+        if value is None:  # it meant "never" once; in an extending recipe null now removes the key
+            raise ValueError("use 0 for never (null removes an inherited key)")
+        return value
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainingSection:
@@ -451,10 +482,11 @@ class LLMJudgeSection(Strict):
         "tagged", description="tagged: asked a safety question, ends with [[SAFE]]/[[UNSAFE]]; llama_guard: sent the "
         "conversation, replies safe/unsafe"
     )
-    concurrency: Annotated[int, Field(ge=1)] = 4
-    timeout: PositiveFloat = Field(60.0, description="seconds per request")
+    # How patiently the judge is called, not what it answers (the answer cache is keyed by the request):
+    concurrency: Annotated[int, Field(ge=1)] = Field(4, json_schema_extra=OPERATIONAL)
+    timeout: PositiveFloat = Field(60.0, description="seconds per request", json_schema_extra=OPERATIONAL)
     retries: Annotated[int, Field(ge=0)] = Field(3, description="retries of a timeout, 408/409/429 or 5xx, with "
-                                                 "backoff honouring Retry-After")  # fmt: skip
+                                                 "backoff honouring Retry-After", json_schema_extra=OPERATIONAL)  # fmt: skip
 
     @field_validator("url")
     @classmethod

@@ -38,7 +38,7 @@ from safealign.files import (
 )
 from safealign.locks import RunLock
 from safealign.process import agree, barrier, is_rank_0, release_memory
-from safealign.recipe import STAGE_ORDER, Recipe
+from safealign.recipe import STAGE_ORDER, Recipe, results_dump
 from safealign.stages import STAGE_FILE, Stage, StageContext, finished_stage, load_builtin_stages
 
 log = logging.getLogger("safealign")
@@ -87,8 +87,10 @@ def _file_digest(path: Path) -> str:
 
 
 def fingerprint(recipe: Recipe, stage: Stage, run_dir: Path) -> str:
-    """Hash of everything the stage's outputs depend on, upstream stages' outputs included."""
-    sections = {name: recipe.model_dump(mode="json")[name] for name in stage.sections}
+    """Hash of everything the stage's outputs depend on, upstream stages' outputs included; operational
+    settings (`recipe.OPERATIONAL`: checkpoint cadence, judge patience) are left out."""
+    dumped = results_dump(recipe)
+    sections = {name: dumped[name] for name in stage.sections}
     sources = list(recipe.data.train) + (list(recipe.eval.heldout_pairs) if "eval" in stage.sections else [])
     files = sorted({str(source.path): _file_digest(source.path) for source in sources}.items())
     upstream = {}
