@@ -56,7 +56,7 @@ def measure(recipe_path: Path, l2s: list[float]) -> dict:
     from safealign.cost_loss import cost_model_loss, cross_validated_l2, fit_linear_cost_head
     from safealign.data import prompt_folds
     from safealign.eval.heldout import heldout_rows, load_training_rows
-    from safealign.eval.safety import wilson_interval
+    from safealign.eval.statistics import wilson_interval
     from safealign.models import resolve_model
     from safealign.openrlhf import engine
     from safealign.openrlhf.settings import build_settings

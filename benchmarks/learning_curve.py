@@ -26,7 +26,7 @@ import math
 from pathlib import Path
 
 from safealign.eval.pairs import smallest_significant_difference
-from safealign.eval.safety import sign_test_p
+from safealign.eval.statistics import sign_test_p
 
 CURVE = ("curve_100", "curve_200", "frontier_dual", "aligned")
 

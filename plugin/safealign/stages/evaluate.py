@@ -453,6 +453,7 @@ def run_eval(ctx: StageContext) -> dict:
     """BeaverTails safety (per judge, per category) and MT-Bench helpfulness of every model, and a report."""
     recipe, out = ctx.recipe, ctx.work_dir
     ev = recipe.eval
+    made_by = provenance(ctx)  # at the start: the commit whose code runs, not the one checked out an hour later
     # What it needs
     prompts, questions = eval_prompts(recipe)
     models = produced_models(ctx)
@@ -492,7 +493,7 @@ def run_eval(ctx: StageContext) -> dict:
         },
         **({"reward_models": json.loads(rm_metrics.read_text())} if rm_metrics is not None else {}),
         **({"group_tests": groups} if groups else {}),
-        "provenance": provenance(ctx),
+        "provenance": made_by,
         "judge_agreement": agreement(verdicts),
         "examples": differing_examples(prompts, answers, verdicts),
         "settings": {
