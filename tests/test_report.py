@@ -130,19 +130,27 @@ def test_report_prefers_mt_bench_scores_and_survives_missing_pieces(tmp_path):
 
 @pytest.mark.skipif(not shutil.which("chromium"), reason="Debian's chromium is not installed (CI installs it)")
 def test_report_opens_in_headless_chromium(tmp_path):
-    _, page = write_report(tmp_path, results(True), {"aligned": metrics(tmp_path)})
+    """The page renders (a screenshot with ink on it) and what the browser laid out opens with the
+    provenance line; the training plot it embeds carries d (checked on the figure: test_the_plots_...)."""
+    data = results(True)
+    data["provenance"] = {"recipe": "evidence", "recipe_sha256": "0123456789ab", "safealign": "0.1.0",
+                          "commit": "abcdef123456", "seed": 42, "dtype": "bf16", "date": "2026-12-04 18:00 UTC",
+                          "final_lambda": 3.4567, "cost_threshold": -1.4}  # fmt: skip
+    _, page = write_report(tmp_path, data, {"aligned": metrics(tmp_path)})
     shot = tmp_path / "report.png"
-    subprocess.run(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1100,2400", f"--screenshot={shot}", page.as_uri()],
-        check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
+    browser = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1100,2400"]  # fmt: skip
+    subprocess.run([*browser, f"--screenshot={shot}", page.as_uri()], check=True, capture_output=True, timeout=120)
     from PIL import Image
 
     image = Image.open(shot).convert("L")
-    dark = sum(1 for p in image.getdata() if p < 128)
+    dark = sum(image.histogram()[:128])
     assert image.size == (1100, 2400) and dark > 0.01 * image.size[0] * image.size[1]  # drawn, not blank
+    dom = subprocess.run([*browser, "--dump-dom", page.as_uri()], check=True, capture_output=True, text=True,
+                         timeout=120).stdout  # fmt: skip
+    assert "Recipe evidence (content sha256 0123456789ab)" in dom and "d = -1.4" in dom
+    assert dom.index("Recipe evidence") < dom.index("<table")  # at the top, before any result
 
 
 def test_report_has_the_paired_comparison(tmp_path):
