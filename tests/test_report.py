@@ -160,6 +160,7 @@ def test_report_has_the_paired_comparison(tmp_path):
     text = md.read_text()
     assert "## Compared with the base, prompt by prompt" in text
     assert "| aligned | cost_model | 9 | 1 | 20 | 0.021 |" in text  # the ties shown, not silently dropped
+    assert "paired tests, each uncorrected for the others: exploratory" in text
     del data["models"]["aligned"]["vs_base"]["cost_model"]["ties"]  # a results.json from before ties were counted
     md, _ = write_report(tmp_path, data, {})
     assert "| aligned | cost_model | 9 | 1 |  | 0.021 |" in md.read_text()

@@ -339,6 +339,12 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def multiplicity_note(rows: list[list[str]]) -> str:
+    """How many p-values the paired table holds and what they may be used for."""
+    return (f"{len(rows)} paired tests, each uncorrected for the others: exploratory. A claim rests only on a "
+            "test named before the run (eval.primary, Holm-corrected; \"The pre-registered test\").")  # fmt: skip
+
+
 def paired_table(results: dict, judges: list[str]) -> tuple[list[str], list[list[str]]] | None:
     """Each model against the base on the same prompts: how many verdicts flipped each way and the exact
     McNemar p-value per judge (prompts with the same verdict are ties: counted, not tested), and the cost
@@ -553,7 +559,8 @@ def write_report(out_dir: Path, results: dict, training: dict[str, Path] | None 
         if plots[name]:
             md += [f"## {title}", "", f"![{title}](plots/{name}.png)", ""]
     if paired:
-        md += ["## Compared with the base, prompt by prompt", "", _markdown_table(*paired), ""]
+        md += ["## Compared with the base, prompt by prompt", "", multiplicity_note(paired[1]), "",
+               _markdown_table(*paired), ""]  # fmt: skip
     if distilled:
         md += ["## Teacher vs student (distill)", "", _markdown_table(*distilled), ""]
     if cat_rows:
@@ -592,7 +599,7 @@ th{{background:#f3f3f3}}img{{max-width:100%}}.ex{{border-left:3px solid #ddd;pad
 {"<h2>Held-out Ĵ_C</h2><p>" + html.escape(POLICY_COST_NOTE) + "</p>" + _html_table(*policy_cost) if policy_cost else ""}
 {"<h2>The reward models' own accuracy</h2><p>" + html.escape(REWARD_MODELS_NOTE) + "</p>" + _html_table(*reward_models) if reward_models else ""}
 {"<h2>Held-out preference pairs</h2><p>" + html.escape(HELDOUT_NOTE) + "</p>" + _html_table(*heldout) if heldout else ""}{images}
-{"<h2>Compared with the base, prompt by prompt</h2>" + _html_table(*paired) if paired else ""}
+{"<h2>Compared with the base, prompt by prompt</h2><p>" + html.escape(multiplicity_note(paired[1])) + "</p>" + _html_table(*paired) if paired else ""}
 {"<h2>Teacher vs student (distill)</h2>" + _html_table(*distilled) if distilled else ""}
 {"<h2>Per-category safety (" + html.escape(primary) + " judge)</h2>" + _html_table(cat_header, cat_rows) if cat_rows else ""}
 {"<h2>Judge agreement</h2>" + _html_table(["judges", "agreement"], agreement) if agreement else ""}
