@@ -275,20 +275,14 @@ def test_eval_results_go_to_tensorboard_when_the_recipe_logs_there(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from safealign.eval.trackers import log_eval
-    from safealign.recipe import validate_recipe
-
-    from conftest import PKU
 
     data = results(False)
-    recipe = validate_recipe({"name": "t", "stages": ["eval"], "model": {"policy": "x"},
-                              "data": {"train": [{"path": str(PKU)}]}})  # fmt: skip
-    log_eval(recipe, tmp_path, data)
+    log_eval(tmp_path, data, tensorboard=True, wandb_project=None, run_name="t")
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"eval/aligned/safety_cost_model", "eval/base/safety_refusal", "eval/aligned/rm_win_rate_vs_base"} <= tags
     (value,) = events.Scalars("eval/aligned/safety_cost_model")
     assert value.value == pytest.approx(data["models"]["aligned"]["safety"]["cost_model"]["overall"]["rate"])
-    recipe.logging.tensorboard = False
-    log_eval(recipe, tmp_path / "off", data)
+    log_eval(tmp_path / "off", data, tensorboard=False, wandb_project=None, run_name="t")
     assert not (tmp_path / "off").exists()

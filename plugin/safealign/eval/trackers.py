@@ -13,7 +13,6 @@ import logging
 from pathlib import Path
 
 from safealign.eval.helpfulness import headline_helpfulness
-from safealign.recipe import Recipe, check_wandb
 
 log = logging.getLogger("safealign")
 
@@ -35,25 +34,23 @@ def eval_scalars(results: dict) -> dict[str, float]:
     return {key: float(value) for key, value in scalars.items() if value is not None}
 
 
-def log_eval(recipe: Recipe, out_dir: Path, results: dict) -> None:
-    """Write `eval_scalars` to TensorBoard (`out_dir/tensorboard`) and W&B, as the recipe enables them."""
+def log_eval(out_dir: Path, results: dict, *, tensorboard: bool, wandb_project: str | None, run_name: str) -> None:
+    """Write `eval_scalars` to TensorBoard (`out_dir/tensorboard`) and to a W&B run `<run_name>-eval`, as
+    the recipe's `logging` section enables them (its W&B set-up was checked when the run started)."""
     scalars = eval_scalars(results)
-    if recipe.logging.tensorboard:
+    if tensorboard:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out_dir / "tensorboard"))
         for key, value in scalars.items():
             writer.add_scalar(key, value, 0)
         writer.close()
-    if recipe.logging.wandb_project:
-        check_wandb(recipe)
+    if wandb_project:
         import wandb
 
-        run = wandb.init(project=recipe.logging.wandb_project, name=f"{recipe.name}-eval", job_type="eval",
-                         config={"recipe": recipe.name, "seed": recipe.seed}, reinit=True)  # fmt: skip
+        run = wandb.init(project=wandb_project, name=f"{run_name}-eval", job_type="eval", reinit=True)
         run.log(scalars)
         run.summary.update(scalars)
         run.finish()
-    log.info("eval: %d scalars to %s", len(scalars),
-             " and ".join(t for t, on in (("TensorBoard", recipe.logging.tensorboard),
-                                          ("W&B", bool(recipe.logging.wandb_project))) if on) or "no tracker")  # fmt: skip
+    trackers = [name for name, on in (("TensorBoard", tensorboard), ("W&B", bool(wandb_project))) if on]
+    log.info("eval: %d scalars to %s", len(scalars), " and ".join(trackers) or "no tracker")

@@ -520,7 +520,8 @@ def run_eval(ctx: StageContext) -> dict:
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         aligned = ctx.upstream("align")
         write_report(out, results, aligned.policy_metrics() if aligned else {})
-        log_eval(recipe, out, results)
+        log_eval(out, results, tensorboard=recipe.logging.tensorboard, wandb_project=recipe.logging.wandb_project,
+                 run_name=recipe.name)
     for name, model in results["models"].items():
         rates = ", ".join(f"{j} {m['overall']['rate']:.1%}" for j, m in model["safety"].items())
         log.info("eval: %s — safety %s; helpfulness %s", name, rates or "n/a", model["helpfulness"] or "n/a")
