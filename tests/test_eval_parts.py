@@ -187,6 +187,8 @@ def test_a_judge_nobody_deployed_is_one_line_before_any_work(judge_api, monkeypa
     api.models_status = 401
     with pytest.raises(ChatClientError, match=r"refused the key in \$SAFEALIGN_JUDGE_KEY \(HTTP 401\): check the secret"):
         ChatClient(url, "m", "SAFEALIGN_JUDGE_KEY", retries=0).check_reachable()
+    with pytest.raises(ChatClientError, match=r"wants a key \(HTTP 401\): set eval\.llm_judge\.api_key_env"):
+        ChatClient(url, "m", retries=0).check_reachable()
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"

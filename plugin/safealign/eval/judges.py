@@ -259,6 +259,9 @@ class ChatClient:
             return cause
         if isinstance(exc, openai.APIStatusError):
             status = exc.status_code
+            if status in (401, 403) and not self.api_key_env:
+                return ChatClientError(f"judge endpoint {self.base_url} wants a key (HTTP {status}): set "
+                                       "eval.llm_judge.api_key_env")  # fmt: skip
             if status in (401, 403):
                 return ChatClientError(
                     f"judge endpoint {self.base_url} refused the key in ${self.api_key_env} (HTTP {status}): "
