@@ -250,12 +250,18 @@ class ChatClient:
         payload = json.dumps({"url": self.url, "model": self.model, "messages": messages}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()
 
+    @staticmethod
+    def _cause(exc: Exception) -> BaseException:
+        """What an exception of the OpenAI client stands for: `_guard`'s own refusal (raised as is by some
+        client versions, wrapped by others), else the transport error it wraps, else itself."""
+        return exc if isinstance(exc, ChatClientError) else exc.__cause__ or exc
+
     def _failure(self, exc: Exception, what: str) -> ChatClientError:
         """The one-line error for an exception of the OpenAI client: an outage is `JudgeUnavailable`."""
         openai = self._openai
         attempts = f"{what} failed after {self.retries + 1} attempts"
-        cause = exc if isinstance(exc, ChatClientError) else exc.__cause__
-        if isinstance(cause, ChatClientError):  # raised by `_guard` (some client versions wrap it)
+        cause = self._cause(exc)
+        if isinstance(cause, ChatClientError):
             return cause
         if isinstance(exc, openai.APIStatusError):
             status = exc.status_code
@@ -274,8 +280,7 @@ class ChatClient:
             return ChatClientError(f"{what} answered HTTP {status}: check eval.llm_judge.url and .model")
         if isinstance(exc, openai.APITimeoutError):
             return JudgeUnavailable(f"{attempts}: timed out after {self.timeout:g} s (eval.llm_judge.timeout)")
-        reason = f"{type(cause).__name__}: {cause}" if cause else str(exc)
-        return JudgeUnavailable(f"{attempts}: cannot connect ({reason})")
+        return JudgeUnavailable(f"{attempts}: cannot connect ({type(cause).__name__}: {cause})")
 
     def check_reachable(self) -> None:
         """Ask the endpoint for its model list once, before a stage spends hours generating what it will
@@ -292,10 +297,10 @@ class ChatClient:
         except self._openai.APIStatusError as exc:  # an answer: reachable, unless it refuses the key
             return str(self._failure(exc, self.base_url)) if exc.status_code in (401, 403) else None
         except (self._openai.APIConnectionError, ChatClientError) as exc:  # timeouts included
-            cause = exc if isinstance(exc, ChatClientError) else exc.__cause__
+            cause = self._cause(exc)
             if isinstance(cause, ChatClientError):
                 return str(cause)
-            return (f"judge endpoint {self.base_url} is unreachable ({type(cause or exc).__name__}: {cause or exc}): "
+            return (f"judge endpoint {self.base_url} is unreachable ({type(cause).__name__}: {cause}): "
                     "deploy it, fix eval.llm_judge.url, or drop llm from eval.judges")  # fmt: skip
         return None
 

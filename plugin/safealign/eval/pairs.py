@@ -41,7 +41,7 @@ import math
 from pathlib import Path
 
 from safealign.data import PreferenceRow
-from safealign.eval.statistics import holm, mean_interval, sign_test_p, welch_t_test, wilson_interval
+from safealign.eval.statistics import holm, mcnemar_p, mean_interval, sign_test_p, welch_t_test, wilson_interval
 
 #: Dimension -> the row field that labels it.
 LABELS = {"helpful": "better_response_id", "safe": "safer_response_id"}
@@ -98,7 +98,7 @@ def versus(correct: list[bool], base: list[bool], alpha: float = 0.05) -> dict:
     gained = sum(c and not b for c, b in zip(correct, base))
     lost = sum(b and not c for c, b in zip(correct, base))
     detectable = smallest_significant_difference(gained + lost, alpha)
-    return {"gained": gained, "lost": lost, "p_value": sign_test_p(gained, lost),
+    return {"gained": gained, "lost": lost, "p_value": mcnemar_p(gained, lost),
             "min_significant_change": None if detectable is None else detectable / len(correct)}  # fmt: skip
 
 
