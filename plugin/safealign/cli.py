@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("--stage", help="only this stage")
     logs.add_argument("--follow", "-f", action="store_true", help="keep streaming")
 
-    commands.add_parser("losses", help="list the preference losses a recipe can name in align.loss")
+    commands.add_parser("losses", help="list the preference losses a recipe can name in align.loss (a plugin that "
+                        "fails to load is named on stderr, and the exit code is 1)")
 
     report = commands.add_parser(
         "report",
