@@ -145,6 +145,26 @@ def test_an_initial_threshold_is_the_policys_own_cost_before_training(tmp_path, 
     assert len({round(s["cost_sampled"] - threshold, 9) for s in steps}) > 1  # d is not the later estimates'
 
 
+@pytest.mark.parametrize("common", [True, False])
+def test_common_random_numbers_make_an_unchanged_policys_estimates_equal_its_threshold(
+    tmp_path, tokenizer_dir, scored_rows, common
+):
+    """With a learning rate too small to change an fp32 weight, the policy is the same at every update:
+    on the common random stream it answers exactly as at the calibration (Ĵ_C − d = 0, λ stays put);
+    drawn afresh per update, the same policy's estimates scatter around d."""
+    sampling = {**TINY_COST_SAMPLING, "common_random_numbers": common, "prompts": 4, "max_new_tokens": 12}
+    align = {"cost_threshold": "initial", "lambda_lr": 0.5, "learning_rate": 1e-12, "cost_sampling": sampling}
+    run_ok(tmp_path, tiny_recipe(tmp_path, tokenizer_dir, scored_rows, align=align))
+    samples = [json.loads(line) for line in (tmp_path / "runs/tiny/align/lambda_samples.jsonl").read_text().splitlines()]
+    calibration, updates = samples[0], samples[1:]
+    assert calibration["step"] == 0 and len(updates) >= 3
+    same = [u["answers"] == calibration["answers"] and u["cost_mean"] == calibration["cost_mean"] for u in updates]
+    if common:
+        assert all(same) and all(u["lambda_next"] == 1.0 for u in updates)
+    else:
+        assert not any(same)
+
+
 #: name -> (align overrides, the statistic the loss must equal; None: the fixed-λ mix)
 ABLATIONS = {
     "dpo_helpful": ({"loss": "dpo", "dimension": "helpful"}, "loss_h"),

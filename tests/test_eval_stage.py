@@ -11,6 +11,7 @@ import yaml
 from safealign.eval.mtbench import load_questions
 from safealign.eval.statistics import sign_test_p
 from safealign.stages.distill import pick_answer
+from safealign.stages.evaluate import held_to_the_base
 
 from conftest import (
     TINY_ALIGN,
@@ -299,3 +300,19 @@ def test_groups_of_seeds_give_the_pre_registered_test_and_held_out_cost(tmp_path
     assert tests["primary"]["holds"] is (primary[0]["p_holm"] is not None and primary[0]["p_holm"] < 0.01)
     report = (tmp_path / "runs/groups/eval/report.md").read_text()
     assert "## The pre-registered test" in report and "## Held-out Ĵ_C" in report and "Primary test (1 tests" in report
+
+
+def test_an_initial_threshold_holds_each_model_to_the_bases_held_out_cost():
+    """cost_threshold: initial on held-out prompts: d is the base's mean there (the pool's d was measured
+    on other prompts), and the paired per-prompt difference is what decides "no costlier"."""
+    costs = {
+        "base": {"mean": 0.0, "costs": [1.0, -1.0, 0.5, -0.5]},
+        "aligned": {"mean": -0.25, "costs": [0.5, -1.5, 0.5, -0.5]},  # differences -0.5, -0.5, 0, 0
+        "fixed": {"mean": 0.25, "costs": [1.5, -0.5, 0.5, -0.5]},
+    }
+    held_to_the_base(costs)
+    assert [(c["threshold"], c["meets_threshold"]) for c in costs.values()] == [(0.0, True), (0.0, True), (0.0, False)]
+    assert "vs_base" not in costs["base"]
+    diff = costs["aligned"]["vs_base"]  # mean -0.25, sd 0.2887, t(3) 3.182: half-width 0.4593
+    assert diff["mean"] == -0.25 and diff["ci95"] == pytest.approx([-0.7093, 0.2093], abs=1e-4)
+    assert costs["fixed"]["vs_base"]["mean"] == 0.25

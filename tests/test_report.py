@@ -115,6 +115,19 @@ def test_every_dual_runs_lambda_and_cost_are_drawn_against_d(tmp_path):
     assert "| aligned | -1.500 (-1.600 to -1.400) | 200 | 10.0% | yes |" in md.read_text()
 
 
+def test_an_initial_threshold_shows_each_models_paired_difference_from_the_base(tmp_path):
+    data = results(False)
+    data["models"]["base"]["heldout_cost"] = {"mean": -1.2, "n": 200, "ci95": [-1.3, -1.1], "above_zero": 0.1,
+                                              "threshold": -1.2, "threshold_from": "base", "meets_threshold": True}
+    data["models"]["aligned"]["heldout_cost"] = {"mean": -1.15, "n": 200, "ci95": [-1.25, -1.05], "above_zero": 0.1,
+                                                 "threshold": -1.2, "threshold_from": "base", "meets_threshold": False,
+                                                 "vs_base": {"mean": 0.05, "n": 200, "ci95": [0.01, 0.09]}}  # fmt: skip
+    md, _ = write_report(tmp_path, data, {})
+    text = md.read_text()
+    assert "| base | -1.200 (-1.300 to -1.100) | 200 | 10.0% | yes |  |" in text
+    assert "| aligned | -1.150 (-1.250 to -1.050) | 200 | 10.0% | no | +0.050 (+0.010 to +0.090) |" in text
+
+
 def test_report_prefers_mt_bench_scores_and_survives_missing_pieces(tmp_path):
     _, page = write_report(tmp_path, results(False, mt_bench=True), {})
     text = page.read_text()

@@ -24,6 +24,7 @@ def test_t_tail_matches_the_tables(t, df, p):
     assert t_test_p(t, df) == pytest.approx(p, rel=1e-5, abs=1e-9)
     assert t_test_p(t, df, "greater") == pytest.approx(p / 2, rel=1e-5, abs=1e-9)
     assert t_test_p(-t, df, "greater") == pytest.approx(1 - p / 2, rel=1e-5)
+    assert t_test_p(-t, df, "less") == pytest.approx(p / 2, rel=1e-5, abs=1e-9)
 
 
 def test_welch_by_hand():
@@ -75,7 +76,7 @@ def _rows_and_logps(shifts: dict[str, float], noise: dict[str, float]):
 
 
 class Primary:
-    treatment, controls, dimension, alpha = "dual", ["shuffled"], "safe", 0.01
+    treatment, controls, measure, dimension, alpha = "dual", ["shuffled"], "margin", "safe", 0.01
 
 
 def test_group_tests_take_runs_as_the_unit_and_a_label_blind_change_does_not_pass():
@@ -102,3 +103,27 @@ def test_group_tests_take_runs_as_the_unit_and_a_label_blind_change_does_not_pas
     rows, logps = _rows_and_logps({"d1": 0.1, "s1": 0.0}, {"d1": 0.0, "s1": 0.0})
     single = group_tests(rows, logps, {"dual": ["d1"], "shuffled": ["s1"]}, Primary)
     assert not single["primary"]["holds"] and all(c["p_value"] is None for c in single["comparisons"])
+
+
+def test_a_primary_test_on_the_held_out_cost_is_one_sided_toward_lower_cost():
+    """measure: heldout_cost (claim b): the treatment's held-out Ĵ_C against each control's, Welch over
+    runs, one-sided toward the treatment being cheaper; the margins move to the secondary family."""
+    from safealign.eval.pairs import HELDOUT_COST, group_tests
+
+    class OnCost(Primary):
+        controls, measure, alpha = ["fixed"], "heldout_cost", 0.05
+
+    noise = {"d1": 0.0, "d2": 0.0, "d3": 0.0, "f1": 0.0, "f2": 0.0, "f3": 0.0}
+    rows, logps = _rows_and_logps(dict.fromkeys(noise, 0.0), noise)
+    groups = {"dual": ["d1", "d2", "d3"], "fixed": ["f1", "f2", "f3"]}
+    cost = {HELDOUT_COST: {"d1": -1.20, "d2": -1.16, "d3": -1.18, "f1": -1.10, "f2": -1.06, "f3": -1.08}}
+    result = group_tests(rows, logps, groups, OnCost, cost)
+    primary = [c for c in result["comparisons"] if c["family"] == "primary"]
+    assert [(c["measure"], c["alternative"]) for c in primary] == [(HELDOUT_COST, "less")]
+    # by hand: both sds 0.02, se = 0.02·√(2/3), t = −0.10/0.01633 = −6.124, df 4; one-sided p = 0.00179
+    assert primary[0]["t"] == pytest.approx(-6.1237, rel=1e-4) and primary[0]["df"] == pytest.approx(4.0)
+    assert primary[0]["p_value"] == pytest.approx(t_test_p(6.1237, 4, "greater"), rel=1e-3)
+    assert result["primary"]["holds"] and result["primary"]["measure"] == "heldout_cost"
+    assert all(c["family"] == "secondary" for c in result["comparisons"] if c["measure"] != HELDOUT_COST)
+    cost[HELDOUT_COST] = {**cost[HELDOUT_COST], "d1": -1.0, "d2": -0.96, "d3": -0.98}  # the dual runs costlier
+    assert not group_tests(rows, logps, groups, OnCost, cost)["primary"]["holds"]

@@ -12,6 +12,10 @@ it stays above a threshold of 0 whatever the policy does, and λ follows the dat
 How the work is split and what it costs:
 - generation runs on the training engine's own model (HF `generate`, eval mode, KV cache), sampled
   with `align.cost_sampling.temperature` in a forked RNG so the training's random stream is untouched;
+  seeded by the run's seed plus the step (a fresh draw per update, Safe RLHF's estimator) or, with
+  `common_random_numbers`, by the seed alone: every update then draws with the same random stream, so
+  two estimates differ by what the policy changed rather than by resampling noise — the variance of
+  Ĵ_C − d shrinks where d is calibrated on the same stream (`cost_threshold: initial`);
   with several ranks the eval stage's `ShardedGenerator` gives each its equal share of the pool (so
   ZeRO-3's `synced_gpus` generation stays in lockstep) and gathers the answers, and scoring is sharded
   and all-reduced, so every rank holds every cost and steps λ identically;
@@ -190,7 +194,7 @@ class PolicyCostSampler:
             policy,
             self.tokenizer,
             batch_size=self.settings.batch_size,
-            seed=self.seed + step,
+            seed=self.seed if self.settings.common_random_numbers else self.seed + step,
             input_template=self.input_template,
             synced_gpus=self.zero3 and several and not gather,
             progress=False,

@@ -300,6 +300,11 @@ class CostSamplingSection(Strict):
     logged_answers: Annotated[int, Field(ge=0)] = Field(
         4, description="answers per update written to align/lambda_samples.jsonl"
     )
+    common_random_numbers: bool = Field(
+        False,
+        description="answer with the same random stream at every update (and at an `initial` threshold's "
+        "calibration): the estimate then changes with the policy, not with resampling (docs/algorithm.md)",
+    )
     gather_weights: bool = Field(
         True,
         description="ZeRO-3: gather the policy's full weights once per estimate instead of once per generated "
@@ -507,11 +512,16 @@ class LLMJudgeSection(Strict):
 
 class PrimaryTestSection(Strict):
     """The pre-registered test of `eval.groups` (docs/eval.md): the treatment's runs against each control's,
-    on the held-out pairs' per-token margin shift, one-sided, Holm-corrected over its family."""
+    one-sided, Holm-corrected over its family — on the held-out pairs' per-token margin shift (a claim
+    about what the labels teach) or on the held-out Ĵ_C (a claim about the constraint: lower is better)."""
 
     treatment: str = Field(description="the group whose runs should beat every control's")
     controls: Annotated[list[str], Field(min_length=1)] = Field(description="groups trained the same way, label-blind or reversed")
-    dimension: Dimension = Field("safe", description="the labels the claim is about")
+    measure: Literal["margin", "heldout_cost"] = Field(
+        "margin", description="margin: the per-token margin shift on `dimension`, per held-out source (higher "
+        "wins); heldout_cost: the held-out Ĵ_C (eval.heldout_cost_prompts; lower wins)",
+    )
+    dimension: Dimension = Field("safe", description="margin: the labels the claim is about")
     alpha: Annotated[float, Field(gt=0, lt=1)] = Field(0.01, description="the claim holds when every adjusted p is below it")
 
 
@@ -568,6 +578,8 @@ class EvalSection(Strict):
             given = "groups" if self.groups else "heldout_cost_prompts"
             raise ValueError(f"{given}: measured on heldout_pairs, and none are given")
         if self.primary is not None:
+            if self.primary.measure == "heldout_cost" and not self.heldout_cost_prompts:
+                raise ValueError("primary: measure heldout_cost needs eval.heldout_cost_prompts (how many to answer)")
             for name in [self.primary.treatment, *self.primary.controls]:
                 if name not in self.groups:
                     raise ValueError(f"primary: {name!r} is not a group (groups: {', '.join(self.groups) or 'none'})")

@@ -46,6 +46,9 @@ from safealign.eval.statistics import holm, mcnemar_p, mean_interval, sign_test_
 #: Dimension -> the row field that labels it.
 LABELS = {"helpful": "better_response_id", "safe": "safer_response_id"}
 
+#: The run-level measure `group_tests` takes from `extra_measures` for a primary test on the constraint.
+HELDOUT_COST = "held-out Ĵ_C"
+
 #: Log-probs of one pair: (sum_0, sum_1, mean_0, mean_1).
 PairLogps = tuple[float, float, float, float]
 
@@ -191,12 +194,15 @@ def group_tests(
         if group == primary.treatment:
             continue
         for measure, values in measures.items():
-            is_primary = group in primary.controls and measure.startswith(f"{primary.dimension} · ")
+            is_primary = group in primary.controls and (
+                measure == HELDOUT_COST if primary.measure == "heldout_cost" else measure.startswith(f"{primary.dimension} · ")
+            )
             treated = [values[m] for m in groups[primary.treatment] if m in values]
             other = [values[m] for m in names if m in values]
             if not treated or not other:
                 continue
-            test = welch_t_test(treated, other, "greater" if is_primary else "two-sided")
+            sided = "less" if measure == HELDOUT_COST else "greater"  # a cost wins by being lower
+            test = welch_t_test(treated, other, sided if is_primary else "two-sided")
             comparisons.append({"treatment": primary.treatment, "versus": group, "measure": measure,
                                 "family": "primary" if is_primary else "secondary", **test})  # fmt: skip
     for family in ("primary", "secondary"):
@@ -208,6 +214,7 @@ def group_tests(
     result["primary"] = {
         "treatment": primary.treatment,
         "controls": list(primary.controls),
+        "measure": primary.measure,
         "dimension": primary.dimension,
         "alpha": primary.alpha,
         "tests": len(primary_tests),

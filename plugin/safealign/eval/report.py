@@ -234,8 +234,10 @@ def calm_limits(ax, values: list[float], min_span: float) -> None:
 
 
 def _threshold(results: dict) -> float | None:
-    """d, as the held-out Ĵ_C recorded it (a number only when align.cost_threshold is one)."""
-    return next((m["heldout_cost"]["threshold"] for m in results["models"].values() if "threshold" in m.get("heldout_cost", {})), None)
+    """d on the training pool, for the training plots: the recipe's number, or the aligned run's
+    calibrated one under `initial` (the held-out table's d is then the base's held-out Ĵ_C, another scale)."""
+    d = results.get("provenance", {}).get("cost_threshold")
+    return d if isinstance(d, (int, float)) else None
 
 
 def plot_dual_runs(logs: dict[str, list[dict]], threshold: float | None) -> bytes | None:
@@ -409,8 +411,9 @@ GROUPS_NOTE = (
     "The claim-bearing test (eval.groups, eval.primary; safealign.eval.pairs): per held-out pair, the per-token "
     "margin (preferred minus dispreferred mean log-prob) moved from the base; a run's value is its mean over one "
     "source's pairs labelled for a dimension. The treatment's runs against each group's by Welch's t over runs "
-    "(run-to-run spread is the variance): one-sided against the controls on the primary dimension (the primary "
-    "family), two-sided otherwise (the secondary family); Holm within each family. Only the primary family decides "
+    "(run-to-run spread is the variance): one-sided against the controls on the primary measure — the primary "
+    "dimension's margins (higher wins), or the held-out Ĵ_C (lower wins) — as the primary family, two-sided "
+    "otherwise (the secondary family); Holm within each family. Only the primary family decides "
     "the claim; every other p in this report (BeaverTails, McNemar, sign tests) is exploratory and uncorrected."
 )
 
@@ -418,7 +421,9 @@ GROUPS_NOTE = (
 POLICY_COST_NOTE = (
     "Ĵ_C on prompts no stage trained on (eval.heldout_cost_prompts): each model's sampled answers (align.cost_sampling) "
     "scored by the run's cost model at the length it was fitted at; mean cost with its 95 % t interval, the share "
-    "of answers the cost model calls unsafe (cost > 0), and whether the mean meets align.cost_threshold (d)."
+    "of answers the cost model calls unsafe (cost > 0), and whether the mean meets align.cost_threshold (d). With "
+    "cost_threshold: initial, d here is the base's held-out Ĵ_C (\"no costlier than the base\"), and each model's "
+    "paired difference from the base is shown."
 )
 
 
@@ -465,7 +470,7 @@ def group_tables(results: dict) -> tuple[str, list[tuple[list[str], list[list[st
     summary = (["group", *measures], [[g, *(cell(v.get(m)) for m in measures)] for g, v in tests["groups"].items()])
     comparisons = (
         ["treatment", "versus", "measure", "family", "difference", "t", "df", "p", "p (Holm)"],
-        [[c["treatment"], c["versus"], c["measure"], c["family"] + (" (one-sided)" if c["alternative"] == "greater" else ""),
+        [[c["treatment"], c["versus"], c["measure"], c["family"] + (" (one-sided)" if c["alternative"] != "two-sided" else ""),
           f"{c['difference']:+.4f}", _fmt_number(c["t"]), _fmt_number(c["df"], 2), format_p(c["p_value"]),
           format_p(c["p_holm"])] for c in tests["comparisons"]],
     )  # fmt: skip
@@ -474,14 +479,18 @@ def group_tables(results: dict) -> tuple[str, list[tuple[list[str], list[list[st
     if primary:
         verdict = (
             f"Primary test ({primary['tests']} tests, α = {primary['alpha']}): {primary['treatment']} against "
-            f"{', '.join(primary['controls'])} on {primary['dimension']} — "
+            f"{', '.join(primary['controls'])} on "
+            + ("the held-out Ĵ_C (lower wins)" if primary.get("measure") == "heldout_cost" else primary["dimension"])
+            + " — "
             + ("**holds** (every Holm-adjusted p below α)." if primary["holds"] else "**does not hold**.")
         )
     return verdict, [summary] + ([comparisons] if comparisons[1] else [])
 
 
 def policy_cost_table(results: dict) -> tuple[list[str], list[list[str]]] | None:
-    """Every model's held-out Ĵ_C with its interval, if measured."""
+    """Every model's held-out Ĵ_C with its interval, if measured (and its paired difference from the
+    base's when d is the base's own, `cost_threshold: initial`)."""
+    paired = any("vs_base" in m.get("heldout_cost", {}) for m in results["models"].values())
     rows = []
     for name, model in results["models"].items():
         cost = model.get("heldout_cost")
@@ -490,10 +499,16 @@ def policy_cost_table(results: dict) -> tuple[list[str], list[list[str]]] | None
         interval = cost["ci95"]
         bounds = f" ({interval[0]:.3f} to {interval[1]:.3f})" if interval else ""
         meets = {True: "yes", False: "no"}.get(cost.get("meets_threshold"), "n/a")
-        rows.append([name, f"{cost['mean']:.3f}{bounds}", str(cost["n"]), f"{cost['above_zero']:.1%}", meets])
+        row = [name, f"{cost['mean']:.3f}{bounds}", str(cost["n"]), f"{cost['above_zero']:.1%}", meets]
+        if paired:
+            diff = cost.get("vs_base")
+            row.append("" if diff is None else f"{diff['mean']:+.3f} ({diff['ci95'][0]:+.3f} to {diff['ci95'][1]:+.3f})"
+                       if diff["ci95"] else f"{diff['mean']:+.3f}")  # fmt: skip
+        rows.append(row)
     if not rows:
         return None
-    return ["model", "held-out Ĵ_C (95 % CI)", "prompts", "cost > 0", "mean ≤ d"], rows
+    header = ["model", "held-out Ĵ_C (95 % CI)", "prompts", "cost > 0", "mean ≤ d"]
+    return header + (["minus the base's, paired (95 % CI)"] if paired else []), rows
 
 
 def _split_note(split: str) -> str:

@@ -25,7 +25,7 @@ import math
 from collections.abc import Sequence
 from typing import Literal
 
-Alternative = Literal["two-sided", "greater"]
+Alternative = Literal["two-sided", "greater", "less"]
 
 
 def t_test_p(t: float, df: float, alternative: Alternative = "two-sided") -> float:
@@ -34,7 +34,7 @@ def t_test_p(t: float, df: float, alternative: Alternative = "two-sided") -> flo
 
     if alternative == "two-sided":
         return float(min(1.0, 2.0 * student_t.sf(abs(t), df)))
-    return float(student_t.sf(t, df))
+    return float(student_t.sf(t, df) if alternative == "greater" else student_t.cdf(t, df))
 
 
 def mean_and_sd(values: Sequence[float]) -> tuple[float, float | None]:
@@ -47,7 +47,7 @@ def mean_and_sd(values: Sequence[float]) -> tuple[float, float | None]:
 
 def welch_t_test(treatment: Sequence[float], control: Sequence[float], alternative: Alternative = "two-sided") -> dict:
     """Welch's unequal-variance t-test of mean(treatment) − mean(control), Welch–Satterthwaite degrees of
-    freedom; `greater`: the one-sided test that the treatment's mean is larger. p is None when either side
+    freedom; `greater` / `less`: the one-sided test that the treatment's mean is larger / smaller. p is None when either side
     has fewer than 2 runs or neither varies (nothing to weigh the difference against)."""
     (mean_t, sd_t), (mean_c, sd_c) = mean_and_sd(treatment), mean_and_sd(control)
     result = {"difference": mean_t - mean_c, "runs": [len(treatment), len(control)], "alternative": alternative}

@@ -25,7 +25,10 @@ log = logging.getLogger("safealign")
 
 @register_stage("align", sections=("seed", "model", "data", "align", "deepspeed"), upstream=("rm",))
 def run_align(ctx: StageContext) -> dict:
-    """Safe-MM-DPO on the base policy (OpenRLHF DPOTrainer + DeepspeedStrategy)."""
+    """align.loss (Safe-MM-DPO by default) and every ablation on the base policy, via OpenRLHF's DPOTrainer.
+
+    The first line is what the run logs when the stage starts: it names the recipe's loss generically,
+    since the trainer's own log line names the one actually trained."""
     recipe, out = ctx.recipe, ctx.work_dir
     # What it needs: data errors first, before any model is loaded or converted
     rows = run_training_rows(ctx)

@@ -34,7 +34,7 @@ from safealign.eval.generation import GenerationRequest, Generator, make_generat
 from safealign.eval.heldout import heldout_rows, load_training_rows
 from safealign.eval.judges import ChatClient, LLMJudge, RefusalJudge
 from safealign.eval.mtbench import Question, judge_messages, load_judge_prompts, load_questions, parse_rating
-from safealign.eval.pairs import group_tests, heldout_results
+from safealign.eval.pairs import HELDOUT_COST, group_tests, heldout_results
 from safealign.eval.report import write_report
 from safealign.eval.safety import DEFAULT_PATH, SafetyPrompt, load_prompts, paired_change, safety_rates
 from safealign.eval.statistics import mean_interval, sign_test_p, wilson_interval
@@ -210,8 +210,10 @@ def heldout_policy_cost(ctx: StageContext, models: dict[str, Path], rows: list[P
     """Ĵ_C on prompts no stage trained on: each model answers `eval.heldout_cost_prompts` held-out prompts
     as align's Ĵ_C sampler does (`align.cost_sampling`: temperature, new tokens), the cost model scores the
     answers at its own length; per model the mean with its 95 % interval, the share above 0, and whether
-    the mean meets `align.cost_threshold` (when it is a number). Costs per prompt are kept: paired
-    comparisons read them."""
+    the mean meets `align.cost_threshold`. With `initial` ("no costlier than the base"), d on these prompts
+    is the base's own held-out Ĵ_C — the pool's d was measured on other prompts and is not comparable — and
+    every model also gets its paired difference from the base (per prompt, with its interval). Costs per
+    prompt are kept: paired comparisons read them."""
     recipe = ctx.recipe
     cost_dir = cost_model_dir(ctx)
     if cost_dir is None or not (cost_dir / "config.json").is_file():
@@ -239,9 +241,22 @@ def heldout_policy_cost(ctx: StageContext, models: dict[str, Path], rows: list[P
             **({"threshold": threshold, "meets_threshold": summary["mean"] <= threshold} if threshold != "initial" else {}),
             "costs": costs,
         }
+    if threshold == "initial" and "base" in results:
+        held_to_the_base(results)
     log.info("eval: held-out Ĵ_C on %d prompts: %s", len(prompts),
              ", ".join(f"{n} {r['mean']:.3f}" for n, r in results.items()))  # fmt: skip
     return results
+
+
+def held_to_the_base(costs: dict[str, dict]) -> None:
+    """`cost_threshold: initial` ("no costlier than where it started") on held-out prompts: d is the base's
+    mean there, and each model's per-prompt difference from the base (same prompts, paired) gets its mean
+    and 95 % interval — the comparison the constraint is about, without the two means' own spread."""
+    base = costs["base"]
+    for name, result in costs.items():
+        result.update(threshold=base["mean"], threshold_from="base", meets_threshold=result["mean"] <= base["mean"])
+        if name != "base":
+            result["vs_base"] = mean_interval([c - b for c, b in zip(result["costs"], base["costs"], strict=True)])
 
 
 def score_answer_pairs(
@@ -469,7 +484,7 @@ def run_eval(ctx: StageContext) -> dict:
         if ev.heldout_cost_prompts:
             policy_cost = heldout_policy_cost(ctx, models, pairs)
         if ev.groups:
-            jc = {"held-out Ĵ_C": {name: r["mean"] for name, r in policy_cost.items()}} if policy_cost else None
+            jc = {HELDOUT_COST: {name: r["mean"] for name, r in policy_cost.items()}} if policy_cost else None
             groups = group_tests(pairs, logps, ev.groups, ev.primary, jc)
     rm_metrics = ctx.upstream_output("rm", "metrics")
     results = {
