@@ -181,6 +181,46 @@ def llm_judged_eval(url: str) -> dict:
     }  # fmt: skip
 
 
+#: The optimiser keys `shrink_overrides` sets on every trainer a shipped recipe runs.
+SHRUNK_TRAINING = {"batch_size": 4, "micro_batch_size": 2, "learning_rate": 1e-3}
+
+
+def shrink_overrides(recipe_path: Path, tokenizer_dir: Path) -> list[str]:
+    """`--set` overrides that shrink a shipped recipe to what CI can afford while keeping its structure
+    (stages, data splits, ablations, groups, primary test, sweep axes): a 2-layer random Llama, 12 rows
+    per training source, 6 per held-out one, tiny trainers and generations. Read from the recipe, so a
+    recipe that gains a section is shrunk without editing the tests."""
+    from safealign.recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    policy = (f"{{random: {{tokenizer: {tokenizer_dir}, config: {{hidden_size: 32, intermediate_size: 64, "
+              "num_hidden_layers: 2, tie_word_embeddings: false}}}")  # fmt: skip
+    out = [f"model.policy={policy}", "model.dtype=fp32", "data.max_len=256", "logging.tensorboard=false"]
+    out += [f"data.train.{i}.max_rows=12" for i in range(len(recipe.data.train))]
+    trainers = {"align": "align"}
+    if "rm" in recipe.stages:
+        trainers["rm"] = "rm.helpful"
+        out += ["rm.helpful.trainable_layers=1"]  # the tiny model has 2 layers
+    if "distill" in recipe.stages:
+        trainers["distill"] = "distill.sft"
+        out += ["distill.max_prompts=4", "distill.max_new_tokens=8"]
+    for section in trainers.values():
+        out += [f"{section}.{key}={value}" for key, value in SHRUNK_TRAINING.items()]
+    out += ["align.cost_sampling.prompts=4", "align.cost_sampling.max_new_tokens=4", "align.lambda_update_every=1"]
+    if recipe.align.max_pairs is not None:
+        out += ["align.max_pairs=8"]
+    if "eval" in recipe.stages:
+        out += ["eval.max_new_tokens=4", "eval.beavertails_per_category=1", "eval.mt_bench_per_category=1"]
+        out += [f"eval.heldout_pairs.{i}.max_rows=6" for i in range(len(recipe.eval.heldout_pairs))]
+        if recipe.eval.heldout_cost_prompts:
+            out += ["eval.heldout_cost_prompts=4"]
+    if recipe.sweep is not None:  # the grid's corners on its first axis, the first value of the others
+        axes = list(recipe.sweep.grid.items())
+        grid = {axes[0][0]: [axes[0][1][0], axes[0][1][-1]], **{name: values[:1] for name, values in axes[1:]}}
+        out += ["sweep.grid={" + ", ".join(f"{name}: {values}" for name, values in grid.items()) + "}"]
+    return [item for override in out for item in ("--set", override)]
+
+
 def tiny_recipe(tmp_path: Path, tokenizer_dir: Path, rows: Path, **sections) -> Path:
     """A recipe for a 2-layer, hidden-32 random Llama; `sections` update the defaults by section.
 

@@ -10,7 +10,7 @@ import yaml
 
 from safealign.errors import SafeAlignError
 from safealign.recipe import trial_overrides, validate_recipe
-from safealign.sweep import TrialResult, select_trial, trial_id
+from safealign.sweep import TrialResult, _trial_command, select_trial, trial_id
 
 from conftest import PKU, TINY_ALIGN, TINY_TRAINER, pku_rows, run_cli, tiny_policy, write_jsonl
 
@@ -43,6 +43,15 @@ def test_failed_trials_never_win_and_all_failing_is_an_error():
     assert select_trial([trial("a", 1.0, 1.0, "failed"), trial("b", 0.9, 0.1)], 0.8).trial.trial_id == "b"
     with pytest.raises(SafeAlignError, match="no trial finished"):
         select_trial([trial("a", None, None, "failed")], 0.8)
+
+
+def test_a_trial_drops_the_sweep_after_the_users_overrides_even_one_that_reshapes_the_grid(tmp_path):
+    """`safealign sweep r.yaml --set sweep.grid=…` (a smaller grid, as tests/test_readme.py shrinks the
+    README's sweep): the child run must not see a sweep section again, or `run` refuses the recipe."""
+    command = _trial_command(tmp_path / "r.yaml", tmp_path / "t", ["align"], {"align.w": 0.5},
+                             ["sweep.grid={align.w: [0.5]}", "align.k=1"], gpus=1)  # fmt: skip
+    sets = [command[i + 1] for i, word in enumerate(command) if word == "--set"]
+    assert sets == ["sweep.grid={align.w: [0.5]}", "align.k=1", "align.w=0.5", "sweep=null"]
 
 
 def test_grid_expansion_and_trial_ids():

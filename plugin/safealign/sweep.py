@@ -121,16 +121,21 @@ def shared_stages(recipe: Recipe) -> list[str]:
     return [s for s in recipe.stages if s in SHARED_STAGES and not swept & set(stages[s].sections)]
 
 
+#: What turns the sweep's recipe into one plain run, after every other override.
+CHILD_RUN = ["--set", "sweep=null"]
+
+
 def _trial_command(recipe_path: Path, trial_dir: Path, stages: list[str], params: dict, overrides: list[str],
                    gpus: int) -> list[str]:  # fmt: skip
     launcher = [sys.executable, "-m"]
     if gpus > 1:
         launcher += ["torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", "-m"]
-    command = launcher + ["safealign.cli", "run", str(recipe_path), "--run-dir", str(trial_dir), "--set", "sweep=null"]
+    command = launcher + ["safealign.cli", "run", str(recipe_path), "--run-dir", str(trial_dir)]
     for item in overrides:
         command += ["--set", item]
     for key, value in params.items():
         command += ["--set", f"{key}={json.dumps(value)}"]
+    command += CHILD_RUN  # last: the user's --set may itself reshape the sweep (e.g. a smaller grid)
     for stage in stages:
         command += ["--stage", stage]
     return command
@@ -262,7 +267,7 @@ def run_shared(recipe_path: Path, overrides: list[str], run_dir: Path, shared: l
     """The stages every trial shares, once, in the sweep's run directory."""
     log.info("sweep: running the shared stages (%s) once in %s", ", ".join(shared), run_dir)
     command = [sys.executable, "-m", "safealign.cli", "run", str(recipe_path), "--run-dir", str(run_dir),
-               "--set", "sweep=null", *(f"--set={o}" for o in overrides), *(f"--stage={s}" for s in shared)]  # fmt: skip
+               *(f"--set={o}" for o in overrides), *CHILD_RUN, *(f"--stage={s}" for s in shared)]  # fmt: skip
     if subprocess.call(command) != 0:
         raise SafeAlignError(f"sweep: the shared stage(s) {', '.join(shared)} failed (see above)")
 
