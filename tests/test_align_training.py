@@ -181,8 +181,13 @@ def test_ablations_train_beside_the_policy_through_the_same_trainer_and_are_eval
         align={"ablations": {name: overrides for name, (overrides, _) in ABLATIONS.items()}},
         eval={"beavertails_per_category": 1, "mt_bench_per_category": 1, "max_new_tokens": 4, "judges": ["refusal"]},
     )  # fmt: skip
-    summary = run_ok(tmp_path, recipe)
+    result = run_cli("run", str(recipe), "--run-dir", "runs/tiny", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs/tiny/align/stage.json").read_text())
     assert summary["loss"] == "safe_mm_dpo"
+    # the log names what each variant trains: λ only where its loss has one
+    assert "align: ablation dpo_helpful (loss dpo, labels given, seed 42)" in result.stderr
+    assert "align: ablation fixed_lambda (loss safe_mm_dpo, λ fixed, labels given, seed 42)" in result.stderr
     align_dir = tmp_path / "runs/tiny/align"
     for name, (overrides, trained) in ABLATIONS.items():
         assert summary["ablations"][name]["loss"] == overrides.get("loss", "safe_mm_dpo")

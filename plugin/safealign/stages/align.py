@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from safealign.losses import get_loss
 from safealign.models import policy_and_reference
 from safealign.recipe import Recipe
 from safealign.stages import StageContext, cost_model_dir, register_stage, run_once, run_training_rows
@@ -42,8 +43,9 @@ def run_align(ctx: StageContext) -> dict:
     for name in recipe.align.ablations:
         variant = policy_recipe(recipe, recipe.align.ablation(name))
         work = out / "ablations" / name
-        log.info("align: ablation %s (loss %s, λ %s, labels %s, seed %d)", name, variant.align.loss,
-                 variant.align.lambda_update, variant.align.labels, variant.seed)  # fmt: skip
+        lam = f", λ {variant.align.lambda_update}" if get_loss(variant.align.loss).uses_lambda else ""
+        log.info("align: ablation %s (loss %s%s, labels %s, seed %d)", name, variant.align.loss, lam,
+                 variant.align.labels, variant.seed)  # fmt: skip
 
         def train(variant: Recipe = variant, work: Path = work) -> dict:
             rows_of_variant = split_policy_rows(variant, rows, pairs_from=recipe)
