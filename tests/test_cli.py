@@ -322,7 +322,8 @@ def test_a_gguf_that_is_not_one_is_one_line(tmp_path):
     """A file that is not a GGUF (a saved error page) and an installed package with no .gguf are caught at
     validate; a GGUF cut short (a real header, the rest missing) is one line from the converter."""
     from safealign.errors import SafeAlignError
-    from safealign.models import convert_gguf, find_packaged_gguf
+    from safealign.gguf import find_packaged_gguf
+    from safealign.models import convert_gguf
 
     write_jsonl(tmp_path / "d.jsonl", pku_rows(2))
     (tmp_path / "page.gguf").write_bytes(b"<html>Not Found</html>")

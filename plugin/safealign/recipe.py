@@ -15,11 +15,14 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib.util
+import inspect
 import itertools
 import logging
 import math
+import netrc
 import os
 import re
+from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -37,6 +40,7 @@ from pydantic import (
 from safealign.data import Dimension, Format
 from safealign.errors import SafeAlignError
 from safealign.eval.judges import INSECURE_MESSAGE, check_endpoint_url, check_key_variable, sends_key_in_clear
+from safealign.gguf import check_gguf, find_packaged_gguf
 from safealign.lagrange import LAMBDA_FLOOR
 from safealign.remote_code import check_model_code
 
@@ -127,8 +131,6 @@ class RandomModel(Strict):
 @functools.cache
 def llama_config_fields() -> frozenset[str]:
     """The fields a random model's `config` may set: LlamaConfig's, minus what names code or provenance."""
-    import inspect
-
     from transformers import LlamaConfig  # lazily: a recipe without a random model never pays for the import
 
     fields = set(inspect.signature(LlamaConfig.__init__).parameters) | set(LlamaConfig().to_dict())
@@ -971,10 +973,6 @@ def check_gguf_specs(recipe: Recipe, source: str) -> None:
     """Every GGUF the recipe names (a `.gguf` path or `gguf:<package>`) starts like one: an installed
     package without its `.gguf`, or a file that is not one, is a line at validate, not a crash in run. (A
     package not installed here may be in the image a cluster runs: `run` says so where it is missing.)"""
-    from importlib.metadata import PackageNotFoundError, distribution
-
-    from safealign.models import check_gguf, find_packaged_gguf  # models imports this module
-
     for field, spec in model_specs(recipe).items():
         try:
             if isinstance(spec, str) and spec.startswith("gguf:"):
@@ -1105,8 +1103,6 @@ def check_wandb(recipe: Recipe) -> None:
 
 def _netrc_has_wandb() -> bool:
     """Whether `wandb login` left a key in the netrc file (W&B's own store)."""
-    import netrc
-
     try:
         return netrc.netrc(os.environ.get("NETRC")).authenticators("api.wandb.ai") is not None
     except (OSError, netrc.NetrcParseError):

@@ -13,6 +13,7 @@ decoding of a batch equals one-by-one decoding (a test checks it), so batching i
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -364,8 +365,6 @@ def tensor_parallel(model_dir: Path, gpus: int | None = None) -> int:
     """vLLM's tensor-parallel size in one process: the most visible GPUs (a power of two) that split the
     model's attention heads evenly — vLLM shards heads across GPUs and refuses sizes that do not divide
     them (key/value heads may instead be replicated, when the size is a multiple of theirs)."""
-    import json
-
     if gpus is None:
         import torch
 
