@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.safealign-installed
 
-.PHONY: setup quickstart test lint charts manifests bench gpu-smoke clean
+.PHONY: setup quickstart test test-fast lint charts manifests bench gpu-smoke clean
 
 setup: $(STAMP)
 
@@ -70,6 +70,10 @@ test: lint
 	@if [ "$$CI" = true ] && ! command -v chromium >/dev/null && command -v apt-get >/dev/null; then \
 		(apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 || echo "chromium not installed: its test will be skipped"; fi
 	$(BIN)/pytest
+
+# The inner loop: lint and every test that trains nothing (`-m "not slow"`; ~4 min on 2 cores). CI runs `make test`.
+test-fast: lint
+	$(BIN)/pytest -m "not slow"
 
 clean:
 	rm -rf $(VENV) $(GPU_VENV) runs .pytest_cache

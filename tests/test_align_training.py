@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-from conftest import (
+from support import (
     TINY_COST_SAMPLING,
     TINY_TRAINER,
     build_tokenizer,

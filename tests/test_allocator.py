@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from support import assert_one_line_error, run_cli
 
 from safealign.allocator import choose, find_library
 from safealign.errors import SafeAlignError
-
-from conftest import assert_one_line_error, run_cli
 
 INSTALLED = {"tcmalloc": "/lib/libtcmalloc_minimal.so.4", "jemalloc": "/lib/libjemalloc.so.2"}
 

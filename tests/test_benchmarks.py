@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-from conftest import pku_rows, tiny_recipe, write_jsonl
+from support import pku_rows, tiny_recipe, write_jsonl
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 

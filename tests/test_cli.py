@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from conftest import ROOT, assert_one_line_error, pku_rows, run_cli, write_jsonl
+from support import ROOT, assert_one_line_error, pku_rows, run_cli, write_jsonl
 
 
 def write_recipe(tmp_path, data_path, **align) -> str:

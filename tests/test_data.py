@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from support import HH, PKU, pku_rows, write_jsonl
 
 from safealign.data import RowError, hold_out_prompts, load_rows, prompt_identity, split_by_prompt
 from safealign.errors import SafeAlignError
-
-from conftest import HH, PKU, pku_rows, write_jsonl
 
 
 def test_pku_sample_loads_with_both_labels():

@@ -14,12 +14,11 @@ import json
 import pytest
 import torch
 import yaml
+from support import build_tokenizer, kill_when, pku_rows, run_cli, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from safealign.models import build_random, derive_student
 from safealign.recipe import RandomModel
-
-from conftest import build_tokenizer, kill_when, pku_rows, run_cli, write_jsonl
 
 pytestmark = pytest.mark.slow
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from support import PKU, pku_rows, write_jsonl
 from transformers import AutoTokenizer
 
 from safealign.data import load_prompt_file, unique_prompts
@@ -16,8 +17,6 @@ from safealign.eval.report import teacher_vs_student
 from safealign.eval.safety import DEFAULT_PATH
 from safealign.recipe import validate_recipe
 from safealign.stages.distill import _candidate_pairs, _unpair, pick_answer
-
-from conftest import PKU, pku_rows, write_jsonl
 
 
 @pytest.mark.parametrize(

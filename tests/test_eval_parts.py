@@ -10,6 +10,7 @@ import re
 import socket
 
 import pytest
+from support import PKU
 
 from safealign.errors import SafeAlignError
 from safealign.eval.judges import ChatClient, ChatClientError, JudgeUnavailable, LLMJudge, RefusalJudge
@@ -17,8 +18,6 @@ from safealign.eval.mtbench import judge_messages, load_judge_prompts, load_ques
 from safealign.eval.safety import SafetyPrompt, load_prompts, safety_rates
 from safealign.eval.statistics import wilson_interval
 from safealign.eval.subsets import stratified_subset
-
-from conftest import PKU
 
 
 @pytest.mark.parametrize(

@@ -7,13 +7,7 @@ import socket
 
 import pytest
 import yaml
-
-from safealign.eval.mtbench import load_questions
-from safealign.eval.statistics import sign_test_p
-from safealign.stages.distill import pick_answer
-from safealign.stages.evaluate import held_to_the_base
-
-from conftest import (
+from support import (
     TINY_ALIGN,
     assert_one_line_error,
     llm_judged_eval,
@@ -25,6 +19,11 @@ from conftest import (
     torchrun_cli,
     write_jsonl,
 )
+
+from safealign.eval.mtbench import load_questions
+from safealign.eval.statistics import sign_test_p
+from safealign.stages.distill import pick_answer
+from safealign.stages.evaluate import held_to_the_base
 
 pytestmark = pytest.mark.slow
 

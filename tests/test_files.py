@@ -11,13 +11,12 @@ import sys
 import textwrap
 
 import pytest
+from support import clean_env, tiny_recipe
 
 from safealign.errors import SafeAlignError
 from safealign.eval.judges import ChatClient
 from safealign.files import disk_full, read_appended_jsonl
 from safealign.metrics import MetricsLog
-
-from conftest import clean_env, tiny_recipe
 
 
 def test_a_torn_last_line_is_dropped_with_a_warning_and_cut_from_the_file(tmp_path, caplog):
@@ -101,6 +100,7 @@ cp -r "$run" "$OUT/run"
 """
 
 
+@pytest.mark.slow
 def test_a_full_disk_mid_run_is_one_line_and_the_same_command_resumes(tmp_path, tokenizer_dir, scored_rows):
     """A real full disk: a 48 MiB tmpfs in a private mount namespace, filled while align trains."""
     if shutil.which("unshare") is None:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from support import pku_rows
 
 from safealign.eval.generation import GenerationRequest, HFGenerator, make_generator, vllm_usable
 from safealign.models import build_random
 from safealign.recipe import RandomModel
-
-from conftest import pku_rows
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +177,7 @@ def test_sharded_generation_splits_requests_over_ranks_and_gathers_them_in_order
     """Under torchrun (2 ranks, gloo) each rank's generator is asked every other request — equal shares:
     rank 1 repeats q0 and drops its answer — and every rank gets all answers back in request order, with
     the world's counts (6 requests generated for 5 answers)."""
-    from conftest import torchrun
+    from support import torchrun
 
     (tmp_path / "shard.py").write_text(SHARD_SCRIPT)
     result = torchrun(str(tmp_path / "shard.py"), cwd=tmp_path, timeout=120)

@@ -14,8 +14,7 @@ import json
 import pytest
 import torch
 import yaml
-
-from conftest import TINY_TRAINER, pipeline_recipe, pku_rows, run_cli, torchrun_cli, write_jsonl
+from support import TINY_TRAINER, pipeline_recipe, pku_rows, run_cli, torchrun_cli, write_jsonl
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible (make gpu-smoke on a GPU machine)")
 

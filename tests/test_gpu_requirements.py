@@ -13,8 +13,7 @@ import subprocess
 import sys
 
 import pytest
-
-from conftest import ROOT
+from support import ROOT
 
 pytestmark = pytest.mark.slow
 

@@ -11,8 +11,7 @@ import shutil
 import subprocess
 
 import pytest
-
-from conftest import ROOT
+from support import ROOT
 
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 ENSURE_USER = ROOT / "docker" / "ensure-user.sh"

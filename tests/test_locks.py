@@ -12,11 +12,10 @@ import sys
 import time
 
 import pytest
+from support import assert_one_line_error, clean_env, run_cli, tiny_recipe, train_steps
 
 from safealign.errors import SafeAlignError
 from safealign.locks import RunLock, locked_file
-
-from conftest import assert_one_line_error, clean_env, run_cli, tiny_recipe, train_steps
 
 
 def test_a_second_run_is_refused_at_once_naming_the_holder(tmp_path, tokenizer_dir, scored_rows):
@@ -30,6 +29,7 @@ def test_a_second_run_is_refused_at_once_naming_the_holder(tmp_path, tokenizer_d
     assert not (run_dir / "align").exists() and not (run_dir / ".align.partial").exists()
 
 
+@pytest.mark.slow
 def test_a_run_alongside_a_running_one_leaves_it_untouched(tmp_path, tokenizer_dir, scored_rows):
     """The reported failure: the second run joined the first ('resuming'), doubled its metrics and
     crashed; with another --set it wiped the first run's partial work."""

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 import yaml
+from support import HH, TINY_ALIGN, TINY_TRAINER, pku_rows, run_cli, tiny_policy, write_jsonl
 
 from safealign.cost_loss import (
     L2_GRID,
@@ -22,8 +23,6 @@ from safealign.cost_loss import (
 from safealign.errors import SafeAlignError
 from safealign.pooled_value import PooledValueModel, read_spec, response_mask, truncated_backbone
 from safealign.recipe import load_recipe
-
-from conftest import HH, TINY_ALIGN, TINY_TRAINER, pku_rows, run_cli, tiny_policy, write_jsonl
 
 
 def test_the_response_mask_covers_the_real_tokens_after_the_prompt():
@@ -178,7 +177,7 @@ def run_cli_python(cwd, script: str) -> list:
     import subprocess
     import sys
 
-    from conftest import clean_env
+    from support import clean_env
 
     result = subprocess.run([sys.executable, "-c", script], cwd=cwd, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

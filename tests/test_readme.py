@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from conftest import ROOT, run_cli, shrink_overrides
+from support import ROOT, run_cli, shrink_overrides
 
 
 def use_it_commands() -> list[list[str]]:

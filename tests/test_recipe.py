@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support import PKU, ROOT
 
 from safealign.errors import SafeAlignError
 from safealign.recipe import AlignSection, load_recipe, validate_recipe
-
-from conftest import PKU, ROOT
 
 
 def base(**align) -> dict:

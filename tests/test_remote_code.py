@@ -10,8 +10,7 @@ import json
 import shutil
 
 import yaml
-
-from conftest import assert_one_line_error, pku_rows, run_cli, tiny_policy, write_jsonl
+from support import assert_one_line_error, pku_rows, run_cli, tiny_policy, write_jsonl
 
 CUSTOM_MODULE = '''
 import os, pathlib

@@ -15,13 +15,12 @@ import textwrap
 import pytest
 import torch
 import yaml
+from support import HH, TINY_ALIGN, TINY_TRAINER, kill_when, pku_rows, read_metrics, run_cli, tiny_policy, write_jsonl
 
 from safealign.models import resolve_model
 from safealign.recipe import load_recipe
 from safealign.runner import fingerprint
 from safealign.stages import load_builtin_stages
-
-from conftest import HH, TINY_ALIGN, TINY_TRAINER, kill_when, pku_rows, read_metrics, run_cli, tiny_policy, write_jsonl
 
 pytestmark = pytest.mark.slow
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from support import PKU
 
 from safealign.errors import SafeAlignError
 from safealign.recipe import validate_recipe
 from safealign.runner import run_stage
 from safealign.stages import Stage
-
-from conftest import PKU
 
 
 def recipe(**align):
@@ -125,7 +124,7 @@ leave_process_group()
 def test_under_a_launcher_the_group_exists_before_any_stage_and_rank_0_decides(tmp_path):
     """What the runner relies on under torchrun: `init_process_group` (called by `safealign run` before the
     runner) makes `barrier` real from the first line, and `agree` hands every rank rank 0's decision."""
-    from conftest import torchrun
+    from support import torchrun
 
     script = tmp_path / "agree.py"
     script.write_text(AGREE_SCRIPT)

@@ -60,12 +60,11 @@ def test_building_a_pair_dataset_forks_no_process(tokenizer_dir, monkeypatch):
     import os
     from types import SimpleNamespace
 
+    from support import PKU
     from transformers import AutoTokenizer
 
     from safealign.data import load_rows
     from safealign.pair_dataset import PreferencePairDataset
-
-    from conftest import PKU
 
     def no_fork():
         raise AssertionError("PreferencePairDataset forked a process")

@@ -10,8 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
-
-from conftest import PKU, ROOT, run_cli, tiny_recipe
+from support import PKU, ROOT, run_cli, tiny_recipe
 
 PLUGIN = ROOT / "plugin" / "safealign"
 

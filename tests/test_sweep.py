@@ -7,12 +7,11 @@ import json
 
 import pytest
 import yaml
+from support import PKU, TINY_ALIGN, TINY_TRAINER, pku_rows, run_cli, tiny_policy, write_jsonl
 
 from safealign.errors import SafeAlignError
 from safealign.recipe import trial_overrides, validate_recipe
 from safealign.sweep import TrialResult, _trial_command, select_trial, trial_id
-
-from conftest import PKU, TINY_ALIGN, TINY_TRAINER, pku_rows, run_cli, tiny_policy, write_jsonl
 
 
 def trial(name: str, safety: float | None, helpful: float | None, status: str = "ok") -> TrialResult:
@@ -143,6 +142,7 @@ def test_a_ray_tune_sweep_shares_the_rm_stage_and_selects_a_trial(tmp_path, toke
     assert json.loads((out / "sweep" / "results.json").read_text())["selected"] == summary["selected"]
 
 
+@pytest.mark.slow
 def test_sweep_parts_check_their_inputs(tmp_path, tokenizer_dir):
     write_jsonl(tmp_path / "pku.jsonl", pku_rows(4))
     recipe = {
