@@ -14,11 +14,10 @@ from pathlib import Path
 
 import openrlhf.cli
 import pytest
+from support import PKU, TINY_TRAINER, tiny_policy
 
-from safealign.openrlhf.settings import Settings, build_settings, for_fit
+from safealign.openrlhf.settings import Settings, build_settings, for_fit, settings_fields
 from safealign.recipe import Recipe
-
-from conftest import PKU, TINY_TRAINER, tiny_policy
 
 
 class _Parsed(Exception):
@@ -84,6 +83,19 @@ def test_settings_follow_the_recipe(tokenizer_dir, tmp_path):
     # LoRA is the policy's: value models and the student are fully fine-tuned.
     assert build_settings(recipe, recipe.align, tmp_path, "rm", model_dir=tokenizer_dir).ds.lora.rank == 0
     assert build_settings(recipe, recipe.align, tmp_path, "sft", model_dir=tokenizer_dir).ds.lora.rank == 0
+
+
+def test_the_fields_are_assembled_purely_from_what_build_settings_decided(tokenizer_dir, tmp_path):
+    """build_settings decides what needs the machine or files (dtype, attention, the chat template, W&B);
+    settings_fields only assembles: the same decisions give the same fields, and other decisions show."""
+    recipe = recipe_for(tokenizer_dir)
+    built = build_settings(recipe, recipe.align, tmp_path, "dpo", model_dir=tokenizer_dir).flat()
+    decided = {"dtype": "fp32", "attention": "sdpa", "chat_template": True, "wandb_key": None}
+    fields = settings_fields(recipe, recipe.align, tmp_path, "dpo", model_dir=tokenizer_dir, reference_dir=None, **decided)
+    assert fields == built
+    other = settings_fields(recipe, recipe.align, tmp_path, "dpo", model_dir=tokenizer_dir, reference_dir=None,
+                            **{**decided, "dtype": "bf16", "chat_template": False})  # fmt: skip
+    assert {k for k in fields if fields[k] != other[k]} == {"ds.param_dtype", "data.apply_chat_template"}
 
 
 def test_settings_are_frozen_and_derived_by_copy(tokenizer_dir, tmp_path):
