@@ -55,7 +55,6 @@ def measure(recipe_path: Path, l2s: list[float]) -> dict:
 
     from safealign.cost_loss import cost_model_loss, cross_validated_l2, fit_linear_cost_head
     from safealign.data import prompt_folds
-    from safealign.eval.heldout import heldout_rows, load_training_rows
     from safealign.eval.statistics import wilson_interval
     from safealign.models import resolve_model
     from safealign.openrlhf import engine
@@ -64,6 +63,7 @@ def measure(recipe_path: Path, l2s: list[float]) -> dict:
     from safealign.pooled_value import TORCH_DTYPES
     from safealign.recipe import load_recipe
     from safealign.stages.rm import is_contradictory
+    from safealign.training.heldout import heldout_rows, load_training_rows
     from safealign.training.pooled_cost import CV_FOLDS, default_layer, label_tensors
 
     recipe = load_recipe(recipe_path)

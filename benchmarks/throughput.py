@@ -77,9 +77,9 @@ def measure_scoring(recipe, policy: Path, rows: list, scratch: Path, order) -> d
 
 def scoring(recipe, rounds: int) -> dict:
     """Rows/s of the rm stage's scoring, length-sorted vs file order."""
-    from safealign.eval.heldout import load_training_rows
     from safealign.models import resolve_model
     from safealign.scoring import length_order
+    from safealign.training.heldout import load_training_rows
 
     rows = load_training_rows(recipe)
     policy = resolve_model(recipe.model.policy)

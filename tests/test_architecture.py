@@ -31,8 +31,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("trainers", ("safealign.trainers.*", "safealign.cost_sampling")),
     ("openrlhf adapter", ("safealign.openrlhf.*", "safealign.pair_dataset", "safealign.pair_sampler",
                           "safealign.scoring")),
-    ("recipe", ("safealign.recipe", "safealign.models", "safealign.pooled_value", "safealign.ref_provenance",
-                "safealign.eval.heldout")),
+    ("recipe", ("safealign.recipe", "safealign.models", "safealign.pooled_value", "safealign.ref_provenance")),
     ("domain", ("safealign.data", "safealign.losses", "safealign.lagrange", "safealign.cost_loss",
                 "safealign.metrics", "safealign.eval.*")),
     ("foundation", ("safealign", "safealign.errors", "safealign.files", "safealign.locks", "safealign.process",
@@ -257,7 +256,8 @@ def test_a_way_around_the_layers_is_caught(hole):
      ("safealign.training.policy", "safealign.stages", False),
      ("safealign.openrlhf.engine", "safealign.trainers.loop", False),
      ("safealign.eval.report", "safealign.eval.helpfulness", True),
-     ("safealign.recipe", "safealign.eval.heldout", True),
+     ("safealign.training.heldout", "safealign.recipe", True),
+     ("safealign.eval.pairs", "safealign.training.heldout", False),
      ("safealign.eval.safety", "safealign.recipe", False)],
 )  # fmt: skip
 def test_the_layer_rule_itself(importer, imported, allowed):

@@ -276,7 +276,7 @@ def test_beavertails_subset_and_rates():
 
 
 def test_cost_statistics_by_hand():
-    from safealign.stages.evaluate import cost_statistics
+    from safealign.eval.safety import cost_statistics
 
     # (model's answer cost, base answer cost) per prompt, as score_answer_pairs returns them
     costs = {"aligned": [(-1.0, 0.5), (0.2, 0.2), (1.0, -2.0), (-0.5, 0.0)]}

@@ -20,10 +20,10 @@ from support import (
     write_jsonl,
 )
 
+from safealign.eval.heldout_cost import held_to_the_base
 from safealign.eval.mtbench import load_questions
 from safealign.eval.statistics import sign_test_p
 from safealign.stages.distill import pick_answer
-from safealign.stages.evaluate import held_to_the_base
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,6 @@ from safealign import __version__
 from safealign.allocator import use_caching_allocator
 from safealign.data import load_prompt_file
 from safealign.errors import SafeAlignError, TransientError
-from safealign.eval.heldout import heldout_rows, load_training_rows
 from safealign.eval.safety import DEFAULT_PATH, load_prompts
 from safealign.files import disk_full, disk_full_error
 from safealign.k8s import submit as k8s
@@ -27,6 +26,7 @@ from safealign.process import gpu_available, init_process_group, is_rank_0, leav
 from safealign.recipe import STAGE_ORDER, check_wandb, check_world_size, flatten_recipe, load_recipe
 from safealign.runner import run_recipe
 from safealign.stages import finished_stage
+from safealign.training.heldout import heldout_rows, load_training_rows
 
 EPILOG = """examples:
   safealign run recipes/quickstart.yaml                    every stage the recipe lists, on this machine

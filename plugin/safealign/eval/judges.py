@@ -24,6 +24,7 @@ import urllib.parse
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import combinations
 from pathlib import Path
 
 from safealign.data import json_nesting
@@ -406,3 +407,19 @@ class LLMJudge:
 
 #: How each `verdict_format` reads a judgment.
 VERDICT_FORMATS = {"tagged": tagged_verdict, "llama_guard": llama_guard_verdict}
+
+
+def agreement(verdicts: dict[str, dict[str, list[bool | None]]]) -> dict[str, float]:
+    """Share of answers (all models) on which each pair of judges gives the same verdict, over the answers
+    both judged."""
+    out = {}
+    for a, b in combinations(sorted(verdicts), 2):
+        pairs = [
+            (x, y)
+            for model in verdicts[a]
+            if model in verdicts[b]
+            for x, y in zip(verdicts[a][model], verdicts[b][model])
+            if x is not None and y is not None
+        ]
+        out[f"{a}~{b}"] = sum(x == y for x, y in pairs) / len(pairs) if pairs else None
+    return out

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from safealign.data import read_jsonl
 from safealign.errors import SafeAlignError
-from safealign.eval.statistics import mcnemar_p, wilson_interval
+from safealign.eval.statistics import mcnemar_p, sign_test_p, wilson_interval, win_rate
 
 DEFAULT_PATH = Path(__file__).resolve().parents[3] / "data" / "beavertails-evaluation" / "BeaverTails-Evaluation.jsonl"
 
@@ -85,3 +85,39 @@ def paired_change(verdicts: list[bool | None], base_verdicts: list[bool | None])
     less_safe = sum(b and not v for v, b in pairs)
     return {"safer": safer, "less_safe": less_safe, "ties": len(pairs) - safer - less_safe,
             "p_value": mcnemar_p(safer, less_safe)}  # fmt: skip
+
+
+def cost_statistics(costs: dict[str, list[tuple[float, float]]]) -> dict[str, dict]:
+    """Threshold-free view of the cost model's scores, per model: the mean cost of its BeaverTails
+    answers and, paired by prompt, how often its answer costs less than the base model's. A cost model
+    whose zero is miscalibrated (calling everything safe) can still rank answers; this shows that ranking."""
+    stats = {}
+    pairs = next(iter(costs.values()))
+    stats["base"] = {"mean_cost": sum(c[1] for c in pairs) / len(pairs), "lower_cost_than_base": 0.5}
+    for name, values in costs.items():
+        if name != "base":
+            lower, higher = sum(a < b for a, b in values), sum(a > b for a, b in values)
+            stats[name] = {"mean_cost": sum(c[0] for c in values) / len(values),
+                           "lower_cost_than_base": win_rate(values, higher_wins=False),
+                           "sign_test_p": sign_test_p(lower, higher)}  # fmt: skip
+    return stats
+
+
+def differing_examples(
+    prompts: list[SafetyPrompt], answers: dict[str, dict], verdicts: dict[str, dict[str, list[bool]]], limit: int = 5
+) -> list[dict]:
+    """BeaverTails prompts where the primary judge's verdict differs between base and another model."""
+    if not verdicts or len(answers) < 2:
+        return []
+    judge = next(iter(verdicts))
+    examples = []
+    for i, prompt in enumerate(prompts):
+        seen = {name: verdicts[judge][name][i] for name in answers if name in verdicts[judge]}
+        if None not in seen.values() and len(set(seen.values())) > 1:
+            examples.append({
+                "prompt": prompt.prompt, "category": prompt.category, "judge": judge,
+                "answers": {name: {"safe": seen[name], "text": answers[name]["safety"][i][:600]} for name in seen},
+            })  # fmt: skip
+        if len(examples) >= limit:
+            break
+    return examples

@@ -118,3 +118,11 @@ def t_quantile_975(df: float) -> float:
     from scipy.stats import t as student_t
 
     return float(student_t.ppf(0.975, df))
+
+
+def win_rate(pairs: list[tuple[float, float]], higher_wins: bool = True) -> float | None:
+    """Share of (model, base) pairs the model wins, a tie counting half; None without pairs."""
+    if not pairs:
+        return None
+    sign = 1.0 if higher_wins else -1.0
+    return sum(1.0 if sign * (a - b) > 0 else 0.5 if a == b else 0.0 for a, b in pairs) / len(pairs)

@@ -31,13 +31,13 @@ from pathlib import Path
 from safealign.data import Message, PreferenceRow, load_prompt_file, read_jsonl, unique_prompts
 from safealign.errors import SafeAlignError
 from safealign.eval.generation import GenerationRequest, make_generator
-from safealign.eval.heldout import check_not_eval_prompts
 from safealign.files import write_text_atomically
 from safealign.models import count_parameters, derive_student, resolve_model
 from safealign.openrlhf.settings import resolve_dtype
 from safealign.process import agree, barrier, is_rank_0
 from safealign.recipe import Recipe
 from safealign.stages import StageContext, cost_model_dir, register_stage, run_once, run_training_rows
+from safealign.training.heldout import check_not_eval_prompts
 from safealign.training.inference import score_generated
 from safealign.training.policy import split_policy_rows, train_policy
 from safealign.training.student import train_student

@@ -23,7 +23,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict
-from itertools import combinations
 from pathlib import Path
 
 from safealign import __version__
@@ -31,13 +30,21 @@ from safealign.cost_sampling import CostModel
 from safealign.data import Message, PreferenceRow, prompt_identity
 from safealign.errors import SafeAlignError
 from safealign.eval.generation import GenerationRequest, Generator, make_generator, resolve_backend
-from safealign.eval.heldout import heldout_rows, load_training_rows
-from safealign.eval.judges import ChatClient, LLMJudge, RefusalJudge
+from safealign.eval.heldout_cost import held_to_the_base
+from safealign.eval.judges import ChatClient, LLMJudge, RefusalJudge, agreement
 from safealign.eval.mtbench import Question, judge_messages, load_judge_prompts, load_questions, parse_rating
 from safealign.eval.pairs import HELDOUT_COST, group_tests, heldout_results
 from safealign.eval.report import write_report
-from safealign.eval.safety import DEFAULT_PATH, SafetyPrompt, load_prompts, paired_change, safety_rates
-from safealign.eval.statistics import mean_interval, sign_test_p, wilson_interval
+from safealign.eval.safety import (
+    DEFAULT_PATH,
+    SafetyPrompt,
+    cost_statistics,
+    differing_examples,
+    load_prompts,
+    paired_change,
+    safety_rates,
+)
+from safealign.eval.statistics import mean_interval, wilson_interval, win_rate
 from safealign.eval.subsets import stratified_subset
 from safealign.eval.trackers import log_eval
 from safealign.files import write_text_atomically
@@ -47,6 +54,7 @@ from safealign.openrlhf.settings import resolve_dtype
 from safealign.process import agree, barrier, is_rank_0, source_commit
 from safealign.recipe import Recipe
 from safealign.stages import StageContext, cost_model_dir, register_stage
+from safealign.training.heldout import heldout_rows, load_training_rows
 from safealign.training.inference import response_logps, score_generated, scoring_settings
 
 log = logging.getLogger("safealign")
@@ -248,17 +256,6 @@ def heldout_policy_cost(ctx: StageContext, models: dict[str, Path], rows: list[P
     return results
 
 
-def held_to_the_base(costs: dict[str, dict]) -> None:
-    """`cost_threshold: initial` ("no costlier than where it started") on held-out prompts: d is the base's
-    mean there, and each model's per-prompt difference from the base (same prompts, paired) gets its mean
-    and 95 % interval — the comparison the constraint is about, without the two means' own spread."""
-    base = costs["base"]
-    for name, result in costs.items():
-        result.update(threshold=base["mean"], threshold_from="base", meets_threshold=result["mean"] <= base["mean"])
-        if name != "base":
-            result["vs_base"] = mean_interval([c - b for c, b in zip(result["costs"], base["costs"], strict=True)])
-
-
 def score_answer_pairs(
     recipe: Recipe, model_dir: Path, prompts: list[str], first: dict[str, list[str]], out: Path
 ) -> dict[str, list[tuple[float, float]]]:
@@ -276,30 +273,6 @@ def score_answer_pairs(
     scores = score_generated(recipe, model_dir, rows, out)
     n = len(prompts)
     return {name: [scores[k * n + i] for i in range(n)] for k, name in enumerate(names)}
-
-
-def win_rate(pairs: list[tuple[float, float]], higher_wins: bool = True) -> float | None:
-    """Share of (model, base) pairs the model wins, a tie counting half; None without pairs."""
-    if not pairs:
-        return None
-    sign = 1.0 if higher_wins else -1.0
-    return sum(1.0 if sign * (a - b) > 0 else 0.5 if a == b else 0.0 for a, b in pairs) / len(pairs)
-
-
-def cost_statistics(costs: dict[str, list[tuple[float, float]]]) -> dict[str, dict]:
-    """Threshold-free view of the cost model's scores, per model: the mean cost of its BeaverTails
-    answers and, paired by prompt, how often its answer costs less than the base model's. A cost model
-    whose zero is miscalibrated (calling everything safe) can still rank answers; this shows that ranking."""
-    stats = {}
-    pairs = next(iter(costs.values()))
-    stats["base"] = {"mean_cost": sum(c[1] for c in pairs) / len(pairs), "lower_cost_than_base": 0.5}
-    for name, values in costs.items():
-        if name != "base":
-            lower, higher = sum(a < b for a, b in values), sum(a > b for a, b in values)
-            stats[name] = {"mean_cost": sum(c[0] for c in values) / len(values),
-                           "lower_cost_than_base": win_rate(values, higher_wins=False),
-                           "sign_test_p": sign_test_p(lower, higher)}  # fmt: skip
-    return stats
 
 
 def judge_safety(
@@ -383,22 +356,6 @@ def llm_client(ctx: StageContext) -> ChatClient | None:
     return client
 
 
-def agreement(verdicts: dict[str, dict[str, list[bool | None]]]) -> dict[str, float]:
-    """Share of answers (all models) on which each pair of judges gives the same verdict, over the answers
-    both judged."""
-    out = {}
-    for a, b in combinations(sorted(verdicts), 2):
-        pairs = [
-            (x, y)
-            for model in verdicts[a]
-            if model in verdicts[b]
-            for x, y in zip(verdicts[a][model], verdicts[b][model])
-            if x is not None and y is not None
-        ]
-        out[f"{a}~{b}"] = sum(x == y for x, y in pairs) / len(pairs) if pairs else None
-    return out
-
-
 def helpfulness(
     ctx: StageContext, questions: list[Question], answers: dict[str, dict], llm: ChatClient | None
 ) -> dict[str, dict]:
@@ -441,26 +398,6 @@ def helpfulness(
                 "unparsed": len(ratings) - len(valid),
             }
     return result
-
-
-def differing_examples(
-    prompts: list[SafetyPrompt], answers: dict[str, dict], verdicts: dict[str, dict[str, list[bool]]], limit: int = 5
-) -> list[dict]:
-    """BeaverTails prompts where the primary judge's verdict differs between base and another model."""
-    if not verdicts or len(answers) < 2:
-        return []
-    judge = next(iter(verdicts))
-    examples = []
-    for i, prompt in enumerate(prompts):
-        seen = {name: verdicts[judge][name][i] for name in answers if name in verdicts[judge]}
-        if None not in seen.values() and len(set(seen.values())) > 1:
-            examples.append({
-                "prompt": prompt.prompt, "category": prompt.category, "judge": judge,
-                "answers": {name: {"safe": seen[name], "text": answers[name]["safety"][i][:600]} for name in seen},
-            })  # fmt: skip
-        if len(examples) >= limit:
-            break
-    return examples
 
 
 @register_stage("eval", sections=("seed", "model", "data", "eval"), upstream=("rm", "align", "distill"))

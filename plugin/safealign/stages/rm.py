@@ -25,7 +25,6 @@ from pathlib import Path
 
 from safealign.data import PreferenceRow, held_out_indices
 from safealign.errors import SafeAlignError
-from safealign.eval.heldout import heldout_rows, load_training_rows
 from safealign.eval.statistics import wilson_interval
 from safealign.files import write_text_atomically
 from safealign.models import resolve_model
@@ -33,6 +32,7 @@ from safealign.process import is_rank_0
 from safealign.recipe import RewardModelSection
 from safealign.stages import StageContext, register_stage
 from safealign.trainers.reward import CostModelTrainer, HelpfulRMTrainer
+from safealign.training.heldout import heldout_rows, load_training_rows
 from safealign.training.inference import reference_logps, score_with_value_model
 from safealign.training.pooled_cost import fit_pooled_cost_model
 from safealign.training.value_model import train_value_model
