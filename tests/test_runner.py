@@ -8,6 +8,7 @@ import pytest
 from support import PKU
 
 from safealign.errors import SafeAlignError
+from safealign.pipeline import StageSpec
 from safealign.recipe import validate_recipe
 from safealign.runner import run_stage
 from safealign.stages import Stage
@@ -35,7 +36,7 @@ class FlakyStage:
 
 
 def stage(fn) -> Stage:
-    return Stage(name="align", run=fn, sections=("align",), description="stand-in")
+    return Stage(spec=StageSpec("align", sections=("align",)), run=fn, description="stand-in")
 
 
 def test_failure_publishes_nothing_and_the_rerun_resumes_the_partial_work(tmp_path, caplog):

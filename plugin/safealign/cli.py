@@ -22,8 +22,9 @@ from safealign.errors import SafeAlignError, TransientError
 from safealign.eval.safety import DEFAULT_PATH, load_prompts
 from safealign.files import disk_full, disk_full_error
 from safealign.k8s import submit as k8s
+from safealign.pipeline import STAGE_ORDER
 from safealign.process import gpu_available, init_process_group, is_rank_0, leave_process_group, no_gpu_reason
-from safealign.recipe import STAGE_ORDER, check_wandb, check_world_size, flatten_recipe, load_recipe
+from safealign.recipe import check_wandb, check_world_size, flatten_recipe, load_recipe
 from safealign.runner import run_recipe
 from safealign.stages import finished_stage
 from safealign.training.heldout import heldout_rows, load_training_rows

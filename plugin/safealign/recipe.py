@@ -42,6 +42,7 @@ from safealign.errors import SafeAlignError
 from safealign.eval.judges import INSECURE_MESSAGE, check_endpoint_url, check_key_variable, sends_key_in_clear
 from safealign.gguf import check_gguf, find_packaged_gguf
 from safealign.lagrange import LAMBDA_FLOOR
+from safealign.pipeline import StageName
 from safealign.remote_code import check_model_code
 
 log = logging.getLogger("safealign")
@@ -260,10 +261,6 @@ class PairTrainingSection(TrainingSection):
         "(safealign.pair_sampler)",
     )
 
-
-#: The pipeline's stages in the order they run, whatever order a recipe lists them in.
-StageName = Literal["rm", "align", "distill", "eval"]
-STAGE_ORDER: tuple[str, ...] = get_args(StageName)
 
 #: Model names the eval stage gives the run's own models; ablations need other names.
 RESERVED_MODEL_NAMES = ("base", "aligned", "student")

@@ -37,8 +37,9 @@ from safealign.files import (
     write_text_atomically,
 )
 from safealign.locks import RunLock
+from safealign.pipeline import STAGE_ORDER
 from safealign.process import agree, barrier, is_rank_0, release_memory
-from safealign.recipe import STAGE_ORDER, Recipe, results_dump
+from safealign.recipe import Recipe, results_dump
 from safealign.stages import STAGE_FILE, Stage, StageContext, finished_stage, load_builtin_stages
 
 log = logging.getLogger("safealign")

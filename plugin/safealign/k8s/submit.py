@@ -29,7 +29,8 @@ import yaml
 
 from safealign.errors import SafeAlignError
 from safealign.k8s.charts import render_objects
-from safealign.recipe import STAGE_ORDER, check_world_size, flatten_recipe, load_recipe, merge, trial_overrides
+from safealign.pipeline import STAGE_ORDER
+from safealign.recipe import check_world_size, flatten_recipe, load_recipe, merge, trial_overrides
 
 RUN_LABEL = "safealign.dev/run"
 MANAGED_BY = "app.kubernetes.io/managed-by"

@@ -22,6 +22,7 @@ from pathlib import Path
 from safealign.data import PreferenceRow
 from safealign.errors import SafeAlignError
 from safealign.files import write_text_atomically
+from safealign.pipeline import SPECS, StageSpec
 from safealign.process import agree, barrier, is_rank_0
 from safealign.recipe import Recipe
 from safealign.training.rows import training_rows
@@ -122,18 +123,31 @@ def run_training_rows(ctx: StageContext) -> list[PreferenceRow]:
 
 @dataclass(frozen=True)
 class Stage:
-    name: str
+    """A stage of `safealign.pipeline.PIPELINE` with its code: what the runner runs."""
+
+    spec: StageSpec
     run: Callable[[StageContext], dict]
-    sections: tuple[str, ...]  # top-level recipe sections the outputs depend on
     description: str
-    upstream: tuple[str, ...] = ()  # stages whose outputs this one reads, when the recipe runs them
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def sections(self) -> tuple[str, ...]:
+        return self.spec.sections
+
+    @property
+    def upstream(self) -> tuple[str, ...]:
+        return self.spec.upstream
 
 
 STAGES: dict[str, Stage] = {}
 
 
-def register_stage(name: str, sections: tuple[str, ...], upstream: tuple[str, ...] = ()):
-    """Decorator: register `fn(ctx) -> summary dict` as the stage `name`.
+def register_stage(name: str):
+    """Decorator: register `fn(ctx) -> summary dict` as the code of the stage `name` of
+    `safealign.pipeline.PIPELINE` (which says what it depends on and where it runs).
 
     The summary is stored in `<stage>/stage.json`; its `outputs` maps names to paths relative to the
     stage directory (what the CLI shows at the end of a run and later stages read).
@@ -141,7 +155,7 @@ def register_stage(name: str, sections: tuple[str, ...], upstream: tuple[str, ..
 
     def decorate(fn: Callable[[StageContext], dict]) -> Callable[[StageContext], dict]:
         doc = (fn.__doc__ or "").strip().splitlines()
-        STAGES[name] = Stage(name=name, run=fn, sections=sections, description=doc[0] if doc else "", upstream=upstream)
+        STAGES[name] = Stage(spec=SPECS[name], run=fn, description=doc[0] if doc else "")
         return fn
 
     return decorate

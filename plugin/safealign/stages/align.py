@@ -24,7 +24,7 @@ from safealign.training.policy import policy_recipe, split_policy_rows, train_po
 log = logging.getLogger("safealign")
 
 
-@register_stage("align", sections=("seed", "model", "data", "align", "deepspeed"), upstream=("rm",))
+@register_stage("align")
 def run_align(ctx: StageContext) -> dict:
     """align.loss (Safe-MM-DPO by default) and every ablation on the base policy, via OpenRLHF's DPOTrainer.
 

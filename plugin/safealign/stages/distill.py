@@ -207,9 +207,7 @@ def ddpo_rows(ctx: StageContext) -> list[PreferenceRow]:
     ]
 
 
-@register_stage(
-    "distill", sections=("seed", "model", "data", "align", "distill", "deepspeed"), upstream=("rm", "align")
-)
+@register_stage("distill")
 def run_distill(ctx: StageContext) -> dict:
     """Teacher answers a prompt set; a smaller student learns them (dSFT, optional dDPO)."""
     recipe, out = ctx.recipe, ctx.work_dir

@@ -400,7 +400,7 @@ def helpfulness(
     return result
 
 
-@register_stage("eval", sections=("seed", "model", "data", "eval"), upstream=("rm", "align", "distill"))
+@register_stage("eval")
 def run_eval(ctx: StageContext) -> dict:
     """BeaverTails safety (per judge, per category) and MT-Bench helpfulness of every model, and a report."""
     recipe, out = ctx.recipe, ctx.work_dir

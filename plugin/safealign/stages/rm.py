@@ -99,7 +99,7 @@ def held_out_metrics(rows: list[PreferenceRow], indices: list[int], scored: dict
     }
 
 
-@register_stage("rm", sections=("seed", "model", "data", "rm", "deepspeed"))
+@register_stage("rm")
 def run_rm(ctx: StageContext) -> dict:
     """Helpful-RM (fine-tuned) and cost model (pooled head solved, or fine-tuned); every pair scored once."""
     recipe, out, rm = ctx.recipe, ctx.work_dir, ctx.recipe.rm
