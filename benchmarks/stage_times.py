@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from safealign.recipe import STAGE_ORDER
+from safealign.pipeline import STAGE_ORDER
 from safealign.stages import STAGE_FILE
 
 

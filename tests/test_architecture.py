@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("trainers", ("safealign.trainers.*", "safealign.cost_sampling")),
     ("openrlhf adapter", ("safealign.openrlhf.*", "safealign.pair_dataset", "safealign.pair_sampler",
                           "safealign.scoring")),
-    ("recipe", ("safealign.recipe", "safealign.models", "safealign.pooled_value", "safealign.ref_provenance")),
+    ("recipe", ("safealign.recipe.*", "safealign.models", "safealign.pooled_value", "safealign.ref_provenance")),
     ("domain", ("safealign.data", "safealign.losses", "safealign.lagrange", "safealign.cost_loss",
                 "safealign.metrics", "safealign.eval.*")),
     ("foundation", ("safealign", "safealign.errors", "safealign.files", "safealign.locks", "safealign.process",

@@ -89,7 +89,7 @@ def test_the_plugin_never_runs_what_it_reads(path):
 def test_wandb_is_checked_before_anything_loads(tmp_path, monkeypatch):
     """`logging.wandb_project` once failed with `No module named 'wandb'` after the models loaded: the
     package and a key (env, `wandb login`'s netrc entry, or offline mode) are checked at validate and run."""
-    import safealign.recipe as recipe_module
+    import safealign.recipe.checks as recipe_module
     from safealign.errors import SafeAlignError
     from safealign.recipe import check_wandb, validate_recipe
 
