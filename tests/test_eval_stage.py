@@ -8,6 +8,7 @@ import socket
 import pytest
 import yaml
 from support import (
+    PKU,
     TINY_ALIGN,
     assert_one_line_error,
     llm_judged_eval,
@@ -315,3 +316,17 @@ def test_an_initial_threshold_holds_each_model_to_the_bases_held_out_cost():
     diff = costs["aligned"]["vs_base"]  # mean -0.25, sd 0.2887, t(3) 3.182: half-width 0.4593
     assert diff["mean"] == -0.25 and diff["ci95"] == pytest.approx([-0.7093, 0.2093], abs=1e-4)
     assert costs["fixed"]["vs_base"]["mean"] == 0.25
+
+
+def test_the_provenance_names_lambda_and_d_only_for_a_loss_that_has_them():
+    """A plain-DPO run's report once said "final λ 1, d = 0": values of a multiplier it never had."""
+    from types import SimpleNamespace
+
+    from safealign.recipe import validate_recipe
+    from safealign.stages.evaluate import provenance
+
+    recipe = validate_recipe({"name": "t", "model": {"policy": "x", "cost_model": "c"}, "data": {"train": [{"path": str(PKU)}]}})
+    for loss, shown in (("safe_mm_dpo", True), ("dpo", False)):
+        aligned = SimpleNamespace(summary={"loss": loss, "final_lambda": 1.5, "cost_threshold": -0.2})
+        origin = provenance(SimpleNamespace(recipe=recipe, upstream=lambda name, a=aligned: a))
+        assert (origin.get("final_lambda"), origin.get("cost_threshold")) == ((1.5, -0.2) if shown else (None, None))

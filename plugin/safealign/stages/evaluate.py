@@ -48,6 +48,7 @@ from safealign.eval.statistics import mean_interval, wilson_interval, win_rate
 from safealign.eval.subsets import stratified_subset
 from safealign.eval.trackers import log_eval
 from safealign.files import write_text_atomically
+from safealign.losses import get_loss
 from safealign.models import count_parameters, resolve_model
 from safealign.openrlhf import engine
 from safealign.openrlhf.settings import resolve_dtype
@@ -326,10 +327,11 @@ def judge_safety(
 
 def provenance(ctx: StageContext) -> dict:
     """What produced these numbers: the recipe (name, hash of its validated content), SafeAlign's version
-    and commit, seed, dtype, date, and the aligned model's final λ and its threshold d."""
+    and commit, seed, dtype, date, and — when its loss has one — the aligned model's final λ and its threshold d."""
     recipe = ctx.recipe
     content = json.dumps(recipe.model_dump(mode="json"), sort_keys=True)
     aligned = ctx.upstream("align")
+    has_lambda = aligned is not None and get_loss(aligned.summary.get("loss", recipe.align.loss)).uses_lambda
     return {
         "recipe": recipe.name,
         "recipe_sha256": hashlib.sha256(content.encode()).hexdigest()[:12],
@@ -338,7 +340,7 @@ def provenance(ctx: StageContext) -> dict:
         "seed": recipe.seed,
         "dtype": resolve_dtype(recipe.model.dtype),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        **({key: aligned.summary.get(key) for key in ("final_lambda", "cost_threshold")} if aligned else {}),
+        **({key: aligned.summary.get(key) for key in ("final_lambda", "cost_threshold")} if has_lambda else {}),
     }
 
 
