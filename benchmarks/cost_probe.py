@@ -29,8 +29,8 @@ def layer_features(model, dataset, strategy, batch_size: int):
     """`[N, 2, layers, hidden]`: every layer's response-mean state for both responses of each pair."""
     import torch
 
+    from safealign.openrlhf.scoring import score_pairs
     from safealign.pooled_value import response_mask
-    from safealign.scoring import score_pairs
 
     norm = model.norm
 
@@ -58,8 +58,8 @@ def measure(recipe_path: Path, l2s: list[float]) -> dict:
     from safealign.eval.statistics import wilson_interval
     from safealign.models import resolve_model
     from safealign.openrlhf import engine
+    from safealign.openrlhf.pair_dataset import PreferencePairDataset
     from safealign.openrlhf.settings import build_settings
-    from safealign.pair_dataset import PreferencePairDataset
     from safealign.pooled_value import TORCH_DTYPES
     from safealign.recipe import load_recipe
     from safealign.stages.rm import is_contradictory

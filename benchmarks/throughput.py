@@ -78,7 +78,7 @@ def measure_scoring(recipe, policy: Path, rows: list, scratch: Path, order) -> d
 def scoring(recipe, rounds: int) -> dict:
     """Rows/s of the rm stage's scoring, length-sorted vs file order."""
     from safealign.models import resolve_model
-    from safealign.scoring import length_order
+    from safealign.openrlhf.scoring import length_order
     from safealign.training.heldout import load_training_rows
 
     rows = load_training_rows(recipe)

@@ -393,8 +393,8 @@ def test_trainer_feeds_summed_logps_and_each_dimension_its_own_margin(tmp_path, 
     from safealign.losses import LossSettings, get_loss, mm_dpo_beta
     from safealign.models import resolve_model
     from safealign.openrlhf import Actor, patches
+    from safealign.openrlhf.pair_dataset import PreferencePairDataset
     from safealign.openrlhf.pair_forward import PairLogProbs
-    from safealign.pair_dataset import PreferencePairDataset
     from safealign.recipe import load_recipe
     from safealign.trainers.safe_mm_dpo import SafeMMDPOTrainer
 

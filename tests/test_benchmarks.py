@@ -190,8 +190,8 @@ def test_the_cost_probe_reads_every_layer_as_the_pooled_cost_model_does(tmp_path
 
     from safealign.models import build_random
     from safealign.openrlhf import engine
+    from safealign.openrlhf.pair_dataset import PreferencePairDataset
     from safealign.openrlhf.settings import build_settings
-    from safealign.pair_dataset import PreferencePairDataset
     from safealign.pooled_value import PooledValueModel, truncated_backbone
     from safealign.recipe import RandomModel, load_recipe
 

@@ -8,7 +8,7 @@ import pytest
 from test_scoring import LengthsDataset
 
 from safealign.openrlhf import DistributedSampler
-from safealign.pair_sampler import PairStepSampler, spread_strata
+from safealign.openrlhf.pair_sampler import PairStepSampler, spread_strata
 
 LENGTHS = [(random.Random(i).randint(3, 60), random.Random(-i).randint(3, 60)) for i in range(40)]
 KWARGS = {"shuffle": True, "seed": 7, "drop_last": True}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from safealign.scoring import length_order, score_pairs
+from safealign.openrlhf.scoring import length_order, score_pairs
 
 
 class LengthsDataset:
@@ -64,7 +64,7 @@ def test_building_a_pair_dataset_forks_no_process(tokenizer_dir, monkeypatch):
     from transformers import AutoTokenizer
 
     from safealign.data import load_rows
-    from safealign.pair_dataset import PreferencePairDataset
+    from safealign.openrlhf.pair_dataset import PreferencePairDataset
 
     def no_fork():
         raise AssertionError("PreferencePairDataset forked a process")

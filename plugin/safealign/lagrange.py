@@ -19,7 +19,7 @@ grows like λ² — uncapped, λ = 62 after 330 steps of a 0.3 violation at lr 0
 339. The cap keeps every step finite (|step| ≤ lr·|Ĵ_C − d|·λ_max) and the helpfulness term's weight
 1/(1+λ) above 1/(1+λ_max). The floor (`LAMBDA_FLOOR`) keeps λ a positive, representable number: a large
 lr with a large negative violation would otherwise underflow `exp` to exactly 0, where the
-multiplicative step is 0 forever. Where Ĵ_C comes from is `safealign.cost_sampling`.
+multiplicative step is 0 forever. Where Ĵ_C comes from is `safealign.trainers.cost_sampling`.
 """
 
 from __future__ import annotations

@@ -229,13 +229,13 @@ class PairTrainingSection(TrainingSection):
     group_by_length: bool = Field(
         True,
         description="sort each optimizer step's pairs by length before cutting micro-batches: less padding, "
-        "same gradient (safealign.pair_sampler)",
+        "same gradient (safealign.openrlhf.pair_sampler)",
     )
     group_by_labels: bool = Field(
         True,
         description="spread each label pattern (both labels, harmlessness only, ...) evenly over the optimizer "
         "steps: every step holds the same count of each to within one, so no step lacks a loss's labels "
-        "(safealign.pair_sampler)",
+        "(safealign.openrlhf.pair_sampler)",
     )
 
 

@@ -26,7 +26,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 from safealign import __version__
-from safealign.cost_sampling import CostModel
 from safealign.data import Message, PreferenceRow, prompt_identity
 from safealign.errors import SafeAlignError
 from safealign.eval.generation import GenerationRequest, Generator, make_generator, resolve_backend
@@ -55,6 +54,7 @@ from safealign.openrlhf.settings import resolve_dtype
 from safealign.process import agree, barrier, is_rank_0, source_commit
 from safealign.recipe import Recipe
 from safealign.stages import StageContext, cost_model_dir, register_stage
+from safealign.trainers.cost_sampling import CostModel
 from safealign.training.heldout import heldout_rows, load_training_rows
 from safealign.training.inference import response_logps, score_generated, scoring_settings
 

@@ -17,9 +17,9 @@ import torch
 from safealign.cost_loss import cost_model_loss
 from safealign.metrics import MetricsLog
 from safealign.openrlhf import RewardModelTrainer
+from safealign.openrlhf.pair_dataset import PairExtras
 from safealign.openrlhf.pair_forward import PairValues
 from safealign.openrlhf.settings import Settings
-from safealign.pair_dataset import PairExtras
 from safealign.trainers.loop import StepLoop
 
 

@@ -7,7 +7,7 @@ What is ours: the batch carries labels and margins (`PairExtras`); the loss come
 `safealign.losses` (so `dpo`, `mm_dpo` and `safe_mm_dpo` share this one code path) and replaces
 OpenRLHF's `DPOLoss` as the trainer's `loss_fn`; every `align.lambda_update_every` optimizer steps
 (`LagrangeMultiplier.due`) the policy answers a fixed prompt pool, the cost model scores the
-answers (`safealign.cost_sampling`) and λ takes one dual step from that Ĵ_C; λ rides in the checkpoint.
+answers (`safealign.trainers.cost_sampling`) and λ takes one dual step from that Ĵ_C; λ rides in the checkpoint.
 
 One weighting whatever the batching: before a step's first forward the loop hands this trainer all of
 the step's micro-batches; it counts the rows labelled for each dimension over them and over all ranks,
@@ -27,15 +27,15 @@ from pathlib import Path
 
 import torch
 
-from safealign.cost_sampling import PolicyCostSampler
 from safealign.errors import SafeAlignError
 from safealign.lagrange import LagrangeMultiplier
 from safealign.losses import PreferenceBatch, PreferenceLoss
 from safealign.metrics import MetricsLog
 from safealign.openrlhf import DPOTrainer
+from safealign.openrlhf.pair_dataset import PairExtras
 from safealign.openrlhf.pair_forward import PairLogProbs
 from safealign.openrlhf.settings import Settings
-from safealign.pair_dataset import PairExtras
+from safealign.trainers.cost_sampling import PolicyCostSampler
 from safealign.trainers.loop import StepLoop
 
 

@@ -12,14 +12,14 @@ from safealign.data import PreferenceRow
 from safealign.errors import SafeAlignError
 from safealign.models import policy_and_reference
 from safealign.openrlhf import engine
+from safealign.openrlhf.pair_dataset import PreferencePairDataset
 from safealign.openrlhf.pair_forward import PairLogProbs, PairValues
+from safealign.openrlhf.scoring import score_pairs
 from safealign.openrlhf.settings import Settings, build_settings
-from safealign.pair_dataset import PreferencePairDataset
 from safealign.pooled_value import TORCH_DTYPES, PooledValueModel, is_pooled, read_spec
 from safealign.process import gpu_available
 from safealign.recipe import Recipe
 from safealign.ref_provenance import check_same_tokenizer, reference_provenance
-from safealign.scoring import score_pairs
 
 #: Scoring generated answers (eval, distill's best-of-n): room for long prompts whatever data.max_len is.
 ANSWER_MAX_LEN = 2048

@@ -18,8 +18,9 @@ from safealign.cost_loss import cost_model_loss, cross_validated_l2, fit_linear_
 from safealign.data import PreferenceRow, prompt_folds
 from safealign.errors import SafeAlignError
 from safealign.openrlhf import engine
+from safealign.openrlhf.pair_dataset import PreferencePairDataset
+from safealign.openrlhf.scoring import score_pairs
 from safealign.openrlhf.settings import build_settings
-from safealign.pair_dataset import PreferencePairDataset
 from safealign.pooled_value import (
     SPEC_FILE,
     TORCH_DTYPES,
@@ -30,7 +31,6 @@ from safealign.pooled_value import (
 )
 from safealign.process import agree, barrier, gpu_available, is_rank_0
 from safealign.recipe import CostModelSection, Recipe
-from safealign.scoring import score_pairs
 
 log = logging.getLogger("safealign")
 

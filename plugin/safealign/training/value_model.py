@@ -9,9 +9,9 @@ from pathlib import Path
 from safealign.data import PreferenceRow
 from safealign.errors import SafeAlignError
 from safealign.openrlhf import engine
+from safealign.openrlhf.pair_dataset import PreferencePairDataset
+from safealign.openrlhf.pair_sampler import pair_loader
 from safealign.openrlhf.settings import build_settings
-from safealign.pair_dataset import PreferencePairDataset
-from safealign.pair_sampler import pair_loader
 from safealign.process import agree
 from safealign.recipe import Recipe, RewardModelSection
 

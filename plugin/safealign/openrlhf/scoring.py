@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from tqdm import tqdm
 
-from safealign.pair_sampler import pair_length
+from safealign.openrlhf.pair_sampler import pair_length
 
 
 def length_order(items: list[tuple]) -> list[int]:

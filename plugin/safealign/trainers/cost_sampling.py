@@ -41,12 +41,12 @@ from safealign.errors import SafeAlignError
 from safealign.eval.generation import GenerationRequest, HFGenerator, ShardedGenerator
 from safealign.metrics import MetricsLog
 from safealign.openrlhf import engine, get_llm_for_sequence_regression
+from safealign.openrlhf.pair_dataset import PreferencePairDataset
+from safealign.openrlhf.scoring import score_pairs
 from safealign.openrlhf.settings import VALUE_HEAD, Settings
-from safealign.pair_dataset import PreferencePairDataset
 from safealign.pooled_value import TORCH_DTYPES, PooledValueModel, is_pooled, read_spec
 from safealign.process import gpu_available
 from safealign.recipe import Recipe
-from safealign.scoring import score_pairs
 
 log = logging.getLogger("safealign")
 
