@@ -52,7 +52,7 @@ def rates(runs: list[dict], *counts: str) -> dict:
 def measure_scoring(recipe, policy: Path, rows: list, scratch: Path, order) -> dict:
     """One pass of the rm stage's scoring with `order` in place of `scoring.length_order`: seconds in
     `score_pairs`, rows scored, padding share."""
-    from safealign import scoring as scoring_module
+    import safealign.openrlhf.scoring as scoring_module
     from safealign.training import inference
 
     sorted_order, score_pairs = scoring_module.length_order, inference.score_pairs
