@@ -161,14 +161,14 @@ def shrink_overrides(recipe_path: Path, tokenizer_dir: Path) -> list[str]:
               "num_hidden_layers: 2, tie_word_embeddings: false}}}")  # fmt: skip
     out = [f"model.policy={policy}", "model.dtype=fp32", "data.max_len=256", "logging.tensorboard=false"]
     out += [f"data.train.{i}.max_rows=12" for i in range(len(recipe.data.train))]
-    trainers = {"align": "align"}
+    trainers = ["align"]
     if "rm" in recipe.stages:
-        trainers["rm"] = "rm.helpful"
+        trainers.append("rm.helpful")
         out += ["rm.helpful.trainable_layers=1"]  # the tiny model has 2 layers
     if "distill" in recipe.stages:
-        trainers["distill"] = "distill.sft"
+        trainers.append("distill.sft")
         out += ["distill.max_prompts=4", "distill.max_new_tokens=8"]
-    for section in trainers.values():
+    for section in trainers:
         out += [f"{section}.{key}={value}" for key, value in SHRUNK_TRAINING.items()]
     out += ["align.cost_sampling.prompts=4", "align.cost_sampling.max_new_tokens=4", "align.lambda_update_every=1"]
     if recipe.align.max_pairs is not None:
