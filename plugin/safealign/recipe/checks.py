@@ -26,6 +26,7 @@ from safealign.recipe.schema import (
 
 log = logging.getLogger("safealign")
 
+
 def check_gguf_specs(recipe: Recipe, source: str) -> None:
     """Every GGUF the recipe names (a `.gguf` path or `gguf:<package>`) starts like one: an installed
     package without its `.gguf`, or a file that is not one, is a line at validate, not a crash in run. (A

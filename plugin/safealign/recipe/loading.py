@@ -9,9 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import (
-    ValidationError,
-)
+from pydantic import ValidationError
 
 from safealign.errors import SafeAlignError
 from safealign.recipe.checks import check_cost_model, check_eval_groups, check_gguf_specs, check_loss_keys, model_dirs
