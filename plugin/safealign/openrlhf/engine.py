@@ -8,6 +8,7 @@ import logging
 import math
 import re
 import shutil
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -142,8 +143,9 @@ def resumable_tag(ckpt_dir: Path) -> str | None:
 
     DeepSpeed writes `latest` last, after every state file of the new checkpoint, by truncating and
     rewriting it. A kill inside that write leaves it empty (seen in CI: a SIGKILLed distill stage), and
-    DeepSpeed would then look for states in the checkpoint folder itself and fail. The checkpoint being
-    announced was complete by then, so the newest one with model states is taken, and the log says so."""
+    DeepSpeed would then look for states in the checkpoint folder itself and fail. Then the newest
+    *complete* checkpoint is taken, and the log says so: not simply the newest folder, which a kill
+    while its states were written leaves with a truncated file that fails to unpickle (seen in CI too)."""
     latest = ckpt_dir / "latest"
     if not latest.is_file():
         return None
@@ -153,14 +155,27 @@ def resumable_tag(ckpt_dir: Path) -> str | None:
     saved = {
         int(match[1]): d
         for d in ckpt_dir.iterdir()
-        if (match := re.fullmatch(r"global_step(\d+)", d.name)) and d.is_dir() and any(d.glob("*model_states.pt"))
+        if (match := re.fullmatch(r"global_step(\d+)", d.name)) and d.is_dir() and complete_checkpoint(d)
     }
     if not saved:
         return None
     newest = saved[max(saved)]
     log.warning("%s names %s, which is not a checkpoint (a kill while it was being written); resuming from %s, "
-                "the newest one", latest, repr(tag) if tag else "nothing", newest.name)  # fmt: skip
+                "the newest complete one", latest, repr(tag) if tag else "nothing", newest.name)  # fmt: skip
     return newest.name
+
+
+def complete_checkpoint(folder: Path) -> bool:
+    """Whether a DeepSpeed checkpoint folder holds model and optimizer states, each written to the end.
+
+    torch.save writes a zip archive whose directory record comes last, so a file cut short by a kill is
+    told apart from a whole one without unpickling gigabytes."""
+    states = list(folder.glob("*.pt"))
+    return (
+        any(f.name.endswith("model_states.pt") for f in states)
+        and any(f.name.endswith("optim_states.pt") for f in states)
+        and all(zipfile.is_zipfile(f) for f in states)
+    )
 
 
 def resume_state(strategy: DeepspeedStrategy, engine, args: Settings) -> dict:
