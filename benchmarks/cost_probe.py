@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/cost_probe.py [--recipe recipes/evidence.yaml] [--l2 1e-3 1e-2 1e-1]
 
 The recipe's policy reads every response of its training pairs and of `eval.heldout_pairs` once, keeping
-each decoder layer's mean over the response tokens (what `safealign.pooled_value` computes at that layer:
+each decoder layer's mean over the response tokens (what `safealign.models.pooled_value` computes at that layer:
 the hidden states after the model's final norm). For every layer and ridge penalty the head is solved on
 the training pairs exactly as the rm stage solves it (`cost_loss.fit_linear_cost_head`, Safe RLHF's loss:
 pairwise + safety-sign terms), then measured on the held-out pairs: safety-sign accuracy on the labelled
@@ -29,8 +29,8 @@ def layer_features(model, dataset, strategy, batch_size: int):
     """`[N, 2, layers, hidden]`: every layer's response-mean state for both responses of each pair."""
     import torch
 
+    from safealign.models.pooled_value import response_mask
     from safealign.openrlhf.scoring import score_pairs
-    from safealign.pooled_value import response_mask
 
     norm = model.norm
 
@@ -53,18 +53,18 @@ def measure(recipe_path: Path, l2s: list[float]) -> dict:
     import torch
     from transformers import AutoModel
 
-    from safealign.cost_loss import cost_model_loss, cross_validated_l2, fit_linear_cost_head
-    from safealign.data import prompt_folds
+    from safealign.domain.cost_loss import cost_model_loss, cross_validated_l2, fit_linear_cost_head
+    from safealign.domain.data import prompt_folds
     from safealign.eval.statistics import wilson_interval
-    from safealign.models import resolve_model
+    from safealign.models.pooled_value import TORCH_DTYPES
+    from safealign.models.resolve import resolve_model
     from safealign.openrlhf import engine
     from safealign.openrlhf.pair_dataset import PreferencePairDataset
     from safealign.openrlhf.settings import build_settings
-    from safealign.pooled_value import TORCH_DTYPES
     from safealign.recipe import load_recipe
     from safealign.stages.rm import is_contradictory
-    from safealign.training.heldout import heldout_rows, load_training_rows
-    from safealign.training.pooled_cost import CV_FOLDS, default_layer, label_tensors
+    from safealign.workflows.heldout import heldout_rows, load_training_rows
+    from safealign.workflows.pooled_cost import CV_FOLDS, default_layer, label_tensors
 
     recipe = load_recipe(recipe_path)
     train_rows = [r for r in load_training_rows(recipe) if r.safer_response_id >= 0 and not is_contradictory(r)]

@@ -40,14 +40,14 @@ def measure(run_dir: Path, recipe_path: Path, updates: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from safealign.data import hold_out_prompts
-    from safealign.models import resolve_model
+    from safealign.domain.data import hold_out_prompts
+    from safealign.models.resolve import resolve_model
     from safealign.openrlhf import engine
     from safealign.openrlhf.settings import build_settings
     from safealign.recipe import load_recipe
     from safealign.stages import finished_stage
     from safealign.trainers.cost_sampling import CostModel, PolicyCostSampler
-    from safealign.training.rows import training_rows
+    from safealign.workflows.rows import training_rows
 
     recipe = load_recipe(recipe_path)
     settings = recipe.align.cost_sampling

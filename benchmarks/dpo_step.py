@@ -131,7 +131,7 @@ def recipe_for(setting: Setting, out: Path):
 def bench_rows(setting: Setting) -> list:
     """The measured rows: enough for `steps` + 1 optimizer steps, with what the rm stage would add
     (synthetic margins and costs: their values do not change the cost of a step)."""
-    from safealign.data import load_rows
+    from safealign.domain.data import load_rows
 
     wanted = (setting.steps + 1) * setting.batch
     if setting.data == "evidence":
@@ -152,7 +152,7 @@ def bench_rows(setting: Setting) -> list:
 def reference_child(setting: Setting, path: Path) -> None:
     """The rm stage's reference pass over the measured rows, written to `path` for the cached runs. Its
     own process: the cached runs' memory must not include a reference model loaded and freed before."""
-    from safealign.training.inference import reference_logps
+    from safealign.workflows.inference import reference_logps
 
     with tempfile.TemporaryDirectory(prefix="bench-reference-") as tmp:
         recipe = recipe_for(setting, Path(tmp))
@@ -168,7 +168,7 @@ def child(variant: str, setting: Setting, reference: Path) -> dict:
 
 def measured_run(variant: str, setting: Setting, reference: Path, out: Path) -> dict:
     """Build the variant, train `steps` optimizer steps, report timings and memory."""
-    from safealign.models import resolve_model
+    from safealign.models.resolve import resolve_model
     from safealign.openrlhf import DeepspeedStrategy  # (after the patches, as everywhere)
 
     recipe = recipe_for(setting, out)
@@ -196,7 +196,7 @@ def measured_run(variant: str, setting: Setting, reference: Path, out: Path) -> 
     if variant == "openrlhf_dpo":
         _openrlhf_dpo(recipe, rows, policy, out)
     else:
-        from safealign.training.policy import split_policy_rows, train_policy
+        from safealign.workflows.policy import split_policy_rows, train_policy
 
         train_policy(recipe, split_policy_rows(recipe, rows, pairs_from=recipe), policy, policy, None, out)
     # optimizer_step runs once per micro-batch; DeepSpeed steps the optimizer at the accumulation boundary.

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from safealign.data import load_rows
-from safealign.models import resolve_model
+from safealign.domain.data import load_rows
+from safealign.models.resolve import resolve_model
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 LAYERS = (20, 25, 30)

@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from safealign.pipeline import STAGE_ORDER
+from safealign.core.pipeline import STAGE_ORDER
 from safealign.stages import STAGE_FILE
 
 

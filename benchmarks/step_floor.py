@@ -84,7 +84,7 @@ def measure_floor(setting: dpo_step.Setting, tokens_per_micro: int) -> dict:
     import torch
     from transformers import AutoConfig
 
-    from safealign.models import resolve_model
+    from safealign.models.resolve import resolve_model
     from safealign.openrlhf.settings import resolve_dtype
 
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[resolve_dtype(setting.dtype)]

@@ -53,7 +53,7 @@ def measure_scoring(recipe, policy: Path, rows: list, scratch: Path, order) -> d
     """One pass of the rm stage's scoring with `order` in place of `scoring.length_order`: seconds in
     `score_pairs`, rows scored, padding share."""
     import safealign.openrlhf.scoring as scoring_module
-    from safealign.training import inference
+    from safealign.workflows import inference
 
     sorted_order, score_pairs = scoring_module.length_order, inference.score_pairs
     measured: dict = {}
@@ -77,9 +77,9 @@ def measure_scoring(recipe, policy: Path, rows: list, scratch: Path, order) -> d
 
 def scoring(recipe, rounds: int) -> dict:
     """Rows/s of the rm stage's scoring, length-sorted vs file order."""
-    from safealign.models import resolve_model
+    from safealign.models.resolve import resolve_model
     from safealign.openrlhf.scoring import length_order
-    from safealign.training.heldout import load_training_rows
+    from safealign.workflows.heldout import load_training_rows
 
     rows = load_training_rows(recipe)
     policy = resolve_model(recipe.model.policy)
@@ -100,8 +100,8 @@ def scoring(recipe, rounds: int) -> dict:
 
 def generation(recipe, rounds: int) -> dict:
     """Answers/s of the eval stage's HF generation, batched (eval.batch_size) vs one by one."""
-    from safealign.eval.generation import GenerationRequest, GenerationStats, HFGenerator
-    from safealign.models import resolve_model
+    from safealign.domain.generation import GenerationRequest, GenerationStats, HFGenerator
+    from safealign.models.resolve import resolve_model
     from safealign.openrlhf.settings import resolve_dtype
     from safealign.stages.evaluate import eval_prompts
 

@@ -90,7 +90,7 @@ def tiny_cost_model(tokenizer_dir: Path) -> Path:
         return target
     import torch
 
-    from safealign.models import build_random
+    from safealign.models.resolve import build_random
     from safealign.openrlhf import get_llm_for_sequence_regression, patches
     from safealign.recipe import RandomModel
 

@@ -389,9 +389,9 @@ def test_trainer_feeds_summed_logps_and_each_dimension_its_own_margin(tmp_path, 
 
     from transformers import AutoTokenizer
 
-    from safealign.data import load_rows
+    from safealign.domain.data import load_rows
     from safealign.losses import LossSettings, get_loss, mm_dpo_beta
-    from safealign.models import resolve_model
+    from safealign.models.resolve import resolve_model
     from safealign.openrlhf import Actor, patches
     from safealign.openrlhf.pair_dataset import PreferencePairDataset
     from safealign.openrlhf.pair_forward import PairLogProbs

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from support import assert_one_line_error, run_cli
 
-from safealign.allocator import choose, find_library
-from safealign.errors import SafeAlignError
+from safealign.core.allocator import choose, find_library
+from safealign.core.errors import SafeAlignError
 
 INSTALLED = {"tcmalloc": "/lib/libtcmalloc_minimal.so.4", "jemalloc": "/lib/libjemalloc.so.2"}
 

@@ -188,11 +188,11 @@ def test_the_cost_probe_reads_every_layer_as_the_pooled_cost_model_does(tmp_path
     for a model the stage does not build."""
     from transformers import AutoModel
 
-    from safealign.models import build_random
+    from safealign.models.pooled_value import PooledValueModel, truncated_backbone
+    from safealign.models.resolve import build_random
     from safealign.openrlhf import engine
     from safealign.openrlhf.pair_dataset import PreferencePairDataset
     from safealign.openrlhf.settings import build_settings
-    from safealign.pooled_value import PooledValueModel, truncated_backbone
     from safealign.recipe import RandomModel, load_recipe
 
     probe = load_benchmark("cost_probe")
@@ -203,7 +203,7 @@ def test_the_cost_probe_reads_every_layer_as_the_pooled_cost_model_does(tmp_path
     strategy = engine.make_strategy(args)
     full = AutoModel.from_pretrained(base, dtype=torch.float32).eval()
     tokenizer = engine.load_tokenizer(base, full, strategy, padding_side="left")
-    from safealign.data import load_sources
+    from safealign.domain.data import load_sources
 
     dataset = PreferencePairDataset(load_sources(recipe.data.train), tokenizer, 128, strategy, None, for_reward_model=True)
     with torch.no_grad():

@@ -223,17 +223,17 @@ def test_a_gz_that_is_not_gzip_or_is_cut_short_is_one_line(tmp_path, cut):
 
 def test_an_unreadable_recipe_or_data_file_is_one_line(tmp_path, monkeypatch):
     """Permissions (root reads everything here, so the refusal is injected where the file is opened)."""
-    import safealign.data
-    from safealign.errors import SafeAlignError
+    import safealign.domain.data
+    from safealign.core.errors import SafeAlignError
     from safealign.recipe import load_recipe
 
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
     write_jsonl(tmp_path / "d.jsonl", pku_rows(2))
-    monkeypatch.setattr(safealign.data, "open", refuse, raising=False)
+    monkeypatch.setattr(safealign.domain.data, "open", refuse, raising=False)
     with pytest.raises(SafeAlignError, match=r"d.jsonl: cannot be read \(Permission denied\); check the file's permissions"):
-        safealign.data.load_rows(tmp_path / "d.jsonl", "pku_saferlhf")
+        safealign.domain.data.load_rows(tmp_path / "d.jsonl", "pku_saferlhf")
     recipe = Path(write_recipe(tmp_path, tmp_path / "d.jsonl"))
     monkeypatch.setattr(Path, "read_bytes", refuse)
     with pytest.raises(SafeAlignError, match=r"r.yaml: cannot be read \(Permission denied\); check the file's permissions"):
@@ -311,7 +311,7 @@ def test_held_out_pairs_of_a_trained_conversation_are_left_out_of_the_measure(tm
 
 
 def test_a_driver_version_nvml_gives_in_another_form_is_reported_not_a_traceback(monkeypatch):
-    from safealign import process
+    from safealign.core import process
 
     monkeypatch.setattr(process, "nvidia_driver_version", lambda: "r580-open")
     assert process.no_gpu_reason().startswith("driver r580-open found: check the node's NVIDIA driver (>= 580)")
@@ -320,9 +320,9 @@ def test_a_driver_version_nvml_gives_in_another_form_is_reported_not_a_traceback
 def test_a_gguf_that_is_not_one_is_one_line(tmp_path):
     """A file that is not a GGUF (a saved error page) and an installed package with no .gguf are caught at
     validate; a GGUF cut short (a real header, the rest missing) is one line from the converter."""
-    from safealign.errors import SafeAlignError
-    from safealign.gguf import find_packaged_gguf
-    from safealign.models import convert_gguf
+    from safealign.core.errors import SafeAlignError
+    from safealign.core.gguf import find_packaged_gguf
+    from safealign.models.resolve import convert_gguf
 
     write_jsonl(tmp_path / "d.jsonl", pku_rows(2))
     (tmp_path / "page.gguf").write_bytes(b"<html>Not Found</html>")

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from safealign.cost_loss import SAFE, UNKNOWN, UNSAFE, cost_model_loss
-from safealign.data import PreferenceRow
+from safealign.domain.cost_loss import SAFE, UNKNOWN, UNSAFE, cost_model_loss
+from safealign.domain.data import PreferenceRow
 from safealign.stages.rm import held_out_metrics, is_contradictory, oriented_margin
 
 

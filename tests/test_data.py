@@ -7,8 +7,8 @@ import json
 import pytest
 from support import HH, PKU, pku_rows, write_jsonl
 
-from safealign.data import RowError, hold_out_prompts, load_rows, prompt_identity, split_by_prompt
-from safealign.errors import SafeAlignError
+from safealign.core.errors import SafeAlignError
+from safealign.domain.data import RowError, hold_out_prompts, load_rows, prompt_identity, split_by_prompt
 
 
 def test_pku_sample_loads_with_both_labels():
@@ -124,7 +124,7 @@ def test_the_cost_pool_is_a_fixed_set_of_prompts_whose_every_pair_leaves_trainin
 def test_training_subsets_are_nested_deterministic_and_in_file_order():
     """align.max_pairs: the subset for 100 pairs is inside the one for 200 (a learning curve on one base),
     the same whatever else varies, in the rows' own order."""
-    from safealign.data import subset_by_prompt
+    from safealign.domain.data import subset_by_prompt
 
     rows = load_rows(PKU, "pku_saferlhf")
     small, large = subset_by_prompt(rows, 20, seed=7), subset_by_prompt(rows, 60, seed=7)
@@ -138,7 +138,7 @@ def test_training_subsets_are_nested_deterministic_and_in_file_order():
 
 def test_a_training_subset_takes_the_pairs_with_both_labels_first():
     """align.max_pairs on mixed data: every pair labelled for helpfulness is in before a harmless-only one."""
-    from safealign.data import subset_by_prompt
+    from safealign.domain.data import subset_by_prompt
 
     pku, hh = load_rows(PKU, "pku_saferlhf")[:10], load_rows(HH, "hh_rlhf", dimension="safe")[:30]
     mixed = hh[:15] + pku + hh[15:]
@@ -150,7 +150,7 @@ def test_a_training_subset_takes_the_pairs_with_both_labels_first():
 def test_the_rm_split_keeps_a_conversation_on_one_side():
     """Pairs of one conversation (a prompt extending another, the same opening in other capitals) are
     held out together or not at all, for any seed."""
-    from safealign.data import PreferenceRow, held_out_indices
+    from safealign.domain.data import PreferenceRow, held_out_indices
 
     def row(*turns: str) -> PreferenceRow:
         prompt = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
@@ -165,7 +165,7 @@ def test_the_rm_split_keeps_a_conversation_on_one_side():
 
 
 def test_flipped_labels_reverse_both_preferences_and_negate_the_margins():
-    from safealign.data import PreferenceRow, relabel
+    from safealign.domain.data import PreferenceRow, relabel
 
     rows = [
         PreferenceRow(prompt=[{"role": "user", "content": "q"}], response_0="a", response_1="b", better_response_id=0,
@@ -181,7 +181,7 @@ def test_flipped_labels_reverse_both_preferences_and_negate_the_margins():
 
 
 def test_shuffled_labels_flip_about_half_the_pairs_the_same_way_every_time():
-    from safealign.data import relabel
+    from safealign.domain.data import relabel
 
     rows = [row_of(i) for i in range(400)]
     once, again, other_seed = (relabel(rows, "shuffled", seed) for seed in (1, 1, 2))
@@ -194,7 +194,7 @@ def test_shuffled_labels_flip_about_half_the_pairs_the_same_way_every_time():
 
 
 def row_of(i: int):
-    from safealign.data import PreferenceRow
+    from safealign.domain.data import PreferenceRow
 
     return PreferenceRow(prompt=[{"role": "user", "content": f"question {i}"}], response_0=f"a{i}", response_1=f"b{i}",
                          better_response_id=i % 2, safer_response_id=0)  # fmt: skip

@@ -17,7 +17,7 @@ import yaml
 from support import build_tokenizer, kill_when, pku_rows, run_cli, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from safealign.models import build_random, derive_student
+from safealign.models.resolve import build_random, derive_student
 from safealign.recipe import RandomModel
 
 pytestmark = pytest.mark.slow

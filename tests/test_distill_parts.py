@@ -9,14 +9,14 @@ import pytest
 from support import PKU, pku_rows, write_jsonl
 from transformers import AutoTokenizer
 
-from safealign.data import load_prompt_file, unique_prompts
-from safealign.errors import SafeAlignError
-from safealign.eval.generation import GenerationRequest, format_prompt
+from safealign.core.errors import SafeAlignError
+from safealign.domain.data import load_prompt_file, unique_prompts
+from safealign.domain.generation import GenerationRequest, format_prompt
 from safealign.eval.report import teacher_vs_student
 from safealign.eval.safety import DEFAULT_PATH
 from safealign.recipe import validate_recipe
 from safealign.stages.distill import _candidate_pairs, _unpair, pick_answer
-from safealign.training.heldout import check_not_eval_prompts
+from safealign.workflows.heldout import check_not_eval_prompts
 
 
 @pytest.mark.parametrize(

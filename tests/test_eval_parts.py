@@ -12,7 +12,7 @@ import socket
 import pytest
 from support import PKU
 
-from safealign.errors import SafeAlignError
+from safealign.core.errors import SafeAlignError
 from safealign.eval.judges import ChatClient, ChatClientError, JudgeUnavailable, LLMJudge, RefusalJudge
 from safealign.eval.mtbench import judge_messages, load_judge_prompts, load_questions, parse_rating
 from safealign.eval.safety import SafetyPrompt, load_prompts, safety_rates
@@ -113,7 +113,7 @@ def test_llm_judge_retries_server_errors_and_honours_retry_after(judge_api):
 def test_a_judge_outage_is_retryable_and_a_refusal_is_not(judge_api):
     """An outage (5xx, rate limits, timeouts after every retry) exits 75, which a Job retries; an answer
     that says the request is wrong (4xx) or a reply that is no chat completion exits 2 (fix the recipe)."""
-    from safealign.errors import TransientError
+    from safealign.core.errors import TransientError
 
     url, api = judge_api
     api.script = [500, 500, 500]
@@ -323,7 +323,7 @@ def test_paired_tests_by_hand():
 def test_heldout_accuracies_by_hand():
     """Four pairs, computed by hand. Likelihood accuracy reads the per-token means; the implicit reward
     reads summed log-ratios to the base; a pair unlabelled for a dimension does not count there."""
-    from safealign.data import PreferenceRow
+    from safealign.domain.data import PreferenceRow
     from safealign.eval.pairs import heldout_results
 
     def row(better: int, safer: int) -> PreferenceRow:

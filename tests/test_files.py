@@ -13,10 +13,10 @@ import textwrap
 import pytest
 from support import clean_env, tiny_recipe
 
-from safealign.errors import SafeAlignError
+from safealign.core.errors import SafeAlignError
+from safealign.core.files import disk_full, read_appended_jsonl
+from safealign.domain.metrics import MetricsLog
 from safealign.eval.judges import ChatClient
-from safealign.files import disk_full, read_appended_jsonl
-from safealign.metrics import MetricsLog
 
 
 def test_a_torn_last_line_is_dropped_with_a_warning_and_cut_from_the_file(tmp_path, caplog):

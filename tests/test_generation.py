@@ -7,8 +7,8 @@ import json
 import pytest
 from support import pku_rows
 
-from safealign.eval.generation import GenerationRequest, HFGenerator, make_generator, vllm_usable
-from safealign.models import build_random
+from safealign.domain.generation import GenerationRequest, HFGenerator, make_generator, vllm_usable
+from safealign.models.resolve import build_random
 from safealign.recipe import RandomModel
 
 
@@ -75,7 +75,7 @@ def test_vllm_gets_token_ids_without_a_bos_for_an_input_template(monkeypatch, to
 
     from transformers import AutoTokenizer
 
-    from safealign.eval.generation import VLLMGenerator
+    from safealign.domain.generation import VLLMGenerator
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     tokenizer.add_bos_token = True  # a tokenizer that would add a BOS if asked to add special tokens
@@ -113,7 +113,7 @@ def test_a_vllm_engine_is_shut_down_and_its_memory_awaited_before_the_next_model
     import sys
     import types
 
-    from safealign.eval.generation import VLLMGenerator
+    from safealign.domain.generation import VLLMGenerator
 
     order: list[str] = []
     engine_core = types.SimpleNamespace(shutdown=lambda: order.append("engine_core.shutdown"))
@@ -138,7 +138,7 @@ def test_a_vllm_engine_is_shut_down_and_its_memory_awaited_before_the_next_model
         return polls[-1] * 2**30, 80 * 2**30
 
     monkeypatch.setattr("torch.cuda.mem_get_info", mem_get_info)
-    monkeypatch.setattr("safealign.eval.generation.time.sleep", lambda seconds: None)
+    monkeypatch.setattr("safealign.domain.generation.time.sleep", lambda seconds: None)
 
     generator = VLLMGenerator("model-dir", dtype="bf16")
     generator.close()
@@ -151,8 +151,8 @@ def test_a_vllm_engine_is_shut_down_and_its_memory_awaited_before_the_next_model
 
 SHARD_SCRIPT = """
 import json, torch.distributed as dist
-from safealign.eval.generation import GenerationRequest, GenerationStats, ShardedGenerator
-from safealign.process import init_process_group, leave_process_group
+from safealign.domain.generation import GenerationRequest, GenerationStats, ShardedGenerator
+from safealign.core.process import init_process_group, leave_process_group
 
 class Echo:  # stands in for a model: answers with the prompt, records what it was asked
     def __init__(self):
@@ -195,7 +195,7 @@ def test_sharded_generation_splits_requests_over_ranks_and_gathers_them_in_order
 )
 def test_vllm_tensor_parallel_size_splits_the_heads(tmp_path, gpus, heads, kv_heads, expected):
     """Mistral-7B (32 heads, 8 KV) takes all 8 GPUs; a 4-head model takes 4; 6 GPUs use 4; no GPU: 1."""
-    from safealign.eval.generation import tensor_parallel
+    from safealign.domain.generation import tensor_parallel
 
     (tmp_path / "config.json").write_text(json.dumps({"num_attention_heads": heads, "num_key_value_heads": kv_heads}))
     assert tensor_parallel(tmp_path, gpus) == expected

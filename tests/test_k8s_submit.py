@@ -9,7 +9,7 @@ import pytest
 import yaml
 from k8s_standin import Server, StandIn
 
-from safealign.errors import SafeAlignError
+from safealign.core.errors import SafeAlignError
 
 pytest.importorskip("helm_python", reason="submit renders the charts with helm-python-sdk")
 pytest.importorskip("kubernetes")

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from safealign.lagrange import LAMBDA_FLOOR, LagrangeMultiplier
+from safealign.domain.lagrange import LAMBDA_FLOOR, LagrangeMultiplier
 
 CAP = 5.0
 

@@ -14,8 +14,8 @@ import time
 import pytest
 from support import assert_one_line_error, clean_env, run_cli, tiny_recipe, train_steps
 
-from safealign.errors import SafeAlignError
-from safealign.locks import RunLock, locked_file
+from safealign.core.errors import SafeAlignError
+from safealign.core.locks import RunLock, locked_file
 
 
 def test_a_second_run_is_refused_at_once_naming_the_holder(tmp_path, tokenizer_dir, scored_rows):
@@ -51,7 +51,7 @@ def test_a_run_alongside_a_running_one_leaves_it_untouched(tmp_path, tokenizer_d
 def test_the_lock_of_a_killed_run_is_taken_over(tmp_path, caplog):
     lock = tmp_path / "run" / ".lock"
     holder = subprocess.run(
-        [sys.executable, "-c", "import os, signal, sys\nfrom safealign.locks import RunLock\n"
+        [sys.executable, "-c", "import os, signal, sys\nfrom safealign.core.locks import RunLock\n"
          f"RunLock(__import__('pathlib').Path({str(lock)!r})).acquire()\nos.kill(os.getpid(), signal.SIGKILL)"],
         env=clean_env(),
     )  # fmt: skip
@@ -72,7 +72,7 @@ def test_a_run_dir_that_is_a_file_is_one_line(tmp_path):
 APPENDER = """
 import sys
 from pathlib import Path
-from safealign.locks import locked_file
+from safealign.core.locks import locked_file
 path, tag = Path(sys.argv[1]), sys.argv[2]
 for i in range(300):
     with locked_file(path) as handle:
@@ -111,7 +111,7 @@ def test_a_run_dir_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
 def test_a_model_cache_that_cannot_be_written_is_one_line(tmp_path, tokenizer_dir, monkeypatch):
     """A GGUF conversion or a random model goes to $SAFEALIGN_CACHE (/models in a pod): the refusal to
     write there (injected: root writes anywhere) is one line before any model is built."""
-    from safealign.models import build_random
+    from safealign.models.resolve import build_random
     from safealign.recipe import RandomModel
 
     monkeypatch.setenv("SAFEALIGN_CACHE", str(tmp_path / "models"))
@@ -143,7 +143,7 @@ def test_a_filesystem_without_locks_warns_once_and_releases_cleanly(tmp_path, mo
     """NFSv3 without lockd answers ENOLCK to lock *and* unlock: the documented warning, then no traceback."""
     import errno
 
-    from safealign import locks
+    from safealign.core import locks
 
     def no_locks(fd, operation):
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))

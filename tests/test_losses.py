@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from safealign.errors import SafeAlignError
+from safealign.core.errors import SafeAlignError
 from safealign.losses import (
     LossSettings,
     PreferenceBatch,

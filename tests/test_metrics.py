@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from safealign.metrics import MetricsLog, StatsAccumulator, read_metrics
+from safealign.domain.metrics import MetricsLog, StatsAccumulator, read_metrics
 
 
 def test_per_dimension_stats_are_weighted_by_their_row_counts():

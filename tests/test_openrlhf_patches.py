@@ -86,7 +86,7 @@ assert importlib.util.find_spec("flash_attn") is None
 from safealign.openrlhf import Actor, patches
 from safealign.stages import load_builtin_stages
 from safealign.openrlhf.settings import resolve_attention
-from safealign.errors import SafeAlignError
+from safealign.core.errors import SafeAlignError
 import openrlhf.utils.deepspeed.deepspeed as ds_strategy
 from deepspeed.runtime.engine import DeepSpeedEngine
 

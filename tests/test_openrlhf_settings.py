@@ -116,7 +116,7 @@ def test_the_engine_loads_the_policy_as_the_settings_say(tokenizer_dir, tmp_path
     """Gradient checkpointing and LoRA reach OpenRLHF's Actor from the frozen settings (no other route)."""
     from types import SimpleNamespace as NS
 
-    from safealign.models import resolve_model
+    from safealign.models.resolve import resolve_model
     from safealign.openrlhf.engine import load_actor
 
     recipe = recipe_for(tokenizer_dir, gradient_checkpointing=True, lora={"rank": 4, "alpha": 8})

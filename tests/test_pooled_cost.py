@@ -1,4 +1,4 @@
-"""The pooled cost model (safealign.pooled_value, training.pooled_cost): its pooling, its solved head, and
+"""The pooled cost model (safealign.models.pooled_value, workflows.pooled_cost): its pooling, its solved head, and
 the rm stage, Ĵ_C and eval reading it. Tiny random models; the real model's numbers are
 benchmarks/cost_probe.py's (docs/rm.md)."""
 
@@ -11,7 +11,8 @@ import torch
 import yaml
 from support import HH, TINY_ALIGN, TINY_TRAINER, pku_rows, run_cli, tiny_policy, write_jsonl
 
-from safealign.cost_loss import (
+from safealign.core.errors import SafeAlignError
+from safealign.domain.cost_loss import (
     L2_GRID,
     SAFE,
     UNKNOWN,
@@ -20,8 +21,7 @@ from safealign.cost_loss import (
     cross_validated_l2,
     fit_linear_cost_head,
 )
-from safealign.errors import SafeAlignError
-from safealign.pooled_value import PooledValueModel, read_spec, response_mask, truncated_backbone
+from safealign.models.pooled_value import PooledValueModel, read_spec, response_mask, truncated_backbone
 from safealign.recipe import load_recipe
 
 
@@ -88,7 +88,7 @@ def test_a_backbone_cut_at_a_layer_pools_that_layers_normed_states(tmp_path, tok
     the same as the full model's hidden_states[L] normed by hand."""
     from transformers import AutoModel
 
-    from safealign.models import build_random
+    from safealign.models.resolve import build_random
     from safealign.recipe import RandomModel
 
     base = build_random(RandomModel(tokenizer=str(tokenizer_dir), config={"hidden_size": 32, "intermediate_size": 64,
@@ -159,8 +159,8 @@ def test_the_rm_stage_fits_a_pooled_cost_model_that_every_scorer_reads_alike(tmp
     # A reload scores the training rows as the stage did (scored.jsonl holds the stage's costs).
     scored = [json.loads(line) for line in (rm_dir / "scored.jsonl").read_text().splitlines()]
     script = (
-        "import json, sys\nfrom pathlib import Path\nfrom safealign.data import load_sources\n"
-        "from safealign.recipe import load_recipe\nfrom safealign.training.inference import score_with_value_model\n"
+        "import json, sys\nfrom pathlib import Path\nfrom safealign.domain.data import load_sources\n"
+        "from safealign.recipe import load_recipe\nfrom safealign.workflows.inference import score_with_value_model\n"
         "recipe = load_recipe('recipe.yaml')\nrows = load_sources(recipe.data.train)\n"
         "costs = score_with_value_model(recipe, Path('runs/pooled/rm/cost/model'), rows, Path('scratch'))\n"
         "print(json.dumps([costs[i] for i in sorted(costs)]))\n"

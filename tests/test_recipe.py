@@ -8,7 +8,7 @@ import pytest
 import yaml
 from support import PKU, ROOT
 
-from safealign.errors import SafeAlignError
+from safealign.core.errors import SafeAlignError
 from safealign.recipe import AlignSection, load_recipe, validate_recipe
 
 

@@ -29,7 +29,7 @@ class CustomModel(LlamaForCausalLM):
 
 def remote_code_model(tmp_path, tokenizer_dir):
     """A tiny Llama re-labelled as `custom_llama`, whose classes come from its own `custom_llama.py`."""
-    from safealign.models import build_random
+    from safealign.models.resolve import build_random
     from safealign.recipe import RandomModel
 
     base = build_random(RandomModel(tokenizer=str(tokenizer_dir), config={"hidden_size": 32, "intermediate_size": 64}))
@@ -115,8 +115,8 @@ def test_a_folder_that_gains_code_after_validate_is_refused_where_it_loads(tmp_p
     """Consent is checked where a stage resolves a model, not only at validate."""
     import pytest
 
-    from safealign.errors import SafeAlignError
-    from safealign.models import resolve_model
+    from safealign.core.errors import SafeAlignError
+    from safealign.models.resolve import resolve_model
 
     folder = remote_code_model(tmp_path, tokenizer_dir)
     monkeypatch.setenv("MARKER", str(tmp_path / "marker"))

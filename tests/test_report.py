@@ -231,7 +231,7 @@ def test_the_report_opens_with_where_its_numbers_come_from(tmp_path):
 def test_source_commit_names_this_checkout():
     import subprocess
 
-    from safealign.process import source_commit
+    from safealign.core.process import source_commit
 
     head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True).stdout.strip()
     assert source_commit().split("+")[0] == head

@@ -17,9 +17,9 @@ import torch
 import yaml
 from support import HH, TINY_ALIGN, TINY_TRAINER, kill_when, pku_rows, read_metrics, run_cli, tiny_policy, write_jsonl
 
-from safealign.models import resolve_model
+from safealign.models.resolve import resolve_model
+from safealign.orchestration.runner import fingerprint
 from safealign.recipe import load_recipe
-from safealign.runner import fingerprint
 from safealign.stages import load_builtin_stages
 
 pytestmark = pytest.mark.slow
@@ -115,9 +115,9 @@ def test_scoring_the_same_rows_twice_is_identical(rm_run, tokenizer_dir):
             """
             import json, sys
             from pathlib import Path
-            from safealign.data import load_sources
+            from safealign.domain.data import load_sources
             from safealign.recipe import load_recipe
-            from safealign.training.inference import score_with_value_model
+            from safealign.workflows.inference import score_with_value_model
 
             recipe = load_recipe("recipe.yaml")
             rows = load_sources(recipe.data.train)
@@ -274,7 +274,7 @@ def test_reward_models_train_with_gradient_checkpointing_when_the_recipe_asks(to
     """As OpenRLHF's train_rm does: `model.gradient_checkpointing` reaches the value models being trained."""
     from types import SimpleNamespace as NS
 
-    from safealign.models import build_random
+    from safealign.models.resolve import build_random
     from safealign.openrlhf import patches
     from safealign.openrlhf.engine import load_value_model
     from safealign.recipe import RandomModel

@@ -7,10 +7,10 @@ import json
 import pytest
 from support import PKU
 
-from safealign.errors import SafeAlignError
-from safealign.pipeline import StageSpec
+from safealign.core.errors import SafeAlignError
+from safealign.core.pipeline import StageSpec
+from safealign.orchestration.runner import run_stage
 from safealign.recipe import validate_recipe
-from safealign.runner import run_stage
 from safealign.stages import Stage
 
 
@@ -111,7 +111,7 @@ def test_logging_changes_do_not_invalidate_a_stage(tmp_path):
 
 AGREE_SCRIPT = """
 import os, sys, torch.distributed as dist
-from safealign.process import agree, barrier, init_process_group, leave_process_group
+from safealign.core.process import agree, barrier, init_process_group, leave_process_group
 init_process_group()
 rank = dist.get_rank()
 decided = agree({"seen_by": rank})          # each rank sees something else; rank 0's view wins
@@ -170,7 +170,7 @@ def test_a_kill_while_publishing_loses_neither_the_old_outputs_nor_the_new(tmp_p
 def test_a_stage_reads_upstream_outputs_only_through_their_recorded_summary(tmp_path):
     """The stage contract: the recorded `outputs` of a stage the recipe runs; None for one it does not;
     one-line errors for an unfinished stage, a missing or escaping output, a damaged summary."""
-    from safealign.errors import SafeAlignError
+    from safealign.core.errors import SafeAlignError
     from safealign.stages import StageContext
 
     run = tmp_path / "run"
@@ -196,8 +196,8 @@ def test_a_stage_reads_upstream_outputs_only_through_their_recorded_summary(tmp_
 def test_a_folder_that_is_not_a_run_is_refused_untouched(tmp_path):
     """`safealign run recipe.yaml --run-dir .` in a project holding an `align/` folder once deleted it and
     overwrote the user's commented recipe.yaml. Only a directory SafeAlign made is ever written."""
-    from safealign.errors import SafeAlignError
-    from safealign.runner import RUN_MARKER, claim_run_dir, run_recipe
+    from safealign.core.errors import SafeAlignError
+    from safealign.orchestration.runner import RUN_MARKER, claim_run_dir, run_recipe
 
     project = tmp_path / "project"
     (project / "align").mkdir(parents=True)

@@ -63,7 +63,7 @@ def test_building_a_pair_dataset_forks_no_process(tokenizer_dir, monkeypatch):
     from support import PKU
     from transformers import AutoTokenizer
 
-    from safealign.data import load_rows
+    from safealign.domain.data import load_rows
     from safealign.openrlhf.pair_dataset import PreferencePairDataset
 
     def no_fork():

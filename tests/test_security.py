@@ -90,7 +90,7 @@ def test_wandb_is_checked_before_anything_loads(tmp_path, monkeypatch):
     """`logging.wandb_project` once failed with `No module named 'wandb'` after the models loaded: the
     package and a key (env, `wandb login`'s netrc entry, or offline mode) are checked at validate and run."""
     import safealign.recipe.checks as recipe_module
-    from safealign.errors import SafeAlignError
+    from safealign.core.errors import SafeAlignError
     from safealign.recipe import check_wandb, validate_recipe
 
     recipe = validate_recipe({"name": "t", "model": {"policy": "x", "cost_model": "c"}, "data": {"train": [{"path": str(PKU)}]},

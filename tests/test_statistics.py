@@ -58,7 +58,7 @@ def _rows_and_logps(shifts: dict[str, float], noise: dict[str, float]):
     """8 held-out pairs from two files (4 PKU-like with both labels, 4 HH-like harmless-only); the base's
     per-token margins are 0; model m moves every pair's safe margin by shifts[m] + noise[m] (the run's own
     offset) and leaves the helpful margin."""
-    from safealign.data import PreferenceRow
+    from safealign.domain.data import PreferenceRow
 
     rows = [PreferenceRow(prompt=[{"role": "user", "content": f"q{i}"}], response_0="a", response_1="b",
                           better_response_id=i % 2 if i < 4 else -1, safer_response_id=(i + 1) % 2,

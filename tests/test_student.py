@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from safealign.errors import SafeAlignError
-from safealign.models import build_random, count_parameters, derive_student
+from safealign.core.errors import SafeAlignError
+from safealign.models.resolve import build_random, count_parameters, derive_student
 from safealign.recipe import RandomModel
 
 

@@ -9,9 +9,9 @@ import pytest
 import yaml
 from support import PKU, TINY_ALIGN, TINY_TRAINER, pku_rows, run_cli, tiny_policy, write_jsonl
 
-from safealign.errors import SafeAlignError
+from safealign.core.errors import SafeAlignError
+from safealign.orchestration.sweep import TrialResult, _trial_command, select_trial, trial_id
 from safealign.recipe import trial_overrides, validate_recipe
-from safealign.sweep import TrialResult, _trial_command, select_trial, trial_id
 
 
 def trial(name: str, safety: float | None, helpful: float | None, status: str = "ok") -> TrialResult:
@@ -62,7 +62,7 @@ def test_grid_expansion_and_trial_ids():
 
 
 def test_a_swept_rm_key_gives_every_trial_its_own_rm_stage(tmp_path):
-    from safealign.sweep import _prepare_trial_dir, shared_stages
+    from safealign.orchestration.sweep import _prepare_trial_dir, shared_stages
 
     data = sweep_recipe({"align.w": [0.3, 1.0]})
     data["stages"] = ["rm", "align", "eval"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from chart_render import RECIPE, STAGES, chart_defaults, container, job_of, render
 
-from safealign.errors import SafeAlignError
+from safealign.core.errors import SafeAlignError
 
 KUBE_VERSIONS = ("1.29.0", "1.30.0", "1.31.0", "1.32.0", "1.33.0")
 

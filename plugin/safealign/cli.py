@@ -16,18 +16,18 @@ import warnings
 from pathlib import Path
 
 from safealign import __version__
-from safealign.allocator import use_caching_allocator
-from safealign.data import load_prompt_file
-from safealign.errors import SafeAlignError, TransientError
+from safealign.core.allocator import use_caching_allocator
+from safealign.core.errors import SafeAlignError, TransientError
+from safealign.core.files import disk_full, disk_full_error
+from safealign.core.pipeline import STAGE_ORDER
+from safealign.core.process import gpu_available, init_process_group, is_rank_0, leave_process_group, no_gpu_reason
+from safealign.domain.data import load_prompt_file
 from safealign.eval.safety import DEFAULT_PATH, load_prompts
-from safealign.files import disk_full, disk_full_error
 from safealign.k8s import submit as k8s
-from safealign.pipeline import STAGE_ORDER
-from safealign.process import gpu_available, init_process_group, is_rank_0, leave_process_group, no_gpu_reason
+from safealign.orchestration.runner import run_recipe
 from safealign.recipe import check_wandb, check_world_size, flatten_recipe, load_recipe
-from safealign.runner import run_recipe
 from safealign.stages import finished_stage
-from safealign.training.heldout import heldout_rows, load_training_rows
+from safealign.workflows.heldout import heldout_rows, load_training_rows
 
 EPILOG = """examples:
   safealign run recipes/quickstart.yaml                    every stage the recipe lists, on this machine
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             return _report(args.run_dir)
         if args.command == "sweep":
-            from safealign.sweep import run_sweep  # matplotlib (its heat map): only for a sweep
+            from safealign.orchestration.sweep import run_sweep  # matplotlib (its heat map): only for a sweep
 
             require_gpu()
             run_sweep(args.recipe, args.overrides, args.run_dir, args.part, args.trial_index)

@@ -14,7 +14,7 @@ carries no label for that dimension (it then feeds no term of that dimension).
   margin in the label's direction, clamped at 0 so a disagreeing RM can only leave β at β_ori, never
   flip the sign of the loss (the bracket is unbounded below for δ < 0).
 - Safe-MM-DPO: `L = L_H/(1+λ) + λ·L_S/(1+λ)`, the Safe RLHF Lagrangian (Dai et al. 2024, eq. 13) with
-  both terms MM-DPO losses over the same pair, λ the multiplier of `safealign.lagrange`.
+  both terms MM-DPO losses over the same pair, λ the multiplier of `safealign.domain.lagrange`.
 
 Another package adds a loss by subclassing `PreferenceLoss` and exposing it as an entry point in the
 group `safealign.losses` (`my_loss = my_pkg.losses:MyLoss`), then naming it in a recipe (`align.loss`).
@@ -32,8 +32,8 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from safealign.data import Dimension
-from safealign.errors import SafeAlignError
+from safealign.core.errors import SafeAlignError
+from safealign.domain.data import Dimension
 
 ENTRY_POINT_GROUP = "safealign.losses"
 
@@ -308,7 +308,7 @@ class MMDPOLoss(_SingleDimensionLoss):
 class SafeMMDPOLoss(PreferenceLoss):
     """Safe-MM-DPO: `L_H/(1+λ) + λ·L_S/(1+λ)`, both MM-DPO terms over the same response pair.
 
-    λ is a constant here (detached): it is moved by the dual update in `safealign.lagrange`, never by
+    λ is a constant here (detached): it is moved by the dual update in `safealign.domain.lagrange`, never by
     this loss's gradient. Statistics: `loss_h, loss_s, acc_h, acc_s, beta_h_mean, beta_s_mean, n_h,
     n_s, lambda` (NaN for a dimension no row of the batch carries).
     """

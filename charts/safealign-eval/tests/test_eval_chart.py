@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from chart_render import container, render
 
-from safealign.errors import SafeAlignError
+from safealign.core.errors import SafeAlignError
 
 
 def test_eval_defaults_to_one_gpu_and_one_node():

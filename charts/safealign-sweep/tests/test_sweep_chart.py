@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from chart_render import container, job_of, render
 
-from safealign.errors import SafeAlignError
+from safealign.core.errors import SafeAlignError
 
 
 def test_sweep_trials_are_one_indexed_job_pod_per_grid_point():

@@ -27,11 +27,11 @@ from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
 
-from safealign.data import json_nesting
-from safealign.errors import SafeAlignError, TransientError
-from safealign.files import read_appended_jsonl
-from safealign.locks import locked_file
-from safealign.process import agree, is_rank_0
+from safealign.core.errors import SafeAlignError, TransientError
+from safealign.core.files import read_appended_jsonl
+from safealign.core.locks import locked_file
+from safealign.core.process import agree, is_rank_0
+from safealign.domain.data import json_nesting
 
 log = logging.getLogger("safealign")
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from safealign.data import PreferenceRow
+from safealign.domain.data import PreferenceRow
 from safealign.eval.statistics import holm, mcnemar_p, mean_interval, sign_test_p, welch_t_test, wilson_interval
 
 #: Dimension -> the row field that labels it.

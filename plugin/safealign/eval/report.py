@@ -13,9 +13,9 @@ import html
 import math
 from pathlib import Path
 
+from safealign.domain.metrics import read_metrics
 from safealign.eval.helpfulness import LABELS, headline_helpfulness, headline_interval
 from safealign.eval.plots import plt, png
-from safealign.metrics import read_metrics
 
 
 def _helpfulness(model: dict) -> tuple[float | None, str]:

@@ -12,8 +12,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from safealign.data import read_jsonl
-from safealign.errors import SafeAlignError
+from safealign.core.errors import SafeAlignError
+from safealign.domain.data import read_jsonl
 from safealign.eval.statistics import mcnemar_p, sign_test_p, wilson_interval, win_rate
 
 DEFAULT_PATH = Path(__file__).resolve().parents[3] / "data" / "beavertails-evaluation" / "BeaverTails-Evaluation.jsonl"

@@ -13,7 +13,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Literal, Protocol, TypeVar
 
-from safealign.errors import SafeAlignError
+from safealign.core.errors import SafeAlignError
 
 Split = Literal["all", "test", "validation"]
 

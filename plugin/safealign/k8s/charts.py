@@ -11,8 +11,8 @@ from typing import Any
 
 import yaml
 
-from safealign.errors import SafeAlignError
-from safealign.pipeline import STAGE_ORDER
+from safealign.core.errors import SafeAlignError
+from safealign.core.pipeline import STAGE_ORDER
 
 #: The charts directory (a link to the repository's `charts/`, shipped inside the package).
 CHARTS = Path(__file__).resolve().parent / "charts"

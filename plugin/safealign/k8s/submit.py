@@ -27,9 +27,9 @@ from typing import Any
 
 import yaml
 
-from safealign.errors import SafeAlignError
+from safealign.core.errors import SafeAlignError
+from safealign.core.pipeline import STAGE_ORDER
 from safealign.k8s.charts import render_objects
-from safealign.pipeline import STAGE_ORDER
 from safealign.recipe import check_world_size, flatten_recipe, load_recipe, merge, trial_overrides
 
 RUN_LABEL = "safealign.dev/run"

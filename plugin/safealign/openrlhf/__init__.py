@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from safealign.errors import SafeAlignError
+from safealign.core.errors import SafeAlignError
 from safealign.openrlhf.patches import apply_patches
 
 #: Each class or function we use from OpenRLHF, and the module it comes from.

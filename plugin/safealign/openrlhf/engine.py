@@ -13,10 +13,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from safealign.errors import SafeAlignError
+from safealign.core.errors import SafeAlignError
+from safealign.core.process import barrier, ensure_process_env
 from safealign.openrlhf import Actor, DeepspeedStrategy, get_llm_for_sequence_regression, get_strategy, get_tokenizer
 from safealign.openrlhf.settings import Settings
-from safealign.process import barrier, ensure_process_env
 
 log = logging.getLogger("safealign")
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from safealign.cost_loss import SAFE, UNKNOWN, UNSAFE
-from safealign.data import PreferenceRow, flatten_messages
+from safealign.domain.cost_loss import SAFE, UNKNOWN, UNSAFE
+from safealign.domain.data import PreferenceRow, flatten_messages
 from safealign.openrlhf import RewardDataset, preprocess_data
 
 _NAN = math.nan
@@ -31,7 +31,7 @@ class PairExtras:
     row_index: torch.Tensor
     better_id: torch.Tensor
     safer_id: torch.Tensor
-    safe_0: torch.Tensor  # 1 safe, 0 unsafe, −1 unknown (safealign.cost_loss encoding)
+    safe_0: torch.Tensor  # 1 safe, 0 unsafe, −1 unknown (safealign.domain.cost_loss encoding)
     safe_1: torch.Tensor
     delta_h: torch.Tensor
     delta_s: torch.Tensor

@@ -26,7 +26,7 @@ from functools import wraps
 
 import torch
 
-from safealign.process import gpu_available
+from safealign.core.process import gpu_available
 
 #: Names of the patches applied by this process, in order (for logs and tests).
 APPLIED: list[str] = []

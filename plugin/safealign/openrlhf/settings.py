@@ -29,9 +29,9 @@ from typing import Any, Literal
 
 import torch
 
-from safealign.errors import SafeAlignError
+from safealign.core.errors import SafeAlignError
+from safealign.core.process import gpu_available
 from safealign.openrlhf import patches
-from safealign.process import gpu_available
 from safealign.recipe import Recipe, TrainingSection, check_wandb
 
 #: Which OpenRLHF CLI's fields a settings object carries: `train_dpo`, `train_rm` or `train_sft`.

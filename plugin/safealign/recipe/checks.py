@@ -11,8 +11,8 @@ import os
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
-from safealign.errors import SafeAlignError
-from safealign.gguf import check_gguf, find_packaged_gguf
+from safealign.core.errors import SafeAlignError
+from safealign.core.gguf import check_gguf, find_packaged_gguf
 from safealign.recipe.schema import (
     BETA_NAMES,
     LAMBDA_KEYS,

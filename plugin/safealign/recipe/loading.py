@@ -11,10 +11,10 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from safealign.errors import SafeAlignError
+from safealign.core.errors import SafeAlignError
+from safealign.core.remote_code import check_model_code
 from safealign.recipe.checks import check_cost_model, check_eval_groups, check_gguf_specs, check_loss_keys, model_dirs
 from safealign.recipe.schema import Recipe, format_validation_error
-from safealign.remote_code import check_model_code
 
 
 class RecipeLoader(yaml.SafeLoader):

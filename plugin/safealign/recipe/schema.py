@@ -19,10 +19,10 @@ from pydantic import (
     model_validator,
 )
 
-from safealign.data import Dimension, Format
+from safealign.core.pipeline import StageName
+from safealign.domain.data import Dimension, Format
+from safealign.domain.lagrange import LAMBDA_FLOOR
 from safealign.eval.judges import INSECURE_MESSAGE, check_endpoint_url, check_key_variable, sends_key_in_clear
-from safealign.lagrange import LAMBDA_FLOOR
-from safealign.pipeline import StageName
 
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
@@ -413,7 +413,7 @@ FINE_TUNING_KEYS = frozenset(
 
 class CostModelSection(RewardModelSection):
     """The cost model. `head: pooled` (default): a linear head on the mean of one layer's hidden states over
-    the response, on the frozen base, solved exactly (safealign.pooled_value, docs/rm.md); `last_token`:
+    the response, on the frozen base, solved exactly (safealign.models.pooled_value, docs/rm.md); `last_token`:
     OpenRLHF's value head on the last token, fine-tuned with the training keys (Safe RLHF's own recipe)."""
 
     head: Literal["pooled", "last_token"] = Field("pooled", description="pooled (frozen base, solved) | last_token (fine-tuned)")

@@ -8,7 +8,7 @@ resumes an unfinished one from its checkpoints.
 Stages never import each other and never spell out each other's paths: a stage finds what an upstream
 stage produced only through that stage's recorded summary (`<run>/<stage>/stage.json`, whose
 `outputs` names each output's path in the stage directory), via `StageContext.upstream`. Shared work
-lives one floor below, in `safealign.training`.
+lives one layer below, in `safealign.workflows`.
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from safealign.data import PreferenceRow
-from safealign.errors import SafeAlignError
-from safealign.files import write_text_atomically
-from safealign.pipeline import SPECS, StageSpec
-from safealign.process import agree, barrier, is_rank_0
+from safealign.core.errors import SafeAlignError
+from safealign.core.files import write_text_atomically
+from safealign.core.pipeline import SPECS, StageSpec
+from safealign.core.process import agree, barrier, is_rank_0
+from safealign.domain.data import PreferenceRow
 from safealign.recipe import Recipe
-from safealign.training.rows import training_rows
+from safealign.workflows.rows import training_rows
 
 log = logging.getLogger("safealign")
 
@@ -123,7 +123,7 @@ def run_training_rows(ctx: StageContext) -> list[PreferenceRow]:
 
 @dataclass(frozen=True)
 class Stage:
-    """A stage of `safealign.pipeline.PIPELINE` with its code: what the runner runs."""
+    """A stage of `safealign.core.pipeline.PIPELINE` with its code: what the runner runs."""
 
     spec: StageSpec
     run: Callable[[StageContext], dict]
@@ -147,7 +147,7 @@ STAGES: dict[str, Stage] = {}
 
 def register_stage(name: str):
     """Decorator: register `fn(ctx) -> summary dict` as the code of the stage `name` of
-    `safealign.pipeline.PIPELINE` (which says what it depends on and where it runs).
+    `safealign.core.pipeline.PIPELINE` (which says what it depends on and where it runs).
 
     The summary is stored in `<stage>/stage.json`; its `outputs` maps names to paths relative to the
     stage directory (what the CLI shows at the end of a run and later stages read).

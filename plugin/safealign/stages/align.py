@@ -1,7 +1,7 @@
 """The align stage: Safe-MM-DPO (or another registered loss) on the base policy, and its ablations.
 
 Reads the rm stage's scored pairs (margins, costs, cached reference log-probs) when the recipe runs
-it, else the recipe's data; trains the policy through `safealign.training.policy` (OpenRLHF's DPO
+it, else the recipe's data; trains the policy through `safealign.workflows.policy` (OpenRLHF's DPO
 machinery on its DeepSpeed strategy) and leaves in its directory: `model/` (the aligned policy, an HF
 checkpoint), `metrics.jsonl` (one line per step: both losses, accuracies, β statistics, λ, Ĵ_C),
 `tensorboard/`, and the summary the runner stores in `stage.json`. Each `align.ablations` entry (e.g.
@@ -16,10 +16,10 @@ import logging
 from pathlib import Path
 
 from safealign.losses import get_loss
-from safealign.models import policy_and_reference
+from safealign.models.resolve import policy_and_reference
 from safealign.recipe import Recipe
 from safealign.stages import StageContext, cost_model_dir, register_stage, run_once, run_training_rows
-from safealign.training.policy import policy_recipe, split_policy_rows, train_policy
+from safealign.workflows.policy import policy_recipe, split_policy_rows, train_policy
 
 log = logging.getLogger("safealign")
 

@@ -13,7 +13,7 @@ Zephyr's recipe (Tunstall et al. 2023), with the teacher being our aligned model
    strategy; the student is fully fine-tuned with Zephyr's defaults (lr 2e-5, 1 epoch, cosine,
    warmup 0.1). Answers are text, re-tokenised with the student's own tokenizer and chat template, so
    a student from another model family (another vocabulary) works as well as a derived one.
-4. **dDPO** (`distill.ddpo: true`): the align stage's Safe-MM-DPO (`training.policy`, same trainer,
+4. **dDPO** (`distill.ddpo: true`): the align stage's Safe-MM-DPO (`workflows.policy`, same trainer,
    same `align` settings, same scored pairs) on the dSFT student, which is its own reference (Zephyr).
 
 Outputs: `model/` (the student the eval stage evaluates), `teacher_answers.jsonl`, `sft/metrics.jsonl`
@@ -28,19 +28,19 @@ import logging
 import shutil
 from pathlib import Path
 
-from safealign.data import Message, PreferenceRow, load_prompt_file, read_jsonl, unique_prompts
-from safealign.errors import SafeAlignError
-from safealign.eval.generation import GenerationRequest, make_generator
-from safealign.files import write_text_atomically
-from safealign.models import count_parameters, derive_student, resolve_model
+from safealign.core.errors import SafeAlignError
+from safealign.core.files import write_text_atomically
+from safealign.core.process import agree, barrier, is_rank_0
+from safealign.domain.data import Message, PreferenceRow, load_prompt_file, read_jsonl, unique_prompts
+from safealign.domain.generation import GenerationRequest, make_generator
+from safealign.models.resolve import count_parameters, derive_student, resolve_model
 from safealign.openrlhf.settings import resolve_dtype
-from safealign.process import agree, barrier, is_rank_0
 from safealign.recipe import Recipe
 from safealign.stages import StageContext, cost_model_dir, register_stage, run_once, run_training_rows
-from safealign.training.heldout import check_not_eval_prompts
-from safealign.training.inference import score_generated
-from safealign.training.policy import split_policy_rows, train_policy
-from safealign.training.student import train_student
+from safealign.workflows.heldout import check_not_eval_prompts
+from safealign.workflows.inference import score_generated
+from safealign.workflows.policy import split_policy_rows, train_policy
+from safealign.workflows.student import train_student
 
 log = logging.getLogger("safealign")
 

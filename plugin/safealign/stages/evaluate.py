@@ -2,7 +2,7 @@
 
 Models: `base` (the policy as given) always, `aligned` when the align stage has run. Each answers a
 stratified BeaverTails-Evaluation subset (greedy) and MT-Bench's two-turn questions (FastChat's
-per-category temperatures) through `safealign.eval.generation`. Answers are cached per model in
+per-category temperatures) through `safealign.domain.generation`. Answers are cached per model in
 `<run>/cache/eval/` keyed by the model's identity and the generation settings, outside the stage
 directory, so adding a model (or a judge) regenerates nothing that exists.
 
@@ -26,9 +26,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from safealign import __version__
-from safealign.data import Message, PreferenceRow, prompt_identity
-from safealign.errors import SafeAlignError
-from safealign.eval.generation import GenerationRequest, Generator, make_generator, resolve_backend
+from safealign.core.errors import SafeAlignError
+from safealign.core.files import write_text_atomically
+from safealign.core.process import agree, barrier, is_rank_0, source_commit
+from safealign.domain.data import Message, PreferenceRow, prompt_identity
+from safealign.domain.generation import GenerationRequest, Generator, make_generator, resolve_backend
 from safealign.eval.heldout_cost import held_to_the_base
 from safealign.eval.judges import ChatClient, LLMJudge, RefusalJudge, agreement
 from safealign.eval.mtbench import Question, judge_messages, load_judge_prompts, load_questions, parse_rating
@@ -46,17 +48,15 @@ from safealign.eval.safety import (
 from safealign.eval.statistics import mean_interval, wilson_interval, win_rate
 from safealign.eval.subsets import stratified_subset
 from safealign.eval.trackers import log_eval
-from safealign.files import write_text_atomically
 from safealign.losses import get_loss
-from safealign.models import count_parameters, resolve_model
+from safealign.models.resolve import count_parameters, resolve_model
 from safealign.openrlhf import engine
 from safealign.openrlhf.settings import resolve_dtype
-from safealign.process import agree, barrier, is_rank_0, source_commit
 from safealign.recipe import Recipe
 from safealign.stages import StageContext, cost_model_dir, register_stage
 from safealign.trainers.cost_sampling import CostModel
-from safealign.training.heldout import heldout_rows, load_training_rows
-from safealign.training.inference import response_logps, score_generated, scoring_settings
+from safealign.workflows.heldout import heldout_rows, load_training_rows
+from safealign.workflows.inference import response_logps, score_generated, scoring_settings
 
 log = logging.getLogger("safealign")
 

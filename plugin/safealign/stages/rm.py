@@ -23,19 +23,19 @@ import logging
 import math
 from pathlib import Path
 
-from safealign.data import PreferenceRow, held_out_indices
-from safealign.errors import SafeAlignError
+from safealign.core.errors import SafeAlignError
+from safealign.core.files import write_text_atomically
+from safealign.core.process import is_rank_0
+from safealign.domain.data import PreferenceRow, held_out_indices
 from safealign.eval.statistics import wilson_interval
-from safealign.files import write_text_atomically
-from safealign.models import resolve_model
-from safealign.process import is_rank_0
+from safealign.models.resolve import resolve_model
 from safealign.recipe import RewardModelSection
 from safealign.stages import StageContext, register_stage
 from safealign.trainers.reward import CostModelTrainer, HelpfulRMTrainer
-from safealign.training.heldout import heldout_rows, load_training_rows
-from safealign.training.inference import reference_logps, score_with_value_model
-from safealign.training.pooled_cost import fit_pooled_cost_model
-from safealign.training.value_model import train_value_model
+from safealign.workflows.heldout import heldout_rows, load_training_rows
+from safealign.workflows.inference import reference_logps, score_with_value_model
+from safealign.workflows.pooled_cost import fit_pooled_cost_model
+from safealign.workflows.value_model import train_value_model
 
 log = logging.getLogger("safealign")
 

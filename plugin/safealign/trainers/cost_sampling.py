@@ -3,7 +3,7 @@
 Safe RLHF's constraint is on `J_C(θ) = E_{x, y∼πθ}[C(x, y)]`. Every `align.lambda_update_every`
 optimizer steps the policy being trained answers a fixed pool of prompts (held out of the training rows,
 so the policy never trains on them; never eval prompts), the cost model of the rm stage scores the
-answers, and their mean is the estimate the dual update of `safealign.lagrange` steps on.
+answers, and their mean is the estimate the dual update of `safealign.domain.lagrange` steps on.
 
 Why an estimate from stored pairs would not do: weighting a pair's two stored costs by the policy's
 preference between them is bounded, per pair, by those two costs. Where both stored answers are unsafe
@@ -36,16 +36,16 @@ from pathlib import Path
 
 import torch
 
-from safealign.data import Message, PreferenceRow
-from safealign.errors import SafeAlignError
-from safealign.eval.generation import GenerationRequest, HFGenerator, ShardedGenerator
-from safealign.metrics import MetricsLog
+from safealign.core.errors import SafeAlignError
+from safealign.core.process import gpu_available
+from safealign.domain.data import Message, PreferenceRow
+from safealign.domain.generation import GenerationRequest, HFGenerator, ShardedGenerator
+from safealign.domain.metrics import MetricsLog
+from safealign.models.pooled_value import TORCH_DTYPES, PooledValueModel, is_pooled, read_spec
 from safealign.openrlhf import engine, get_llm_for_sequence_regression
 from safealign.openrlhf.pair_dataset import PreferencePairDataset
 from safealign.openrlhf.scoring import score_pairs
 from safealign.openrlhf.settings import VALUE_HEAD, Settings
-from safealign.pooled_value import TORCH_DTYPES, PooledValueModel, is_pooled, read_spec
-from safealign.process import gpu_available
 from safealign.recipe import Recipe
 
 log = logging.getLogger("safealign")

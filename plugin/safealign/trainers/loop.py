@@ -17,8 +17,8 @@ from itertools import islice
 import torch
 from tqdm import tqdm
 
-from safealign.errors import SafeAlignError
-from safealign.metrics import MetricsLog, StatsAccumulator
+from safealign.core.errors import SafeAlignError
+from safealign.domain.metrics import MetricsLog, StatsAccumulator
 from safealign.openrlhf.settings import Settings, for_fit
 
 

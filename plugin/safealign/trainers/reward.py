@@ -4,7 +4,7 @@ Both read the same pair batches as the align trainer (response 0 and 1 in one fo
 `PairExtras`) and differ only in the loss:
 - `HelpfulRMTrainer`: OpenRLHF's own pairwise loss (`self.loss_fn`, −log σ(r_better − r_other)) on the
   helpfulness label;
-- `CostModelTrainer`: Safe RLHF's cost loss (`safealign.cost_loss`) on the harmlessness label and the
+- `CostModelTrainer`: Safe RLHF's cost loss (`safealign.domain.cost_loss`) on the harmlessness label and the
   per-response safety signs.
 """
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from safealign.cost_loss import cost_model_loss
-from safealign.metrics import MetricsLog
+from safealign.domain.cost_loss import cost_model_loss
+from safealign.domain.metrics import MetricsLog
 from safealign.openrlhf import RewardModelTrainer
 from safealign.openrlhf.pair_dataset import PairExtras
 from safealign.openrlhf.pair_forward import PairValues

@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from safealign.errors import SafeAlignError
-from safealign.lagrange import LagrangeMultiplier
+from safealign.core.errors import SafeAlignError
+from safealign.domain.lagrange import LagrangeMultiplier
+from safealign.domain.metrics import MetricsLog
 from safealign.losses import PreferenceBatch, PreferenceLoss
-from safealign.metrics import MetricsLog
 from safealign.openrlhf import DPOTrainer
 from safealign.openrlhf.pair_dataset import PairExtras
 from safealign.openrlhf.pair_forward import PairLogProbs
@@ -82,7 +82,7 @@ class SafeMMDPOTrainer(StepLoop, DPOTrainer):
         if not loss.uses_lambda:  # the bar shows what is trained: no λ where the loss has none
             self.bar_keys = tuple(k for k in self.bar_keys if k not in ("lambda", "cost_estimate"))
         self.lagrange = lagrange
-        self.cost_sampler = cost_sampler  # None where λ is fixed or unused (the training floor decides)
+        self.cost_sampler = cost_sampler  # None where λ is fixed or unused (the workflow that builds the trainer decides)
         self.metrics = MetricsLog(metrics_path, enabled=strategy.is_rank_0())
         self.device = next(self.model.parameters()).device
         self.pair_logps = PairLogProbs(tokenizer, strategy, self.device)

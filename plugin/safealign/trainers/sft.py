@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from safealign.metrics import MetricsLog
+from safealign.domain.metrics import MetricsLog
 from safealign.openrlhf import SFTTrainer
 from safealign.openrlhf.settings import Settings, for_fit
 

@@ -4,7 +4,7 @@ Layout of a run directory (a PVC on Kubernetes, shared by every stage):
 
     runs/<name>/.safealign-run         says SafeAlign made this directory (`claim_run_dir`)
     runs/<name>/recipe.yaml            the validated recipe, as run
-    runs/<name>/.lock                  held by the one `safealign run` working here (`safealign.locks`)
+    runs/<name>/.lock                  held by the one `safealign run` working here (`safealign.core.locks`)
     runs/<name>/<stage>/stage.json     fingerprint + summary: present only when the stage finished
     runs/<name>/.<stage>.partial/      the stage's work in progress (checkpoints live here)
 
@@ -27,8 +27,8 @@ from pathlib import Path
 import yaml
 
 from safealign import __version__
-from safealign.errors import SafeAlignError
-from safealign.files import (
+from safealign.core.errors import SafeAlignError
+from safealign.core.files import (
     disk_full,
     disk_full_error,
     tree_size,
@@ -36,9 +36,9 @@ from safealign.files import (
     unwritable_error,
     write_text_atomically,
 )
-from safealign.locks import RunLock
-from safealign.pipeline import STAGE_ORDER
-from safealign.process import agree, barrier, is_rank_0, release_memory
+from safealign.core.locks import RunLock
+from safealign.core.pipeline import STAGE_ORDER
+from safealign.core.process import agree, barrier, is_rank_0, release_memory
 from safealign.recipe import Recipe, results_dump
 from safealign.stages import STAGE_FILE, Stage, StageContext, finished_stage, load_builtin_stages
 

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from safealign.errors import SafeAlignError
+from safealign.core.errors import SafeAlignError
 
 log = logging.getLogger("safealign")
 
@@ -57,7 +57,7 @@ class PreferenceRow:
     cost_1: float | None = None
     ref_logps_0: float | None = None
     ref_logps_1: float | None = None
-    #: What computed ref_logps_0/1 (safealign.ref_provenance): reference, tokenizer, max_len, template.
+    #: What computed ref_logps_0/1 (safealign.models.provenance): reference, tokenizer, max_len, template.
     ref_logps_provenance: dict[str, Any] | None = None
     source: str = field(default="", compare=False)  # "file:line", for error messages
 

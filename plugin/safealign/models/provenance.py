@@ -15,8 +15,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from safealign.data import PreferenceRow
-from safealign.errors import SafeAlignError
+from safealign.core.errors import SafeAlignError
+from safealign.domain.data import PreferenceRow
 
 #: Bytes read from each end of every weight file for the model fingerprint.
 _EDGE = 1 << 20

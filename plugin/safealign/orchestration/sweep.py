@@ -29,13 +29,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safealign.errors import SafeAlignError
+from safealign.core.errors import SafeAlignError
+from safealign.core.files import write_text_atomically
+from safealign.core.locks import RunLock
 from safealign.eval.helpfulness import headline_helpfulness
 from safealign.eval.plots import plt, png
-from safealign.files import write_text_atomically
-from safealign.locks import RunLock
+from safealign.orchestration.runner import claim_run_dir
 from safealign.recipe import Recipe, load_recipe, trial_overrides
-from safealign.runner import claim_run_dir
 from safealign.stages import finished_stage, load_builtin_stages
 
 log = logging.getLogger("safealign")

@@ -24,9 +24,9 @@ from typing import Protocol
 
 from tqdm import tqdm
 
-from safealign.data import flatten_messages
-from safealign.errors import SafeAlignError
-from safealign.process import gpu_available, release_memory
+from safealign.core.errors import SafeAlignError
+from safealign.core.process import gpu_available, release_memory
+from safealign.domain.data import flatten_messages
 
 log = logging.getLogger("safealign")
 
@@ -330,7 +330,7 @@ def make_generator(
     trust_remote_code: bool = False,
 ) -> Generator:
     """`backend`: auto (vLLM where usable, else HF), hf, or vllm. `trust_remote_code`: the recipe's consent
-    to a model folder's own Python (`safealign.remote_code`).
+    to a model folder's own Python (`safealign.core.remote_code`).
 
     In one process vLLM spreads the model over every visible GPU by tensor parallelism (the eval chart
     runs that way). Under torchrun the HF backend runs on each rank's own GPU and the requests are

@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from safealign.errors import SafeAlignError
+from safealign.core.errors import SafeAlignError
 
 log = logging.getLogger("safealign")
 

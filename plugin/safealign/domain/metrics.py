@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from safealign.files import read_appended_jsonl, write_text_atomically
+from safealign.core.files import read_appended_jsonl, write_text_atomically
 
 #: Statistic -> the count that weights it; statistics not listed are plain means.
 WEIGHTED_BY = {

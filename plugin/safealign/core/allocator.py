@@ -22,7 +22,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from safealign.errors import SafeAlignError
+from safealign.core.errors import SafeAlignError
 
 log = logging.getLogger("safealign")
 

@@ -14,7 +14,7 @@ import json
 import logging
 from pathlib import Path
 
-from safealign.errors import SafeAlignError
+from safealign.core.errors import SafeAlignError
 
 log = logging.getLogger("safealign")
 

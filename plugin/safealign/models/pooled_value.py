@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from safealign.errors import SafeAlignError
+from safealign.core.errors import SafeAlignError
 
 SPEC_FILE = "safealign_value_model.json"
 HEAD_FILE = "value_head.safetensors"

@@ -23,8 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-from safealign.errors import SafeAlignError
-from safealign.files import unusable_dir_error, unwritable_error
+from safealign.core.errors import SafeAlignError
+from safealign.core.files import unusable_dir_error, unwritable_error
 
 log = logging.getLogger("safealign")
 

@@ -1,4 +1,4 @@
-"""Fit the rm stage's pooled cost model (`rm.cost.head: pooled`, safealign.pooled_value): the backbone cut
+"""Fit the rm stage's pooled cost model (`rm.cost.head: pooled`, safealign.models.pooled_value): the backbone cut
 at `rm.cost.layer` reads every training response once, and the linear head is solved on those features
 with Safe RLHF's cost loss (`cost_loss.fit_linear_cost_head`). No optimizer steps, no checkpoints: the
 features take one forward per response, the solve seconds, so a crash simply reruns it."""
@@ -14,14 +14,11 @@ import torch
 from torch import nn
 from transformers import AutoConfig
 
-from safealign.cost_loss import cost_model_loss, cross_validated_l2, fit_linear_cost_head
-from safealign.data import PreferenceRow, prompt_folds
-from safealign.errors import SafeAlignError
-from safealign.openrlhf import engine
-from safealign.openrlhf.pair_dataset import PreferencePairDataset
-from safealign.openrlhf.scoring import score_pairs
-from safealign.openrlhf.settings import build_settings
-from safealign.pooled_value import (
+from safealign.core.errors import SafeAlignError
+from safealign.core.process import agree, barrier, gpu_available, is_rank_0
+from safealign.domain.cost_loss import cost_model_loss, cross_validated_l2, fit_linear_cost_head
+from safealign.domain.data import PreferenceRow, prompt_folds
+from safealign.models.pooled_value import (
     SPEC_FILE,
     TORCH_DTYPES,
     PooledValueModel,
@@ -29,7 +26,10 @@ from safealign.pooled_value import (
     save_pooled,
     truncated_backbone,
 )
-from safealign.process import agree, barrier, gpu_available, is_rank_0
+from safealign.openrlhf import engine
+from safealign.openrlhf.pair_dataset import PreferencePairDataset
+from safealign.openrlhf.scoring import score_pairs
+from safealign.openrlhf.settings import build_settings
 from safealign.recipe import CostModelSection, Recipe
 
 log = logging.getLogger("safealign")

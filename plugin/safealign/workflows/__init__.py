@@ -1,4 +1,4 @@
-"""The training floor: the work several stages share, one level below the stages.
+"""The workflows: the work several stages share, one layer below the stages.
 
 Each module is one job, written as OpenRLHF's `cli/train_*.py` scripts are — build the settings,
 strategy and models, fit, publish — on the adapter in `safealign.openrlhf`:

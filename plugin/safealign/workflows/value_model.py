@@ -6,13 +6,13 @@ import gc
 import logging
 from pathlib import Path
 
-from safealign.data import PreferenceRow
-from safealign.errors import SafeAlignError
+from safealign.core.errors import SafeAlignError
+from safealign.core.process import agree
+from safealign.domain.data import PreferenceRow
 from safealign.openrlhf import engine
 from safealign.openrlhf.pair_dataset import PreferencePairDataset
 from safealign.openrlhf.pair_sampler import pair_loader
 from safealign.openrlhf.settings import build_settings
-from safealign.process import agree
 from safealign.recipe import Recipe, RewardModelSection
 
 log = logging.getLogger("safealign")

@@ -8,18 +8,18 @@ from pathlib import Path
 
 import torch
 
-from safealign.data import PreferenceRow
-from safealign.errors import SafeAlignError
-from safealign.models import policy_and_reference
+from safealign.core.errors import SafeAlignError
+from safealign.core.process import gpu_available
+from safealign.domain.data import PreferenceRow
+from safealign.models.pooled_value import TORCH_DTYPES, PooledValueModel, is_pooled, read_spec
+from safealign.models.provenance import check_same_tokenizer, reference_provenance
+from safealign.models.resolve import policy_and_reference
 from safealign.openrlhf import engine
 from safealign.openrlhf.pair_dataset import PreferencePairDataset
 from safealign.openrlhf.pair_forward import PairLogProbs, PairValues
 from safealign.openrlhf.scoring import score_pairs
 from safealign.openrlhf.settings import Settings, build_settings
-from safealign.pooled_value import TORCH_DTYPES, PooledValueModel, is_pooled, read_spec
-from safealign.process import gpu_available
 from safealign.recipe import Recipe
-from safealign.ref_provenance import check_same_tokenizer, reference_provenance
 
 #: Scoring generated answers (eval, distill's best-of-n): room for long prompts whatever data.max_len is.
 ANSWER_MAX_LEN = 2048

@@ -1,7 +1,7 @@
 """What a GGUF checkpoint is, before anything loads it: the file inside a pip package that ships one
 (`gguf:<distribution>`), and a check that a file starts like a GGUF.
 
-Beside the model loader (`safealign.models`, which converts GGUFs) and below the recipe (whose
+Beside the model loader (`safealign.models.resolve`, which converts GGUFs) and below the recipe (whose
 validation checks every GGUF a recipe names), so neither has to import the other.
 """
 
@@ -11,7 +11,7 @@ import struct
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
-from safealign.errors import SafeAlignError
+from safealign.core.errors import SafeAlignError
 
 
 def find_packaged_gguf(dist_name: str) -> Path:

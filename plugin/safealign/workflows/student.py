@@ -8,8 +8,8 @@ from pathlib import Path
 
 from datasets import Dataset
 
-from safealign.data import flatten_messages
-from safealign.errors import SafeAlignError
+from safealign.core.errors import SafeAlignError
+from safealign.domain.data import flatten_messages
 from safealign.openrlhf import SFTDataset, engine
 from safealign.openrlhf.settings import build_settings
 from safealign.recipe import Recipe

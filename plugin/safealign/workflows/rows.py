@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from safealign.data import Message, PreferenceRow, hold_out_prompts, load_rows
+from safealign.domain.data import Message, PreferenceRow, hold_out_prompts, load_rows
 from safealign.recipe import Recipe, sampling_variant
-from safealign.training.heldout import load_training_rows
+from safealign.workflows.heldout import load_training_rows
 
 log = logging.getLogger("safealign")
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from safealign.data import Message, PreferenceRow, conversation_identity, load_sources, prompt_identity
-from safealign.errors import SafeAlignError
+from safealign.core.errors import SafeAlignError
+from safealign.domain.data import Message, PreferenceRow, conversation_identity, load_sources, prompt_identity
 from safealign.eval.mtbench import load_questions
 from safealign.eval.safety import DEFAULT_PATH, load_prompts
 from safealign.recipe import Recipe

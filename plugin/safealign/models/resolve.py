@@ -24,11 +24,11 @@ import struct
 import tempfile
 from pathlib import Path
 
-from safealign.errors import SafeAlignError
-from safealign.files import require_writable_dir
-from safealign.gguf import check_gguf, find_packaged_gguf
+from safealign.core.errors import SafeAlignError
+from safealign.core.files import require_writable_dir
+from safealign.core.gguf import check_gguf, find_packaged_gguf
+from safealign.core.remote_code import check_model_code
 from safealign.recipe import ModelSection, ModelSpec, RandomModel, RandomModelSpec
-from safealign.remote_code import check_model_code
 
 
 def cache_root() -> Path:

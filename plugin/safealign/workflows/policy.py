@@ -12,21 +12,21 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from safealign.data import Message, PreferenceRow, has_field, relabel, split_by_prompt, subset_by_prompt
-from safealign.errors import SafeAlignError
-from safealign.lagrange import LagrangeMultiplier
+from safealign.core.errors import SafeAlignError
+from safealign.core.process import barrier, gpu_available
+from safealign.domain.data import Message, PreferenceRow, has_field, relabel, split_by_prompt, subset_by_prompt
+from safealign.domain.lagrange import LagrangeMultiplier
 from safealign.losses import LossSettings, PreferenceLoss, get_loss
-from safealign.models import merge_lora
+from safealign.models.provenance import check_cached_reference, check_same_tokenizer, reference_provenance
+from safealign.models.resolve import merge_lora
 from safealign.openrlhf import engine
 from safealign.openrlhf.pair_dataset import PreferencePairDataset
 from safealign.openrlhf.pair_sampler import pair_loader
 from safealign.openrlhf.settings import Settings, build_settings
-from safealign.process import barrier, gpu_available
 from safealign.recipe import AlignSection, Recipe, samples_policy_cost
-from safealign.ref_provenance import check_cached_reference, check_same_tokenizer, reference_provenance
 from safealign.trainers.cost_sampling import CostModel, PolicyCostSampler
 from safealign.trainers.safe_mm_dpo import SafeMMDPOTrainer
-from safealign.training.rows import split_cost_pool
+from safealign.workflows.rows import split_cost_pool
 
 log = logging.getLogger("safealign")
 
