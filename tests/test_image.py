@@ -1,7 +1,7 @@
 """The GPU image's build steps that stopped a first `docker build` or a first GPU run (issue 24), checked
 without Docker (none runs here): the Dockerfile is read, and its user step is run on a copy of the base
 image's /etc. The optimizer step (no JIT-built DeepSpeed op) is checked on the rendered GPU config in
-tests/test_openrlhf_patches.py."""
+tests/openrlhf/test_openrlhf_patches.py."""
 
 from __future__ import annotations
 

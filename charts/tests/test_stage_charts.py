@@ -2,7 +2,7 @@
 
 Every rendered object is also validated against the Kubernetes OpenAPI schemas of 1.29-1.33 with
 kubernetes-validate in strict mode (a misspelt field fails). No API server runs here; the real-cluster
-test is tests/test_kubernetes_cluster.py.
+test is tests/k8s/test_kubernetes_cluster.py.
 """
 
 from __future__ import annotations

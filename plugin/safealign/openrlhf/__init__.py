@@ -7,7 +7,7 @@
   imports nothing heavy;
 - `settings`: the settings object OpenRLHF's strategy, models, datasets and trainers read, built once
   from the recipe and frozen (field for field OpenRLHF 0.11.2's `train_dpo`/`train_rm`/`train_sft`
-  parsers: tests/test_openrlhf_settings.py);
+  parsers: tests/openrlhf/test_openrlhf_settings.py);
 - `engine`: the strategy, the models and tokenizer on it, the optimizer config, resume and publish;
 - `pair_forward`: both responses of a pair in one forward, with OpenRLHF's own trainer methods.
 """

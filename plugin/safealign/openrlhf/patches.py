@@ -6,7 +6,7 @@ module level (no flash-attn wheel exists for torch 2.13 / CUDA 13, so our GPU im
 asks DeepSpeed for an AdamW that DeepSpeed JIT-compiles with nvcc/g++ (the CUDA *runtime* image has
 neither). Three more hold only without a GPU (DeepSpeed's CPU accelerator, CUDA device calls, a
 shared-memory op built with g++). Each gap is one function below, named for what it fixes, idempotent,
-and covered by a test (tests/test_openrlhf_patches.py). Nothing in site-packages is edited: at run time
+and covered by a test (tests/openrlhf/test_openrlhf_patches.py). Nothing in site-packages is edited: at run time
 a patch replaces attributes of OpenRLHF or DeepSpeed modules (or installs the stand-in `flash_attn`
 modules), and none replaces anything in `torch` itself.
 

@@ -5,7 +5,7 @@ argparse (`--train.micro_batch_size` becomes `args.train.micro_batch_size`, `ope
 hierarchize`). `build_settings` fills exactly the fields of the CLI of the same kind — `train_dpo` for
 the policy, `train_rm` for value models, `train_sft` for the distilled student — from the recipe,
 with OpenRLHF's CLI defaults where the recipe has no say, so OpenRLHF's own objects run and an OpenRLHF
-upgrade that adds, renames or drops a field fails tests/test_openrlhf_settings.py (which parses
+upgrade that adds, renames or drops a field fails tests/openrlhf/test_openrlhf_settings.py (which parses
 OpenRLHF's own parsers) instead of drifting silently.
 
 How it is built: `FIXED` and `FIXED_BY_KIND` hold OpenRLHF's CLI defaults the recipe has no say in

@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from support import ROOT
 
 HERE = Path(__file__).resolve().parent
 
@@ -44,7 +45,7 @@ def test_submit_runs_stages_as_real_jobs(tmp_path):
     values = tmp_path / "image.yaml"
     values.write_text(f"image: {{repository: {repository}, tag: '{tag}', pullPolicy: IfNotPresent}}\n")
     try:
-        done = k8s.submit(HERE.parent / "recipes" / "k8s-smoke.yaml", namespace, values_files=[HERE / "cluster" / "cpu-values.yaml", values],
+        done = k8s.submit(ROOT / "recipes" / "k8s-smoke.yaml", namespace, values_files=[HERE / "cluster" / "cpu-values.yaml", values],
                           wait=True, poll=3.0)  # fmt: skip
         assert done == ["rm", "align"]
         rows = k8s.status("k8s-smoke", namespace)

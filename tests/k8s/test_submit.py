@@ -1,13 +1,12 @@
-"""`safealign submit / status / logs` against a local HTTP stand-in for the API server (tests/k8s_standin.py:
+"""`safealign submit / status / logs` against a local HTTP stand-in for the API server (tests/k8s/k8s_standin.py:
 not Kubernetes; it plays a scripted life for each Job). The real-cluster test is test_kubernetes_cluster.py."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import yaml
 from k8s_standin import Server, StandIn
+from support import ROOT
 
 from safealign.core.errors import SafeAlignError
 
@@ -16,7 +15,7 @@ pytest.importorskip("kubernetes")
 
 from safealign.k8s import submit as k8s  # noqa: E402
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "mistral-7b-beavertails.yaml"
+RECIPE = ROOT / "recipes" / "mistral-7b-beavertails.yaml"
 STAGES = ["rm", "align", "distill", "eval"]
 RUN = "mistral-7b-beavertails"
 VALUES = RECIPE.parents[1] / "charts" / "examples" / "mistral-7b-beavertails.values.yaml"

@@ -127,7 +127,7 @@ def test_lambda_follows_the_policys_sampled_cost_against_the_threshold(
 def test_an_initial_threshold_is_the_policys_own_cost_before_training(tmp_path, tokenizer_dir, scored_rows):
     """align.cost_threshold: initial: the pool is answered and scored once before the first step (step 0
     of lambda_samples.jsonl), that Ĵ_C becomes d, and every dual step moves λ by Ĵ_C − d; stage.json
-    records d (the checkpoint carries it in λ's state, tests/test_lagrange.py: a resumed run must not
+    records d (the checkpoint carries it in λ's state, tests/domain/test_lagrange.py: a resumed run must not
     re-measure it on a trained policy)."""
     lr = 0.5
     recipe = tiny_recipe(tmp_path, tokenizer_dir, scored_rows, align={"cost_threshold": "initial", "lambda_lr": lr})
