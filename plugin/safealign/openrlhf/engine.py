@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from safealign.core.errors import SafeAlignError
-from safealign.core.process import barrier, ensure_process_env
+from safealign.core.process import barrier, ensure_process_env, release_memory
 from safealign.openrlhf import Actor, DeepspeedStrategy, get_llm_for_sequence_regression, get_strategy, get_tokenizer
 from safealign.openrlhf.settings import Settings
 
@@ -136,6 +136,32 @@ def publish_model(strategy: DeepspeedStrategy, model, tokenizer, args: Settings,
         staging.rename(target)
         shutil.rmtree(args.ckpt.path, ignore_errors=True)
     barrier()
+
+
+def release(*models) -> None:
+    """Tear down the DeepSpeed engines of `models` (OpenRLHF Actors or prepared value models; None and
+    plain modules are skipped) once their work is done, then free what they held.
+
+    An engine that is only dropped is never freed: DeepSpeed's hooks keep it and its parameters
+    reachable (after `del` and a full `gc.collect()`, a weak reference to a prepared SmolLM2-135M engine
+    is still alive; after `destroy()` it is gone). A stage that loads one model after another in one
+    process — eval's policies, rm's two value models, align's ablations — would otherwise keep them all."""
+    for model in models:
+        ds_engine = model.model if isinstance(model, Actor) else model
+        if callable(getattr(type(ds_engine), "destroy", None)):
+            ds_engine.destroy()
+    release_memory()
+
+
+@contextmanager
+def prepared_for_inference(strategy: DeepspeedStrategy, model) -> Iterator:
+    """`model` on OpenRLHF's strategy for forward passes only (eval mode), released on the way out."""
+    prepared = strategy.prepare(model)
+    prepared.eval()
+    try:
+        yield prepared
+    finally:
+        release(prepared)
 
 
 def resumable_tag(ckpt_dir: Path) -> str | None:

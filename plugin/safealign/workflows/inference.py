@@ -52,16 +52,15 @@ def score_with_value_model(
     dataset = PreferencePairDataset(
         rows, tokenizer, max_len or recipe.data.max_len, strategy, recipe.data.input_template, for_reward_model=True
     )
-    model = strategy.prepare(model)
-    model.eval()
-    values = PairValues(tokenizer, strategy, next(model.parameters()).device)
-    scores = score_pairs(
-        dataset,
-        lambda batch: values(model, batch),
-        strategy,
-        recipe.rm.score_batch_size,
-        f"scoring with {model_dir.parent.name}",
-    )
+    with engine.prepared_for_inference(strategy, model) as model:
+        values = PairValues(tokenizer, strategy, next(model.parameters()).device)
+        scores = score_pairs(
+            dataset,
+            lambda batch: values(model, batch),
+            strategy,
+            recipe.rm.score_batch_size,
+            f"scoring with {model_dir.parent.name}",
+        )
     return _by_row(dataset, scores)
 
 
@@ -105,10 +104,9 @@ def response_logps(
     if tokenizer_dir is not None and tokenizer_dir != model_dir:
         check_same_tokenizer(tokenizer, model_dir, recipe.model.trust_remote_code)
     dataset = PreferencePairDataset(rows, tokenizer, recipe.data.max_len, strategy, recipe.data.input_template)
-    actor = strategy.prepare(actor)
-    actor.eval()
-    logps = PairLogProbs(tokenizer, strategy, next(actor.parameters()).device)
-    scores = score_pairs(dataset, lambda batch: logps(actor, batch), strategy, recipe.rm.score_batch_size, description)
+    with engine.prepared_for_inference(strategy, actor) as actor:
+        logps = PairLogProbs(tokenizer, strategy, next(actor.parameters()).device)
+        scores = score_pairs(dataset, lambda batch: logps(actor, batch), strategy, recipe.rm.score_batch_size, description)
     return _by_row(dataset, scores), tokenizer
 
 

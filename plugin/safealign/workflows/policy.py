@@ -209,6 +209,7 @@ def train_policy(
     run = build_policy_training(recipe, rows, policy_dir, reference_dir, cost_model_dir, out)
     run.trainer.fit(run.settings, run.consumed, run.steps_per_epoch)
     outputs = publish_policy(run, recipe, policy_dir, out)
+    engine.release(run.trainer.model, run.trainer.ref_model)
     return {
         "outputs": outputs,
         **run.summary,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 from pathlib import Path
 
@@ -70,6 +69,5 @@ def train_student(recipe: Recipe, answers: list[dict], student: Path, out: Path)
     trainer.fit(args, consumed, max(1, len(loader) // strategy.accumulated_gradient))
     # What it publishes
     engine.publish_model(strategy, model, tokenizer, args, out / "model")
-    del trainer, model, optimizer, scheduler
-    gc.collect()
+    engine.release(model)
     return {"examples": len(dataset), "steps": total_steps}

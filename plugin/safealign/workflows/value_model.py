@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 from pathlib import Path
 
@@ -54,6 +53,5 @@ def train_value_model(
     trainer.fit(args, consumed, steps_per_epoch)
     # What it publishes
     engine.publish_model(strategy, model, tokenizer, args, target)
-    del trainer, model, optimizer, scheduler
-    gc.collect()
+    engine.release(model)
     return target
