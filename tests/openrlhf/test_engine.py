@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import weakref
 from pathlib import Path
 
+import pytest
 import torch
 
 from safealign.openrlhf.engine import complete_checkpoint, resumable_tag
@@ -89,3 +91,53 @@ def test_an_engine_used_for_inference_is_freed_afterwards(tokenizer_dir, tmp_pat
     del actor, prepared
     gc.collect()
     assert ds_engine() is None and weight() is None
+
+
+class PortTakenOnce:
+    """A strategy whose first process-group start finds its port taken, as another process can bind a
+    one-process world's chosen port before the group listens on it (seen in a busy full test run)."""
+
+    world_size = 1
+
+    def __init__(self, failures: int = 1):
+        self.failures, self.ports = failures, []
+
+    def setup_distributed(self):
+        self.ports.append(os.environ["MASTER_PORT"])
+        if len(self.ports) <= self.failures:
+            raise torch.distributed.DistNetworkError("The server socket has failed to listen ... EADDRINUSE")
+
+
+def start(monkeypatch, strategy, launcher: bool = False):
+    from types import SimpleNamespace as NS
+
+    from safealign.openrlhf import engine
+
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SAFEALIGN_OWN_MASTER_PORT"):
+        monkeypatch.setenv(name, "")  # recorded, so what make_strategy sets is undone after the test
+        monkeypatch.delenv(name)
+    if launcher:
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("WORLD_SIZE", "1")
+        monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setattr(engine, "get_strategy", lambda args: strategy)
+    return engine.make_strategy(NS(train=NS(batch_size=4, micro_batch_size=2)))
+
+
+def test_a_taken_port_of_a_one_process_world_is_picked_again(monkeypatch):
+    strategy = PortTakenOnce()
+    assert start(monkeypatch, strategy) is strategy
+    assert len(strategy.ports) == 2 and strategy.ports[0] != strategy.ports[1]
+
+
+def test_a_launchers_port_is_not_changed(monkeypatch):
+    """Under torchrun every rank must meet on the launcher's port: a taken one is the launcher's error."""
+    with pytest.raises(torch.distributed.DistNetworkError):
+        start(monkeypatch, PortTakenOnce(), launcher=True)
+
+
+def test_a_port_that_stays_taken_is_reported(monkeypatch):
+    strategy = PortTakenOnce(failures=5)
+    with pytest.raises(torch.distributed.DistNetworkError):
+        start(monkeypatch, strategy)
+    assert len(strategy.ports) == 3

@@ -71,10 +71,27 @@ def ensure_process_env() -> None:
     """A plain `safealign run` is a one-process world; torchrun and the deepspeed launcher set these."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=_free_port())
+    os.environ[_OWN_PORT] = "1"
+
+
+def repick_own_port() -> bool:
+    """Another free port for a one-process world whose port was taken between `ensure_process_env`
+    choosing it and the process group listening on it (another process can bind it in between: seen on a
+    busy machine as EADDRINUSE). False under a launcher: its port is not ours to change."""
+    if os.environ.get(_OWN_PORT) != "1":
+        return False
+    os.environ["MASTER_PORT"] = _free_port()
+    return True
+
+
+_OWN_PORT = "SAFEALIGN_OWN_MASTER_PORT"
+
+
+def _free_port() -> str:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        return str(sock.getsockname()[1])
 
 
 def is_rank_0() -> bool:

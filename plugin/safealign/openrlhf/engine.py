@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import shutil
 import zipfile
@@ -14,18 +15,29 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from safealign.core.errors import SafeAlignError
-from safealign.core.process import barrier, ensure_process_env, release_memory
+from safealign.core.process import barrier, ensure_process_env, release_memory, repick_own_port
 from safealign.openrlhf import Actor, DeepspeedStrategy, get_llm_for_sequence_regression, get_strategy, get_tokenizer
 from safealign.openrlhf.settings import Settings
 
 log = logging.getLogger("safealign")
+
+#: Tries at the process group's port in a one-process world (`repick_own_port`).
+PORT_ATTEMPTS = 3
 
 
 def make_strategy(args: Settings) -> DeepspeedStrategy:
     """OpenRLHF's DeepspeedStrategy with its process group up (gloo on CPU, NCCL on GPUs)."""
     ensure_process_env()
     strategy = get_strategy(args)
-    strategy.setup_distributed()
+    for attempt in range(PORT_ATTEMPTS):
+        try:
+            strategy.setup_distributed()
+            break
+        except RuntimeError as exc:  # torch's DistNetworkError
+            if "EADDRINUSE" not in str(exc) or attempt == PORT_ATTEMPTS - 1 or not repick_own_port():
+                raise
+            log.warning("the process group's port was taken by another process; retrying on port %s",
+                        os.environ["MASTER_PORT"])  # fmt: skip
     world = strategy.world_size
     if args.train.batch_size % (args.train.micro_batch_size * world):
         raise SafeAlignError(
