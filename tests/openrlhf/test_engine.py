@@ -108,7 +108,7 @@ class PortTakenOnce:
             raise torch.distributed.DistNetworkError("The server socket has failed to listen ... EADDRINUSE")
 
 
-def start(monkeypatch, strategy, launcher: bool = False):
+def start(monkeypatch, strategy, launcher: bool = False, inherited_marker: str | None = None):
     from types import SimpleNamespace as NS
 
     from safealign.openrlhf import engine
@@ -120,6 +120,8 @@ def start(monkeypatch, strategy, launcher: bool = False):
         monkeypatch.setenv("RANK", "0")
         monkeypatch.setenv("WORLD_SIZE", "1")
         monkeypatch.setenv("MASTER_PORT", "29500")
+    if inherited_marker:
+        monkeypatch.setenv("SAFEALIGN_OWN_MASTER_PORT", inherited_marker)
     monkeypatch.setattr(engine, "get_strategy", lambda args: strategy)
     return engine.make_strategy(NS(train=NS(batch_size=4, micro_batch_size=2)))
 
@@ -130,10 +132,12 @@ def test_a_taken_port_of_a_one_process_world_is_picked_again(monkeypatch):
     assert len(strategy.ports) == 2 and strategy.ports[0] != strategy.ports[1]
 
 
-def test_a_launchers_port_is_not_changed(monkeypatch):
-    """Under torchrun every rank must meet on the launcher's port: a taken one is the launcher's error."""
+@pytest.mark.parametrize("inherited", [False, True])
+def test_a_launchers_port_is_not_changed(monkeypatch, inherited):
+    """Under torchrun every rank must meet on the launcher's port: a taken one is the launcher's error —
+    also in a process that inherited a one-process world's marker from the one that launched it."""
     with pytest.raises(torch.distributed.DistNetworkError):
-        start(monkeypatch, PortTakenOnce(), launcher=True)
+        start(monkeypatch, PortTakenOnce(), launcher=True, inherited_marker="40000" if inherited else None)
 
 
 def test_a_port_that_stays_taken_is_reported(monkeypatch):

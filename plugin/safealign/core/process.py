@@ -71,20 +71,23 @@ def ensure_process_env() -> None:
     """A plain `safealign run` is a one-process world; torchrun and the deepspeed launcher set these."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=_free_port())
-    os.environ[_OWN_PORT] = "1"
+    port = _free_port()
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    os.environ[_OWN_PORT] = port
 
 
 def repick_own_port() -> bool:
     """Another free port for a one-process world whose port was taken between `ensure_process_env`
     choosing it and the process group listening on it (another process can bind it in between: seen on a
     busy machine as EADDRINUSE). False under a launcher: its port is not ours to change."""
-    if os.environ.get(_OWN_PORT) != "1":
+    if os.environ.get("MASTER_PORT") != os.environ.get(_OWN_PORT):
         return False
-    os.environ["MASTER_PORT"] = _free_port()
+    os.environ["MASTER_PORT"] = os.environ[_OWN_PORT] = _free_port()
     return True
 
 
+#: The port `ensure_process_env` chose, so a launcher's (torchrun sets its own MASTER_PORT, even in a
+#: process that inherited ours) is told apart and never changed.
 _OWN_PORT = "SAFEALIGN_OWN_MASTER_PORT"
 
 
