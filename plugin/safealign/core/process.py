@@ -67,6 +67,11 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
+#: The port `ensure_process_env` chose, so a launcher's (torchrun sets its own MASTER_PORT, even in a
+#: process that inherited ours) is told apart and never changed.
+_OWN_PORT = "SAFEALIGN_OWN_MASTER_PORT"
+
+
 def ensure_process_env() -> None:
     """A plain `safealign run` is a one-process world; torchrun and the deepspeed launcher set these."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
@@ -84,11 +89,6 @@ def repick_own_port() -> bool:
         return False
     os.environ["MASTER_PORT"] = os.environ[_OWN_PORT] = _free_port()
     return True
-
-
-#: The port `ensure_process_env` chose, so a launcher's (torchrun sets its own MASTER_PORT, even in a
-#: process that inherited ours) is told apart and never changed.
-_OWN_PORT = "SAFEALIGN_OWN_MASTER_PORT"
 
 
 def _free_port() -> str:

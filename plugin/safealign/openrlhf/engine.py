@@ -159,10 +159,17 @@ def release(*models) -> None:
     is still alive; after `destroy()` it is gone). A stage that loads one model after another in one
     process — eval's policies, rm's two value models, align's ablations — would otherwise keep them all."""
     for model in models:
-        ds_engine = model.model if isinstance(model, Actor) else model
+        ds_engine = deepspeed_engine(model)
         if callable(getattr(type(ds_engine), "destroy", None)):
             ds_engine.destroy()
     release_memory()
+
+
+def deepspeed_engine(model):
+    """The DeepSpeed engine of an OpenRLHF Actor (`actor.model`) or a prepared value model, which is the
+    engine itself — whose attribute lookups fall through to the wrapped module, so
+    `getattr(engine, "model")` would hand back the value model's backbone instead."""
+    return model.model if isinstance(model, Actor) else model
 
 
 @contextmanager
@@ -218,15 +225,11 @@ def complete_checkpoint(folder: Path) -> bool:
 
 def resume_state(strategy: DeepspeedStrategy, engine, args: Settings) -> dict:
     """The client state of the newest DeepSpeed checkpoint in `args.ckpt.path` ({} to start fresh).
-
-    `engine`: an OpenRLHF Actor (its DeepSpeed engine is `actor.model`) or a prepared value model, which
-    is the engine itself — whose attribute lookups fall through to the wrapped module, so
-    `getattr(engine, "model")` would hand OpenRLHF the value model's backbone instead.
-    """
+    `engine`: an OpenRLHF Actor or a prepared value model (`deepspeed_engine`)."""
     tag = resumable_tag(Path(args.ckpt.path))
     if tag is None:
         return {}
-    load_path, states = strategy.load_ckpt(engine.model if isinstance(engine, Actor) else engine, args.ckpt.path, tag=tag)
+    load_path, states = strategy.load_ckpt(deepspeed_engine(engine), args.ckpt.path, tag=tag)
     if load_path is None:
         return {}
     log.info("resumed from %s: %d pairs already trained", load_path, states.get("consumed_samples", 0))
