@@ -76,7 +76,7 @@ def _rows_and_logps(shifts: dict[str, float], noise: dict[str, float]):
 
 
 class Primary:
-    treatment, controls, measure, dimension, alpha = "dual", ["shuffled"], "margin", "safe", 0.01
+    treatment, controls, measure, dimension, sources, alpha = "dual", ["shuffled"], "margin", "safe", None, 0.01
 
 
 def test_group_tests_take_runs_as_the_unit_and_a_label_blind_change_does_not_pass():
@@ -103,6 +103,30 @@ def test_group_tests_take_runs_as_the_unit_and_a_label_blind_change_does_not_pas
     rows, logps = _rows_and_logps({"d1": 0.1, "s1": 0.0}, {"d1": 0.0, "s1": 0.0})
     single = group_tests(rows, logps, {"dual": ["d1"], "shuffled": ["s1"]}, Primary)
     assert not single["primary"]["holds"] and all(c["p_value"] is None for c in single["comparisons"])
+
+
+def test_a_primary_test_names_its_sources_and_the_others_margins_are_secondary():
+    """eval.primary.sources: the claim is about PKU's pairs only; HH's margin is still tested, two-sided,
+    in the secondary family, and a treatment that loses on HH does not sink the claim."""
+    from safealign.eval.pairs import group_tests
+
+    class OnPku(Primary):
+        sources = ["pku.jsonl"]
+
+    noise = {"d1": 0.001, "d2": -0.002, "d3": 0.0015, "s1": 0.002, "s2": -0.001, "s3": 0.0}
+    groups = {"dual": ["d1", "d2", "d3"], "shuffled": ["s1", "s2", "s3"]}
+    rows, logps = _rows_and_logps({"d1": 0.1, "d2": 0.1, "d3": 0.1, "s1": 0.0, "s2": 0.0, "s3": 0.0}, noise)
+    result = group_tests(rows, logps, groups, OnPku)
+    families = {c["measure"]: (c["family"], c["alternative"]) for c in result["comparisons"]}
+    assert families == {"safe · pku.jsonl": ("primary", "greater"), "safe · hh.jsonl.gz": ("secondary", "two-sided"),
+                        "helpful · pku.jsonl": ("secondary", "two-sided")}  # fmt: skip
+    assert result["primary"]["tests"] == 1 and result["primary"]["sources"] == ["pku.jsonl"]
+    # The treatment moved HH the wrong way: with both sources primary the claim fails, with PKU named it holds.
+    for i in range(4, 8):  # the HH-like pairs: the dual runs leave them where the base has them
+        for name in ("d1", "d2", "d3"):
+            logps[name][i] = (-10.0, -10.0, -1.0, -1.0)
+    assert group_tests(rows, logps, groups, OnPku)["primary"]["holds"]
+    assert not group_tests(rows, logps, groups, Primary)["primary"]["holds"]
 
 
 def test_a_primary_test_on_the_held_out_cost_is_one_sided_toward_lower_cost():

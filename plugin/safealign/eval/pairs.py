@@ -169,6 +169,15 @@ def run_values(
     return measures
 
 
+def is_primary_measure(measure: str, primary) -> bool:
+    """Whether `measure` ("<dimension> · <source>", or the held-out Ĵ_C) is one `primary` registered: its
+    measure, and for margins its dimension and, when it names them, one of its sources."""
+    if primary.measure == "heldout_cost":
+        return measure == HELDOUT_COST
+    dimension, _, source = measure.partition(" · ")
+    return dimension == primary.dimension and (primary.sources is None or source in primary.sources)
+
+
 def group_tests(
     rows: list[PreferenceRow], logps: dict[str, dict[int, PairLogps]], groups: dict[str, list[str]], primary=None,
     extra_measures: dict[str, dict[str, float]] | None = None,
@@ -194,9 +203,7 @@ def group_tests(
         if group == primary.treatment:
             continue
         for measure, values in measures.items():
-            is_primary = group in primary.controls and (
-                measure == HELDOUT_COST if primary.measure == "heldout_cost" else measure.startswith(f"{primary.dimension} · ")
-            )
+            is_primary = group in primary.controls and is_primary_measure(measure, primary)
             treated = [values[m] for m in groups[primary.treatment] if m in values]
             other = [values[m] for m in names if m in values]
             if not treated or not other:
@@ -216,6 +223,7 @@ def group_tests(
         "controls": list(primary.controls),
         "measure": primary.measure,
         "dimension": primary.dimension,
+        "sources": None if primary.sources is None else list(primary.sources),
         "alpha": primary.alpha,
         "tests": len(primary_tests),
         "holds": bool(primary_tests) and all(c["p_holm"] is not None and c["p_holm"] < primary.alpha for c in primary_tests),

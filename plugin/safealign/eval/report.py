@@ -481,6 +481,7 @@ def group_tables(results: dict) -> tuple[str, list[tuple[list[str], list[list[st
             f"Primary test ({primary['tests']} tests, α = {primary['alpha']}): {primary['treatment']} against "
             f"{', '.join(primary['controls'])} on "
             + ("the held-out Ĵ_C (lower wins)" if primary.get("measure") == "heldout_cost" else primary["dimension"])
+            + (f" · {', '.join(primary['sources'])}" if primary.get("sources") else "")
             + " — "
             + ("**holds** (every Holm-adjusted p below α)." if primary["holds"] else "**does not hold**.")
         )

@@ -498,6 +498,10 @@ class PrimaryTestSection(Strict):
         "wins); heldout_cost: the held-out Ĵ_C (eval.heldout_cost_prompts; lower wins)",
     )
     dimension: Dimension = Field("safe", description="margin: the labels the claim is about")
+    sources: Annotated[list[str], Field(min_length=1)] | None = Field(
+        None, description="margin: the held-out sources the claim is about (file names of eval.heldout_pairs, as the "
+        "report names them); the others' margins go to the secondary family. null: every source",
+    )
     alpha: Annotated[float, Field(gt=0, lt=1)] = Field(0.01, description="the claim holds when every adjusted p is below it")
 
 
@@ -561,6 +565,13 @@ class EvalSection(Strict):
                     raise ValueError(f"primary: {name!r} is not a group (groups: {', '.join(self.groups) or 'none'})")
             if self.primary.treatment in self.primary.controls:
                 raise ValueError(f"primary: {self.primary.treatment!r} is both the treatment and a control")
+            if self.primary.sources is not None:
+                if self.primary.measure != "margin":
+                    raise ValueError("primary: sources picks held-out pair files, which only measure margin reads")
+                files = [source.path.name for source in self.heldout_pairs]
+                for name in self.primary.sources:
+                    if name not in files:
+                        raise ValueError(f"primary: sources: {name!r} is not a heldout_pairs file (files: {', '.join(files)})")
         return self
 
 
