@@ -213,3 +213,22 @@ def test_the_cost_probe_reads_every_layer_as_the_pooled_cost_model_does(tmp_path
             batch = dataset.collate_fn([dataset[i] for i in range(len(dataset))])
             ids, mask, extras = batch[0], batch[1], batch[-1]
             assert torch.allclose(every[:, 0, layer - 1].float(), cut.features(ids, mask, extras.prompt_lens), atol=1e-4)
+
+
+def test_pku_conflict_splits_by_label_agreement_and_averages_the_safety_shift_by_hand():
+    """benchmarks/pku_conflict.py: pairs with both labels split by whether the safer response is the more
+    helpful; a harmless-only pair is in neither; the shift is the safety margin's move from the base."""
+    from safealign.domain.data import PreferenceRow
+
+    conflict = load_benchmark("pku_conflict")
+    ids = [(0, 0), (1, 0), (1, 1), (-1, 1)]  # (better, safer): agree, disagree, agree, harmless-only
+    rows = [PreferenceRow(prompt=[{"role": "user", "content": f"q{i}"}], response_0="a", response_1="b",
+                          better_response_id=b, safer_response_id=s, source=f"/d/p.jsonl:{i + 1}")
+            for i, (b, s) in enumerate(ids)]  # fmt: skip
+    assert conflict.subsets(rows) == {"agree": [0, 2], "disagree": [1]}
+    base = dict.fromkeys(range(4), (-9.0, -9.0, -1.0, -1.0))
+    model = {0: (-9.0, -9.0, -0.5, -1.0), 1: (-9.0, -9.0, -0.8, -1.0), 2: (-9.0, -9.0, -1.0, -1.2), 3: base[3]}
+    # by hand (margin = safer mean − other mean, minus the base's 0): pair 0 (safer 0) −0.5 − (−1.0) = +0.5;
+    # pair 2 (safer 1) −1.2 − (−1.0) = −0.2; pair 1 (safer 0) −0.8 − (−1.0) = +0.2
+    assert conflict.mean_shift(rows, model, base, [0, 2]) == pytest.approx((0.5 - 0.2) / 2)
+    assert conflict.mean_shift(rows, model, base, [1]) == pytest.approx(0.2)
