@@ -116,6 +116,8 @@ def test_seed_defaults():
         ({**base(), "eval": {"heldout_pairs": [{"path": str(PKU)}], "groups": {"g": ["aligned"], "h": ["aligned"]},
           "primary": {"treatment": "g", "controls": ["h"], "sources": ["hh.jsonl.gz"]}}},
          f"eval: primary: sources: 'hh.jsonl.gz' is not a heldout_pairs file (files: {PKU.name})"),
+        (base(sources=["hh.jsonl"]), f"align.sources: 'hh.jsonl' is not a data.train file (files: {PKU.name})"),
+        (base(ablations={"x": {"sources": ["hh.jsonl"]}}), "align.ablations.x.sources: 'hh.jsonl' is not a data.train"),
         (base(seed="two"), "align.seed: Input should be a valid integer"),
         ({**base(), "seed": 2**32}, "seed: Input should be less than or equal to 4294967295"),
         ({**base(), "data": {"train": [{"path": str(PKU)}], "max_len": 10**30}}, "data.max_len: Input should be less than"),

@@ -381,6 +381,13 @@ def prompt_identity(messages: list[Message]) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def pair_identity(row: PreferenceRow) -> str:
+    """A stable identity of a response pair (its prompt and both responses, in order): the same pair read
+    from its data file and from a stage's output, whatever fields the stage added."""
+    text = "\x1e".join((prompt_identity(row.prompt), row.response_0, row.response_1))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def conversation_identity(messages: list[Message]) -> str:
     """The conversation a prompt belongs to: its first user turn, lower-cased, punctuation and spacing
     removed. HH-RLHF holds several pairs of one conversation (a prompt that extends another, the same

@@ -161,6 +161,17 @@ def _netrc_has_wandb() -> bool:
         return False
 
 
+def check_align_sources(recipe: Recipe, source: str) -> None:
+    """Every file `align.sources` (or an ablation's) names is one of `data.train`'s."""
+    files = [train.path.name for train in recipe.data.train]
+    align = recipe.align
+    variants = [("align", align)] + [(f"align.ablations.{n}", align.ablation(n)) for n in align.ablations]
+    for key, variant in variants:
+        for name in variant.sources or []:
+            if name not in files:
+                raise SafeAlignError(f"{source}: {key}.sources: {name!r} is not a data.train file (files: {', '.join(files)})")
+
+
 def check_eval_groups(recipe: Recipe, source: str) -> None:
     """Every `eval.groups` member is a model the run produces: `base`, `aligned` and the align ablations
     when align runs, `student` when distill runs."""

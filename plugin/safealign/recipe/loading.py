@@ -13,7 +13,14 @@ from pydantic import ValidationError
 
 from safealign.core.errors import SafeAlignError
 from safealign.core.remote_code import check_model_code
-from safealign.recipe.checks import check_cost_model, check_eval_groups, check_gguf_specs, check_loss_keys, model_dirs
+from safealign.recipe.checks import (
+    check_align_sources,
+    check_cost_model,
+    check_eval_groups,
+    check_gguf_specs,
+    check_loss_keys,
+    model_dirs,
+)
 from safealign.recipe.schema import Recipe, format_validation_error
 
 
@@ -226,6 +233,7 @@ def validate_recipe(
     check_loss_keys(recipe, source, own_align_keys)
     check_cost_model(recipe, source)
     check_eval_groups(recipe, source)
+    check_align_sources(recipe, source)
     for field, model_dir in model_dirs(recipe):
         check_model_code(f"{source}: {field}", model_dir, recipe.model.trust_remote_code)
     check_gguf_specs(recipe, source)

@@ -298,6 +298,11 @@ class AlignSection(PairTrainingSection):
         description="train on this many of the training pairs (chosen by prompt and seed): the same subset for "
         "every ablation that sets it, e.g. a trade-off frontier cheaper than the main model",
     )
+    sources: Annotated[list[str], Field(min_length=1)] | None = Field(
+        None,
+        description="train the policy on the pairs of these data.train files only (their file names): the rm "
+        "stage's reward models still learn from every file, and the Ĵ_C pool is drawn from all of them. null: every file",
+    )
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] | None = Field(
         None,
         description="this policy's training seed (data order, a shuffled control's coins, Ĵ_C sampling; default: "

@@ -26,7 +26,7 @@ from safealign.openrlhf.settings import Settings, build_settings
 from safealign.recipe import AlignSection, Recipe, samples_policy_cost
 from safealign.trainers.cost_sampling import CostModel, PolicyCostSampler
 from safealign.trainers.safe_mm_dpo import SafeMMDPOTrainer
-from safealign.workflows.rows import split_cost_pool
+from safealign.workflows.rows import from_sources, split_cost_pool
 
 log = logging.getLogger("safealign")
 
@@ -73,11 +73,12 @@ def policy_recipe(recipe: Recipe, align: AlignSection) -> Recipe:
 
 
 def split_policy_rows(recipe: Recipe, rows: list[PreferenceRow], pairs_from: Recipe) -> PolicyRows:
-    """The Ĵ_C pool, the eval split and `align.max_pairs` as `pairs_from`'s settings and seed say (the
-    run's recipe: every variant and seed trains on the same pairs), then `recipe`'s `align.labels` on the
-    training rows, with `recipe`'s seed (a control's flipped or coin-flipped preferences; eval keeps the
-    labels as given)."""
+    """The Ĵ_C pool as `pairs_from` (the run's recipe) draws it, `recipe`'s `align.sources`, then the eval
+    split and `align.max_pairs` with `pairs_from`'s seed (every seed of a variant trains on the same pairs),
+    then `recipe`'s `align.labels` on the training rows, with `recipe`'s seed (a control's flipped or
+    coin-flipped preferences; eval keeps the labels as given)."""
     pool, rows = split_cost_pool(pairs_from, rows)
+    rows = from_sources(recipe, rows)
     train, held = split_by_prompt(rows, pairs_from.data.eval_fraction, pairs_from.seed)
     if recipe.align.max_pairs is not None:
         train = subset_by_prompt(train, recipe.align.max_pairs, pairs_from.seed)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from safealign.domain.data import Message, PreferenceRow, hold_out_prompts, load_rows
+from safealign.core.errors import SafeAlignError
+from safealign.domain.data import Message, PreferenceRow, hold_out_prompts, load_rows, load_sources, pair_identity
 from safealign.recipe import Recipe, sampling_variant
 from safealign.workflows.heldout import load_training_rows
 
@@ -34,3 +35,18 @@ def split_cost_pool(recipe: Recipe, rows: list[PreferenceRow]) -> tuple[list[lis
         len(pool), len(rows) - len(rest), len(rows),
     )  # fmt: skip
     return pool, rest
+
+
+def from_sources(recipe: Recipe, rows: list[PreferenceRow]) -> list[PreferenceRow]:
+    """The rows that are pairs of the `data.train` files `recipe.align.sources` names (all rows when it
+    names none). Matched by content, prompt and both responses, because the rm stage's scored rows do not
+    say which file they came from."""
+    names = recipe.align.sources
+    if not names:
+        return rows
+    wanted = {pair_identity(row) for row in load_sources(s for s in recipe.data.train if s.path.name in names)}
+    kept = [row for row in rows if pair_identity(row) in wanted]
+    if not kept:
+        raise SafeAlignError(f"align.sources: none of the {len(rows)} training pairs comes from {', '.join(names)}")
+    log.info("align: training on the %d of %d pairs from %s (align.sources)", len(kept), len(rows), ", ".join(names))
+    return kept
