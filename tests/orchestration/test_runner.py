@@ -218,3 +218,22 @@ def test_a_folder_that_is_not_a_run_is_refused_untouched(tmp_path):
     (legacy / "rm" / "stage.json").write_text("{}")
     claim_run_dir(legacy)
     assert (legacy / RUN_MARKER).is_file()
+
+
+@pytest.mark.parametrize("name", ["evidence.yaml", "quickstart.yaml", "confirm-hh.yaml"])
+def test_the_recipe_a_run_writes_runs_again_as_the_same_recipe(name):
+    """runs/<name>/recipe.yaml is a recipe: it used to dump every default, and the validator refused the
+    ones the other settings do not use (rm.cost.batch_size under the pooled head, distill.temperature with
+    one greedy answer), so `safealign run runs/x/recipe.yaml` failed on every shipped recipe."""
+    import yaml
+    from support import ROOT
+
+    from safealign.orchestration.runner import recipe_as_run
+    from safealign.recipe import load_recipe
+
+    recipe = load_recipe(ROOT / "recipes" / name)
+    text = recipe_as_run(recipe)
+    assert text.startswith("# as run by SafeAlign ")
+    dumped = yaml.safe_load(text)
+    assert "batch_size" not in dumped.get("rm", {}).get("cost", {})  # a default the pooled head does not use
+    assert validate_recipe(dumped, source="recipe.yaml") == recipe

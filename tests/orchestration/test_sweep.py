@@ -123,7 +123,7 @@ def test_a_ray_tune_sweep_shares_the_rm_stage_and_selects_a_trial(tmp_path, toke
         trial_dir = out / "trials" / tid
         assert (trial_dir / "rm").is_symlink() and (trial_dir / "rm").resolve() == (out / "rm").resolve()
         run = yaml.safe_load((trial_dir / "recipe.yaml").read_text())
-        assert run["align"]["lambda_init"] == float(tid.split(",")[0].split("=")[1]) and run["sweep"] is None
+        assert run["align"]["lambda_init"] == float(tid.split(",")[0].split("=")[1]) and "sweep" not in run
         assert (trial_dir / "eval" / "results.json").is_file()
     assert not (out / "align").exists()  # only the shared stage ran in the sweep directory
     assert (out / "sweep" / "heatmap.png").read_bytes().startswith(b"\x89PNG")

@@ -3,7 +3,7 @@
 Layout of a run directory (a PVC on Kubernetes, shared by every stage):
 
     runs/<name>/.safealign-run         says SafeAlign made this directory (`claim_run_dir`)
-    runs/<name>/recipe.yaml            the validated recipe, as run
+    runs/<name>/recipe.yaml            the validated recipe, as run (`recipe_as_run`: runnable again)
     runs/<name>/.lock                  held by the one `safealign run` working here (`safealign.core.locks`)
     runs/<name>/<stage>/stage.json     fingerprint + summary: present only when the stage finished
     runs/<name>/.<stage>.partial/      the stage's work in progress (checkpoints live here)
@@ -85,6 +85,15 @@ def _file_digest(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def recipe_as_run(recipe: Recipe) -> str:
+    """The recipe a run writes beside its stages: `extends` resolved, paths absolute, every setting that is
+    not its default — so `safealign run <run>/recipe.yaml` runs the same recipe again. Defaults are left
+    out rather than written: a default the recipe's other settings do not use (the cost model's batch
+    size under the pooled head, say) would be refused as a key that is ignored."""
+    body = yaml.safe_dump(recipe.model_dump(mode="json", exclude_defaults=True), sort_keys=False, allow_unicode=True)
+    return f"# as run by SafeAlign {__version__}; every key not written here has its default (docs/recipes.md)\n{body}"
 
 
 def fingerprint(recipe: Recipe, stage: Stage, run_dir: Path) -> str:
@@ -225,7 +234,7 @@ def run_recipe(recipe: Recipe, run_dir: Path, stages: list[str] | None = None, f
         raise SafeAlignError(refused)
     try:
         if is_rank_0():
-            write_text_atomically(run_dir / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+            write_text_atomically(run_dir / "recipe.yaml", recipe_as_run(recipe))
         return [run_stage(recipe, run_dir, stage, force) for stage in selected]
     finally:
         lock.release()
