@@ -22,10 +22,13 @@ def test_pku_sample_loads_with_both_labels():
     assert rows[0].delta_h is None and rows[0].source.endswith(":1")
 
 
-def test_hh_rlhf_rows_become_safe_only_dialogues(caplog):
+def test_hh_rlhf_rows_become_safe_only_dialogues(caplog, monkeypatch):
+    monkeypatch.setattr("safealign.domain.data._REPORTED_SKIPS", set())  # whatever other tests read before
     rows = load_rows(HH, "hh_rlhf", dimension="safe")
     assert len(rows) == 299  # line 87's chosen answer is empty: skipped and reported
     assert "skipped 1 row(s) without a usable pair" in caplog.text and "jsonl:87" in caplog.text
+    caplog.clear()
+    assert load_rows(HH, "hh_rlhf", dimension="safe") == rows and "skipped" not in caplog.text  # said once
     assert all(r.better_response_id == -1 and r.safer_response_id == 0 for r in rows)
     first = rows[0]
     assert [m["role"] for m in first.prompt] == ["user", "assistant", "user", "assistant", "user"]

@@ -299,6 +299,10 @@ def json_nesting(text: str) -> int:
     return deepest
 
 
+#: The reads whose skipped rows were reported already: said once per process, not once per read.
+_REPORTED_SKIPS: set[tuple[str, int, int | None]] = set()
+
+
 def load_rows(
     path: Path, fmt: Format, dimension: str | None = None, max_rows: int | None = None, skip_rows: int = 0
 ) -> list[PreferenceRow]:
@@ -317,7 +321,8 @@ def load_rows(
             rows.append(adapter(raw, f"{path}:{number}", dimension))
         except SkippedRow as exc:
             skipped.append(str(exc))
-    if skipped:
+    if skipped and (str(path), skip_rows, max_rows) not in _REPORTED_SKIPS:  # a stage reads a file more than once
+        _REPORTED_SKIPS.add((str(path), skip_rows, max_rows))
         log.warning("%s: skipped %d row(s) without a usable pair (an empty response, transcripts that differ "
                     "before the last turn), e.g. %s", path.name, len(skipped), skipped[0])  # fmt: skip
     if not rows:
