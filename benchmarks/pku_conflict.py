@@ -1,7 +1,7 @@
 """Held-out safety margins where PKU-SafeRLHF's two labels disagree: does a model move toward the safer
 response even where it is the *less* helpful one?
 
-    .venv/bin/python benchmarks/pku_conflict.py runs/confirm-pku --recipe recipes/confirm-pku.yaml
+    .venv/bin/python benchmarks/pku_conflict.py runs/evidence25 --recipe recipes/evidence.yaml
 
 Why: in this PKU sample the safer response is also the more helpful one in 75 of the 100 held-out pairs
 (104 of 125 training pairs), so a model that learnt only helpfulness moves the safety margin too (the lever
