@@ -8,11 +8,12 @@ Why: in this PKU sample the safer response is also the more helpful one in 75 of
 diagnostic, docs/results.md). The pairs where the labels disagree separate the two: there, learning
 harmlessness moves the safety margin up and learning helpfulness moves it down.
 
-Reads the recipe the run was started with, its held-out pairs (as the eval stage split them) and every model's held-out
-log-probs from the eval stage's cache (read through the eval stage's own `heldout_logps`, which would
-compute a model the cache lacks), and prints per model, then per `eval.groups` group (mean and the runs), the per-token safety-margin shift
-from the base (`safealign.eval.pairs.margin_shift`) on the PKU pairs where the labels agree and where
-they disagree. Exploratory: no test, no correction.
+Reads the recipe the run was started with, its held-out pairs (as the eval stage split them) and every
+model's held-out log-probs from the eval stage's cache (through the eval stage's own `heldout_logps`,
+which would compute a model the cache lacks), and prints per model, then per `eval.groups` group (mean
+and the runs), the per-token safety-margin shift from the base (`safealign.eval.pairs.mean_margin_shift`,
+the group tests' own measure) on the PKU pairs where the labels agree and where they disagree.
+Exploratory: no test, no correction.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 from safealign.domain.data import PreferenceRow
-from safealign.eval.pairs import margin_shift
+from safealign.eval.pairs import mean_margin_shift
 from safealign.recipe import load_recipe
 from safealign.stages.evaluate import heldout_logps
 from safealign.workflows.heldout import heldout_rows, load_training_rows
@@ -37,11 +38,6 @@ def subsets(rows: list[PreferenceRow]) -> dict[str, list[int]]:
         "agree": [i for i in both if rows[i].better_response_id == rows[i].safer_response_id],
         "disagree": [i for i in both if rows[i].better_response_id != rows[i].safer_response_id],
     }
-
-
-def mean_shift(rows: list[PreferenceRow], model: dict, base: dict, indices: list[int]) -> float:
-    """The mean per-token safety-margin shift from the base over `indices`."""
-    return math.fsum(margin_shift(rows[i], model[i], base[i], "safe") for i in indices) / len(indices)
 
 
 def main() -> None:
@@ -60,7 +56,7 @@ def main() -> None:
             logps[name], _ = heldout_logps(Path(entry["path"]), rows, recipe, Path(scratch), cache)
     print(f"{len(split['agree'])} pairs where the safer response is the more helpful, {len(split['disagree'])} where not")
     shifts = {
-        name: {kind: mean_shift(rows, logps[name], logps["base"], indices) for kind, indices in split.items()}
+        name: {kind: mean_margin_shift(rows, logps[name], logps["base"], indices, "safe") for kind, indices in split.items()}
         for name in logps
         if name != "base"
     }

@@ -217,8 +217,10 @@ def test_the_cost_probe_reads_every_layer_as_the_pooled_cost_model_does(tmp_path
 
 def test_pku_conflict_splits_by_label_agreement_and_averages_the_safety_shift_by_hand():
     """benchmarks/pku_conflict.py: pairs with both labels split by whether the safer response is the more
-    helpful; a harmless-only pair is in neither; the shift is the safety margin's move from the base."""
+    helpful; a harmless-only pair is in neither; the shift it averages is the safety margin's move from the
+    base (the group tests' `mean_margin_shift`)."""
     from safealign.domain.data import PreferenceRow
+    from safealign.eval.pairs import mean_margin_shift
 
     conflict = load_benchmark("pku_conflict")
     ids = [(0, 0), (1, 0), (1, 1), (-1, 1)]  # (better, safer): agree, disagree, agree, harmless-only
@@ -230,5 +232,5 @@ def test_pku_conflict_splits_by_label_agreement_and_averages_the_safety_shift_by
     model = {0: (-9.0, -9.0, -0.5, -1.0), 1: (-9.0, -9.0, -0.8, -1.0), 2: (-9.0, -9.0, -1.0, -1.2), 3: base[3]}
     # by hand (margin = safer mean − other mean, minus the base's 0): pair 0 (safer 0) −0.5 − (−1.0) = +0.5;
     # pair 2 (safer 1) −1.2 − (−1.0) = −0.2; pair 1 (safer 0) −0.8 − (−1.0) = +0.2
-    assert conflict.mean_shift(rows, model, base, [0, 2]) == pytest.approx((0.5 - 0.2) / 2)
-    assert conflict.mean_shift(rows, model, base, [1]) == pytest.approx(0.2)
+    assert mean_margin_shift(rows, model, base, [0, 2], "safe") == pytest.approx((0.5 - 0.2) / 2)
+    assert mean_margin_shift(rows, model, base, [1], "safe") == pytest.approx(0.2)

@@ -148,6 +148,13 @@ def margin_shift(row: PreferenceRow, model: PairLogps, base: PairLogps, dimensio
     return margin(model) - margin(base)
 
 
+def mean_margin_shift(
+    rows: list[PreferenceRow], model: dict[int, PairLogps], base: dict[int, PairLogps], indices: list[int], dimension: str
+) -> float:
+    """The mean of `margin_shift` over the pairs `indices`: one run's value on a set of held-out pairs."""
+    return math.fsum(margin_shift(rows[i], model[i], base[i], dimension) for i in indices) / len(indices)
+
+
 def run_values(
     rows: list[PreferenceRow], logps: dict[str, dict[int, PairLogps]], models: set[str]
 ) -> dict[str, dict[str, float]]:
@@ -162,9 +169,7 @@ def run_values(
             if not indices:
                 continue
             measures[f"{dimension} · {source}"] = {
-                name: math.fsum(margin_shift(rows[i], logps[name][i], logps["base"][i], dimension) for i in indices)
-                / len(indices)
-                for name in sorted(models)
+                name: mean_margin_shift(rows, logps[name], logps["base"], indices, dimension) for name in sorted(models)
             }
     return measures
 
