@@ -22,6 +22,7 @@ from safealign.recipe.schema import (
     RandomModelSpec,
     Recipe,
     TrainingSection,
+    unknown_file,
 )
 
 log = logging.getLogger("safealign")
@@ -163,13 +164,11 @@ def _netrc_has_wandb() -> bool:
 
 def check_align_sources(recipe: Recipe, source: str) -> None:
     """Every file `align.sources` (or an ablation's) names is one of `data.train`'s."""
-    files = [train.path.name for train in recipe.data.train]
     align = recipe.align
     variants = [("align", align)] + [(f"align.ablations.{n}", align.ablation(n)) for n in align.ablations]
     for key, variant in variants:
-        for name in variant.sources or []:
-            if name not in files:
-                raise SafeAlignError(f"{source}: {key}.sources: {name!r} is not a data.train file (files: {', '.join(files)})")
+        if unknown := unknown_file(variant.sources, recipe.data.train, "data.train"):
+            raise SafeAlignError(f"{source}: {key}.sources: {unknown}")
 
 
 def check_eval_groups(recipe: Recipe, source: str) -> None:

@@ -58,6 +58,14 @@ def results_dump(model: BaseModel) -> dict:
     return dumped
 
 
+def unknown_file(names: list[str] | None, sources: list, kind: str) -> str | None:
+    """Why `names` (a recipe's list of data file names, e.g. align.sources) does not fit `sources` (the
+    data it picks from, e.g. data.train): the first name that is no source's file name; None if all are."""
+    files = [source.path.name for source in sources]
+    unknown = next((name for name in names or [] if name not in files), None)
+    return None if unknown is None else f"{unknown!r} is not a {kind} file (files: {', '.join(files)})"
+
+
 def _resolve(value: str, info: ValidationInfo) -> Path:
     base = (info.context or {}).get("base_dir", Path.cwd())
     path = Path(value).expanduser()
@@ -570,13 +578,10 @@ class EvalSection(Strict):
                     raise ValueError(f"primary: {name!r} is not a group (groups: {', '.join(self.groups) or 'none'})")
             if self.primary.treatment in self.primary.controls:
                 raise ValueError(f"primary: {self.primary.treatment!r} is both the treatment and a control")
-            if self.primary.sources is not None:
-                if self.primary.measure != "margin":
-                    raise ValueError("primary: sources picks held-out pair files, which only measure margin reads")
-                files = [source.path.name for source in self.heldout_pairs]
-                for name in self.primary.sources:
-                    if name not in files:
-                        raise ValueError(f"primary: sources: {name!r} is not a heldout_pairs file (files: {', '.join(files)})")
+            if self.primary.sources is not None and self.primary.measure != "margin":
+                raise ValueError("primary: sources picks held-out pair files, which only measure margin reads")
+            if unknown := unknown_file(self.primary.sources, self.heldout_pairs, "heldout_pairs"):
+                raise ValueError(f"primary: sources: {unknown}")
         return self
 
 
