@@ -8,9 +8,10 @@ import pytest
 from support import HH, PKU
 
 from safealign.core.errors import SafeAlignError
-from safealign.domain.data import from_pku_saferlhf, load_sources
+from safealign.domain.data import from_pku_saferlhf, load_sources, pair_identity
 from safealign.recipe import validate_recipe
-from safealign.workflows.rows import from_sources
+from safealign.workflows.policy import split_policy_rows
+from safealign.workflows.rows import LabelSources
 
 
 def recipe(**align):
@@ -30,13 +31,57 @@ def test_align_sources_keeps_the_pairs_of_the_named_files_only():
     r = recipe(sources=[HH.name])
     rows = scored(load_sources(r.data.train))
     assert len(rows) == 50
-    kept = from_sources(r, rows)
+    sources = LabelSources.of(r)
+    kept = sources.pairs(rows)
     assert kept == rows[20:]  # the HH file's 30 pairs, in order, with the rm stage's numbers kept
     assert all(row.better_response_id == -1 and row.delta_s == -0.25 for row in kept)
-    assert from_sources(recipe(), rows) == rows  # null: every file
+    assert sources.labels(kept) == kept  # the list form takes every label its files have
+    assert LabelSources.of(recipe()) is None  # null: every file, every label
+
+
+def test_align_sources_per_dimension_keeps_each_label_from_its_own_files():
+    r = recipe(sources={"helpful": [PKU.name], "safe": [HH.name]})
+    rows = scored(load_sources(r.data.train))
+    assert all(row.safer_response_id >= 0 for row in rows[:20])  # PKU's pairs come with both labels
+    sources = LabelSources.of(r)
+    assert sources.pairs(rows) == rows  # both files are named
+    relabelled = sources.labels(rows)
+    assert [(row.better_response_id, row.safer_response_id) for row in relabelled[:20]] == [
+        (row.better_response_id, -1) for row in rows[:20]
+    ]  # PKU: its helpfulness labels only
+    assert relabelled[20:] == rows[20:]  # HH: its harmlessness labels, as they were
+    assert relabelled[0].delta_h == 0.5 and relabelled[0].response_0 == rows[0].response_0
+
+
+def test_a_file_listed_only_for_a_dimension_it_has_no_labels_of_trains_on_nothing():
+    r = recipe(sources={"helpful": [PKU.name, HH.name]})
+    rows = scored(load_sources(r.data.train))
+    sources = LabelSources.of(r)
+    relabelled = sources.labels(sources.pairs(rows))
+    assert len(relabelled) == 20 and all(row.safer_response_id == -1 for row in relabelled)  # HH has no helpful label
+    only_hh = LabelSources.of(recipe(sources={"helpful": [HH.name]}))
+    with pytest.raises(SafeAlignError, match=r"align.sources: no training pair has a label of the dimension its file"):
+        only_hh.labels(only_hh.pairs(rows))
 
 
 def test_align_sources_that_match_no_training_pair_is_an_error():
     r = recipe(sources=[PKU.name])
     with pytest.raises(SafeAlignError, match=r"align.sources: none of the 30 training pairs comes from pku_"):
-        from_sources(r, scored(load_sources(r.data.train))[20:])
+        LabelSources.of(r).pairs(scored(load_sources(r.data.train))[20:])
+
+
+def test_the_per_dimension_form_trains_on_the_list_forms_pairs_with_fewer_labels():
+    """max_pairs ranks pairs with both labels first; dropping labels before it would swap PKU's pairs for
+    HH's, so the mapping form drops them after: the same pairs, each loss fed only by its own files."""
+    both = recipe(max_pairs=24, lambda_update="fixed", sources=[PKU.name, HH.name])
+    split = recipe(max_pairs=24, lambda_update="fixed", sources={"helpful": [PKU.name], "safe": [HH.name]})
+    rows = scored(load_sources(both.data.train))
+    as_list = split_policy_rows(both, rows, both).train
+    as_map = split_policy_rows(split, rows, split).train
+    assert [pair_identity(r) for r in as_map] == [pair_identity(r) for r in as_list]
+    pku = {pair_identity(r) for r in rows[:20]}
+    assert sum(pair_identity(r) in pku for r in as_list) >= 15  # the dual-labelled pairs came first
+    for listed, mapped in zip(as_list, as_map):
+        from_pku = pair_identity(listed) in pku
+        assert mapped.better_response_id == listed.better_response_id
+        assert mapped.safer_response_id == (-1 if from_pku else listed.safer_response_id)

@@ -34,6 +34,8 @@ log = logging.getLogger("safealign")
 Format = Literal["pku_saferlhf", "pairs", "hh_rlhf"]
 #: A preference dimension: which label orders a pair (`better_response_id` or `safer_response_id`).
 Dimension = Literal["helpful", "safe"]
+#: Dimension -> the row field that labels it.
+LABEL_FIELDS: dict[str, str] = {"helpful": "better_response_id", "safe": "safer_response_id"}
 Message = dict[str, str]
 
 #: Optional numeric per-row fields, and which of them must be present for every row or none.

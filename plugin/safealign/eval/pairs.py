@@ -40,11 +40,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from safealign.domain.data import PreferenceRow
+from safealign.domain.data import LABEL_FIELDS, PreferenceRow
 from safealign.eval.statistics import holm, mcnemar_p, mean_interval, sign_test_p, welch_t_test, wilson_interval
-
-#: Dimension -> the row field that labels it.
-LABELS = {"helpful": "better_response_id", "safe": "safer_response_id"}
 
 #: The run-level measure `group_tests` takes from `extra_measures` for a primary test on the constraint.
 HELDOUT_COST = "held-out Ĵ_C"
@@ -55,14 +52,14 @@ PairLogps = tuple[float, float, float, float]
 
 def labelled(rows: list[PreferenceRow], logps: dict[int, PairLogps], dimension: str) -> list[int]:
     """Indices of rows labelled for `dimension` that the model could read (not cut by data.max_len)."""
-    return [i for i, row in enumerate(rows) if getattr(row, LABELS[dimension]) >= 0 and i in logps]
+    return [i for i, row in enumerate(rows) if getattr(row, LABEL_FIELDS[dimension]) >= 0 and i in logps]
 
 
 def likelihood_correct(rows: list[PreferenceRow], logps: dict[int, PairLogps], indices: list[int], dimension: str) -> list[bool]:
     """Per pair: does the preferred response have the higher mean log-prob per token?"""
     out = []
     for i in indices:
-        preferred = getattr(rows[i], LABELS[dimension])
+        preferred = getattr(rows[i], LABEL_FIELDS[dimension])
         means = logps[i][2:]
         out.append(means[preferred] > means[1 - preferred])
     return out
@@ -75,7 +72,7 @@ def implicit_reward_correct(
     """Per pair: is DPO's implicit reward (summed log-ratio to the reference) higher for the preferred response?"""
     out = []
     for i in indices:
-        preferred = getattr(rows[i], LABELS[dimension])
+        preferred = getattr(rows[i], LABEL_FIELDS[dimension])
         reward = [logps[i][j] - reference[i][j] for j in (0, 1)]
         out.append(reward[preferred] > reward[1 - preferred])
     return out
@@ -113,7 +110,7 @@ def heldout_results(
     common = set.intersection(*(set(v) for v in logps.values()))
     shared = {i: logps["base"][i] for i in common}
     results: dict[str, dict] = {name: {} for name in logps}
-    for dimension in LABELS:
+    for dimension in LABEL_FIELDS:
         indices = labelled(rows, shared, dimension)
         if not indices:
             continue
@@ -139,7 +136,7 @@ def source_name(row: PreferenceRow) -> str:
 def margin_shift(row: PreferenceRow, model: PairLogps, base: PairLogps, dimension: str) -> float:
     """How far the model moved the pair's per-token margin (preferred minus dispreferred mean log-prob)
     from the base's, toward the preferred response when positive."""
-    preferred = getattr(row, LABELS[dimension])
+    preferred = getattr(row, LABEL_FIELDS[dimension])
 
     def margin(logps: PairLogps) -> float:
         means = logps[2:]
@@ -164,7 +161,7 @@ def run_values(
     sources = [source_name(row) for row in rows]
     measures: dict[str, dict[str, float]] = {}
     for source in dict.fromkeys(sources):
-        for dimension, label in LABELS.items():
+        for dimension, label in LABEL_FIELDS.items():
             indices = [i for i in common if getattr(rows[i], label) >= 0 and sources[i] == source]
             if not indices:
                 continue

@@ -163,12 +163,14 @@ def _netrc_has_wandb() -> bool:
 
 
 def check_align_sources(recipe: Recipe, source: str) -> None:
-    """Every file `align.sources` (or an ablation's) names is one of `data.train`'s."""
+    """Every file `align.sources` (or an ablation's) names, in either form, is one of `data.train`'s."""
     align = recipe.align
     variants = [("align", align)] + [(f"align.ablations.{n}", align.ablation(n)) for n in align.ablations]
     for key, variant in variants:
-        if unknown := unknown_file(variant.sources, recipe.data.train, "data.train"):
-            raise SafeAlignError(f"{source}: {key}.sources: {unknown}")
+        for dimension, names in (variant.label_sources() or {}).items():
+            field = f"{key}.sources" if isinstance(variant.sources, list) else f"{key}.sources.{dimension}"
+            if unknown := unknown_file(names, recipe.data.train, "data.train"):
+                raise SafeAlignError(f"{source}: {field}: {unknown}")
 
 
 def check_eval_groups(recipe: Recipe, source: str) -> None:

@@ -306,10 +306,12 @@ class AlignSection(PairTrainingSection):
         description="train on this many of the training pairs (chosen by prompt and seed): the same subset for "
         "every ablation that sets it, e.g. a trade-off frontier cheaper than the main model",
     )
-    sources: Annotated[list[str], Field(min_length=1)] | None = Field(
+    sources: list[str] | dict[Dimension, list[str]] | None = Field(
         None,
         description="train the policy on the pairs of these data.train files only (their file names): the rm "
-        "stage's reward models still learn from every file, and the Ĵ_C pool is drawn from all of them. null: every file",
+        "stage's reward models still learn from every file, and the Ĵ_C pool is drawn from all of them. A mapping "
+        "{helpful: [files], safe: [files]} takes each dimension's labels from its own files only (a pair keeps "
+        "the labels its file is listed for). null: every file, every label",
     )
     seed: Annotated[int, Field(ge=0, le=2**32 - 1)] | None = Field(
         None,
@@ -353,6 +355,23 @@ class AlignSection(PairTrainingSection):
         description="name -> align settings that differ: extra policies trained from the base, evaluated beside it",
     )
 
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _sources_shape(cls, value: Any) -> Any:
+        """One clear message for either form (pydantic's own would list both branches of the union)."""
+        def files(names: Any, where: str) -> list[str]:
+            if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+                raise ValueError(f"{where}a non-empty list of data.train file names")
+            return names
+
+        if value is None or isinstance(value, list):
+            return value if value is None else files(value, "")
+        if not isinstance(value, dict) or not value:
+            raise ValueError("a list of data.train file names, or {helpful: [files], safe: [files]}")
+        if unknown := [key for key in value if key not in get_args(Dimension)]:
+            raise ValueError(f"{unknown[0]!r} is not a dimension (helpful, safe)")
+        return {dimension: files(names, f"{dimension}: ") for dimension, names in value.items()}
+
     @field_validator("cost_threshold", mode="before")
     @classmethod
     def _threshold_is_number_or_initial(cls, value: Any) -> Any:
@@ -387,6 +406,12 @@ class AlignSection(PairTrainingSection):
                 raise ValueError(f"ablations.{name}: {', '.join(RESERVED_MODEL_NAMES)} name the run's own models")
             self.ablation(name)  # raises with the variant's own field errors
         return self
+
+    def label_sources(self) -> dict[str, list[str]] | None:
+        """`sources` as the files each dimension's labels come from (the list form: every label of its files)."""
+        if self.sources is None or isinstance(self.sources, dict):
+            return self.sources
+        return {"helpful": self.sources, "safe": self.sources}
 
     def ablation(self, name: str) -> AlignSection:
         """The align settings of ablation `name`: these settings with its overrides (validated)."""

@@ -26,7 +26,7 @@ from safealign.openrlhf.settings import Settings, build_settings
 from safealign.recipe import AlignSection, Recipe, samples_policy_cost
 from safealign.trainers.cost_sampling import CostModel, PolicyCostSampler
 from safealign.trainers.safe_mm_dpo import SafeMMDPOTrainer
-from safealign.workflows.rows import from_sources, split_cost_pool
+from safealign.workflows.rows import LabelSources, split_cost_pool
 
 log = logging.getLogger("safealign")
 
@@ -73,15 +73,21 @@ def policy_recipe(recipe: Recipe, align: AlignSection) -> Recipe:
 
 
 def split_policy_rows(recipe: Recipe, rows: list[PreferenceRow], pairs_from: Recipe) -> PolicyRows:
-    """The Ĵ_C pool as `pairs_from` (the run's recipe) draws it, `recipe`'s `align.sources`, then the eval
-    split and `align.max_pairs` with `pairs_from`'s seed (every seed of a variant trains on the same pairs),
-    then `recipe`'s `align.labels` on the training rows, with `recipe`'s seed (a control's flipped or
-    coin-flipped preferences; eval keeps the labels as given)."""
+    """The Ĵ_C pool as `pairs_from` (the run's recipe) draws it, the pairs of `recipe`'s `align.sources`,
+    then the eval split and `align.max_pairs` with `pairs_from`'s seed (every seed of a variant trains on
+    the same pairs), then on the training rows the labels `align.sources` takes from each file, and
+    `recipe`'s `align.labels` with `recipe`'s seed (a control's flipped or coin-flipped preferences; eval
+    keeps the labels as given). Labels are dropped after the subset so that a mapping form of
+    `align.sources` trains on the same pairs as its list form, only fewer of their labels."""
     pool, rows = split_cost_pool(pairs_from, rows)
-    rows = from_sources(recipe, rows)
+    sources = LabelSources.of(recipe)
+    if sources is not None:
+        rows = sources.pairs(rows)
     train, held = split_by_prompt(rows, pairs_from.data.eval_fraction, pairs_from.seed)
     if recipe.align.max_pairs is not None:
         train = subset_by_prompt(train, recipe.align.max_pairs, pairs_from.seed)
+    if sources is not None:
+        train = sources.labels(train)
     return PolicyRows(train=relabel(train, recipe.align.labels, recipe.seed), eval=held, cost_pool=pool)
 
 

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from safealign.core.errors import SafeAlignError
-from safealign.domain.data import Message, PreferenceRow, hold_out_prompts, load_rows, load_sources, pair_identity
+from safealign.domain.data import (
+    LABEL_FIELDS,
+    Message,
+    PreferenceRow,
+    hold_out_prompts,
+    load_rows,
+    load_sources,
+    pair_identity,
+)
 from safealign.recipe import Recipe, sampling_variant
 from safealign.workflows.heldout import load_training_rows
 
@@ -37,16 +46,52 @@ def split_cost_pool(recipe: Recipe, rows: list[PreferenceRow]) -> tuple[list[lis
     return pool, rest
 
 
-def from_sources(recipe: Recipe, rows: list[PreferenceRow]) -> list[PreferenceRow]:
-    """The rows that are pairs of the `data.train` files `recipe.align.sources` names (all rows when it
-    names none). Matched by content, prompt and both responses, because the rm stage's scored rows do not
-    say which file they came from."""
-    names = recipe.align.sources
-    if not names:
-        return rows
-    wanted = {pair_identity(row) for row in load_sources(s for s in recipe.data.train if s.path.name in names)}
-    kept = [row for row in rows if pair_identity(row) in wanted]
-    if not kept:
-        raise SafeAlignError(f"align.sources: none of the {len(rows)} training pairs comes from {', '.join(names)}")
-    log.info("align: training on the %d of %d pairs from %s (align.sources)", len(kept), len(rows), ", ".join(names))
-    return kept
+@dataclass(frozen=True)
+class LabelSources:
+    """`align.sources`: which `data.train` files the policy takes each dimension's labels from.
+
+    The rm stage's scored rows do not say which file they came from, so pairs are matched by content
+    (prompt and both responses) against the files as loaded — once, for both uses below."""
+
+    by_dimension: dict[str, frozenset[str]]  # dimension -> identities of the pairs its files hold
+    names: dict[str, list[str]]
+
+    @classmethod
+    def of(cls, recipe: Recipe) -> LabelSources | None:
+        """None when the recipe trains on every file's every label (`align.sources` null)."""
+        names = recipe.align.label_sources()
+        if names is None:
+            return None
+        wanted = {name for files in names.values() for name in files}
+        per_file = {
+            s.path.name: frozenset(pair_identity(row) for row in load_sources([s]))
+            for s in recipe.data.train
+            if s.path.name in wanted
+        }
+        by_dimension = {dimension: frozenset().union(*(per_file[n] for n in listed)) for dimension, listed in names.items()}
+        return cls(by_dimension, names)
+
+    def pairs(self, rows: list[PreferenceRow]) -> list[PreferenceRow]:
+        """The rows that are pairs of any file the recipe names, in order."""
+        every = frozenset().union(*self.by_dimension.values())
+        kept = [row for row in rows if pair_identity(row) in every]
+        named = sorted({name for files in self.names.values() for name in files})
+        if not kept:
+            raise SafeAlignError(f"align.sources: none of the {len(rows)} training pairs comes from {', '.join(named)}")
+        log.info("align: training on the %d of %d pairs from %s (align.sources)", len(kept), len(rows), ", ".join(named))
+        return kept
+
+    def labels(self, rows: list[PreferenceRow]) -> list[PreferenceRow]:
+        """Each row with only the labels its file is listed for (a dimension not listed keeps none); rows
+        left with no label are not trained on. The list form lists every dimension: rows stay as they are."""
+        kept = []
+        for row in rows:
+            key = pair_identity(row)
+            row = replace(row, **{f: -1 for d, f in LABEL_FIELDS.items() if key not in self.by_dimension.get(d, ())})
+            if any(getattr(row, f) >= 0 for f in LABEL_FIELDS.values()):
+                kept.append(row)
+        if not kept:
+            raise SafeAlignError(f"align.sources: no training pair has a label of the dimension its file is listed for ({self.names})")
+        counts = ", ".join(f"{sum(getattr(r, f) >= 0 for r in kept)} {d}" for d, f in LABEL_FIELDS.items())
+        log.info("align: %d training pairs keep the labels their files are listed for: %s (align.sources)", len(kept), counts)
+        return kept
