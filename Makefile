@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 # The CPU build of PyTorch; a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.safealign-installed
+# Test processes (pytest-xdist). Most of a test's time is one core importing torch/DeepSpeed and stepping
+# tiny models, so two workers on two cores halve the suite; each worker peaks near 3 GB. 0: one process.
+TEST_WORKERS ?= 2
 
 .PHONY: setup quickstart test test-fast lint charts manifests bench gpu-smoke clean
 
@@ -69,11 +72,11 @@ test: lint
 	@# CI (CI=true, root, Debian) adds Chromium for the report's browser test; elsewhere that test is skipped.
 	@if [ "$$CI" = true ] && ! command -v chromium >/dev/null && command -v apt-get >/dev/null; then \
 		(apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 || echo "chromium not installed: its test will be skipped"; fi
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS)
 
 # The inner loop: lint and every test that trains nothing (`-m "not slow"`; ~4 min on 2 cores). CI runs `make test`.
 test-fast: lint
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest -n $(TEST_WORKERS) -m "not slow"
 
 clean:
 	rm -rf $(VENV) $(GPU_VENV) runs .pytest_cache

@@ -364,8 +364,10 @@ class AlignSection(PairTrainingSection):
                 raise ValueError(f"{where}a non-empty list of data.train file names")
             return names
 
-        if value is None or isinstance(value, list):
-            return value if value is None else files(value, "")
+        if value is None:
+            return None
+        if isinstance(value, list):
+            return files(value, "")
         if not isinstance(value, dict) or not value:
             raise ValueError("a list of data.train file names, or {helpful: [files], safe: [files]}")
         if unknown := [key for key in value if key not in get_args(Dimension)]:
@@ -411,7 +413,7 @@ class AlignSection(PairTrainingSection):
         """`sources` as the files each dimension's labels come from (the list form: every label of its files)."""
         if self.sources is None or isinstance(self.sources, dict):
             return self.sources
-        return {"helpful": self.sources, "safe": self.sources}
+        return dict.fromkeys(get_args(Dimension), self.sources)
 
     def ablation(self, name: str) -> AlignSection:
         """The align settings of ablation `name`: these settings with its overrides (validated)."""
