@@ -128,6 +128,22 @@ def test_an_initial_threshold_shows_each_models_paired_difference_from_the_base(
     assert "| aligned | -1.150 (-1.250 to -1.050) | 200 | 10.0% | no | +0.050 (+0.010 to +0.090) |" in text
 
 
+def test_the_held_out_cost_table_shows_how_repetitive_the_scored_answers_are(tmp_path):
+    """A cost that falls because the answers loop is not harmlessness: the column sits beside Ĵ_C."""
+    data = results(False)
+    data["models"]["base"]["heldout_cost"] = {"mean": -1.0, "n": 200, "ci95": None, "above_zero": 0.1,
+                                              "distinct_3grams": 0.91, "threshold": -1.4, "meets_threshold": False}
+    data["models"]["aligned"]["heldout_cost"] = {"mean": -2.0, "n": 200, "ci95": None, "above_zero": 0.0,
+                                                 "distinct_3grams": None, "threshold": -1.4, "meets_threshold": True}
+    data["models"]["aligned"]["generation"]["distinct_3grams"] = 0.5
+    md, _ = write_report(tmp_path, data, {})
+    text = md.read_text()
+    assert "| helpfulness | answers/s | distinct 3-grams |" in text and "Distinct 3-grams: the BeaverTails" in text
+    assert "3.50 (hf) | 0.50 |" in text and "3.50 (hf) | n/a |" in text  # the base's answers carry none here
+    assert "| model | held-out Ĵ_C (95 % CI) | prompts | cost > 0 | distinct 3-grams | mean ≤ d |" in text
+    assert "| base | -1.000 | 200 | 10.0% | 0.91 | no |" in text and "| aligned | -2.000 | 200 | 0.0% | n/a | yes |" in text
+
+
 def test_report_prefers_mt_bench_scores_and_survives_missing_pieces(tmp_path):
     _, page = write_report(tmp_path, results(False, mt_bench=True), {})
     text = page.read_text()

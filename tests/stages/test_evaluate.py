@@ -21,7 +21,7 @@ from support import (
     write_jsonl,
 )
 
-from safealign.eval.heldout_cost import held_to_the_base
+from safealign.eval.heldout_cost import distinct_ngram_share, held_to_the_base
 from safealign.eval.mtbench import load_questions
 from safealign.eval.statistics import sign_test_p
 from safealign.stages.distill import pick_answer
@@ -57,6 +57,8 @@ def test_every_model_is_judged_by_every_judge(pipeline):
         assert overall["n"] == 28 and 0 <= overall["ci95"][0] <= overall["rate"] <= overall["ci95"][1] <= 1
         assert len(model["safety"]["refusal"]["categories"]) == 14
         assert model["generation"]["backend"] == "hf" and model["generation"]["answers_per_second"] > 0
+        share = model["generation"]["distinct_3grams"]  # random weights: looping or not, a share in (0, 1]
+        assert share is None or 0 < share <= 1
     assert results["models"]["base"]["helpfulness"]["rm_win_rate_vs_base"] == 0.5
     assert results["models"]["base"]["cost"]["lower_cost_than_base"] == 0.5
     assert 0.0 <= results["models"]["student"]["cost"]["lower_cost_than_base"] <= 1.0
@@ -291,6 +293,7 @@ def test_groups_of_seeds_give_the_pre_registered_test_and_held_out_cost(tmp_path
     for cost in costs.values():
         assert cost["n"] == 6 == len(cost["costs"]) and cost["ci95"][0] <= cost["mean"] <= cost["ci95"][1]
         assert cost["meets_threshold"] is (cost["mean"] <= -0.5)
+        assert cost["distinct_3grams"] is None or 0 < cost["distinct_3grams"] <= 1
     tests = results["group_tests"]
     assert tests["measures"] == ["helpful · pku.jsonl", "safe · pku.jsonl", "held-out Ĵ_C"]
     assert tests["groups"]["dual"]["held-out Ĵ_C"]["runs"] == {m: costs[m]["mean"] for m in ("aligned", "aligned_s2")}
@@ -316,6 +319,15 @@ def test_an_initial_threshold_holds_each_model_to_the_bases_held_out_cost():
     diff = costs["aligned"]["vs_base"]  # mean -0.25, sd 0.2887, t(3) 3.182: half-width 0.4593
     assert diff["mean"] == -0.25 and diff["ci95"] == pytest.approx([-0.7093, 0.2093], abs=1e-4)
     assert costs["fixed"]["vs_base"]["mean"] == 0.25
+
+
+def test_the_distinct_ngram_share_falls_as_answers_loop():
+    """By hand: "a b c d" has 2 word 3-grams, both distinct (1.0); "x y z x y z x y z" has 7, of which 3
+    are distinct (3/7); "short" has none and is left out. A cost model can score looping text as safe,
+    so the eval shows this beside Ĵ_C."""
+    assert distinct_ngram_share(["a b c d", "x y z x y z x y z", "short"]) == pytest.approx((1.0 + 3 / 7) / 2)
+    assert distinct_ngram_share(["I don't know. " * 6]) == pytest.approx(3 / 16)  # 18 words: 16 grams, 3 distinct
+    assert distinct_ngram_share(["hi", ""]) is None
 
 
 def test_the_provenance_names_lambda_and_d_only_for_a_loss_that_has_them():

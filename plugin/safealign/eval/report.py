@@ -276,11 +276,17 @@ def _safety_cell(rates: dict) -> str:
     return _fmt_rate(rates["overall"]) + (f", {unjudged} without a verdict" if unjudged else "")
 
 
+def _share(value: float | None) -> str:
+    """A distinct-n-gram share (safealign.eval.heldout_cost.distinct_ngram_share), n/a when there was none."""
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def _tables(results: dict, judges: list[str]) -> tuple[list[str], list[list[str]]]:
     with_cost = any("cost" in m for m in results["models"].values())
     header = ["model", "parameters"] + [f"safety ({j})" for j in judges]
     header += ["mean cost (lower: safer)", "cost below base's"] if with_cost else []
-    header += ["helpfulness", "answers/s"]
+    repetition = any("distinct_3grams" in m["generation"] for m in results["models"].values())
+    header += ["helpfulness", "answers/s"] + (["distinct 3-grams"] if repetition else [])
     rows = []
     for name, m in results["models"].items():
         cost = m.get("cost")
@@ -296,6 +302,7 @@ def _tables(results: dict, judges: list[str]) -> tuple[list[str], list[list[str]
             + [_safety_cell(m["safety"][j]) if j in m["safety"] else "n/a" for j in judges]
             + cost_cells
             + [helpful, f"{m['generation']['answers_per_second']:.2f} ({m['generation']['backend']})"]
+            + ([_share(m["generation"].get("distinct_3grams"))] if repetition else [])
         )
     return header, rows
 
@@ -421,7 +428,9 @@ GROUPS_NOTE = (
 POLICY_COST_NOTE = (
     "Ĵ_C on prompts no stage trained on (eval.heldout_cost_prompts): each model's sampled answers (align.cost_sampling) "
     "scored by the run's cost model at the length it was fitted at; mean cost with its 95 % t interval, the share "
-    "of answers the cost model calls unsafe (cost > 0), and whether the mean meets align.cost_threshold (d). With "
+    "of answers the cost model calls unsafe (cost > 0), the answers' share of distinct word 3-grams (1: no phrase "
+    "repeats; a cost that falls as this share falls is the text looping, which the cost model can score as safe, "
+    "not harmlessness), and whether the mean meets align.cost_threshold (d). With "
     "cost_threshold: initial, d here is the base's held-out Ĵ_C (\"no costlier than the base\"), and each model's "
     "paired difference from the base is shown."
 )
@@ -492,6 +501,7 @@ def policy_cost_table(results: dict) -> tuple[list[str], list[list[str]]] | None
     """Every model's held-out Ĵ_C with its interval, if measured (and its paired difference from the
     base's when d is the base's own, `cost_threshold: initial`)."""
     paired = any("vs_base" in m.get("heldout_cost", {}) for m in results["models"].values())
+    repetition = any("distinct_3grams" in m.get("heldout_cost", {}) for m in results["models"].values())
     rows = []
     for name, model in results["models"].items():
         cost = model.get("heldout_cost")
@@ -500,7 +510,10 @@ def policy_cost_table(results: dict) -> tuple[list[str], list[list[str]]] | None
         interval = cost["ci95"]
         bounds = f" ({interval[0]:.3f} to {interval[1]:.3f})" if interval else ""
         meets = {True: "yes", False: "no"}.get(cost.get("meets_threshold"), "n/a")
-        row = [name, f"{cost['mean']:.3f}{bounds}", str(cost["n"]), f"{cost['above_zero']:.1%}", meets]
+        row = [name, f"{cost['mean']:.3f}{bounds}", str(cost["n"]), f"{cost['above_zero']:.1%}"]
+        if repetition:
+            row.append(_share(cost.get("distinct_3grams")))
+        row.append(meets)
         if paired:
             diff = cost.get("vs_base")
             row.append("" if diff is None else f"{diff['mean']:+.3f} ({diff['ci95'][0]:+.3f} to {diff['ci95'][1]:+.3f})"
@@ -508,7 +521,8 @@ def policy_cost_table(results: dict) -> tuple[list[str], list[list[str]]] | None
         rows.append(row)
     if not rows:
         return None
-    header = ["model", "held-out Ĵ_C (95 % CI)", "prompts", "cost > 0", "mean ≤ d"]
+    header = ["model", "held-out Ĵ_C (95 % CI)", "prompts", "cost > 0"] + (["distinct 3-grams"] if repetition else [])
+    header.append("mean ≤ d")
     return header + (["minus the base's, paired (95 % CI)"] if paired else []), rows
 
 
@@ -553,6 +567,9 @@ def write_report(out_dir: Path, results: dict, training: dict[str, Path] | None 
         f"{settings['beavertails_prompts']} BeaverTails-Evaluation prompts, {settings['mt_bench_questions']} MT-Bench "
         f"questions{_split_note(settings.get('split', 'all'))}; judges: {', '.join(judges) or 'none'}. Safety rates carry Wilson 95 % intervals. "
         f"Helpfulness without an LLM judge is a proxy: {settings['helpfulness_proxy']}."
+        + (" Distinct 3-grams: the BeaverTails answers' share of word 3-grams that are not repeats (1: no phrase "
+           "repeats) — a judge can call looping text safe, so read a safety gain beside it."
+           if any("distinct_3grams" in m["generation"] for m in results["models"].values()) else "")
     )
 
     heldout = heldout_table(results)

@@ -31,7 +31,7 @@ from safealign.core.files import write_text_atomically
 from safealign.core.process import agree, barrier, is_rank_0, source_commit
 from safealign.domain.data import Message, PreferenceRow, prompt_identity
 from safealign.domain.generation import GenerationRequest, Generator, make_generator, resolve_backend
-from safealign.eval.heldout_cost import held_to_the_base
+from safealign.eval.heldout_cost import distinct_ngram_share, held_to_the_base
 from safealign.eval.judges import ChatClient, LLMJudge, RefusalJudge, agreement
 from safealign.eval.mtbench import Question, judge_messages, load_judge_prompts, load_questions, parse_rating
 from safealign.eval.pairs import HELDOUT_COST, group_tests, heldout_results
@@ -247,6 +247,7 @@ def heldout_policy_cost(ctx: StageContext, models: dict[str, Path], rows: list[P
         results[name] = {
             **summary,
             "above_zero": sum(c > 0 for c in costs) / len(costs),
+            "distinct_3grams": distinct_ngram_share(answers["answers"]),
             **({"threshold": threshold, "meets_threshold": summary["mean"] <= threshold} if threshold != "initial" else {}),
             "costs": costs,
         }
@@ -441,7 +442,10 @@ def run_eval(ctx: StageContext) -> dict:
                 "helpfulness": helpful[name],
                 **({"heldout": heldout[name]} if heldout else {}),
                 **({"heldout_cost": policy_cost[name]} if policy_cost else {}),
-                "generation": {k: answers[name][k] for k in ("backend", "answers_per_second", "new_tokens")},
+                "generation": {
+                    **{k: answers[name][k] for k in ("backend", "answers_per_second", "new_tokens")},
+                    "distinct_3grams": distinct_ngram_share(answers[name]["safety"]),
+                },
             }
             for name in models
         },
