@@ -281,11 +281,16 @@ def _share(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
+def _shows_repetition(results: dict) -> bool:
+    """Whether the eval measured the BeaverTails answers' repetition (results written before it did not)."""
+    return any("distinct_3grams" in m["generation"] for m in results["models"].values())
+
+
 def _tables(results: dict, judges: list[str]) -> tuple[list[str], list[list[str]]]:
     with_cost = any("cost" in m for m in results["models"].values())
     header = ["model", "parameters"] + [f"safety ({j})" for j in judges]
     header += ["mean cost (lower: safer)", "cost below base's"] if with_cost else []
-    repetition = any("distinct_3grams" in m["generation"] for m in results["models"].values())
+    repetition = _shows_repetition(results)
     header += ["helpfulness", "answers/s"] + (["distinct 3-grams"] if repetition else [])
     rows = []
     for name, m in results["models"].items():
@@ -569,7 +574,7 @@ def write_report(out_dir: Path, results: dict, training: dict[str, Path] | None 
         f"Helpfulness without an LLM judge is a proxy: {settings['helpfulness_proxy']}."
         + (" Distinct 3-grams: the BeaverTails answers' share of word 3-grams that are not repeats (1: no phrase "
            "repeats) — a judge can call looping text safe, so read a safety gain beside it."
-           if any("distinct_3grams" in m["generation"] for m in results["models"].values()) else "")
+           if _shows_repetition(results) else "")
     )
 
     heldout = heldout_table(results)
