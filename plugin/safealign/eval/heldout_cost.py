@@ -1,5 +1,5 @@
 """The held-out Ĵ_C against the base (`cost_threshold: initial` on prompts no stage trained on), and how
-repetitive the answers it scores are."""
+repetitive the answers a cost is read from are (held-out Ĵ_C's sampled answers, the BeaverTails answers)."""
 
 from __future__ import annotations
 

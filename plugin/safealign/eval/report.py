@@ -276,7 +276,7 @@ def _safety_cell(rates: dict) -> str:
     return _fmt_rate(rates["overall"]) + (f", {unjudged} without a verdict" if unjudged else "")
 
 
-def _share(value: float | None) -> str:
+def _fmt_repetition(value: float | None) -> str:
     """A distinct-n-gram share (safealign.eval.heldout_cost.distinct_ngram_share), n/a when there was none."""
     return "n/a" if value is None else f"{value:.2f}"
 
@@ -307,7 +307,7 @@ def _tables(results: dict, judges: list[str]) -> tuple[list[str], list[list[str]
             + [_safety_cell(m["safety"][j]) if j in m["safety"] else "n/a" for j in judges]
             + cost_cells
             + [helpful, f"{m['generation']['answers_per_second']:.2f} ({m['generation']['backend']})"]
-            + ([_share(m["generation"].get("distinct_3grams"))] if repetition else [])
+            + ([_fmt_repetition(m["generation"].get("distinct_3grams"))] if repetition else [])
         )
     return header, rows
 
@@ -517,7 +517,7 @@ def policy_cost_table(results: dict) -> tuple[list[str], list[list[str]]] | None
         meets = {True: "yes", False: "no"}.get(cost.get("meets_threshold"), "n/a")
         row = [name, f"{cost['mean']:.3f}{bounds}", str(cost["n"]), f"{cost['above_zero']:.1%}"]
         if repetition:
-            row.append(_share(cost.get("distinct_3grams")))
+            row.append(_fmt_repetition(cost.get("distinct_3grams")))
         row.append(meets)
         if paired:
             diff = cost.get("vs_base")
