@@ -140,3 +140,18 @@ def test_a_threshold_set_later_rides_in_the_state_and_is_required_before_updatin
     fixed = LagrangeMultiplier(init=1.0, lr=0.5, max_value=CAP, threshold=0.3)
     fixed.load_state_dict({k: v for k, v in uncalibrated.state_dict().items() if k != "threshold"})
     assert fixed.threshold == 0.3
+
+
+def test_a_calibrated_threshold_is_the_first_estimate_less_the_margin():
+    """align.cost_threshold_margin: d = initial Ĵ_C − margin, so a policy that has not moved is in
+    violation by exactly the margin: log λ += lr · margin · λ = 0.5 · 0.2 · 1 on the first update."""
+    lam = LagrangeMultiplier(init=1.0, lr=0.5, max_value=CAP, threshold=None, threshold_margin=0.2)
+    assert lam.calibrate(-1.3) == pytest.approx(-1.5) and lam.threshold == pytest.approx(-1.5)
+    assert lam.update(-1.3) == pytest.approx(math.exp(0.1))
+    slack = LagrangeMultiplier(init=1.0, lr=0.5, max_value=CAP, threshold=None, threshold_margin=-0.2)
+    assert slack.calibrate(-1.3) == pytest.approx(-1.1)  # a negative margin is the cost the policy may gain
+    assert slack.update(-1.3) == pytest.approx(math.exp(-0.1))
+    with pytest.raises(ValueError, match="only moves a calibrated threshold"):
+        LagrangeMultiplier(init=1.0, lr=0.5, max_value=CAP, threshold=0.0, threshold_margin=0.2)
+    with pytest.raises(ValueError, match="must be finite"):
+        lam.calibrate(math.nan)

@@ -140,7 +140,7 @@ def test_the_held_out_cost_table_shows_how_repetitive_the_scored_answers_are(tmp
     text = md.read_text()
     assert "| helpfulness | answers/s | distinct 3-grams |" in text and "Distinct 3-grams: the BeaverTails" in text
     assert "3.50 (hf) | 0.50 |" in text and "3.50 (hf) | n/a |" in text  # the base's answers carry none here
-    assert "| model | held-out Ĵ_C (95 % CI) | prompts | cost > 0 | distinct 3-grams | mean ≤ d |" in text
+    assert "| model | held-out Ĵ_C (95 % CI) | prompts | cost > 0 | distinct 3-grams | mean ≤ d (-1.400) |" in text  # one d for all: named
     assert "| base | -1.000 | 200 | 10.0% | 0.91 | no |" in text and "| aligned | -2.000 | 200 | 0.0% | n/a | yes |" in text
 
 

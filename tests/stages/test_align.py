@@ -126,16 +126,16 @@ def test_lambda_follows_the_policys_sampled_cost_against_the_threshold(
 
 def test_an_initial_threshold_is_the_policys_own_cost_before_training(tmp_path, tokenizer_dir, scored_rows):
     """align.cost_threshold: initial: the pool is answered and scored once before the first step (step 0
-    of lambda_samples.jsonl), that Ĵ_C becomes d, and every dual step moves λ by Ĵ_C − d; stage.json
-    records d (the checkpoint carries it in λ's state, tests/domain/test_lagrange.py: a resumed run must not
-    re-measure it on a trained policy)."""
-    lr = 0.5
-    recipe = tiny_recipe(tmp_path, tokenizer_dir, scored_rows, align={"cost_threshold": "initial", "lambda_lr": lr})
-    summary = run_ok(tmp_path, recipe)
+    of lambda_samples.jsonl), that Ĵ_C less `cost_threshold_margin` becomes d, and every dual step moves λ
+    by Ĵ_C − d; stage.json records d (the checkpoint carries it in λ's state, tests/domain/test_lagrange.py:
+    a resumed run must not re-measure it on a trained policy)."""
+    lr, margin = 0.5, 0.3
+    align = {"cost_threshold": "initial", "cost_threshold_margin": margin, "lambda_lr": lr}
+    summary = run_ok(tmp_path, tiny_recipe(tmp_path, tokenizer_dir, scored_rows, align=align))
     samples = [json.loads(line) for line in (tmp_path / "runs/tiny/align/lambda_samples.jsonl").read_text().splitlines()]
     steps = train_steps(tmp_path / "runs/tiny")
     assert [r["step"] for r in samples] == [0] + [s["step"] for s in steps]
-    threshold = samples[0]["cost_mean"]
+    threshold = samples[0]["cost_mean"] - margin
     assert summary["cost_threshold"] == pytest.approx(threshold)
     log_lambda = 0.0  # λ_init 1
     for s in steps:

@@ -319,6 +319,8 @@ def test_an_initial_threshold_holds_each_model_to_the_bases_held_out_cost():
     diff = costs["aligned"]["vs_base"]  # mean -0.25, sd 0.2887, t(3) 3.182: half-width 0.4593
     assert diff["mean"] == -0.25 and diff["ci95"] == pytest.approx([-0.7093, 0.2093], abs=1e-4)
     assert costs["fixed"]["vs_base"]["mean"] == 0.25
+    held_to_the_base(costs, margin=0.2)  # "cheaper than the base by 0.2": d = 0 − 0.2, only aligned's −0.25 meets it
+    assert [(c["threshold"], c["meets_threshold"]) for c in costs.values()] == [(-0.2, False), (-0.2, True), (-0.2, False)]
 
 
 def test_the_distinct_ngram_share_falls_as_answers_loop():

@@ -9,7 +9,9 @@ the ascent step on `log λ` for the Lagrangian's dual term `λ·(Ĵ_C − d)` is
 
 so λ grows while the policy's expected cost Ĵ_C is above the threshold d and shrinks once it is
 below. d may be set after construction (`threshold=None`): `align.cost_threshold: initial` calibrates it
-to the policy's own Ĵ_C before training, and it rides in the checkpoint like λ. Ĵ_C is the mean of the
+to the policy's own Ĵ_C before training, less `align.cost_threshold_margin` ("cheaper than it started by
+this much": a d that binds on whatever pool and cost model, where an absolute d chosen on one pool may sit
+above another pool's start — docs/results.md, confirm-dual), and it rides in the checkpoint like λ. Ĵ_C is the mean of the
 last `window` estimates (Safe RLHF averages over a deque of episode costs); the first `delay_steps`
 updates only fill that window (Safe RLHF's `lambda_update_delay_steps`), so early, noisy estimates do
 not kick λ.
@@ -42,6 +44,7 @@ class LagrangeMultiplier:
         lr: float,
         max_value: float,
         threshold: float | None = 0.0,
+        threshold_margin: float = 0.0,
         delay_steps: int = 0,
         window: int = 1,
         update_every: int = 1,
@@ -52,6 +55,8 @@ class LagrangeMultiplier:
             raise ValueError(f"lambda max_value ({max_value}) must be finite and at least init ({init})")
         if not (math.isfinite(lr) and lr >= 0 and (threshold is None or math.isfinite(threshold))):
             raise ValueError(f"lambda lr must be finite and >= 0 and the threshold finite, got {lr} and {threshold}")
+        if not math.isfinite(threshold_margin) or (threshold is not None and threshold_margin):
+            raise ValueError(f"a threshold margin must be finite and only moves a calibrated threshold, got {threshold_margin}")
         if window < 1 or delay_steps < 0 or update_every < 1:
             raise ValueError(
                 f"window and update_every must be >= 1 and delay_steps >= 0, got {window}, {update_every} and {delay_steps}"
@@ -59,6 +64,7 @@ class LagrangeMultiplier:
         self.lr = lr
         self.max_value = max_value
         self.threshold = threshold
+        self.threshold_margin = threshold_margin
         self.delay_steps = delay_steps
         self.update_every = update_every
         self.log_value = math.log(init)
@@ -75,6 +81,13 @@ class LagrangeMultiplier:
         """The windowed Ĵ_C the last update used (NaN before any update)."""
         n = len(self.estimates)
         return math.fsum(x / n for x in self.estimates) if n else math.nan  # x/n: no overflow of the sum
+
+    def calibrate(self, initial_cost: float) -> float:
+        """Set d from the policy's Ĵ_C before its first step: that estimate less the margin; returns d."""
+        if not math.isfinite(initial_cost):
+            raise ValueError(f"the calibrating cost estimate must be finite, got {initial_cost}")
+        self.threshold = initial_cost - self.threshold_margin
+        return self.threshold
 
     def due(self, step: int) -> bool:
         """Whether optimizer step `step` ends with a dual update (every `update_every` steps; each one

@@ -6,13 +6,15 @@ from __future__ import annotations
 from safealign.eval.statistics import mean_interval
 
 
-def held_to_the_base(costs: dict[str, dict]) -> None:
-    """`cost_threshold: initial` ("no costlier than where it started") on held-out prompts: d is the base's
-    mean there, and each model's per-prompt difference from the base (same prompts, paired) gets its mean
-    and 95 % interval — the comparison the constraint is about, without the two means' own spread."""
+def held_to_the_base(costs: dict[str, dict], margin: float = 0.0) -> None:
+    """`cost_threshold: initial` ("no costlier than where it started, less `margin`") on held-out prompts:
+    d is the base's mean there less `align.cost_threshold_margin`, and each model's per-prompt difference
+    from the base (same prompts, paired) gets its mean and 95 % interval — the comparison the constraint is
+    about, without the two means' own spread."""
     base = costs["base"]
+    threshold = base["mean"] - margin
     for name, result in costs.items():
-        result.update(threshold=base["mean"], threshold_from="base", meets_threshold=result["mean"] <= base["mean"])
+        result.update(threshold=threshold, threshold_from="base", meets_threshold=result["mean"] <= threshold)
         if name != "base":
             result["vs_base"] = mean_interval([c - b for c, b in zip(result["costs"], base["costs"], strict=True)])
 

@@ -436,7 +436,8 @@ POLICY_COST_NOTE = (
     "of answers the cost model calls unsafe (cost > 0), the answers' share of distinct word 3-grams (1: no phrase "
     "repeats; a cost that falls as this share falls is the text looping, which the cost model can score as safe, "
     "not harmlessness), and whether the mean meets align.cost_threshold (d). With "
-    "cost_threshold: initial, d here is the base's held-out Ĵ_C (\"no costlier than the base\"), and each model's "
+    "cost_threshold: initial, d here is the base's held-out Ĵ_C less align.cost_threshold_margin (\"no costlier "
+    "than the base\", or cheaper than it by the margin), and each model's "
     "paired difference from the base is shown."
 )
 
@@ -527,7 +528,9 @@ def policy_cost_table(results: dict) -> tuple[list[str], list[list[str]]] | None
     if not rows:
         return None
     header = ["model", "held-out Ĵ_C (95 % CI)", "prompts", "cost > 0"] + (["distinct 3-grams"] if repetition else [])
-    header.append("mean ≤ d")
+    thresholds = {m["heldout_cost"].get("threshold") for m in results["models"].values() if "heldout_cost" in m}
+    d = thresholds.pop() if len(thresholds) == 1 else None
+    header.append(f"mean ≤ d ({d:.3f})" if isinstance(d, (int, float)) else "mean ≤ d")
     return header + (["minus the base's, paired (95 % CI)"] if paired else []), rows
 
 

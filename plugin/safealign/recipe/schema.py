@@ -263,6 +263,7 @@ LAMBDA_KEYS = frozenset(
         "lambda_update",
         "lambda_update_every",
         "cost_threshold",
+        "cost_threshold_margin",
         "lambda_delay_steps",
         "lambda_window",
         "cost_estimator",
@@ -344,6 +345,11 @@ class AlignSection(PairTrainingSection):
         description="d: λ rises while Ĵ_C > d; initial: d is the policy's own Ĵ_C before its first step, so λ "
         "rises only while training makes its answers costlier than they were",
     )
+    cost_threshold_margin: Annotated[float, Field(allow_inf_nan=False)] = Field(
+        0.0,
+        description="with cost_threshold: initial, d = that Ĵ_C minus this margin: λ rises until the policy's "
+        "answers are this much cheaper than they started (negative: the cost they may gain); cost-model units",
+    )
     lambda_delay_steps: Annotated[int, Field(ge=0)] = Field(0, description="dual updates that only fill the window")
     lambda_window: Annotated[int, Field(ge=1)] = Field(1, description="Ĵ_C: mean of the last N estimates")
     cost_estimator: Literal["sampled"] = Field(
@@ -399,6 +405,16 @@ class AlignSection(PairTrainingSection):
     def _lambda_bounds(self) -> AlignSection:
         if self.lambda_max < self.lambda_init:
             raise ValueError(f"lambda_max ({self.lambda_max}) is below lambda_init ({self.lambda_init})")
+        return self
+
+    @model_validator(mode="after")
+    def _margin_needs_initial(self) -> AlignSection:
+        """A margin on a number is a second way to write one number: refused rather than silently added."""
+        if self.cost_threshold_margin and self.cost_threshold != "initial":
+            raise ValueError(
+                f"cost_threshold_margin ({self.cost_threshold_margin}) moves an `initial` threshold; with "
+                f"cost_threshold {self.cost_threshold} write d itself (or set cost_threshold: initial)"
+            )
         return self
 
     @model_validator(mode="after")

@@ -220,7 +220,8 @@ def heldout_policy_cost(ctx: StageContext, models: dict[str, Path], rows: list[P
     as align's Ĵ_C sampler does (`align.cost_sampling`: temperature, new tokens), the cost model scores the
     answers at its own length; per model the mean with its 95 % interval, the share above 0, and whether
     the mean meets `align.cost_threshold`. With `initial` ("no costlier than the base"), d on these prompts
-    is the base's own held-out Ĵ_C — the pool's d was measured on other prompts and is not comparable — and
+    is the base's own held-out Ĵ_C less `align.cost_threshold_margin` — the pool's d was measured on other
+    prompts and is not comparable — and
     every model also gets its paired difference from the base (per prompt, with its interval). Costs per
     prompt are kept: paired comparisons read them."""
     recipe = ctx.recipe
@@ -252,7 +253,7 @@ def heldout_policy_cost(ctx: StageContext, models: dict[str, Path], rows: list[P
             "costs": costs,
         }
     if threshold == "initial" and "base" in results:
-        held_to_the_base(results)
+        held_to_the_base(results, recipe.align.cost_threshold_margin)
     log.info("eval: held-out Ĵ_C on %d prompts: %s", len(prompts),
              ", ".join(f"{n} {r['mean']:.3f}" for n, r in results.items()))  # fmt: skip
     return results

@@ -23,6 +23,7 @@ reference log-probs, one reference forward: both objectives read the same four l
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -98,12 +99,12 @@ class SafeMMDPOTrainer(StepLoop, DPOTrainer):
         super().fit(args, consumed_samples, num_update_steps_per_epoch)
 
     def calibrate_threshold(self) -> None:
-        """d = Ĵ_C of the policy before its first step, sampled and scored like every later estimate
-        (logged as step 0 of lambda_samples.jsonl): λ then rises only if training makes the policy's
-        answers costlier than they were, whatever the cost model's offset."""
+        """d = Ĵ_C of the policy before its first step (less `align.cost_threshold_margin`), sampled and
+        scored like every later estimate (logged as step 0 of lambda_samples.jsonl): λ then rises only if
+        training leaves the policy's answers costlier than that, whatever the cost model's offset."""
         sample = self.cost_sampler.estimate(self.model.model, 0, threshold=None)
-        self.lagrange.threshold = sample.threshold
-        self.cost_sampler.record(0, sample, self.lagrange.value)
+        threshold = self.lagrange.calibrate(sample.mean_cost)
+        self.cost_sampler.record(0, replace(sample, threshold=threshold), self.lagrange.value)
 
     def begin_global_batch(self, micro_batches: list) -> None:
         """Count the rows labelled for each dimension over all micro-batches and all ranks (and, for the

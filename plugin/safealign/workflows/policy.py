@@ -40,12 +40,13 @@ def build_loss(align: AlignSection) -> PreferenceLoss:
 
 
 def build_lagrange(align: AlignSection) -> LagrangeMultiplier:
-    """λ with its schedule (`align.lambda_*`); an `initial` threshold is calibrated before step 1."""
+    """λ with its schedule (`align.lambda_*`); an `initial` threshold (less its margin) is calibrated before step 1."""
     return LagrangeMultiplier(
         init=align.lambda_init,
         lr=align.lambda_lr,
         max_value=align.lambda_max,
         threshold=None if align.cost_threshold == "initial" else align.cost_threshold,
+        threshold_margin=align.cost_threshold_margin,
         delay_steps=align.lambda_delay_steps,
         window=align.lambda_window,
         update_every=align.lambda_update_every,
