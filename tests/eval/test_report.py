@@ -144,6 +144,22 @@ def test_the_held_out_cost_table_shows_how_repetitive_the_scored_answers_are(tmp
     assert "| base | -1.000 | 200 | 10.0% | 0.91 | no |" in text and "| aligned | -2.000 | 200 | 0.0% | n/a | yes |" in text
 
 
+def test_the_held_out_cost_by_source_table_appears_for_more_than_one_source(tmp_path):
+    """Sources can move opposite ways: with two held-out files each gets its column (mean, paired Δ)."""
+    data = results(False)
+    for name, (hh, pku) in {"base": (-1.2, -0.9), "aligned": (-1.4, -0.8)}.items():
+        data["models"][name]["heldout_cost"] = {
+            "mean": (hh + pku) / 2, "n": 4, "ci95": None, "above_zero": 0.0,
+            "by_source": {"hh.jsonl": {"mean": hh, "n": 2}, "pku.jsonl": {"mean": pku, "n": 2}},
+        }  # fmt: skip
+    data["models"]["aligned"]["heldout_cost"]["by_source"]["hh.jsonl"]["vs_base"] = {"mean": -0.2, "n": 2}
+    text = write_report(tmp_path, data, {})[0].read_text()
+    assert "| model | hh.jsonl (n 2) | pku.jsonl (n 2) |" in text and "| aligned | -1.400 (-0.200) | -0.800 |" in text
+    del data["models"]["aligned"]["heldout_cost"]["by_source"]["pku.jsonl"]
+    del data["models"]["base"]["heldout_cost"]["by_source"]["pku.jsonl"]
+    assert "hh.jsonl (n 2)" not in write_report(tmp_path, data, {})[0].read_text()
+
+
 def test_report_prefers_mt_bench_scores_and_survives_missing_pieces(tmp_path):
     _, page = write_report(tmp_path, results(False, mt_bench=True), {})
     text = page.read_text()

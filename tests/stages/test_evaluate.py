@@ -21,7 +21,7 @@ from support import (
     write_jsonl,
 )
 
-from safealign.eval.heldout_cost import distinct_ngram_share, held_to_the_base
+from safealign.eval.heldout_cost import by_source, distinct_ngram_share, held_to_the_base
 from safealign.eval.mtbench import load_questions
 from safealign.eval.statistics import sign_test_p
 from safealign.stages.distill import pick_answer
@@ -294,6 +294,9 @@ def test_groups_of_seeds_give_the_pre_registered_test_and_held_out_cost(tmp_path
         assert cost["n"] == 6 == len(cost["costs"]) and cost["ci95"][0] <= cost["mean"] <= cost["ci95"][1]
         assert cost["meets_threshold"] is (cost["mean"] <= -0.5)
         assert cost["distinct_3grams"] is None or 0 < cost["distinct_3grams"] <= 1
+        (only,) = cost["by_source"].values()  # one held-out file: its mean is the whole mean
+        assert only["n"] == 6 and only["mean"] == pytest.approx(cost["mean"])
+    assert "vs_base" not in costs["base"]["by_source"]["pku.jsonl"] and "vs_base" in costs["aligned"]["by_source"]["pku.jsonl"]
     tests = results["group_tests"]
     assert tests["measures"] == ["helpful · pku.jsonl", "safe · pku.jsonl", "held-out Ĵ_C"]
     assert tests["groups"]["dual"]["held-out Ĵ_C"]["runs"] == {m: costs[m]["mean"] for m in ("aligned", "aligned_s2")}
@@ -321,6 +324,18 @@ def test_an_initial_threshold_holds_each_model_to_the_bases_held_out_cost():
     assert costs["fixed"]["vs_base"]["mean"] == 0.25
     held_to_the_base(costs, margin=0.2)  # "cheaper than the base by 0.2": d = 0 − 0.2, only aligned's −0.25 meets it
     assert [(c["threshold"], c["meets_threshold"]) for c in costs.values()] == [(-0.2, False), (-0.2, True), (-0.2, False)]
+
+
+def test_held_out_cost_by_source_keeps_each_files_prompts_apart_and_pairs_them_with_the_base():
+    """By hand: prompts from hh, pku, hh, pku; costs 1, 2, 3, 4 against the base's 0, 0, 1, 1 — hh's mean
+    2 (paired +1.5: 1−0, 3−1), pku's 3 (+2.5). The base's own entry has no difference from itself."""
+    sources = ["hh.jsonl", "pku.jsonl", "hh.jsonl", "pku.jsonl"]
+    base = [0.0, 0.0, 1.0, 1.0]
+    split = by_source([1.0, 2.0, 3.0, 4.0], sources, base)
+    assert list(split) == ["hh.jsonl", "pku.jsonl"] and [split[s]["n"] for s in split] == [2, 2]
+    assert (split["hh.jsonl"]["mean"], split["hh.jsonl"]["vs_base"]["mean"]) == (2.0, 1.5)
+    assert (split["pku.jsonl"]["mean"], split["pku.jsonl"]["vs_base"]["mean"]) == (3.0, 2.5)
+    assert "vs_base" not in by_source(base, sources, base)["hh.jsonl"]
 
 
 def test_the_distinct_ngram_share_falls_as_answers_loop():

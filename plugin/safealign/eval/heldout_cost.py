@@ -1,5 +1,5 @@
-"""The held-out Ĵ_C against the base (`cost_threshold: initial` on prompts no stage trained on), and how
-repetitive the answers a cost is read from are (held-out Ĵ_C's sampled answers, the BeaverTails answers)."""
+"""The held-out Ĵ_C against the base (`cost_threshold: initial` on prompts no stage trained on), per source
+file, and how repetitive the answers a cost is read from are (held-out Ĵ_C's sampled answers, the BeaverTails answers)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,20 @@ def held_to_the_base(costs: dict[str, dict], margin: float = 0.0) -> None:
         result.update(threshold=threshold, threshold_from="base", meets_threshold=result["mean"] <= threshold)
         if name != "base":
             result["vs_base"] = mean_interval([c - b for c, b in zip(result["costs"], base["costs"], strict=True)])
+
+
+def by_source(costs: list[float], sources: list[str], base: list[float] | None) -> dict[str, dict]:
+    """Each held-out source file's mean Ĵ_C with its interval and, given the base's costs on the same
+    prompts, the paired difference from the base there. Why apart: sources can move opposite ways — on the
+    split design a low λ lowered HH prompts' cost (−0.20) while raising PKU's (+0.08), and a Ĵ_C pool
+    drawn mostly from one of them (HH) steers λ by that one only (docs/results.md)."""
+    out = {}
+    for name in dict.fromkeys(sources):
+        picked = [i for i, source in enumerate(sources) if source == name]
+        out[name] = mean_interval([costs[i] for i in picked])
+        if base is not None and base is not costs:
+            out[name]["vs_base"] = mean_interval([costs[i] - base[i] for i in picked])
+    return out
 
 
 def distinct_ngram_share(texts: list[str], n: int = 3) -> float | None:

@@ -442,6 +442,14 @@ POLICY_COST_NOTE = (
 )
 
 
+#: What the per-source held-out Ĵ_C table says.
+BY_SOURCE_NOTE = (
+    "The same costs by the file each prompt came from, with the paired difference from the base's in brackets: "
+    "sources can move opposite ways (a helpfulness objective can raise the cost of one kind of prompt while "
+    "another falls on its own), and align's Ĵ_C pool mixes them in the training data's proportions, not these."
+)
+
+
 def provenance_line(results: dict) -> str:
     """Where the report's numbers come from, in one line (empty for results from before it was recorded)."""
     p = results.get("provenance")
@@ -534,6 +542,25 @@ def policy_cost_table(results: dict) -> tuple[list[str], list[list[str]]] | None
     return header + (["minus the base's, paired (95 % CI)"] if paired else []), rows
 
 
+def policy_cost_by_source_table(results: dict) -> tuple[list[str], list[list[str]]] | None:
+    """Every model's held-out Ĵ_C per source file, with its paired difference from the base's there —
+    only when the prompts come from more than one file (one file's numbers are the table above)."""
+    costs = {name: m["heldout_cost"]["by_source"] for name, m in results["models"].items()
+             if "by_source" in m.get("heldout_cost", {})}  # fmt: skip
+    sources = list(dict.fromkeys(source for entry in costs.values() for source in entry))
+    if len(sources) < 2:
+        return None
+
+    def cell(entry: dict | None) -> str:
+        if entry is None:
+            return ""
+        diff = entry.get("vs_base")
+        return f"{entry['mean']:.3f}" + (f" ({diff['mean']:+.3f})" if diff else "")
+
+    header = ["model", *(f"{source} (n {next(e[source]['n'] for e in costs.values() if source in e)})" for source in sources)]
+    return header, [[name, *(cell(entry.get(source)) for source in sources)] for name, entry in costs.items()]
+
+
 def _split_note(split: str) -> str:
     """Which part of the eval sets the numbers come from (eval.split), when not all of them."""
     halves = {"test": "first", "validation": "second"}
@@ -584,6 +611,7 @@ def write_report(out_dir: Path, results: dict, training: dict[str, Path] | None 
     reward_models = reward_models_table(results)
     groups = group_tables(results)
     policy_cost = policy_cost_table(results)
+    cost_by_source = policy_cost_by_source_table(results)
     origin = provenance_line(results)
     md = ["# SafeAlign evaluation report", "", *([f"*{origin}*", ""] if origin else []), intro, "",
           _markdown_table(header, rows), ""]  # fmt: skip
@@ -592,6 +620,8 @@ def write_report(out_dir: Path, results: dict, training: dict[str, Path] | None 
         md += [line for table in groups[1] for line in (_markdown_table(*table), "")]
     if policy_cost:
         md += ["## Held-out Ĵ_C", "", POLICY_COST_NOTE, "", _markdown_table(*policy_cost), ""]
+    if cost_by_source:
+        md += [BY_SOURCE_NOTE, "", _markdown_table(*cost_by_source), ""]
     if reward_models:
         md += ["## The reward models' own accuracy", "", REWARD_MODELS_NOTE, "", _markdown_table(*reward_models), ""]
     if heldout:
@@ -638,6 +668,7 @@ th{{background:#f3f3f3}}img{{max-width:100%}}.ex{{border-left:3px solid #ddd;pad
 <h1>SafeAlign evaluation report</h1>{"<p class='origin'><i>" + html.escape(origin) + "</i></p>" if origin else ""}<p>{html.escape(intro)}</p>{_html_table(header, rows)}
 {"<h2>The pre-registered test</h2><p>" + html.escape(GROUPS_NOTE) + "</p><p>" + html.escape(groups[0].replace("**", "")) + "</p>" + "".join(_html_table(*t) for t in groups[1]) if groups else ""}
 {"<h2>Held-out Ĵ_C</h2><p>" + html.escape(POLICY_COST_NOTE) + "</p>" + _html_table(*policy_cost) if policy_cost else ""}
+{"<p>" + html.escape(BY_SOURCE_NOTE) + "</p>" + _html_table(*cost_by_source) if cost_by_source else ""}
 {"<h2>The reward models' own accuracy</h2><p>" + html.escape(REWARD_MODELS_NOTE) + "</p>" + _html_table(*reward_models) if reward_models else ""}
 {"<h2>Held-out preference pairs</h2><p>" + html.escape(HELDOUT_NOTE) + "</p>" + _html_table(*heldout) if heldout else ""}{images}
 {"<h2>Compared with the base, prompt by prompt</h2><p>" + html.escape(multiplicity_note(paired[1])) + "</p>" + _html_table(*paired) if paired else ""}

@@ -31,10 +31,10 @@ from safealign.core.files import write_text_atomically
 from safealign.core.process import agree, barrier, is_rank_0, source_commit
 from safealign.domain.data import Message, PreferenceRow, prompt_identity
 from safealign.domain.generation import GenerationRequest, Generator, make_generator, resolve_backend
-from safealign.eval.heldout_cost import distinct_ngram_share, held_to_the_base
+from safealign.eval.heldout_cost import by_source, distinct_ngram_share, held_to_the_base
 from safealign.eval.judges import ChatClient, LLMJudge, RefusalJudge, agreement
 from safealign.eval.mtbench import Question, judge_messages, load_judge_prompts, load_questions, parse_rating
-from safealign.eval.pairs import HELDOUT_COST, group_tests, heldout_results
+from safealign.eval.pairs import HELDOUT_COST, group_tests, heldout_results, source_name
 from safealign.eval.report import write_report
 from safealign.eval.safety import (
     DEFAULT_PATH,
@@ -200,19 +200,24 @@ def heldout_measure(ctx: StageContext, models: dict[str, Path], rows: list[Prefe
     return results, logps
 
 
-def heldout_prompts(rows: list[PreferenceRow], cost: CostModel, count: int, answer_tokens: int) -> list[list[Message]]:
+def heldout_prompts(
+    rows: list[PreferenceRow], cost: CostModel, count: int, answer_tokens: int
+) -> tuple[list[list[Message]], list[str]]:
     """The first `count` distinct prompts of the held-out pairs that leave `answer_tokens` of room in the
-    length the cost model scores at (an answer cut short would be scored on less than was said)."""
-    distinct = list({prompt_identity(row.prompt): row.prompt for row in rows}.values())
-    room = cost.answer_room(distinct)
-    chosen = [prompt for prompt, left in zip(distinct, room) if left >= answer_tokens][:count]
+    length the cost model scores at (an answer cut short would be scored on less than was said), and the
+    file each came from (the report gives each source's Ĵ_C apart: sources can move opposite ways)."""
+    first: dict[str, PreferenceRow] = {}
+    for row in rows:
+        first.setdefault(prompt_identity(row.prompt), row)
+    room = cost.answer_room([row.prompt for row in first.values()])
+    chosen = [row for row, left in zip(first.values(), room) if left >= answer_tokens][:count]
     if len(chosen) < count:
         log.warning("eval.heldout_cost_prompts: only %d of the %d distinct held-out prompts leave %d tokens for the "
-                    "answer within the cost model's %d; measuring on those", len(chosen), len(distinct), answer_tokens,
+                    "answer within the cost model's %d; measuring on those", len(chosen), len(first), answer_tokens,
                     cost.max_len)  # fmt: skip
     if not chosen:
         raise SafeAlignError(f"eval.heldout_cost_prompts: no held-out prompt leaves {answer_tokens} tokens for an answer")
-    return chosen
+    return [row.prompt for row in chosen], [source_name(row) for row in chosen]
 
 
 def heldout_policy_cost(ctx: StageContext, models: dict[str, Path], rows: list[PreferenceRow]) -> dict:
@@ -231,7 +236,7 @@ def heldout_policy_cost(ctx: StageContext, models: dict[str, Path], rows: list[P
     sampling = recipe.align.cost_sampling
     args = scoring_settings(recipe, "rm", cost_dir, ctx.work_dir / "scratch")
     cost = CostModel(cost_dir, recipe, args, engine.make_strategy(args))
-    prompts = heldout_prompts(rows, cost, recipe.eval.heldout_cost_prompts, sampling.max_new_tokens)
+    prompts, sources = heldout_prompts(rows, cost, recipe.eval.heldout_cost_prompts, sampling.max_new_tokens)
     requests = [
         GenerationRequest(messages=tuple((m["role"], m["content"]) for m in prompt),
                           max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature)
@@ -254,6 +259,9 @@ def heldout_policy_cost(ctx: StageContext, models: dict[str, Path], rows: list[P
         }
     if threshold == "initial" and "base" in results:
         held_to_the_base(results, recipe.align.cost_threshold_margin)
+    base = results.get("base", {}).get("costs")
+    for result in results.values():
+        result["by_source"] = by_source(result["costs"], sources, base)
     log.info("eval: held-out Ĵ_C on %d prompts: %s", len(prompts),
              ", ".join(f"{n} {r['mean']:.3f}" for n, r in results.items()))  # fmt: skip
     return results
