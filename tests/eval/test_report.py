@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from safealign.eval.report import write_report
+from safealign.eval.report import own_thresholds, plot_dual_runs, write_report
 from safealign.eval.safety import Rate
 
 CATEGORIES = ["animal_abuse", "child_abuse", "privacy_violation"]
@@ -331,3 +331,16 @@ def test_eval_results_go_to_tensorboard_when_the_recipe_logs_there(tmp_path):
     assert value.value == pytest.approx(data["models"]["aligned"]["safety"]["cost_model"]["overall"]["rate"])
     log_eval(tmp_path / "off", data, tensorboard=False, wandb_project=None, run_name="t")
     assert not (tmp_path / "off").exists()
+
+
+def test_dual_runs_are_drawn_against_their_own_thresholds_when_those_differ():
+    """`cost_threshold: initial` calibrates d per run (its own pool estimate at step 0, less the margin):
+    one d line for all would be wrong for every run but one."""
+    def rows(d: float | None) -> list[dict]:
+        return [{"step": s, "lambda_next": 1.0 + s, "cost_estimate": -1.0 - s / 10, "cost_threshold": d} for s in (5, 10)]
+
+    apart = {"aligned": rows(-1.5), "aligned_s2": rows(-1.4)}
+    assert own_thresholds(apart) == {"aligned": -1.5, "aligned_s2": -1.4}
+    assert own_thresholds({"aligned": rows(-1.5), "aligned_s2": rows(-1.5)}) is None  # one d: one line
+    assert own_thresholds({"aligned": rows(None), "aligned_s2": rows(-1.5)}) is None  # not logged (older runs)
+    assert plot_dual_runs(apart, None).startswith(b"\x89PNG")

@@ -139,6 +139,7 @@ def test_an_initial_threshold_is_the_policys_own_cost_before_training(tmp_path, 
     assert summary["cost_threshold"] == pytest.approx(threshold)
     log_lambda = 0.0  # λ_init 1
     for s in steps:
+        assert s["cost_threshold"] == pytest.approx(threshold)  # every update row names the run's own d
         log_lambda += lr * (s["cost_sampled"] - threshold) * math.exp(log_lambda)
         assert s["lambda_next"] == pytest.approx(math.exp(log_lambda), rel=1e-6)
     assert len({round(s["cost_sampled"] - threshold, 9) for s in steps}) > 1  # d is not the later estimates'

@@ -240,20 +240,35 @@ def _threshold(results: dict) -> float | None:
     return d if isinstance(d, (int, float)) else None
 
 
+def own_thresholds(updates: dict[str, list[dict]]) -> dict[str, float] | None:
+    """Each dual run's d (its update rows' `cost_threshold`) when the runs' ds differ — under
+    `cost_threshold: initial` every run calibrates its own —, else None (one d for all, or not logged)."""
+    own = {name: rows[-1].get("cost_threshold") for name, rows in updates.items() if rows}
+    return own if None not in own.values() and len(set(own.values())) > 1 else None
+
+
 def plot_dual_runs(logs: dict[str, list[dict]], threshold: float | None) -> bytes | None:
-    """λ and the sampled Ĵ_C of every run whose λ was updated, step by step, against d: whether λ rises
-    while Ĵ_C > d and settles once it is met, run by run (only when more than one run samples Ĵ_C; the
-    training plot shows a single one)."""
+    """λ and the sampled Ĵ_C of every run whose λ was updated, step by step, against d (each run's own,
+    dashed in its colour, when `cost_threshold: initial` calibrated them apart): whether λ rises while
+    Ĵ_C > d and settles once it is met, run by run (only when more than one run samples Ĵ_C; the training
+    plot shows a single one)."""
     dual = {name: [m for m in steps if m.get("cost_estimate") is not None] for name, steps in logs.items()}
     dual = {name: updates for name, updates in dual.items() if updates}
     if len(dual) < 2:
         return None
+    own = own_thresholds(dual)
+    per_run = own is not None
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
     for name, updates in sorted(dual.items()):
         steps = [m["step"] for m in updates]
         (line,) = left.plot(steps, [m.get("lambda_next", math.nan) for m in updates], marker="o", markersize=3, label=name)
         right.plot(steps, [m["cost_estimate"] for m in updates], marker="o", markersize=3, color=line.get_color())
-    if threshold is not None:
+        if per_run:
+            right.axhline(own[name], color=line.get_color(), linestyle="--", linewidth=1)
+    if per_run:
+        right.plot([], [], color="black", linestyle="--", linewidth=1, label="d (each run's own)")
+        right.legend(fontsize=8)
+    elif threshold is not None:
         right.axhline(threshold, color="black", linestyle="--", linewidth=1, label=f"d = {threshold:g}")
         right.legend(fontsize=8)
     calm_limits(left, [m.get("lambda_next") for updates in dual.values() for m in updates], min_span=0.5)

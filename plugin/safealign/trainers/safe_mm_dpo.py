@@ -175,6 +175,7 @@ class SafeMMDPOTrainer(StepLoop, DPOTrainer):
                 cost_sampled=sample.mean_cost,
                 cost_estimate=self.lagrange.cost_estimate,
                 cost_above_threshold=sample.above_threshold,
+                cost_threshold=self.lagrange.threshold,  # each run's own d under `initial` (the plots draw it)
                 cost_sample_seconds=sample.seconds,
             )
             self.cost_sampler.record(global_step, sample, self.lagrange.value)
