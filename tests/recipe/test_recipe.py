@@ -48,6 +48,10 @@ def test_seed_defaults():
         (base(cost_estimator="implicit"), "align.cost_estimator: Input should be 'sampled' (got 'implicit')"),
         (base(cost_sampling={"prompt": 8}), "align.cost_sampling.prompt: unknown key"),
         (base(cost_sampling={"prompts": 0}), "align.cost_sampling.prompts: Input should be greater than or equal to 1"),
+        (base(cost_sampling={"prompts": 8, "sources": {PKU.name: 4}}), "align.cost_sampling: prompts (8) is not the sum of sources (4)"),
+        (base(cost_sampling={"sources": {}}), "align.cost_sampling: sources: give {data.train file name: prompts}"),
+        (base(cost_sampling={"sources": {PKU.name: 0}}), "align.cost_sampling.sources.pku_saferlhf"),
+        (base(cost_sampling={"sources": {"nope.jsonl": 4}}), "align.cost_sampling.sources: 'nope.jsonl' is not a data.train file"),
         (base(loss="dpo", cost_sampling={"prompts": 8}), "align.cost_sampling: not used by loss 'dpo'"),
         (base(lambda_update_every=0), "align.lambda_update_every: Input should be greater than or equal to 1"),
         (

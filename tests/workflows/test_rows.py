@@ -8,7 +8,7 @@ import pytest
 from support import HH, PKU
 
 from safealign.core.errors import SafeAlignError
-from safealign.domain.data import from_pku_saferlhf, load_sources, pair_identity
+from safealign.domain.data import from_pku_saferlhf, load_sources, pair_identity, prompt_identity
 from safealign.recipe import validate_recipe
 from safealign.workflows.policy import split_policy_rows
 from safealign.workflows.rows import LabelSources
@@ -85,3 +85,21 @@ def test_the_per_dimension_form_trains_on_the_list_forms_pairs_with_fewer_labels
         from_pku = pair_identity(listed) in pku
         assert mapped.better_response_id == listed.better_response_id
         assert mapped.safer_response_id == (-1 if from_pku else listed.safer_response_id)
+
+
+def test_the_cost_pool_can_be_drawn_per_file_in_the_mix_the_constraint_is_judged_on():
+    """align.cost_sampling.sources: 4 PKU prompts and 6 HH prompts (a prompt-mean pool drawn from all
+    files alike takes them in the data's proportions); every pair of a pool prompt leaves training, the
+    pool is the same on every call (chosen by the recipe's seed), and `prompts` is the sum."""
+    r = recipe(cost_sampling={"sources": {PKU.name: 4, HH.name: 6}})
+    assert r.align.cost_sampling.prompts == 10
+    rows = scored(load_sources(r.data.train))
+    pku_prompts = {prompt_identity(row.prompt) for row in rows[:20]}
+    split = split_policy_rows(r, rows, r)
+    pool = [prompt_identity(p) for p in split.cost_pool]
+    assert len(pool) == len(set(pool)) == 10 and sum(p in pku_prompts for p in pool) == 4
+    assert not {prompt_identity(row.prompt) for row in split.train + split.eval} & set(pool)
+    assert [prompt_identity(p) for p in split_policy_rows(r, rows, r).cost_pool] == pool
+    too_many = recipe(cost_sampling={"sources": {PKU.name: 20}})
+    with pytest.raises(SafeAlignError, match=r"align.cost_sampling.sources.pku_saferlhf\S*: 20 prompts would leave none"):
+        split_policy_rows(too_many, rows, too_many)

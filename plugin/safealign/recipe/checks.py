@@ -163,12 +163,17 @@ def _netrc_has_wandb() -> bool:
 
 
 def check_align_sources(recipe: Recipe, source: str) -> None:
-    """Every file `align.sources` (or an ablation's) names, in either form, is one of `data.train`'s."""
+    """Every file `align.sources` or `align.cost_sampling.sources` (or an ablation's) names, in any form,
+    is one of `data.train`'s."""
     align = recipe.align
     variants = [("align", align)] + [(f"align.ablations.{n}", align.ablation(n)) for n in align.ablations]
     for key, variant in variants:
-        for dimension, names in (variant.label_sources() or {}).items():
-            field = f"{key}.sources" if isinstance(variant.sources, list) else f"{key}.sources.{dimension}"
+        named = {
+            (f"{key}.sources" if isinstance(variant.sources, list) else f"{key}.sources.{dimension}"): names
+            for dimension, names in (variant.label_sources() or {}).items()
+        }
+        named[f"{key}.cost_sampling.sources"] = list(variant.cost_sampling.sources or {})
+        for field, names in named.items():
             if unknown := unknown_file(names, recipe.data.train, "data.train"):
                 raise SafeAlignError(f"{source}: {field}: {unknown}")
 

@@ -279,6 +279,12 @@ class CostSamplingSection(Strict):
     prompts: Annotated[int, Field(ge=1)] = Field(
         64, description="distinct training prompts held out as the pool (their pairs are never trained on)"
     )
+    sources: dict[str, Annotated[int, Field(ge=1)]] | None = Field(
+        None,
+        description="{data.train file name: prompts}: draw the pool per file, e.g. in the mix the constraint is "
+        "judged on (the eval's held-out prompts); `prompts` is then their sum. null: drawn from all files alike, "
+        "so in the training data's proportions",
+    )
     max_new_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS)] = 128
     temperature: NonNegativeFloat = Field(1.0, description="sampling temperature (Safe RLHF's 1.0); 0: greedy")
     batch_size: Annotated[int, Field(ge=1, le=MAX_BATCH)] = Field(16, description="prompts per generate call / scoring forward")
@@ -295,6 +301,20 @@ class CostSamplingSection(Strict):
         description="ZeRO-3: gather the policy's full weights once per estimate instead of once per generated "
         "token (memory: the whole model on every GPU while it answers); false for a model that does not fit one",
     )
+
+
+    @model_validator(mode="after")
+    def _prompts_are_the_sources_sum(self) -> CostSamplingSection:
+        """With `sources`, the pool's size is their sum: a different `prompts` beside them is refused."""
+        if self.sources is None:
+            return self
+        if not self.sources:
+            raise ValueError("sources: give {data.train file name: prompts} for at least one file, or null")
+        total = sum(self.sources.values())
+        if "prompts" in self.model_fields_set and self.prompts != total:
+            raise ValueError(f"prompts ({self.prompts}) is not the sum of sources ({total}); give one or make them agree")
+        self.prompts = total
+        return self
 
 
 class AlignSection(PairTrainingSection):

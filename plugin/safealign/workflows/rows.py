@@ -15,6 +15,7 @@ from safealign.domain.data import (
     load_rows,
     load_sources,
     pair_identity,
+    prompt_identity,
 )
 from safealign.recipe import Recipe, sampling_variant
 from safealign.workflows.heldout import load_training_rows
@@ -38,12 +39,44 @@ def split_cost_pool(recipe: Recipe, rows: list[PreferenceRow]) -> tuple[list[lis
     sampling = sampling_variant(recipe.align)
     if sampling is None:
         return [], rows
-    pool, rest = hold_out_prompts(rows, sampling[1].cost_sampling.prompts, recipe.seed)
+    key, variant = sampling
+    per_file = variant.cost_sampling.sources
+    if per_file is None:
+        pool, rest = hold_out_prompts(rows, variant.cost_sampling.prompts, recipe.seed)
+    else:
+        pool, rest = hold_out_prompts_per_file(recipe, rows, per_file, f"{key}.cost_sampling.sources")
     log.info(
-        "align: %d prompts held out to sample Ĵ_C on (%d of %d pairs not trained on)",
+        "align: %d prompts held out to sample Ĵ_C on (%d of %d pairs not trained on)%s",
         len(pool), len(rows) - len(rest), len(rows),
+        "" if per_file is None else ": " + ", ".join(f"{n} from {name}" for name, n in per_file.items()),
     )  # fmt: skip
     return pool, rest
+
+
+def hold_out_prompts_per_file(
+    recipe: Recipe, rows: list[PreferenceRow], counts: dict[str, int], field: str
+) -> tuple[list[list[Message]], list[PreferenceRow]]:
+    """`align.cost_sampling.sources`: each named file's count of its distinct prompts, chosen by the
+    recipe's seed as the unsplit pool is, and the rows that use none of them (a prompt two files share
+    leaves both). The rm stage's scored rows do not say their file, so rows are matched to files by
+    content, as `align.sources` matches them."""
+    chosen: dict[str, list[Message]] = {}
+    for source in recipe.data.train:
+        name = source.path.name
+        if name not in counts:
+            continue
+        held = frozenset(pair_identity(row) for row in load_sources([source]))
+        mine = [row for row in rows if pair_identity(row) in held]
+        available = len({prompt_identity(row.prompt) for row in mine})
+        if available <= counts[name]:
+            raise SafeAlignError(
+                f"{field}.{name}: {counts[name]} prompts would leave none of the file's to train on: its training "
+                f"pairs have {available} distinct prompts; ask for fewer"
+            )
+        pool, _ = hold_out_prompts(mine, counts[name], recipe.seed)
+        chosen.update((prompt_identity(prompt), prompt) for prompt in pool)
+    rest = [row for row in rows if prompt_identity(row.prompt) not in chosen]
+    return list(chosen.values()), rest
 
 
 @dataclass(frozen=True)
