@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from safealign.eval.statistics import holm, mean_interval, t_quantile_975, t_test_p, welch_t_test
+from safealign.eval.statistics import holm, mean_interval, paired_t_test, t_quantile_975, t_test_p, welch_t_test
 
 
 @pytest.mark.parametrize(
@@ -77,6 +77,7 @@ def _rows_and_logps(shifts: dict[str, float], noise: dict[str, float]):
 
 class Primary:
     treatment, controls, measure, dimension, sources, alpha = "dual", ["shuffled"], "margin", "safe", None, 0.01
+    paired = False
 
 
 def test_group_tests_take_runs_as_the_unit_and_a_label_blind_change_does_not_pass():
@@ -151,3 +152,36 @@ def test_a_primary_test_on_the_held_out_cost_is_one_sided_toward_lower_cost():
     assert all(c["family"] == "secondary" for c in result["comparisons"] if c["measure"] != HELDOUT_COST)
     cost[HELDOUT_COST] = {**cost[HELDOUT_COST], "d1": -1.0, "d2": -0.96, "d3": -0.98}  # the dual runs costlier
     assert not group_tests(rows, logps, groups, OnCost, cost)["primary"]["holds"]
+
+
+def test_the_paired_t_test_by_hand():
+    """Differences 0.05, 0.07, 0.06 (the treatment's runs each above their pair): mean 0.06, sd 0.01,
+    t = 0.06 / (0.01/√3) = 10.392, df 2. Welch on the same numbers sees only the seeds' spread."""
+    treated, control = [-1.20, -1.60, -1.45], [-1.25, -1.67, -1.51]
+    paired = paired_t_test(treated, control, "greater")
+    assert paired["difference"] == pytest.approx(0.06) and paired["df"] == 2 and paired["paired"]
+    assert paired["t"] == pytest.approx(10.392, rel=1e-4)
+    assert paired["p_value"] == pytest.approx(t_test_p(10.392, 2, "greater"), rel=1e-3) and paired["p_value"] < 0.01
+    assert welch_t_test(treated, control, "greater")["p_value"] > 0.3
+    assert paired_t_test([1.0, 2.0], [0.5, 1.5])["p_value"] is None  # the differences do not vary
+    with pytest.raises(ValueError, match="paired runs: 2 against 1"):
+        paired_t_test([1.0, 2.0], [0.5])
+
+
+def test_a_paired_primary_test_pairs_runs_by_their_place_in_the_groups():
+    """eval.primary.paired: d1 with f1, d2 with f2, … — confirm-dual's picture: the seeds scatter the cost
+    by ±0.2 and each dual run sits 0.06 above its fixed twin. Welch cannot tell; paired it is clear."""
+    from safealign.eval.pairs import HELDOUT_COST, group_tests
+
+    class Paired(Primary):
+        controls, measure, alpha, paired = ["fixed"], "heldout_cost", 0.05, True
+
+    noise = dict.fromkeys(["d1", "d2", "d3", "f1", "f2", "f3"], 0.0)
+    rows, logps = _rows_and_logps(dict.fromkeys(noise, 0.0), noise)
+    groups = {"dual": ["d1", "d2", "d3"], "fixed": ["f1", "f2", "f3"]}
+    cost = {HELDOUT_COST: {"d1": -1.31, "d2": -1.74, "d3": -1.57, "f1": -1.25, "f2": -1.67, "f3": -1.51}}
+    result = group_tests(rows, logps, groups, Paired, cost)
+    (primary,) = [c for c in result["comparisons"] if c["family"] == "primary"]
+    assert primary["paired"] and primary["df"] == 2 and primary["difference"] == pytest.approx(-0.0633, abs=1e-4)
+    assert result["primary"]["holds"] and result["primary"]["paired"]
+    assert not group_tests(rows, logps, groups, type("Welch", (Paired,), {"paired": False}), cost)["primary"]["holds"]

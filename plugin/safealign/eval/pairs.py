@@ -41,7 +41,15 @@ import math
 from pathlib import Path
 
 from safealign.domain.data import LABEL_FIELDS, PreferenceRow
-from safealign.eval.statistics import holm, mcnemar_p, mean_interval, sign_test_p, welch_t_test, wilson_interval
+from safealign.eval.statistics import (
+    holm,
+    mcnemar_p,
+    mean_interval,
+    paired_t_test,
+    sign_test_p,
+    welch_t_test,
+    wilson_interval,
+)
 
 #: The run-level measure `group_tests` takes from `extra_measures` for a primary test on the constraint.
 HELDOUT_COST = "held-out Ĵ_C"
@@ -206,12 +214,19 @@ def group_tests(
             continue
         for measure, values in measures.items():
             is_primary = group in primary.controls and is_primary_measure(measure, primary)
-            treated = [values[m] for m in groups[primary.treatment] if m in values]
-            other = [values[m] for m in names if m in values]
-            if not treated or not other:
-                continue
             sided = "less" if measure == HELDOUT_COST else "greater"  # a cost wins by being lower
-            test = welch_t_test(treated, other, sided if is_primary else "two-sided")
+            alternative = sided if is_primary else "two-sided"
+            if primary.paired and group in primary.controls:  # pair by place: both runs of a pair measured
+                pairs = [(values[t], values[c]) for t, c in zip(groups[primary.treatment], names) if t in values and c in values]
+                if not pairs:
+                    continue
+                test = paired_t_test([t for t, _ in pairs], [c for _, c in pairs], alternative)
+            else:
+                treated = [values[m] for m in groups[primary.treatment] if m in values]
+                other = [values[m] for m in names if m in values]
+                if not treated or not other:
+                    continue
+                test = welch_t_test(treated, other, alternative)
             comparisons.append({"treatment": primary.treatment, "versus": group, "measure": measure,
                                 "family": "primary" if is_primary else "secondary", **test})  # fmt: skip
     for family in ("primary", "secondary"):
@@ -227,6 +242,7 @@ def group_tests(
         "dimension": primary.dimension,
         "sources": None if primary.sources is None else list(primary.sources),
         "alpha": primary.alpha,
+        "paired": primary.paired,
         "tests": len(primary_tests),
         "holds": bool(primary_tests) and all(c["p_holm"] is not None and c["p_holm"] < primary.alpha for c in primary_tests),
     }

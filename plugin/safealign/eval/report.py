@@ -508,7 +508,8 @@ def group_tables(results: dict) -> tuple[str, list[tuple[list[str], list[list[st
     summary = (["group", *measures], [[g, *(cell(v.get(m)) for m in measures)] for g, v in tests["groups"].items()])
     comparisons = (
         ["treatment", "versus", "measure", "family", "difference", "t", "df", "p", "p (Holm)"],
-        [[c["treatment"], c["versus"], c["measure"], c["family"] + (" (one-sided)" if c["alternative"] != "two-sided" else ""),
+        [[c["treatment"], c["versus"], c["measure"], c["family"] + (" (one-sided)" if c["alternative"] != "two-sided" else "")
+          + (", paired by run" if c.get("paired") else ""),
           f"{c['difference']:+.4f}", _fmt_number(c["t"]), _fmt_number(c["df"], 2), format_p(c["p_value"]),
           format_p(c["p_holm"])] for c in tests["comparisons"]],
     )  # fmt: skip

@@ -59,6 +59,23 @@ def welch_t_test(treatment: Sequence[float], control: Sequence[float], alternati
     return {**result, "t": t, "df": df, "p_value": t_test_p(t, df, alternative)}
 
 
+def paired_t_test(treatment: Sequence[float], control: Sequence[float], alternative: Alternative = "two-sided") -> dict:
+    """Student's t on the differences of paired runs (`treatment[i]` with `control[i]`, e.g. one seed each),
+    n − 1 degrees of freedom: what both runs of a pair share (the seed's data order and draws) cancels, so
+    a small, consistent difference is not drowned by a large seed-to-seed spread. Same keys as
+    `welch_t_test`; p is None with fewer than 2 pairs or when the differences do not vary."""
+    if len(treatment) != len(control):
+        raise ValueError(f"paired runs: {len(treatment)} against {len(control)}")
+    differences = [t - c for t, c in zip(treatment, control)]
+    mean, sd = mean_and_sd(differences) if differences else (math.nan, None)
+    result = {"difference": mean, "runs": [len(treatment), len(control)], "alternative": alternative, "paired": True}
+    if sd is None or sd == 0.0:
+        return {**result, "t": None, "df": None, "p_value": None}
+    t = mean / (sd / math.sqrt(len(differences)))
+    df = len(differences) - 1
+    return {**result, "t": t, "df": df, "p_value": t_test_p(t, df, alternative)}
+
+
 def holm(p_values: Sequence[float | None]) -> list[float | None]:
     """Holm's step-down adjustment of a family's p-values (Holm 1979), in the given order; a None (a
     test that could not be run) stays None and does not count toward the family's size."""

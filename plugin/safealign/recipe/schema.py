@@ -579,6 +579,12 @@ class PrimaryTestSection(Strict):
         "report names them); the others' margins go to the secondary family. null: every source",
     )
     alpha: Annotated[float, Field(gt=0, lt=1)] = Field(0.01, description="the claim holds when every adjusted p is below it")
+    paired: bool = Field(
+        False,
+        description="pair the treatment's runs with each control's by their place in eval.groups (list them seed "
+        "by seed): a t-test on the per-pair differences, so a seed's own effect on both cancels; the groups must "
+        "list as many runs. false: Welch's t over the runs",
+    )
 
 
 class EvalSection(Strict):
@@ -645,6 +651,11 @@ class EvalSection(Strict):
                 raise ValueError("primary: sources picks held-out pair files, which only measure margin reads")
             if unknown := unknown_file(self.primary.sources, self.heldout_pairs, "heldout_pairs"):
                 raise ValueError(f"primary: sources: {unknown}")
+            treated = self.groups[self.primary.treatment]
+            for name in self.primary.controls if self.primary.paired else []:
+                if len(self.groups[name]) != len(treated):
+                    raise ValueError(f"primary: paired needs as many runs in {name!r} ({len(self.groups[name])}) as in "
+                                     f"{self.primary.treatment!r} ({len(treated)}), listed pair by pair")  # fmt: skip
         return self
 
 
