@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from safealign.eval.report import own_thresholds, plot_dual_runs, write_report
+from safealign.eval.report import dual_runs_table, own_thresholds, plot_dual_runs, write_report
 from safealign.eval.safety import Rate
 
 CATEGORIES = ["animal_abuse", "child_abuse", "privacy_violation"]
@@ -113,6 +113,8 @@ def test_every_dual_runs_lambda_and_cost_are_drawn_against_d(tmp_path):
     assert page.read_text().count("data:image/png;base64,") == 4
     assert "![λ and Ĵ_C of every dual run](plots/dual.png)" in md.read_text()
     assert "| aligned | -1.500 (-1.600 to -1.400) | 200 | 10.0% | yes |" in md.read_text()
+    dual = md.read_text().split("## The dual λ, run by run")[1]  # and, in numbers, a row per run
+    assert "| aligned_s2 | n/a | 0.200 (step 1) | 0.200 (step 8) | n/a | n/a | n/a |" in dual  # no d, no λ_next logged
 
 
 def test_an_initial_threshold_shows_each_models_paired_difference_from_the_base(tmp_path):
@@ -344,3 +346,21 @@ def test_dual_runs_are_drawn_against_their_own_thresholds_when_those_differ():
     assert own_thresholds({"aligned": rows(-1.5), "aligned_s2": rows(-1.5)}) is None  # one d: one line
     assert own_thresholds({"aligned": rows(None), "aligned_s2": rows(-1.5)}) is None  # not logged (older runs)
     assert plot_dual_runs(apart, None).startswith(b"\x89PNG")
+
+
+def test_the_dual_runs_table_says_where_each_run_met_its_own_d():
+    """By hand: run a (d −1.5) samples −1.2, −1.4, −1.6 with λ 3, 5, 1.8 — it meets d at step 15 and λ
+    comes down; run b (d −1.9) never gets there and stays at the cap; a fixed-λ run has no updates."""
+    def updates(d: float, costs: list[float], lambdas: list[float]) -> list[dict]:
+        return [{"step": 5 * (i + 1), "cost_estimate": c, "lambda_next": lam, "cost_threshold": d}
+                for i, (c, lam) in enumerate(zip(costs, lambdas))]  # fmt: skip
+
+    logs = {"a": updates(-1.5, [-1.2, -1.4, -1.6], [3.0, 5.0, 1.8]), "b": updates(-1.9, [-1.2, -1.3], [5.0, 5.0]),
+            "fixed": [{"step": 5, "lambda_next": 1.0}]}  # fmt: skip
+    header, rows = dual_runs_table(logs, None)
+    assert header[-1] == "Ĵ_C ≤ d first at" and [r[0] for r in rows] == ["a", "b"]
+    assert rows[0] == ["a", "-1.5", "-1.200 (step 5)", "-1.600 (step 15)", "5", "1.8", "step 15"]
+    assert rows[1][-1] == "not reached" and rows[1][4:6] == ["5", "5"]
+    older = [{k: v for k, v in m.items() if k != "cost_threshold"} for m in logs["a"]]  # d from the provenance
+    assert dual_runs_table({"a": older}, -1.3)[1][0][-1] == "step 10"
+    assert dual_runs_table({"fixed": logs["fixed"]}, None) is None

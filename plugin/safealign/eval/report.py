@@ -247,6 +247,34 @@ def own_thresholds(updates: dict[str, list[dict]]) -> dict[str, float] | None:
     return own if None not in own.values() and len(set(own.values())) > 1 else None
 
 
+#: What the dual-runs table says.
+DUAL_RUNS_NOTE = (
+    "Safe RLHF's picture in numbers, for every run whose λ was updated: its d (each run's own under "
+    "cost_threshold: initial), the pool's Ĵ_C at the first and last update, λ's largest and last value, and the "
+    "first update at which Ĵ_C was at or below d (λ then comes down). λ rising while Ĵ_C > d and settling once "
+    "it is met is the mechanism working; the held-out table above says whether it held on other prompts."
+)
+
+
+def dual_runs_table(logs: dict[str, list[dict]], threshold: float | None) -> tuple[list[str], list[list[str]]] | None:
+    """One row per run with dual updates (`DUAL_RUNS_NOTE`); `threshold`: d for rows that do not log their
+    own (runs from before `cost_threshold` was logged per update)."""
+    rows = []
+    for name, steps in logs.items():
+        updates = [m for m in steps if m.get("cost_estimate") is not None]
+        if not updates:
+            continue
+        d = updates[-1].get("cost_threshold", threshold)
+        met = next((m["step"] for m in updates if d is not None and m["cost_estimate"] <= d), None)
+        lambdas = [m["lambda_next"] for m in updates if m.get("lambda_next") is not None]
+        rows.append([name, _fmt_number(d), f"{updates[0]['cost_estimate']:.3f} (step {updates[0]['step']})",
+                     f"{updates[-1]['cost_estimate']:.3f} (step {updates[-1]['step']})",
+                     _fmt_number(max(lambdas) if lambdas else None), _fmt_number(lambdas[-1] if lambdas else None),
+                     "n/a" if d is None else "not reached" if met is None else f"step {met}"])  # fmt: skip
+    header = ["run", "d", "Ĵ_C at the first update", "at the last", "λ max", "λ last", "Ĵ_C ≤ d first at"]
+    return (header, rows) if rows else None
+
+
 def plot_dual_runs(logs: dict[str, list[dict]], threshold: float | None) -> bytes | None:
     """λ and the sampled Ĵ_C of every run whose λ was updated, step by step, against d (each run's own,
     dashed in its colour, when `cost_threshold: initial` calibrated them apart): whether λ rises while
@@ -628,6 +656,7 @@ def write_report(out_dir: Path, results: dict, training: dict[str, Path] | None 
     groups = group_tables(results)
     policy_cost = policy_cost_table(results)
     cost_by_source = policy_cost_by_source_table(results)
+    dual_runs = dual_runs_table(logs, _threshold(results))
     origin = provenance_line(results)
     md = ["# SafeAlign evaluation report", "", *([f"*{origin}*", ""] if origin else []), intro, "",
           _markdown_table(header, rows), ""]  # fmt: skip
@@ -638,6 +667,8 @@ def write_report(out_dir: Path, results: dict, training: dict[str, Path] | None 
         md += ["## Held-out Ĵ_C", "", POLICY_COST_NOTE, "", _markdown_table(*policy_cost), ""]
     if cost_by_source:
         md += [BY_SOURCE_NOTE, "", _markdown_table(*cost_by_source), ""]
+    if dual_runs:
+        md += ["## The dual λ, run by run", "", DUAL_RUNS_NOTE, "", _markdown_table(*dual_runs), ""]
     if reward_models:
         md += ["## The reward models' own accuracy", "", REWARD_MODELS_NOTE, "", _markdown_table(*reward_models), ""]
     if heldout:
@@ -685,6 +716,7 @@ th{{background:#f3f3f3}}img{{max-width:100%}}.ex{{border-left:3px solid #ddd;pad
 {"<h2>The pre-registered test</h2><p>" + html.escape(GROUPS_NOTE) + "</p><p>" + html.escape(groups[0].replace("**", "")) + "</p>" + "".join(_html_table(*t) for t in groups[1]) if groups else ""}
 {"<h2>Held-out Ĵ_C</h2><p>" + html.escape(POLICY_COST_NOTE) + "</p>" + _html_table(*policy_cost) if policy_cost else ""}
 {"<p>" + html.escape(BY_SOURCE_NOTE) + "</p>" + _html_table(*cost_by_source) if cost_by_source else ""}
+{"<h2>The dual λ, run by run</h2><p>" + html.escape(DUAL_RUNS_NOTE) + "</p>" + _html_table(*dual_runs) if dual_runs else ""}
 {"<h2>The reward models' own accuracy</h2><p>" + html.escape(REWARD_MODELS_NOTE) + "</p>" + _html_table(*reward_models) if reward_models else ""}
 {"<h2>Held-out preference pairs</h2><p>" + html.escape(HELDOUT_NOTE) + "</p>" + _html_table(*heldout) if heldout else ""}{images}
 {"<h2>Compared with the base, prompt by prompt</h2><p>" + html.escape(multiplicity_note(paired[1])) + "</p>" + _html_table(*paired) if paired else ""}
