@@ -488,8 +488,8 @@ POLICY_COST_NOTE = (
 #: What the per-source held-out Ĵ_C table says.
 BY_SOURCE_NOTE = (
     "The same costs by the file each prompt came from, with the paired difference from the base's in brackets: "
-    "sources can move opposite ways (a helpfulness objective can raise the cost of one kind of prompt while "
-    "another falls on its own), and align's Ĵ_C pool mixes them in the training data's proportions, not these."
+    "kinds of prompt need not move together (in one drift-pilot run PKU's cost rose while HH's fell), and align's "
+    "Ĵ_C pool mixes them in the training data's proportions (or align.cost_sampling.sources'), not these."
 )
 
 
