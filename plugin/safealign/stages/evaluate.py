@@ -205,7 +205,7 @@ def heldout_prompts(
 ) -> tuple[list[list[Message]], list[str]]:
     """The first `count` distinct prompts of the held-out pairs that leave `answer_tokens` of room in the
     length the cost model scores at (an answer cut short would be scored on less than was said), and the
-    file each came from (the report gives each source's Ĵ_C apart: sources can move opposite ways)."""
+    file each came from (the report gives each source's Ĵ_C apart: kinds of prompt need not move together)."""
     first: dict[str, PreferenceRow] = {}
     for row in rows:
         first.setdefault(prompt_identity(row.prompt), row)
