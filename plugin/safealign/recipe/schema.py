@@ -302,7 +302,6 @@ class CostSamplingSection(Strict):
         "token (memory: the whole model on every GPU while it answers); false for a model that does not fit one",
     )
 
-
     @model_validator(mode="after")
     def _prompts_are_the_sources_sum(self) -> CostSamplingSection:
         """With `sources`, the pool's size is their sum: a different `prompts` beside them is refused."""

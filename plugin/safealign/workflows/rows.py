@@ -53,19 +53,24 @@ def split_cost_pool(recipe: Recipe, rows: list[PreferenceRow]) -> tuple[list[lis
     return pool, rest
 
 
+def pairs_by_file(recipe: Recipe, names: set[str]) -> dict[str, frozenset[str]]:
+    """The pair identities of each `data.train` file in `names`, in data.train's order: the rm stage's
+    scored rows do not say which file they came from, so they are matched to files by content."""
+    return {
+        s.path.name: frozenset(pair_identity(row) for row in load_sources([s]))
+        for s in recipe.data.train
+        if s.path.name in names
+    }
+
+
 def hold_out_prompts_per_file(
     recipe: Recipe, rows: list[PreferenceRow], counts: dict[str, int], field: str
 ) -> tuple[list[list[Message]], list[PreferenceRow]]:
     """`align.cost_sampling.sources`: each named file's count of its distinct prompts, chosen by the
     recipe's seed as the unsplit pool is, and the rows that use none of them (a prompt two files share
-    leaves both). The rm stage's scored rows do not say their file, so rows are matched to files by
-    content, as `align.sources` matches them."""
+    leaves both); rows are matched to files by content (`pairs_by_file`)."""
     chosen: dict[str, list[Message]] = {}
-    for source in recipe.data.train:
-        name = source.path.name
-        if name not in counts:
-            continue
-        held = frozenset(pair_identity(row) for row in load_sources([source]))
+    for name, held in pairs_by_file(recipe, set(counts)).items():
         mine = [row for row in rows if pair_identity(row) in held]
         available = len({prompt_identity(row.prompt) for row in mine})
         if available <= counts[name]:
@@ -95,12 +100,7 @@ class LabelSources:
         names = recipe.align.label_sources()
         if names is None:
             return None
-        wanted = {name for files in names.values() for name in files}
-        per_file = {
-            s.path.name: frozenset(pair_identity(row) for row in load_sources([s]))
-            for s in recipe.data.train
-            if s.path.name in wanted
-        }
+        per_file = pairs_by_file(recipe, {name for files in names.values() for name in files})
         by_dimension = {dimension: frozenset().union(*(per_file[n] for n in listed)) for dimension, listed in names.items()}
         return cls(by_dimension, names)
 
