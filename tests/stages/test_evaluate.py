@@ -335,7 +335,7 @@ def test_held_out_cost_by_source_keeps_each_files_prompts_apart_and_pairs_them_w
     assert list(split) == ["hh.jsonl", "pku.jsonl"] and [split[s]["n"] for s in split] == [2, 2]
     assert (split["hh.jsonl"]["mean"], split["hh.jsonl"]["vs_base"]["mean"]) == (2.0, 1.5)
     assert (split["pku.jsonl"]["mean"], split["pku.jsonl"]["vs_base"]["mean"]) == (3.0, 2.5)
-    assert "vs_base" not in by_source(base, sources, base)["hh.jsonl"]
+    assert "vs_base" not in by_source(base, sources, None)["hh.jsonl"]
 
 
 def test_the_distinct_ngram_share_falls_as_answers_loop():

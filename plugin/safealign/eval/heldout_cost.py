@@ -21,14 +21,14 @@ def held_to_the_base(costs: dict[str, dict], margin: float = 0.0) -> None:
 
 def by_source(costs: list[float], sources: list[str], base: list[float] | None) -> dict[str, dict]:
     """Each held-out source file's mean Ĵ_C with its interval and, given the base's costs on the same
-    prompts, the paired difference from the base there. Why apart: sources need not move together — in the
+    prompts (None for the base itself), the paired difference from the base there. Why apart: sources need not move together — in the
     drift pilot's dual run HH prompts' cost fell 0.20 while PKU's rose 0.08 (one seed; confirm-dual's three
     moved both, by −0.06 to −0.77) — and align's Ĵ_C pool mixes them in other proportions than these."""
     out = {}
     for name in dict.fromkeys(sources):
         picked = [i for i, source in enumerate(sources) if source == name]
         out[name] = mean_interval([costs[i] for i in picked])
-        if base is not None and base is not costs:
+        if base is not None:
             out[name]["vs_base"] = mean_interval([costs[i] - base[i] for i in picked])
     return out
 

@@ -260,8 +260,8 @@ def heldout_policy_cost(ctx: StageContext, models: dict[str, Path], rows: list[P
     if threshold == "initial" and "base" in results:
         held_to_the_base(results, recipe.align.cost_threshold_margin)
     base = results.get("base", {}).get("costs")
-    for result in results.values():
-        result["by_source"] = by_source(result["costs"], sources, base)
+    for name, result in results.items():
+        result["by_source"] = by_source(result["costs"], sources, None if name == "base" else base)
     log.info("eval: held-out Ĵ_C on %d prompts: %s", len(prompts),
              ", ".join(f"{n} {r['mean']:.3f}" for n, r in results.items()))  # fmt: skip
     return results
