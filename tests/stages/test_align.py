@@ -297,6 +297,22 @@ def test_crash_mid_stage_resumes_from_the_checkpoint(tmp_path, tokenizer_dir, sc
     assert not (tmp_path / "runs/crashed/align/checkpoints").exists()
 
 
+def test_a_kill_before_the_first_checkpoint_restarts_with_clean_logs(tmp_path, tokenizer_dir, scored_rows):
+    """Killed after the step-0 calibration but before any checkpoint, the rerun trains the policy afresh
+    in the same partial dir: its lambda_samples.jsonl must then hold one calibration, not the killed
+    attempt's plus its own (seen in a real run: two step-0 rows)."""
+    align = {"epochs": 3, "checkpoint_steps": 1000, "cost_threshold": "initial", "lambda_lr": 0.3}
+    recipe = tiny_recipe(tmp_path, tokenizer_dir, scored_rows, align=align)
+    samples = tmp_path / "runs/tiny/.align.partial/lambda_samples.jsonl"
+    kill_when(["run", str(recipe), "--run-dir", "runs/tiny"], tmp_path, lambda: samples.exists() and samples.read_text())
+    assert not (tmp_path / "runs/tiny/.align.partial/checkpoints/latest").exists()
+
+    run_ok(tmp_path, recipe)
+    logged = (tmp_path / "runs/tiny/align/lambda_samples.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in logged]
+    assert steps == [0] + [s["step"] for s in train_steps(tmp_path / "runs/tiny")]
+
+
 def test_a_reference_that_tokenizes_differently_is_refused(tmp_path, tokenizer_dir, scored_rows):
     other = build_tokenizer(tmp_path / "other-tokenizer", vocab_size=300)
     reference = {"random": {"tokenizer": str(other), "config": {"hidden_size": 32, "intermediate_size": 64}}}

@@ -93,7 +93,11 @@ class SafeMMDPOTrainer(StepLoop, DPOTrainer):
 
     def fit(self, args, consumed_samples: int = 0, num_update_steps_per_epoch: int | None = None) -> None:
         if self.cost_sampler is not None:
-            self.cost_sampler.samples_log.truncate_after(consumed_samples // args.train.batch_size)
+            # Resumed: keep the estimates up to the checkpoint. Started afresh (no checkpoint yet): keep
+            # nothing an earlier, killed attempt logged — its step-0 calibration included, which this
+            # start measures again.
+            resumed_at = consumed_samples // args.train.batch_size
+            self.cost_sampler.samples_log.truncate_after(resumed_at if consumed_samples else -1)
             if self.lagrange.threshold is None:  # align.cost_threshold: initial (a resumed run has it)
                 self.calibrate_threshold()
         super().fit(args, consumed_samples, num_update_steps_per_epoch)
