@@ -63,6 +63,11 @@ def test_seed_defaults():
             "align.ablations.dual.lambda_update: dual samples Ĵ_C with a cost model, and this recipe has none",
         ),
         (
+            {**base(lambda_update="fixed", cost_sampling={"in_fixed_runs": True}), "model": {"policy": "some/dir"}},
+            "r.yaml: align.cost_sampling.in_fixed_runs: true samples Ĵ_C with a cost model, and this recipe has none: "
+            "add rm to stages, set model.cost_model to a trained cost model, or set align.cost_sampling.in_fixed_runs: false",
+        ),
+        (
             {**base(), "stages": ["distill"], "distill": {"ddpo": True}, "model": {"policy": "some/dir"}},
             "r.yaml: align.lambda_update: dual samples Ĵ_C with a cost model, and this recipe has none",
         ),

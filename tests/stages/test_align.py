@@ -145,6 +145,28 @@ def test_an_initial_threshold_is_the_policys_own_cost_before_training(tmp_path, 
     assert len({round(s["cost_sampled"] - threshold, 9) for s in steps}) > 1  # d is not the later estimates'
 
 
+def test_a_fixed_lambda_run_can_watch_its_pool_without_moving_lambda(tmp_path, tokenizer_dir, scored_rows):
+    """`cost_sampling.in_fixed_runs`: a fixed-λ run samples and logs Ĵ_C against its own d like a dual run
+    (so a report can say whether fixed λ reached d), and λ stays at lambda_init through violations of
+    either sign; without it a fixed run samples nothing (λ's update is then never computed)."""
+    align = {"lambda_update": "fixed", "lambda_init": 2.0, "lambda_lr": 5.0, "cost_threshold": "initial",
+             "cost_threshold_margin": 0.3, "cost_sampling": {**TINY_COST_SAMPLING, "in_fixed_runs": True}}  # fmt: skip
+    summary = run_ok(tmp_path, tiny_recipe(tmp_path, tokenizer_dir, scored_rows, align=align))
+    samples = [json.loads(line) for line in (tmp_path / "runs/tiny/align/lambda_samples.jsonl").read_text().splitlines()]
+    steps = train_steps(tmp_path / "runs/tiny")
+    assert [r["step"] for r in samples] == [0] + [s["step"] for s in steps] and len(steps) >= 2
+    threshold = samples[0]["cost_mean"] - 0.3
+    assert summary["cost_threshold"] == pytest.approx(threshold) and summary["final_lambda"] == 2.0
+    for s in steps:  # Ĵ_C ≠ d at every update: a dual step at lr 5 would have moved λ each time
+        assert abs(s["cost_sampled"] - threshold) > 1e-6 and s["lambda"] == s["lambda_next"] == 2.0
+        assert s["cost_threshold"] == pytest.approx(threshold)
+
+    unwatched = {**align, "cost_sampling": {**TINY_COST_SAMPLING, "in_fixed_runs": False}}
+    run_ok(tmp_path, tiny_recipe(tmp_path, tokenizer_dir, scored_rows, align=unwatched), run_dir="runs/plain")
+    assert not (tmp_path / "runs/plain/align/lambda_samples.jsonl").exists()
+    assert all("cost_sampled" not in s for s in train_steps(tmp_path / "runs/plain"))
+
+
 @pytest.mark.parametrize("common", [True, False])
 def test_common_random_numbers_make_an_unchanged_policys_estimates_equal_its_threshold(
     tmp_path, tokenizer_dir, scored_rows, common

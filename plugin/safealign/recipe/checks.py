@@ -106,10 +106,12 @@ def check_world_size(recipe: Recipe, world_size: int, stages: list[str] | None =
 
 
 def samples_policy_cost(align: AlignSection) -> bool:
-    """Whether training with these settings samples Ĵ_C (a loss that uses λ, updated by the dual step)."""
+    """Whether training with these settings samples Ĵ_C: a loss that uses λ, updated by the dual step — or
+    held fixed with `cost_sampling.in_fixed_runs`, to watch its pool beside the dual runs'."""
     from safealign.losses import get_loss  # torch: importing the recipe module stays light (CLI start, submit)
 
-    return get_loss(align.loss).uses_lambda and align.lambda_update == "dual"
+    dual = align.lambda_update == "dual"
+    return get_loss(align.loss).uses_lambda and (dual or align.cost_sampling.in_fixed_runs)
 
 
 def sampling_variant(align: AlignSection) -> tuple[str, AlignSection] | None:
@@ -123,16 +125,21 @@ def check_cost_model(recipe: Recipe, source: str) -> None:
     """λ's dual update needs a cost model to score the policy's answers: the rm stage's or a given one."""
     if recipe.model.cost_model is not None or "rm" in recipe.stages:
         return
-    variant = None
+    sampling = None
     if "align" in recipe.stages:  # the align stage trains the ablations too
         sampling = sampling_variant(recipe.align)
-        variant = sampling[0] if sampling else None
     elif "distill" in recipe.stages and recipe.distill.ddpo and samples_policy_cost(recipe.align):
-        variant = "align"  # dDPO trains with the align settings alone
-    if variant is not None:
+        sampling = ("align", recipe.align)  # dDPO trains with the align settings alone
+    if sampling is not None:
+        variant, settings = sampling
+        why, off = (
+            ("lambda_update: dual", "lambda_update: fixed")
+            if settings.lambda_update == "dual"
+            else ("cost_sampling.in_fixed_runs: true", "cost_sampling.in_fixed_runs: false")
+        )
         raise SafeAlignError(
-            f"{source}: {variant}.lambda_update: dual samples Ĵ_C with a cost model, and this recipe has none: "
-            f"add rm to stages, set model.cost_model to a trained cost model, or set {variant}.lambda_update: fixed"
+            f"{source}: {variant}.{why} samples Ĵ_C with a cost model, and this recipe has none: "
+            f"add rm to stages, set model.cost_model to a trained cost model, or set {variant}.{off}"
         )
 
 

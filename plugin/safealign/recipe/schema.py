@@ -296,6 +296,11 @@ class CostSamplingSection(Strict):
         description="answer with the same random stream at every update (and at an `initial` threshold's "
         "calibration): the estimate then changes with the policy, not with resampling (docs/algorithm.md)",
     )
+    in_fixed_runs: bool = Field(
+        False,
+        description="fixed-λ runs (of a loss that uses λ) sample and log Ĵ_C too, at the same updates, λ unchanged: "
+        "their pool beside the dual runs' (did fixed λ reach d?), at the estimates' cost in time",
+    )
     gather_weights: bool = Field(
         True,
         description="ZeRO-3: gather the policy's full weights once per estimate instead of once per generated "

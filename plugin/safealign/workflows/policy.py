@@ -40,10 +40,11 @@ def build_loss(align: AlignSection) -> PreferenceLoss:
 
 
 def build_lagrange(align: AlignSection) -> LagrangeMultiplier:
-    """λ with its schedule (`align.lambda_*`); an `initial` threshold (less its margin) is calibrated before step 1."""
+    """λ with its schedule (`align.lambda_*`); an `initial` threshold (less its margin) is calibrated before step 1.
+    A fixed λ is a dual step of size 0: sampled (`cost_sampling.in_fixed_runs`), it logs Ĵ_C against d and stays put."""
     return LagrangeMultiplier(
         init=align.lambda_init,
-        lr=align.lambda_lr,
+        lr=align.lambda_lr if align.lambda_update == "dual" else 0.0,
         max_value=align.lambda_max,
         threshold=None if align.cost_threshold == "initial" else align.cost_threshold,
         threshold_margin=align.cost_threshold_margin,
