@@ -100,6 +100,19 @@ def test_operational_fields_are_left_out_of_the_fingerprint_in_every_section():
         recipe(checkpoint_steps=None)
 
 
+def test_a_setting_added_off_changes_the_fingerprint_only_when_set():
+    """A setting added after runs existed (`ADDED_OFF`) whose default reproduces what ran before: at that
+    default it is not in the fingerprint — upgrading SafeAlign then resumes a half-run stage instead of
+    discarding it (a 50-step pilot was one upgrade from losing its work) — and set, it counts."""
+    from safealign.recipe import results_dump
+
+    def sampling(**keys) -> dict:
+        return results_dump(recipe(lambda_update="fixed", cost_sampling=keys).align)["cost_sampling"]
+
+    assert "in_fixed_runs" not in sampling(prompts=8) and "in_fixed_runs" not in sampling(in_fixed_runs=False)
+    assert sampling(in_fixed_runs=True)["in_fixed_runs"] is True and sampling(prompts=8)["prompts"] == 8
+
+
 def test_logging_changes_do_not_invalidate_a_stage(tmp_path):
     fn = FlakyStage()
     run_stage(recipe(), tmp_path, stage(fn))

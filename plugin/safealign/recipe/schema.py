@@ -40,14 +40,20 @@ class Strict(BaseModel):
 #: the unfinished stage instead of discarding it (`results_dump`).
 OPERATIONAL = {"operational": True}
 
+#: Marks a setting added after runs existed whose default is "off" (it reproduces what ran before the
+#: setting did): left out of the fingerprint while at that default, so upgrading SafeAlign does not
+#: discard or rerun a stage that would produce the same thing (`results_dump`); set, it counts like any.
+ADDED_OFF = {"added_off": True}
+
 
 def results_dump(model: BaseModel) -> dict:
-    """`model`'s JSON dump without its operational fields (`OPERATIONAL`), in nested sections too: what
-    the stage fingerprint hashes."""
+    """`model`'s JSON dump without its operational fields (`OPERATIONAL`) and its `ADDED_OFF` fields left at
+    their default, in nested sections too: what the stage fingerprint hashes."""
     dumped = model.model_dump(mode="json")
     for name, field in type(model).model_fields.items():
         value = getattr(model, name)
-        if (field.json_schema_extra or {}).get("operational"):
+        extra = field.json_schema_extra or {}
+        if extra.get("operational") or (extra.get("added_off") and value == field.default):
             dumped.pop(name, None)
         elif isinstance(value, BaseModel):
             dumped[name] = results_dump(value)
@@ -300,6 +306,7 @@ class CostSamplingSection(Strict):
         False,
         description="fixed-λ runs (of a loss that uses λ) sample and log Ĵ_C too, at the same updates, λ unchanged: "
         "their pool beside the dual runs' (did fixed λ reach d?), at the estimates' cost in time",
+        json_schema_extra=ADDED_OFF,
     )
     gather_weights: bool = Field(
         True,
