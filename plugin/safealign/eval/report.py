@@ -250,15 +250,16 @@ def own_thresholds(updates: dict[str, list[dict]]) -> dict[str, float] | None:
 #: What the dual-runs table says.
 DUAL_RUNS_NOTE = (
     "Safe RLHF's picture in numbers, for every run that sampled Ĵ_C (fixed-λ runs too with "
-    "align.cost_sampling.in_fixed_runs: λ then stays put, and the row says whether fixed λ reached d): its d (each run's own under "
-    "cost_threshold: initial), the pool's Ĵ_C at the first and last update, λ's largest and last value, and the "
-    "first update at which Ĵ_C was at or below d (λ then comes down). λ rising while Ĵ_C > d and settling once "
-    "it is met is the mechanism working; the held-out table above says whether it held on other prompts."
+    "align.cost_sampling.in_fixed_runs: λ then stays put, and the row says whether fixed λ reached d): its d "
+    "(each run's own under cost_threshold: initial), the pool's Ĵ_C at the first and last update, λ's largest "
+    "and last value, and the first update at which Ĵ_C was at or below d (λ then comes down). λ rising while "
+    "Ĵ_C > d and settling once it is met is the mechanism working; the held-out table above says whether it "
+    "held on other prompts."
 )
 
 
 def dual_runs_table(logs: dict[str, list[dict]], threshold: float | None) -> tuple[list[str], list[list[str]]] | None:
-    """One row per run with dual updates (`DUAL_RUNS_NOTE`); `threshold`: d for rows that do not log their
+    """One row per run that sampled Ĵ_C (`DUAL_RUNS_NOTE`); `threshold`: d for rows that do not log their
     own (runs from before `cost_threshold` was logged per update)."""
     rows = []
     for name, steps in logs.items():
@@ -277,10 +278,10 @@ def dual_runs_table(logs: dict[str, list[dict]], threshold: float | None) -> tup
 
 
 def plot_dual_runs(logs: dict[str, list[dict]], threshold: float | None) -> bytes | None:
-    """λ and the sampled Ĵ_C of every run that sampled it (fixed-λ runs too, flat, with `in_fixed_runs`), step by step, against d (each run's own,
-    dashed in its colour, when `cost_threshold: initial` calibrated them apart): whether λ rises while
-    Ĵ_C > d and settles once it is met, run by run (only when more than one run samples Ĵ_C; the training
-    plot shows a single one)."""
+    """λ and the sampled Ĵ_C of every run that sampled it (fixed-λ runs too, λ flat, with `in_fixed_runs`),
+    step by step, against d (each run's own, dashed in its colour, when `cost_threshold: initial` calibrated
+    them apart): whether λ rises while Ĵ_C > d and settles once it is met, run by run (only when more than
+    one run samples Ĵ_C; the training plot shows a single one)."""
     dual = {name: [m for m in steps if m.get("cost_estimate") is not None] for name, steps in logs.items()}
     dual = {name: updates for name, updates in dual.items() if updates}
     if len(dual) < 2:
