@@ -155,3 +155,14 @@ def test_a_calibrated_threshold_is_the_first_estimate_less_the_margin():
         LagrangeMultiplier(init=1.0, lr=0.5, max_value=CAP, threshold=0.0, threshold_margin=0.2)
     with pytest.raises(ValueError, match="must be finite"):
         lam.calibrate(math.nan)
+
+
+def test_reach_is_the_first_order_factor_over_the_run_in_the_cost_models_units():
+    """exp(updates · lr · violation · λ), by hand: the seed's λ_lr 0.01 against a 0.3 violation over 10
+    updates at λ 1 is ×1.0305 (inert); λ_lr 2 at λ 5, 0.1 below d, one update is ×e^−1; nothing overflows."""
+    seed = LagrangeMultiplier(init=1.0, lr=0.01, max_value=5.0)
+    assert seed.reach(0.3, 10) == pytest.approx(1.030454534, rel=1e-9)
+    brisk = LagrangeMultiplier(init=5.0, lr=2.0, max_value=5.0)
+    assert brisk.reach(-0.1, 1) == pytest.approx(math.exp(-1.0))
+    assert brisk.reach(1e300, 10) == math.exp(50.0) and brisk.reach(-1e300, 10) == math.exp(-50.0)
+    assert LagrangeMultiplier(init=1.0, lr=0.0, max_value=5.0).reach(0.3, 10) == 1.0

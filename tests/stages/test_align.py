@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 from pathlib import Path
 
 import pytest
@@ -143,6 +144,27 @@ def test_an_initial_threshold_is_the_policys_own_cost_before_training(tmp_path, 
         log_lambda += lr * (s["cost_sampled"] - threshold) * math.exp(log_lambda)
         assert s["lambda_next"] == pytest.approx(math.exp(log_lambda), rel=1e-6)
     assert len({round(s["cost_sampled"] - threshold, 9) for s in steps}) > 1  # d is not the later estimates'
+
+
+@pytest.mark.parametrize("lr, warned", [(1e-3, True), (5.0, False)])
+def test_a_lambda_lr_too_small_for_the_cost_models_scale_is_named(tmp_path, tokenizer_dir, scored_rows, lr, warned):
+    """Before λ's first step the run says whether λ_lr lets λ move at all on the cost model's scale: a
+    violation of one standard deviation σ of the pool's answer costs, held for every update, must move λ by
+    a quarter. At λ_lr 1e-3 it does not — named, with the λ_lr that doubles λ per update at that violation
+    (ln 2 / (σ·λ_init)) —; at 5 it does, and nothing is said. Every pool cost is logged, so σ is checked by hand."""
+    sampling = {**TINY_COST_SAMPLING, "logged_answers": TINY_COST_SAMPLING["prompts"]}
+    align = {"lambda_lr": lr, "epochs": 2, "cost_sampling": sampling}
+    result = run_cli("run", str(tiny_recipe(tmp_path, tokenizer_dir, scored_rows, align=align)), "--run-dir",
+                     "runs/tiny", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    first = json.loads((tmp_path / "runs/tiny/align/lambda_samples.jsonl").read_text().splitlines()[0])
+    costs = [a["cost"] for a in first["answers"]]
+    sigma, updates = statistics.pstdev(costs), len(train_steps(tmp_path / "runs/tiny"))  # an update per step
+    assert len(costs) == 4 and sigma > 0.01  # the random cost model spreads its costs
+    said = f"standard deviation of the pool's answer costs ({sigma:.3g}), held for all {updates} updates, moves λ by ×"
+    assert result.stderr.count(said) == int(warned) and result.stderr.count("λ barely moves") == int(warned)
+    if warned:
+        assert f"×{math.exp(updates * lr * sigma):.3g}; align.lambda_lr ≈ {math.log(2) / sigma:.2g} would double" in result.stderr
 
 
 def test_a_fixed_lambda_run_can_watch_its_pool_without_moving_lambda(tmp_path, tokenizer_dir, scored_rows):

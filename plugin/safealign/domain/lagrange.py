@@ -108,6 +108,16 @@ class LagrangeMultiplier:
             self.log_value = min(max(self.log_value + step, math.log(LAMBDA_FLOOR)), math.log(self.max_value))
         return self.value
 
+    def reach(self, violation: float, updates: int) -> float:
+        """The factor by which λ moves over `updates` dual steps at a constant `violation`, to first order
+        (each step taken at the current λ): `exp(updates · lr · violation · λ)`. The step is in the cost
+        model's units times λ, so the same λ_lr is brisk on one cost model and inert on another; this is
+        how the trainer tells which (docs/algorithm.md, "Sizing λ_lr"). Because the step grows with λ, a
+        sustained violation moves λ up faster than this and down slower. Not bounded by λ_max or the floor:
+        it measures the step size, not where λ may go (the exponent is clipped at ±50 only so that it cannot
+        overflow)."""
+        return math.exp(min(max(updates * self.lr * violation * self.value, -50.0), 50.0))
+
     def state_dict(self) -> dict[str, Any]:
         """Everything `load_state_dict` needs to continue exactly where this left off."""
         return {

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -68,6 +69,11 @@ class CostSample:
     @property
     def mean_cost(self) -> float:
         return math.fsum(self.costs) / len(self.costs)
+
+    @property
+    def cost_spread(self) -> float:
+        """The standard deviation of the answers' costs: the cost model's scale on this policy's answers."""
+        return statistics.pstdev(self.costs)
 
     @property
     def above_threshold(self) -> float:

@@ -23,6 +23,8 @@ reference log-probs, one reference forward: both objectives read the same four l
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -38,6 +40,12 @@ from safealign.openrlhf.pair_forward import PairLogProbs
 from safealign.openrlhf.settings import Settings
 from safealign.trainers.cost_sampling import PolicyCostSampler
 from safealign.trainers.loop import StepLoop
+
+log = logging.getLogger("safealign")
+
+#: λ counts as inert when a violation of one standard deviation of the pool's answer costs, held for the whole
+#: run, moves it by less than this factor (a quarter): the dual update is then a constant λ in all but name.
+INERT_REACH = 1.25
 
 
 class SafeMMDPOTrainer(StepLoop, DPOTrainer):
@@ -174,6 +182,8 @@ class SafeMMDPOTrainer(StepLoop, DPOTrainer):
         """Safe RLHF's dual update when λ is due, from the policy's sampled cost."""
         if self.cost_sampler is not None and self.lagrange.due(global_step):
             sample = self.cost_sampler.estimate(self.model.model, global_step, self.lagrange.threshold)
+            if self.lagrange.num_updates == 0:
+                self.warn_if_inert(sample.cost_spread)
             self.lagrange.update(sample.mean_cost)
             logs.update(
                 cost_sampled=sample.mean_cost,
@@ -185,6 +195,25 @@ class SafeMMDPOTrainer(StepLoop, DPOTrainer):
             self.cost_sampler.record(global_step, sample, self.lagrange.value)
         logs["lambda_next"] = self.lagrange.value
         logs["padding"] = self.padding
+
+    def warn_if_inert(self, spread: float) -> None:
+        """Before λ's first step, whether λ_lr lets λ act at all on this cost model's scale. The step on log λ
+        is λ_lr·(Ĵ_C − d)·λ in cost-model units, so one λ_lr is brisk on one cost model and inert on another
+        (the seed's 0.01 moves λ by under 1 % per update on costs spread over ±1). The scale is `spread`, the
+        standard deviation of the pool's answer costs: a violation that large — far more than training moves
+        the mean — held for every update of the run must move λ by a quarter, or λ is a constant in all but
+        name. Said once, with the λ_lr that would double λ per update at such a violation."""
+        lagrange = self.lagrange
+        updates = self.num_update_steps_per_epoch * self.epochs // lagrange.update_every
+        factor = lagrange.reach(spread, updates)
+        if lagrange.lr == 0 or spread == 0 or factor >= INERT_REACH or not self.strategy.is_rank_0():
+            return
+        log.warning(
+            "align: λ barely moves at align.lambda_lr %g: a violation of one standard deviation of the pool's "
+            "answer costs (%.3g), held for all %d updates, moves λ by ×%.3g; align.lambda_lr ≈ %.2g would double "
+            'λ at every update at that violation (docs/algorithm.md, "Sizing λ_lr")',
+            lagrange.lr, spread, updates, factor, math.log(2) / (spread * lagrange.value),
+        )  # fmt: skip
 
     def client_state(self) -> dict:
         return {"lagrange": self.lagrange.state_dict()}
