@@ -490,16 +490,18 @@ def test_trainer_feeds_summed_logps_and_each_dimension_its_own_margin(tmp_path, 
     assert stats["beta_s_mean"] == pytest.approx(mm_dpo_beta(torch.tensor([3.0, 4.0, 5.0]), 0.1, 0.5, 0.5).mean().item())
 
 
-@pytest.mark.parametrize("threshold", [0.0, "initial"])
-def test_two_processes_train_like_one(tmp_path, tokenizer_dir, mixed_rows, threshold):
+@pytest.mark.parametrize("threshold, update", [(0.0, "dual"), ("initial", "dual"), ("initial", "fixed")])
+def test_two_processes_train_like_one(tmp_path, tokenizer_dir, mixed_rows, threshold, update):
     """torchrun with 2 ranks (ZeRO-2, gloo): the global batch is split over ranks (each step's pairs
     sorted by length on each rank), the Ĵ_C pool too (answers gathered, scoring sharded and all-reduced;
     with `initial`, the calibration as well), and the run follows one process's trajectory: same loss
-    and λ at every step. Greedy sampling, so answers do not depend on how the pool is split."""
+    and λ at every step — a fixed λ that watches its pool (`in_fixed_runs`) included. Greedy sampling, so
+    answers do not depend on how the pool is split."""
+    sampling = {**TINY_COST_SAMPLING, "temperature": 0.0, "in_fixed_runs": update == "fixed"}
     recipe = tiny_recipe(
         tmp_path, tokenizer_dir, mixed_rows, deepspeed={"zero_stage": 2},
-        align={"epochs": 2, "lambda_lr": 0.5, "cost_threshold": threshold,
-               "cost_sampling": {**TINY_COST_SAMPLING, "temperature": 0.0}},
+        align={"epochs": 2, "lambda_lr": 0.5, "cost_threshold": threshold, "lambda_update": update,
+               "cost_sampling": sampling},
     )  # fmt: skip
     run_ok(tmp_path, recipe, run_dir="runs/one")
     result = torchrun_cli("run", str(recipe), "--run-dir", "runs/ddp", cwd=tmp_path)
@@ -515,6 +517,8 @@ def test_two_processes_train_like_one(tmp_path, tokenizer_dir, mixed_rows, thres
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (key, a["step"])
     if threshold == 0.0:  # (greedy answers of a barely trained tiny policy cost what they did at d: λ stays)
         assert len({round(s["lambda_next"], 6) for s in steps}) > 1
+    if update == "fixed":
+        assert {s["lambda_next"] for s in steps} == {1.0} and summary["final_lambda"] == 1.0
     assert (tmp_path / "runs/ddp/align/model/model.safetensors").exists()
 
 
