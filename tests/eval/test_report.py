@@ -350,15 +350,20 @@ def test_dual_runs_are_drawn_against_their_own_thresholds_when_those_differ():
 
 def test_the_dual_runs_table_says_where_each_run_met_its_own_d():
     """By hand: run a (d −1.5) samples −1.2, −1.4, −1.6 with λ 3, 5, 1.8 — it meets d at step 15 and λ
-    comes down; run b (d −1.9) never gets there and stays at the cap; a fixed-λ run has no updates."""
+    comes down; run b (d −1.9) never gets there and stays at the cap; run c (d −1.3) meets d at its second
+    update, λ falls, then rises above its first value once Ĵ_C is back above d (λ max while above: 2.5, not
+    the 0.8 it had after meeting d); a fixed-λ run has no updates."""
     def updates(d: float, costs: list[float], lambdas: list[float]) -> list[dict]:
         return [{"step": 5 * (i + 1), "cost_estimate": c, "lambda_next": lam, "cost_threshold": d}
                 for i, (c, lam) in enumerate(zip(costs, lambdas))]  # fmt: skip
 
     logs = {"a": updates(-1.5, [-1.2, -1.4, -1.6], [3.0, 5.0, 1.8]), "b": updates(-1.9, [-1.2, -1.3], [5.0, 5.0]),
-            "fixed": [{"step": 5, "lambda_next": 1.0}]}  # fmt: skip
+            "c": updates(-1.3, [-1.2, -1.5, -1.1], [1.4, 0.8, 2.5]), "fixed": [{"step": 5, "lambda_next": 1.0}]}  # fmt: skip
     header, rows = dual_runs_table(logs, None)
-    assert header[-1] == "Ĵ_C ≤ d first at" and [r[0] for r in rows] == ["a", "b"]
+    assert header[-1] == "Ĵ_C ≤ d first at" and header[4] == "λ max while Ĵ_C > d" and [r[0] for r in rows] == ["a", "b", "c"]
+    assert rows[2][4:] == ["2.5", "2.5", "step 10"]
+    settled = updates(-1.3, [-1.2, -1.5, -1.6], [4.0, 6.0, 1.0])  # (a λ that rose after meeting d is not "while above")
+    assert dual_runs_table({"s": settled}, None)[1][0][4] == "4"
     assert rows[0] == ["a", "-1.5", "-1.200 (step 5)", "-1.600 (step 15)", "5", "1.8", "step 15"]
     assert rows[1][-1] == "not reached" and rows[1][4:6] == ["5", "5"]
     older = [{k: v for k, v in m.items() if k != "cost_threshold"} for m in logs["a"]]  # d from the provenance

@@ -251,8 +251,9 @@ def own_thresholds(updates: dict[str, list[dict]]) -> dict[str, float] | None:
 DUAL_RUNS_NOTE = (
     "Safe RLHF's picture in numbers, for every run that sampled Ĵ_C (fixed-λ runs too with "
     "align.cost_sampling.in_fixed_runs: λ then stays put, and the row says whether fixed λ reached d): its d "
-    "(each run's own under cost_threshold: initial), the pool's Ĵ_C at the first and last update, λ's largest "
-    "and last value, and the first update at which Ĵ_C was at or below d (λ then comes down). λ rising while "
+    "(each run's own under cost_threshold: initial), the pool's Ĵ_C at the first and last update, the largest λ "
+    "an update that saw Ĵ_C above d set (how far λ rose while the constraint was violated), λ's last value, and "
+    "the first update at which Ĵ_C was at or below d (λ then comes down). λ rising while "
     "Ĵ_C > d and settling once it is met is the mechanism working; the held-out table above says whether it "
     "held on other prompts."
 )
@@ -269,11 +270,13 @@ def dual_runs_table(logs: dict[str, list[dict]], threshold: float | None) -> tup
         d = updates[-1].get("cost_threshold", threshold)
         met = next((m["step"] for m in updates if d is not None and m["cost_estimate"] <= d), None)
         lambdas = [m["lambda_next"] for m in updates if m.get("lambda_next") is not None]
+        # λ after the updates that saw Ĵ_C above d: how far it rose while the constraint was violated
+        rising = [m["lambda_next"] for m in updates if m.get("lambda_next") is not None and (d is None or m["cost_estimate"] > d)]
         rows.append([name, _fmt_number(d), f"{updates[0]['cost_estimate']:.3f} (step {updates[0]['step']})",
                      f"{updates[-1]['cost_estimate']:.3f} (step {updates[-1]['step']})",
-                     _fmt_number(max(lambdas) if lambdas else None), _fmt_number(lambdas[-1] if lambdas else None),
+                     _fmt_number(max(rising) if rising else None), _fmt_number(lambdas[-1] if lambdas else None),
                      "n/a" if d is None else "not reached" if met is None else f"step {met}"])  # fmt: skip
-    header = ["run", "d", "Ĵ_C at the first update", "at the last", "λ max", "λ last", "Ĵ_C ≤ d first at"]
+    header = ["run", "d", "Ĵ_C at the first update", "at the last", "λ max while Ĵ_C > d", "λ last", "Ĵ_C ≤ d first at"]
     return (header, rows) if rows else None
 
 
