@@ -269,12 +269,13 @@ def dual_runs_table(logs: dict[str, list[dict]], threshold: float | None) -> tup
             continue
         d = updates[-1].get("cost_threshold", threshold)
         met = next((m["step"] for m in updates if d is not None and m["cost_estimate"] <= d), None)
-        lambdas = [m["lambda_next"] for m in updates if m.get("lambda_next") is not None]
+        with_lambda = [m for m in updates if m.get("lambda_next") is not None]
         # λ after the updates that saw Ĵ_C above d: how far it rose while the constraint was violated
-        rising = [m["lambda_next"] for m in updates if m.get("lambda_next") is not None and (d is None or m["cost_estimate"] > d)]
+        rising = [m["lambda_next"] for m in with_lambda if d is None or m["cost_estimate"] > d]
         rows.append([name, _fmt_number(d), f"{updates[0]['cost_estimate']:.3f} (step {updates[0]['step']})",
                      f"{updates[-1]['cost_estimate']:.3f} (step {updates[-1]['step']})",
-                     _fmt_number(max(rising) if rising else None), _fmt_number(lambdas[-1] if lambdas else None),
+                     _fmt_number(max(rising) if rising else None),
+                     _fmt_number(with_lambda[-1]["lambda_next"] if with_lambda else None),
                      "n/a" if d is None else "not reached" if met is None else f"step {met}"])  # fmt: skip
     header = ["run", "d", "Ĵ_C at the first update", "at the last", "λ max while Ĵ_C > d", "λ last", "Ĵ_C ≤ d first at"]
     return (header, rows) if rows else None
