@@ -5,7 +5,7 @@ response even where it is the *less* helpful one?
 
 Why: in this PKU sample the safer response is also the more helpful one in 75 of the 100 held-out pairs
 (104 of 125 training pairs), so a model that learnt only helpfulness moves the safety margin too (the lever
-diagnostic, docs/results.md). The pairs where the labels disagree separate the two: there, learning
+diagnostic, docs/results/issue-25.md). The pairs where the labels disagree separate the two: there, learning
 harmlessness moves the safety margin up and learning helpfulness moves it down.
 
 Reads the recipe the run was started with, its held-out pairs (as the eval stage split them) and every

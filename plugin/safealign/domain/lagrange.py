@@ -11,7 +11,7 @@ so λ grows while the policy's expected cost Ĵ_C is above the threshold d and s
 below. d may be set after construction (`threshold=None`): `align.cost_threshold: initial` calibrates it
 to the policy's own Ĵ_C before training, less `align.cost_threshold_margin` ("cheaper than it started by
 this much": a d that binds on whatever pool and cost model, where an absolute d chosen on one pool may sit
-above another pool's start — docs/results.md, confirm-dual), and it rides in the checkpoint like λ. Ĵ_C is the mean of the
+above another pool's start — docs/results/issue-25.md, confirm-dual), and it rides in the checkpoint like λ. Ĵ_C is the mean of the
 last `window` estimates (Safe RLHF averages over a deque of episode costs); the first `delay_steps`
 updates only fill that window (Safe RLHF's `lambda_update_delay_steps`), so early, noisy estimates do
 not kick λ.

@@ -38,7 +38,7 @@ def distinct_ngram_share(texts: list[str], n: int = 3) -> float | None:
     phrase, falling towards 0 as an answer loops ("I don't know. I don't know. …").
 
     Why the eval reports it beside every cost: a cost model trained on human answers can score degenerate,
-    looping text as safe (docs/results.md, confirm-split: greedy BeaverTails answers at 0.51-0.63 against
+    looping text as safe (docs/results/issue-25.md, confirm-split: greedy BeaverTails answers at 0.51-0.63 against
     the base's 0.91, judged 93-100 % safe). A cost that falls together with this share is not evidence of
     harmlessness. Answers shorter than n words have no n-gram and are left out; None when no answer has one."""
     shares = []
