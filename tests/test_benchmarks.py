@@ -27,8 +27,9 @@ def load_benchmark(name: str):
     return module
 
 
-dpo_step, throughput, stage_times, step_floor, learning_curve = (
-    load_benchmark(n) for n in ("dpo_step", "throughput", "stage_times", "step_floor", "learning_curve")
+dpo_step, throughput, stage_times, step_floor, learning_curve, heldout_cost_noise = (
+    load_benchmark(n)
+    for n in ("dpo_step", "throughput", "stage_times", "step_floor", "learning_curve", "heldout_cost_noise")
 )
 
 
@@ -234,3 +235,48 @@ def test_pku_conflict_splits_by_label_agreement_and_averages_the_safety_shift_by
     # pair 2 (safer 1) −1.2 − (−1.0) = −0.2; pair 1 (safer 0) −0.8 − (−1.0) = +0.2
     assert mean_margin_shift(rows, model, base, [0, 2], "safe") == pytest.approx((0.5 - 0.2) / 2)
     assert mean_margin_shift(rows, model, base, [1], "safe") == pytest.approx(0.2)
+
+
+def test_heldout_cost_noise_splits_the_spread_within_and_between_prompts_by_hand():
+    # costs[answer][prompt]: prompt 0 answered 0 then 2, prompt 1 answered 2 then 4
+    m = heldout_cost_noise.within_between([[0.0, 2.0], [2.0, 4.0]])
+    assert m["mean"] == 2.0 and m["per_seed_means"] == [1.0, 3.0]
+    assert m["sigma_within"] == pytest.approx(math.sqrt(2.0))  # each prompt's two answers: variance 2
+    assert m["sigma_between"] == pytest.approx(1.0)  # the prompt means 1 and 3 vary by 2, of which 2/2 is sampling
+    assert m["seed_sd_if_independent"] == pytest.approx(1.0)  # sqrt(σ_w² / 2 prompts)
+    assert m["seed_sd"] == pytest.approx(math.sqrt(2.0))  # the per-seed means 1 and 3
+
+
+def test_heldout_cost_noise_paired_sd_with_and_without_common_random_numbers_by_hand():
+    first, second = [[0.0, 2.0], [2.0, 4.0]], [[1.0, 1.0], [3.0, 5.0]]
+    # common random numbers: prompt 0's differences −1, −1 (variance 0), prompt 1's 1, −1 (variance 2): sqrt(2 / 2 / 2)
+    assert heldout_cost_noise.paired_sampling_sd(first, second, 0) == pytest.approx(math.sqrt(0.5))
+    # answer j against answer j + 1: prompt 0's −3, 1 (variance 8), prompt 1's −3, 3 (variance 18): sqrt(26 / 4)
+    assert heldout_cost_noise.paired_sampling_sd(first, second, 1) == pytest.approx(math.sqrt(6.5))
+    # measured over seeds instead: seed 0's mean difference (−1 + 1) / 2 = 0, seed 1's (−1 − 1) / 2 = −1
+    assert heldout_cost_noise.paired_seed_means(first, second, 0) == [0.0, -1.0]
+    assert heldout_cost_noise.paired_seed_means(first, second, 1) == [-3.0, 2.0]  # (0 − 3 + 2 − 5) / 2, (2 − 1 + 4 − 1) / 2
+
+
+def test_heldout_cost_noise_leaves_the_training_sd_and_sizes_the_seeds_by_it():
+    costs = {"a": [[0.0, 2.0], [2.0, 4.0]], "b": [[1.0, 1.0], [3.0, 5.0]]}
+    result = heldout_cost_noise.analyse(costs, observed_sd=1.0, observed_pairs=7, effect=0.5)
+    pair = result["pair"]
+    assert pair["sampling_sd"] == pytest.approx(math.sqrt(0.5))  # the per-seed differences 0 and −1
+    assert pair["training_sd"] == pytest.approx(math.sqrt(0.5))  # 1 − 0.5
+    # answers shrink only the sampling part: sd² = 0.5 + 0.5 / k
+    for k, n in pair["pairs_needed_by_answers"].items():
+        assert n == heldout_cost_noise.pairs_needed(0.5, math.sqrt(0.5 + 0.5 / k))
+    assert result["models"]["a"]["design_effect"] == pytest.approx(2.0)  # (√2 / 1)²
+
+
+def test_heldout_cost_noise_pairs_needed_agrees_with_statsmodels_power():
+    from statsmodels.stats.power import TTestPower
+
+    for effect, sd in ((0.072, 0.099), (1.0, 1.0), (0.05, 0.03)):
+        n = heldout_cost_noise.pairs_needed(effect, sd)
+        exact = TTestPower().solve_power(effect_size=effect / sd, alpha=0.05, power=0.8, alternative="larger")
+        assert n == max(2, math.ceil(exact))
+    assert heldout_cost_noise.pairs_needed(0.072, 0.05) < heldout_cost_noise.pairs_needed(0.072, 0.099)
+    low, high = heldout_cost_noise.sd_interval(0.099, 7)
+    assert low == pytest.approx(0.0638, abs=1e-4) and high == pytest.approx(0.2180, abs=1e-4)

@@ -61,6 +61,18 @@ def test_requests_keep_their_order_across_sampling_groups(tiny_model):
     assert [out[0], out[2], out[3], out[4]] == generator.generate(greedy)
 
 
+def test_each_sampled_batch_draws_its_own_stream_and_the_same_requests_the_same_answers(tiny_model):
+    # six copies of one prompt, one per batch: reseeding every batch with the generator's seed (as before
+    # `batch_seed`) answered all six alike, so a mean over answers moved as one answer
+    requests = [GenerationRequest.single_turn("Tell me a story", max_new_tokens=10, temperature=1.0)] * 6
+    answers = HFGenerator.from_pretrained(tiny_model, batch_size=1, seed=5).generate(requests)
+    assert len(set(answers)) > 1, answers
+    # ...while the same requests at the same seed draw the same streams: a rerun reproduces its answers and
+    # two models asked the same prompts sample with common random numbers
+    assert HFGenerator.from_pretrained(tiny_model, batch_size=1, seed=5).generate(requests) == answers
+    assert HFGenerator.from_pretrained(tiny_model, batch_size=1, seed=6).generate(requests) != answers
+
+
 def test_auto_backend_is_hf_without_a_gpu(tiny_model):
     assert not vllm_usable()
     assert isinstance(make_generator(tiny_model), HFGenerator)

@@ -9,10 +9,14 @@ HF backend, and why it is shaped so: prompts are left-padded (decoder-only model
 right edge), sorted by length so a batch wastes little padding, grouped by sampling settings
 (MT-Bench uses FastChat's per-category temperatures), and generated with the KV cache on. Greedy
 decoding of a batch equals one-by-one decoding (a test checks it), so batching is a pure speed-up.
+Sampled batches each draw from their own random stream (`batch_seed`), the same one whenever the same
+prompts are asked in the same place: two models answer with common random numbers, and a mean over
+many answers varies as a mean over independent answers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -42,6 +46,11 @@ class GenerationRequest:
     @classmethod
     def single_turn(cls, prompt: str, **kwargs) -> GenerationRequest:
         return cls(messages=(("user", prompt),), **kwargs)
+
+    @classmethod
+    def from_chat(cls, messages: list[dict[str, str]], **kwargs) -> GenerationRequest:
+        """A request for a chat prompt as the data holds it (`{"role", "content"}` dicts; `chat()`'s inverse)."""
+        return cls(messages=tuple((m["role"], m["content"]) for m in messages), **kwargs)
 
     def chat(self) -> list[dict[str, str]]:
         return [{"role": role, "content": content} for role, content in self.messages]
@@ -90,6 +99,21 @@ def wait_for_gpu_memory(free_before: int, timeout: float = 120.0, slack: int = 2
             return False
         time.sleep(0.5)
     return True
+
+
+def batch_seed(seed: int, number: int, prompts: list[list[int]]) -> int:
+    """The random stream generation batch `number` of a call samples from: the generator's seed, the batch's
+    place and its prompts' tokens.
+
+    Why not the seed alone, as before: reseeding every batch with one seed hands each batch the same random
+    numbers, so the sampling luck of a row is shared by that row of every batch and a mean over the answers
+    moves as one — a model's held-out Ĵ_C on 200 prompts varied with the seed by sd 0.15, 2.7 times what
+    independent answers give (docs/results/issue-25.md, the noise diagnostic). Why the prompts: on several
+    ranks (`ShardedGenerator`) each rank's batch `number` holds other prompts and must not share a stream.
+    The same requests still get the same streams: a rerun reproduces its answers, and two models asked the
+    same prompts sample with common random numbers."""
+    digest = hashlib.sha256(json.dumps([seed, number, prompts]).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # torch.manual_seed takes a non-negative int64
 
 
 class HFGenerator:
@@ -165,11 +189,14 @@ class HFGenerator:
         bar = tqdm(
             total=len(requests), desc=f"generating ({self.stats.backend})", unit="answer", disable=not self.progress
         )
+        number = 0
         for (max_new_tokens, temperature), members in groups.items():
             members.sort(key=lambda i: (len(encoded[i]), i))
             for start in range(0, len(members), self.batch_size):
                 chunk = members[start : start + self.batch_size]
-                texts = self._generate_batch([encoded[i] for i in chunk], max_new_tokens, temperature)
+                batch = [encoded[i] for i in chunk]
+                texts = self._generate_batch(batch, max_new_tokens, temperature, batch_seed(self.seed, number, batch))
+                number += 1
                 for i, text in zip(chunk, texts):
                     answers[i] = text
                 bar.update(len(chunk))
@@ -180,14 +207,14 @@ class HFGenerator:
         self.stats.seconds += time.time() - started
         return answers
 
-    def _generate_batch(self, prompts: list[list[int]], max_new_tokens: int, temperature: float) -> list[str]:
+    def _generate_batch(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, seed: int) -> list[str]:
         torch = self.torch
         batch = self.tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt").to(self.device)
         sampling = (
             {"do_sample": True, "temperature": temperature, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
         )
         if temperature > 0:
-            torch.manual_seed(self.seed)
+            torch.manual_seed(seed)
         with torch.no_grad():
             output = self.model.generate(
                 **batch,

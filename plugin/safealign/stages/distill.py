@@ -138,10 +138,10 @@ def teacher_answers(ctx: StageContext, teacher: Path) -> list[dict]:
     )
     temperature = 0.0 if n == 1 else distill.temperature
     requests = [
-        GenerationRequest(messages=tuple((m["role"], m["content"]) for m in prompt),
-                          max_new_tokens=distill.max_new_tokens, temperature=temperature)
-        for prompt in prompts for _ in range(n)
-    ]  # fmt: skip
+        GenerationRequest.from_chat(prompt, max_new_tokens=distill.max_new_tokens, temperature=temperature)
+        for prompt in prompts
+        for _ in range(n)
+    ]
     flat = generator.generate(requests)
     generator.close()
     stats = generator.stats

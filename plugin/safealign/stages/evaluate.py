@@ -54,7 +54,7 @@ from safealign.openrlhf import engine
 from safealign.openrlhf.settings import resolve_dtype
 from safealign.recipe import Recipe
 from safealign.stages import StageContext, cost_model_dir, register_stage
-from safealign.trainers.cost_sampling import CostModel
+from safealign.trainers.cost_sampling import CostModel, cost_requests
 from safealign.workflows.heldout import heldout_rows, load_training_rows
 from safealign.workflows.inference import response_logps, score_generated, scoring_settings
 
@@ -113,6 +113,7 @@ def cached_answers(
         "input_template": recipe.data.input_template,
         "backend": backend,  # vLLM and HF sample differently; bf16 and fp32 answer differently
         "dtype": dtype,
+        "random_streams": "per batch",  # sampled answers cached before `batch_seed` were drawn otherwise
     }
     key = hashlib.sha256(json.dumps([model_identity(model_dir), settings, *content]).encode()).hexdigest()[:20]
     path = cache / f"{model_dir.name}-{tag}{key}.json"
@@ -237,11 +238,7 @@ def heldout_policy_cost(ctx: StageContext, models: dict[str, Path], rows: list[P
     args = scoring_settings(recipe, "rm", cost_dir, ctx.work_dir / "scratch")
     cost = CostModel(cost_dir, recipe, args, engine.make_strategy(args))
     prompts, sources = heldout_prompts(rows, cost, recipe.eval.heldout_cost_prompts, sampling.max_new_tokens)
-    requests = [
-        GenerationRequest(messages=tuple((m["role"], m["content"]) for m in prompt),
-                          max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature)
-        for prompt in prompts
-    ]  # fmt: skip
+    requests = cost_requests(prompts, sampling)
     content = [[asdict(r) for r in requests]]
     threshold = recipe.align.cost_threshold
     results = {}

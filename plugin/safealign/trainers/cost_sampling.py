@@ -48,6 +48,7 @@ from safealign.openrlhf.pair_dataset import PreferencePairDataset
 from safealign.openrlhf.scoring import score_pairs
 from safealign.openrlhf.settings import VALUE_HEAD, Settings
 from safealign.recipe import Recipe
+from safealign.recipe.schema import CostSamplingSection
 
 log = logging.getLogger("safealign")
 
@@ -157,6 +158,15 @@ class CostModel:
         return self.model(ids, attention_mask=mask).float()
 
 
+def cost_requests(prompts: list[list[Message]], settings: CostSamplingSection) -> list[GenerationRequest]:
+    """Every prompt as a policy is asked it wherever its Ĵ_C is estimated — align's λ update and the eval's
+    held-out Ĵ_C alike (`align.cost_sampling`: temperature, new tokens), so the two differ only in prompts."""
+    return [
+        GenerationRequest.from_chat(prompt, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature)
+        for prompt in prompts
+    ]
+
+
 class PolicyCostSampler:
     """Ĵ_C from the policy's own answers to a fixed prompt pool, scored by the cost model."""
 
@@ -186,14 +196,7 @@ class PolicyCostSampler:
         sharded, gathered), and the new tokens made. Under ZeRO-3 the weights are gathered once for the
         whole estimate (`cost_sampling.gather_weights`), else once per generated token in lockstep."""
         policy = policy_engine.module
-        requests = [
-            GenerationRequest(
-                messages=tuple((m["role"], m["content"]) for m in prompt),
-                max_new_tokens=self.settings.max_new_tokens,
-                temperature=self.settings.temperature,
-            )
-            for prompt in self.prompts
-        ]
+        requests = cost_requests(self.prompts, self.settings)
         several = getattr(self.strategy, "world_size", 1) > 1
         gather = self.zero3 and self.settings.gather_weights
         generator = HFGenerator(
