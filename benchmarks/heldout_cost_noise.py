@@ -10,7 +10,7 @@ align's temperature), and claim (b)'s registrations compare two such numbers per
 over seeds (0.099 in the sixth registration) mixes training variance, which only more seeds shrink, with
 sampling variance, which more answers per prompt shrink at the price of eval time only. This separates them.
 
-The answers come from the eval stage's own path (`sampled_answer_costs`: the eval's cache, so answer 0 — the
+The answers come from the eval stage's own path (`cached_answers`: the eval's cache, so answer 0 — the
 recipe's seed — *is* the eval's answer), answer j at seed recipe.seed + j. Measured per model: its mean, the
 within-prompt sd of one answer's cost σ_w and the between-prompt sd σ_b (σ_b² = var of the prompts' means −
 σ_w²/K), and the sd of the model's Ĵ_C from seed to seed two ways — as independent answers would give it
