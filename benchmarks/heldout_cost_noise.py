@@ -33,13 +33,10 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
+from safealign.eval.statistics import mean_and_sd
+
 HERE = Path(__file__).resolve().parent
 ANSWER_COUNTS = (1, 2, 4, 8)
-
-
-def sd(values: list[float]) -> float:
-    mean = math.fsum(values) / len(values)
-    return math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
 def within_between(costs: list[list[float]]) -> dict:
@@ -58,29 +55,28 @@ def within_between(costs: list[list[float]]) -> dict:
         "sigma_within": math.sqrt(within),
         "sigma_between": math.sqrt(max(between, 0.0)),
         "seed_sd_if_independent": math.sqrt(within / prompts),
-        "seed_sd": sd(per_seed),
+        "seed_sd": mean_and_sd(per_seed)[1],
         "per_seed_means": per_seed,
     }
 
 
+def differences(first: list[list[float]], second: list[list[float]], shift: int) -> list[list[float]]:
+    """first − second, answer j of `first` against answer (j + shift) mod K of `second`, per prompt (shift 0:
+    common random numbers): a costs[answer][prompt] of its own, which `within_between` reads."""
+    answers = len(first)
+    return [[a - b for a, b in zip(first[j], second[(j + shift) % answers])] for j in range(answers)]
+
+
 def paired_seed_means(first: list[list[float]], second: list[list[float]], shift: int) -> list[float]:
-    """mean_p(first − second) per seed j: answer j of `first` against answer (j + shift) mod K of `second`
-    (shift 0: common random numbers)."""
-    answers, prompts = len(first), len(first[0])
-    return [math.fsum(a - b for a, b in zip(first[j], second[(j + shift) % answers])) / prompts for j in range(answers)]
+    """mean_p(first − second) per seed j (see `differences`)."""
+    return within_between(differences(first, second, shift))["per_seed_means"]
 
 
 def paired_sampling_sd(first: list[list[float]], second: list[list[float]], shift: int) -> float:
     """The sd of mean_p(first − second) at one answer per prompt *if* each prompt's difference varied
     independently of the others' (the mean of the per-prompt variances over j, over n): what the measured
     sd over seeds (`paired_seed_means`) is compared with."""
-    answers, prompts = len(first), len(first[0])
-    total = 0.0
-    for p in range(prompts):
-        diffs = [first[j][p] - second[(j + shift) % answers][p] for j in range(answers)]
-        mean = math.fsum(diffs) / answers
-        total += math.fsum((d - mean) ** 2 for d in diffs) / (answers - 1)
-    return math.sqrt(total / prompts / prompts)
+    return within_between(differences(first, second, shift))["seed_sd_if_independent"]
 
 
 def pairs_needed(effect: float, sd: float, power: float = 0.8, alpha: float = 0.05) -> int:
@@ -113,8 +109,8 @@ def analyse(costs: dict[str, list[list[float]]], observed_sd: float, observed_pa
         return result
     first, second = list(costs)[:2]
     answers = len(costs[first])
-    crn_means = paired_seed_means(costs[first], costs[second], 0)
-    crn = sd(crn_means)
+    paired = within_between(differences(costs[first], costs[second], 0))
+    crn_means, crn = paired["per_seed_means"], paired["seed_sd"]
     training = math.sqrt(max(observed_sd**2 - crn**2, 0.0))
     crn_high = sd_interval(crn, answers)[1]
     result["pair"] = {
@@ -122,8 +118,10 @@ def analyse(costs: dict[str, list[list[float]]], observed_sd: float, observed_pa
         "per_seed_differences": crn_means,
         "sampling_sd": crn,
         "sampling_sd_ci95": list(sd_interval(crn, answers)),
-        "sampling_sd_if_independent": paired_sampling_sd(costs[first], costs[second], 0),
-        "sampling_sd_without_common_random_numbers": sd(paired_seed_means(costs[first], costs[second], 1)),
+        "sampling_sd_if_independent": paired["seed_sd_if_independent"],
+        "sampling_sd_without_common_random_numbers": within_between(differences(costs[first], costs[second], 1))[
+            "seed_sd"
+        ],
         "observed_sd": observed_sd,
         "observed_sd_ci95": list(sd_interval(observed_sd, observed_pairs)),
         "training_sd": training,

@@ -194,8 +194,7 @@ class HFGenerator:
             members.sort(key=lambda i: (len(encoded[i]), i))
             for start in range(0, len(members), self.batch_size):
                 chunk = members[start : start + self.batch_size]
-                batch = [encoded[i] for i in chunk]
-                texts = self._generate_batch(batch, max_new_tokens, temperature, batch_seed(self.seed, number, batch))
+                texts = self._generate_batch([encoded[i] for i in chunk], max_new_tokens, temperature, number)
                 number += 1
                 for i, text in zip(chunk, texts):
                     answers[i] = text
@@ -207,14 +206,15 @@ class HFGenerator:
         self.stats.seconds += time.time() - started
         return answers
 
-    def _generate_batch(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, seed: int) -> list[str]:
+    def _generate_batch(self, prompts: list[list[int]], max_new_tokens: int, temperature: float, number: int) -> list[str]:
+        """Batch `number` of this call (its place picks its random stream, `batch_seed`, when it samples)."""
         torch = self.torch
         batch = self.tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt").to(self.device)
         sampling = (
             {"do_sample": True, "temperature": temperature, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
         )
         if temperature > 0:
-            torch.manual_seed(seed)
+            torch.manual_seed(batch_seed(self.seed, number, prompts))
         with torch.no_grad():
             output = self.model.generate(
                 **batch,
