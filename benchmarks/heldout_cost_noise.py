@@ -203,6 +203,8 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=HERE / "results" / "heldout_cost_noise.json")
     options = parser.parse_args()
+    if options.costs and not options.costs.is_file():
+        parser.error(f"--costs: {options.costs} is not a file (a results file this script wrote)")
     if options.costs:
         sampled = {
             k: v
