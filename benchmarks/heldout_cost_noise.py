@@ -67,18 +67,6 @@ def differences(first: list[list[float]], second: list[list[float]], shift: int)
     return [[a - b for a, b in zip(first[j], second[(j + shift) % answers])] for j in range(answers)]
 
 
-def paired_seed_means(first: list[list[float]], second: list[list[float]], shift: int) -> list[float]:
-    """mean_p(first − second) per seed j (see `differences`)."""
-    return within_between(differences(first, second, shift))["per_seed_means"]
-
-
-def paired_sampling_sd(first: list[list[float]], second: list[list[float]], shift: int) -> float:
-    """The sd of mean_p(first − second) at one answer per prompt *if* each prompt's difference varied
-    independently of the others' (the mean of the per-prompt variances over j, over n): what the measured
-    sd over seeds (`paired_seed_means`) is compared with."""
-    return within_between(differences(first, second, shift))["seed_sd_if_independent"]
-
-
 def pairs_needed(effect: float, sd: float, power: float = 0.8, alpha: float = 0.05) -> int:
     """The fewest seed pairs at which a one-sided paired t-test at `alpha` detects `effect` with `power`
     (Student's noncentral t, exact for normal differences)."""

@@ -249,13 +249,14 @@ def test_heldout_cost_noise_splits_the_spread_within_and_between_prompts_by_hand
 
 def test_heldout_cost_noise_paired_sd_with_and_without_common_random_numbers_by_hand():
     first, second = [[0.0, 2.0], [2.0, 4.0]], [[1.0, 1.0], [3.0, 5.0]]
+    crn, shifted = (heldout_cost_noise.within_between(heldout_cost_noise.differences(first, second, k)) for k in (0, 1))
     # common random numbers: prompt 0's differences −1, −1 (variance 0), prompt 1's 1, −1 (variance 2): sqrt(2 / 2 / 2)
-    assert heldout_cost_noise.paired_sampling_sd(first, second, 0) == pytest.approx(math.sqrt(0.5))
+    assert crn["seed_sd_if_independent"] == pytest.approx(math.sqrt(0.5))
     # answer j against answer j + 1: prompt 0's −3, 1 (variance 8), prompt 1's −3, 3 (variance 18): sqrt(26 / 4)
-    assert heldout_cost_noise.paired_sampling_sd(first, second, 1) == pytest.approx(math.sqrt(6.5))
+    assert shifted["seed_sd_if_independent"] == pytest.approx(math.sqrt(6.5))
     # measured over seeds instead: seed 0's mean difference (−1 + 1) / 2 = 0, seed 1's (−1 − 1) / 2 = −1
-    assert heldout_cost_noise.paired_seed_means(first, second, 0) == [0.0, -1.0]
-    assert heldout_cost_noise.paired_seed_means(first, second, 1) == [-3.0, 2.0]  # (0 − 3 + 2 − 5) / 2, (2 − 1 + 4 − 1) / 2
+    assert crn["per_seed_means"] == [0.0, -1.0]
+    assert shifted["per_seed_means"] == [-3.0, 2.0]  # (0 − 3 + 2 − 5) / 2, (2 − 1 + 4 − 1) / 2
 
 
 def test_heldout_cost_noise_leaves_the_training_sd_and_sizes_the_seeds_by_it():
