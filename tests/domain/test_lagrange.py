@@ -1,4 +1,5 @@
-"""λ's dual update (Safe RLHF's rule on log λ) by hand, its bounds, and that no input can break it."""
+"""λ's dual update (Safe RLHF's rule on log λ, and the linear step on λ itself) by hand, its bounds, and
+that no input can break it."""
 
 from __future__ import annotations
 
@@ -68,6 +69,7 @@ def test_state_round_trip_continues_exactly():
         ({"init": 1.0, "lr": -0.1, "max_value": CAP}, "lr must be finite"),
         ({"init": 1.0, "lr": 0.1, "max_value": CAP, "window": 0}, "window"),
         ({"init": 1.0, "lr": 0.1, "max_value": CAP, "update_every": 0}, "update_every"),
+        ({"init": 1.0, "lr": 0.1, "max_value": CAP, "step": "exp"}, "'log' or 'linear'"),
     ],
 )
 def test_invalid_settings(kwargs, message):
@@ -102,16 +104,17 @@ def test_uncapped_growth_is_what_the_cap_prevents():
     assert trajectory[:first_at_cap] == sorted(trajectory[:first_at_cap])
 
 
+@pytest.mark.parametrize("step", ["log", "linear"])
 @pytest.mark.parametrize("violation", [10.0, -10.0, 1e300, -1e300])
 @pytest.mark.parametrize("lr", [0.01, 1.0, 1e6])
-def test_no_finite_cost_sequence_overflows_or_leaves_the_bounds(violation, lr):
-    lam = LagrangeMultiplier(init=1.0, lr=lr, max_value=CAP, window=4)
+def test_no_finite_cost_sequence_overflows_or_leaves_the_bounds(violation, lr, step):
+    lam = LagrangeMultiplier(init=1.0, lr=lr, max_value=CAP, window=4, step=step)
     for _ in range(100_000):
         value = lam.update(violation)
         assert LAMBDA_FLOOR * (1 - 1e-12) <= value <= CAP * (1 + 1e-12)
     assert math.isfinite(lam.log_value)
     expected = CAP if violation > 0 else LAMBDA_FLOOR
-    if lr >= 1.0 or violation > 0:  # a small lr approaches the floor only slowly (the step is ∝ λ)
+    if lr >= 1.0 or violation > 0 or step == "linear":  # a small lr on log λ nears the floor slowly (step ∝ λ)
         assert value == pytest.approx(expected)
     # and it can come back: the floor keeps the multiplicative step alive
     recovered = [lam.update(-violation) for _ in range(10)]
@@ -166,3 +169,63 @@ def test_reach_is_the_first_order_factor_over_the_run_in_the_cost_models_units()
     assert brisk.reach(-0.1, 1) == pytest.approx(math.exp(-1.0))
     assert brisk.reach(1e300, 10) == math.exp(50.0) and brisk.reach(-1e300, 10) == math.exp(-50.0)
     assert LagrangeMultiplier(init=1.0, lr=0.0, max_value=5.0).reach(0.3, 10) == 1.0
+
+
+def test_the_linear_step_moves_lambda_itself_by_the_same_amount_at_any_lambda():
+    """align.lambda_step: linear — λ += lr·(Ĵ_C − d), clipped to [floor, λ_max]. The registration's numbers:
+    λ_init 1, λ_lr 8, d = the first estimate − 0.4."""
+    lam = LagrangeMultiplier(init=1.0, lr=8.0, max_value=CAP, threshold=None, threshold_margin=0.4, step="linear")
+    assert lam.calibrate(-1.0) == pytest.approx(-1.4)
+    assert lam.update(-1.1) == pytest.approx(1.0 + 8 * 0.3)  # 3.4
+    assert lam.update(-1.3) == pytest.approx(3.4 + 8 * 0.1)  # 4.2
+    assert lam.update(-1.35) == pytest.approx(4.2 + 8 * 0.05)  # 4.6
+    assert lam.update(-1.2) == pytest.approx(CAP)  # 4.6 + 1.6, capped
+    assert lam.update(-1.5) == pytest.approx(CAP - 0.8)  # 0.1 below d: down by 0.8
+    assert lam.update(-2.0) == pytest.approx(LAMBDA_FLOOR)  # 4.2 − 4.8: the floor, not below
+
+
+def test_from_the_cap_the_log_step_falls_below_lambda_init_where_the_linear_one_does_not():
+    """Why the linear step exists (docs/results/issue-25.md, the sixth registration): at λ 5 and λ_lr 4, one
+    update 0.1 below d takes log λ down by 4 · 0.1 · 5 = 2 (λ → 5/e² ≈ 0.68, under λ_init 1); the linear
+    step takes λ down by 4 · 0.1 = 0.4."""
+    log_step = LagrangeMultiplier(init=CAP, lr=4.0, max_value=CAP, threshold=0.0)
+    linear = LagrangeMultiplier(init=CAP, lr=4.0, max_value=CAP, threshold=0.0, step="linear")
+    fallen = log_step.update(-0.1)
+    assert fallen == pytest.approx(CAP * math.exp(-2.0)) and fallen < 1.0
+    assert linear.update(-0.1) == pytest.approx(4.6)
+
+
+@pytest.mark.parametrize("step", ["log", "linear"])
+def test_doubling_lr_doubles_lambda_in_one_update_and_reach_measures_the_step(step):
+    lam = LagrangeMultiplier(init=2.0, lr=1.0, max_value=100.0, threshold=0.0, step=step)
+    doubling = LagrangeMultiplier(init=2.0, lr=lam.doubling_lr(0.5), max_value=100.0, threshold=0.0, step=step)
+    assert doubling.update(0.5) == pytest.approx(4.0)
+    # reach: first order over 3 updates at violation 0.5 and lr 1 from λ 2
+    expected = math.exp(3 * 1.0 * 0.5 * 2.0) if step == "log" else 1 + 3 * 1.0 * 0.5 / 2.0
+    assert lam.reach(0.5, 3) == pytest.approx(expected)
+    if step == "linear":  # one update's worth of a violation that crosses zero: λ at the floor, a factor of 0
+        assert lam.reach(-4.0, 1) == 0.0
+
+
+def test_a_linear_state_round_trip_continues_exactly():
+    straight = LagrangeMultiplier(init=1.0, lr=3.0, max_value=CAP, threshold=None, threshold_margin=0.2, step="linear")
+    straight.calibrate(-1.0)
+    for x in [-1.0, -1.1]:
+        straight.update(x)
+    restored = LagrangeMultiplier(init=1.0, lr=3.0, max_value=CAP, threshold=None, threshold_margin=0.2, step="linear")
+    restored.load_state_dict(straight.state_dict())
+    for x in [-1.3, -1.05, -1.4]:
+        assert restored.update(x) == pytest.approx(straight.update(x))
+    assert restored.state_dict() == straight.state_dict()
+
+
+def test_the_recipe_settings_reach_the_multiplier():
+    """align.lambda_* → `build_lagrange`: the step, its size and the calibrated margin; a fixed λ is a step of 0."""
+    from safealign.recipe.schema import AlignSection
+    from safealign.workflows.policy import build_lagrange
+
+    align = AlignSection(lambda_step="linear", lambda_lr=8.0, cost_threshold="initial", cost_threshold_margin=0.4)
+    lam = build_lagrange(align)
+    assert (lam.step, lam.lr, lam.threshold, lam.threshold_margin) == ("linear", 8.0, None, 0.4)
+    assert build_lagrange(align.model_copy(update={"lambda_update": "fixed"})).lr == 0.0
+    assert build_lagrange(AlignSection()).step == "log"

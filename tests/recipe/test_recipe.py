@@ -54,6 +54,8 @@ def test_seed_defaults():
         (base(cost_sampling={"sources": {"nope.jsonl": 4}}), "align.cost_sampling.sources: 'nope.jsonl' is not a data.train file"),
         (base(loss="dpo", cost_sampling={"prompts": 8}), "align.cost_sampling: not used by loss 'dpo'"),
         (base(lambda_update_every=0), "align.lambda_update_every: Input should be greater than or equal to 1"),
+        (base(lambda_step="exp"), "align.lambda_step: Input should be 'log' or 'linear' (got 'exp')"),
+        (base(loss="dpo", lambda_step="linear"), "align.lambda_step: not used by loss 'dpo'"),
         (
             {**base(), "model": {"policy": "some/dir"}},
             "r.yaml: align.lambda_update: dual samples Ĵ_C with a cost model, and this recipe has none",

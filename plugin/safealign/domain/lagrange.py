@@ -8,7 +8,15 @@ the ascent step on `log λ` for the Lagrangian's dual term `λ·(Ĵ_C − d)` is
     log λ ← clamp(log λ + lr · (Ĵ_C − d) · λ,  log λ_floor,  log λ_max)
 
 so λ grows while the policy's expected cost Ĵ_C is above the threshold d and shrinks once it is
-below. d may be set after construction (`threshold=None`): `align.cost_threshold: initial` calibrates it
+below. `step="linear"` takes the ascent on λ itself instead, projected onto [λ_floor, λ_max]:
+
+    λ ← clamp(λ + lr · (Ĵ_C − d),  λ_floor,  λ_max)
+
+the textbook dual ascent (the integral term of Stooke, Achiam & Abbeel 2020's PID Lagrangian). Why both: the
+log step is proportional to λ, so λ's fall from the cap is steepest exactly when λ is largest — measured, one
+update 0.1 below d took λ from 5 to 0.02–0.4, below λ_init, and those runs gave back what the rise had bought
+(docs/results/issue-25.md, the sixth registration). The linear step moves λ by the same amount at any λ, so λ
+comes down from the cap as fast as it went up, in proportion to how far below d the policy is. d may be set after construction (`threshold=None`): `align.cost_threshold: initial` calibrates it
 to the policy's own Ĵ_C before training, less `align.cost_threshold_margin` ("cheaper than it started by
 this much": a d that binds on whatever pool and cost model, where an absolute d chosen on one pool may sit
 above another pool's start — docs/results/issue-25.md, confirm-dual), and it rides in the checkpoint like λ. Ĵ_C is the mean of the
@@ -28,7 +36,10 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Any
+from typing import Any, Literal
+
+#: How the dual step moves λ: on log λ (Safe RLHF's, step ∝ λ) or on λ itself (step independent of λ).
+LambdaStep = Literal["log", "linear"]
 
 #: λ never goes below this: the harmless term's weight λ/(1+λ) is then under 1e-6, i.e. off, while
 #: log λ stays finite and the update can still raise it.
@@ -48,6 +59,7 @@ class LagrangeMultiplier:
         delay_steps: int = 0,
         window: int = 1,
         update_every: int = 1,
+        step: LambdaStep = "log",
     ) -> None:
         if not (math.isfinite(init) and init >= LAMBDA_FLOOR):
             raise ValueError(f"lambda init must be a finite number >= {LAMBDA_FLOOR}, got {init}")
@@ -61,7 +73,10 @@ class LagrangeMultiplier:
             raise ValueError(
                 f"window and update_every must be >= 1 and delay_steps >= 0, got {window}, {update_every} and {delay_steps}"
             )
+        if step not in ("log", "linear"):
+            raise ValueError(f"lambda step must be 'log' or 'linear', got {step!r}")
         self.lr = lr
+        self.step = step
         self.max_value = max_value
         self.threshold = threshold
         self.threshold_margin = threshold_margin
@@ -104,19 +119,30 @@ class LagrangeMultiplier:
         self.num_updates += 1
         if self.num_updates > self.delay_steps and self.lr > 0:
             violation = self.cost_estimate - self.threshold  # may be ±inf for finite but huge inputs
-            step = self.lr * violation * self.value if math.isfinite(violation) else violation
-            self.log_value = min(max(self.log_value + step, math.log(LAMBDA_FLOOR)), math.log(self.max_value))
+            if self.step == "linear":
+                moved = self.value + self.lr * violation if math.isfinite(violation) else violation
+                self.log_value = math.log(min(max(moved, LAMBDA_FLOOR), self.max_value))
+            else:
+                step = self.lr * violation * self.value if math.isfinite(violation) else violation
+                self.log_value = min(max(self.log_value + step, math.log(LAMBDA_FLOOR)), math.log(self.max_value))
         return self.value
 
     def reach(self, violation: float, updates: int) -> float:
         """The factor by which λ moves over `updates` dual steps at a constant `violation`, to first order
-        (each step taken at the current λ): `exp(updates · lr · violation · λ)`. The step is in the cost
-        model's units times λ, so the same λ_lr is brisk on one cost model and inert on another; this is
-        how the trainer tells which (docs/algorithm.md, "Sizing λ_lr"). Because the step grows with λ, a
-        sustained violation moves λ up faster than this and down slower. Not bounded by λ_max or the floor:
-        it measures the step size, not where λ may go (the exponent is clipped at ±50 only so that it cannot
-        overflow)."""
+        (each step taken at the current λ): `exp(updates · lr · violation · λ)` on log λ, `1 + updates · lr ·
+        violation / λ` on λ itself (0 where that would cross zero). The step is in the cost model's units, so
+        the same λ_lr is brisk on one cost model and inert on another; this is how the trainer tells which
+        (docs/algorithm.md, "Sizing λ_lr"). On log λ the step grows with λ, so a sustained violation moves λ up
+        faster than this and down slower. Not bounded by λ_max or the floor: it measures the step size, not
+        where λ may go (the exponent is clipped at ±50 only so that it cannot overflow)."""
+        if self.step == "linear":
+            return max(1.0 + updates * self.lr * violation / self.value, 0.0)
         return math.exp(min(max(updates * self.lr * violation * self.value, -50.0), 50.0))
+
+    def doubling_lr(self, violation: float) -> float:
+        """The λ_lr at which one update at `violation` (> 0) doubles the current λ: what to suggest when λ
+        cannot act (`ln 2 / (violation · λ)` on log λ, `λ / violation` on λ itself)."""
+        return self.value / violation if self.step == "linear" else math.log(2) / (violation * self.value)
 
     def state_dict(self) -> dict[str, Any]:
         """Everything `load_state_dict` needs to continue exactly where this left off."""

@@ -21,7 +21,7 @@ from pydantic import (
 
 from safealign.core.pipeline import StageName
 from safealign.domain.data import Dimension, Format
-from safealign.domain.lagrange import LAMBDA_FLOOR
+from safealign.domain.lagrange import LAMBDA_FLOOR, LambdaStep
 from safealign.eval.judges import INSECURE_MESSAGE, check_endpoint_url, check_key_variable, sends_key_in_clear
 
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -268,6 +268,7 @@ LAMBDA_KEYS = frozenset(
         "lambda_max",
         "lambda_update",
         "lambda_update_every",
+        "lambda_step",
         "cost_threshold",
         "cost_threshold_margin",
         "lambda_delay_steps",
@@ -368,6 +369,13 @@ class AlignSection(PairTrainingSection):
         5.0, description="cap on λ (safe-rlhf's value; the harmless term's weight is then at most 5/6)"
     )
     lambda_update: Literal["dual", "fixed"] = Field("dual", description="fixed: λ stays at lambda_init")
+    lambda_step: LambdaStep = Field(
+        "log",
+        description="how the dual step moves λ: log (Safe RLHF's ascent on log λ, a step ∝ λ: from the cap one "
+        "update below d can drop λ under lambda_init) or linear (ascent on λ itself, λ += lambda_lr·(Ĵ_C − d) "
+        "within [0, lambda_max]: down as fast as up). lambda_lr's units differ: docs/algorithm.md, \"Sizing λ_lr\"",
+        json_schema_extra=ADDED_OFF,
+    )
     lambda_update_every: Annotated[int, Field(ge=1)] = Field(
         10, description="optimizer steps between dual updates (each samples and scores the prompt pool)"
     )

@@ -24,7 +24,6 @@ reference log-probs, one reference forward: both objectives read the same four l
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -197,8 +196,8 @@ class SafeMMDPOTrainer(StepLoop, DPOTrainer):
         logs["padding"] = self.padding
 
     def warn_if_inert(self, spread: float) -> None:
-        """Before λ's first step, whether λ_lr lets λ act at all on this cost model's scale. The step on log λ
-        is λ_lr·(Ĵ_C − d)·λ in cost-model units, so one λ_lr is brisk on one cost model and inert on another
+        """Before λ's first step, whether λ_lr lets λ act at all on this cost model's scale. The step (on log λ,
+        λ_lr·(Ĵ_C − d)·λ; on λ, λ_lr·(Ĵ_C − d)) is in cost-model units, so one λ_lr is brisk on one cost model and inert on another
         (the seed's 0.01 moves λ by about 1 % per update at a violation of 1; the pooled cost model spreads
         answers' costs by σ ≈ 1 on the evidence data and ≈ 3 on the quickstart's). The scale is `spread`, the standard deviation of the pool's answer costs: a
         violation that large — far more than training moves the mean — held for every update of the run must
@@ -213,7 +212,7 @@ class SafeMMDPOTrainer(StepLoop, DPOTrainer):
             "align: λ barely moves at align.lambda_lr %g: a violation of one standard deviation of the pool's "
             "answer costs (%.3g), held for all %d updates, moves λ by ×%.3g; align.lambda_lr ≈ %.2g would double "
             'λ at every update at that violation (docs/algorithm.md, "Sizing λ_lr")',
-            lagrange.lr, spread, updates, factor, math.log(2) / (spread * lagrange.value),
+            lagrange.lr, spread, updates, factor, lagrange.doubling_lr(spread),
         )  # fmt: skip
 
     def client_state(self) -> dict:

@@ -51,6 +51,7 @@ def build_lagrange(align: AlignSection) -> LagrangeMultiplier:
         delay_steps=align.lambda_delay_steps,
         window=align.lambda_window,
         update_every=align.lambda_update_every,
+        step=align.lambda_step,
     )
 
 
