@@ -18,7 +18,7 @@ from pathlib import Path
 from safealign import __version__
 from safealign.core.allocator import use_caching_allocator
 from safealign.core.errors import SafeAlignError, TransientError
-from safealign.core.files import disk_full, disk_full_error
+from safealign.core.files import disk_full, disk_full_error, write_text_atomically
 from safealign.core.pipeline import STAGE_ORDER
 from safealign.core.process import gpu_available, init_process_group, is_rank_0, leave_process_group, no_gpu_reason
 from safealign.domain.data import load_prompt_file
@@ -163,6 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "run_dir", type=Path, help="a run directory whose eval stage has finished, e.g. runs/quickstart"
     )
+
+    pool = commands.add_parser(
+        "pool",
+        help="one registration run in blocks (runs of one design with other seeds): its eval.primary over all "
+        "their runs, pairing within each block; held-out Ĵ_C from each block's own base (docs/eval.md)",
+    )
+    pool.add_argument("run_dirs", type=Path, nargs="+", help="the blocks' run directories, each with a finished eval")
+    pool.add_argument("--json", type=Path, help="also write the pooled tests here (the eval's group_tests layout)")
     return parser
 
 
@@ -256,6 +264,17 @@ def _report(run_dir: Path) -> int:
     return 0
 
 
+def _pool(run_dirs: list[Path], json_path: Path | None) -> int:
+    from safealign.eval.blocks import pool_blocks, pooled_markdown
+    from safealign.orchestration.pool import load_block
+
+    result = pool_blocks([load_block(run_dir) for run_dir in run_dirs])
+    if json_path is not None:
+        write_text_atomically(json_path, json.dumps(result, indent=1))
+    print(pooled_markdown(result), end="")
+    return 0
+
+
 def _kubernetes(args: argparse.Namespace) -> int:
     """submit / status / logs; the API server's refusals and an unreachable cluster become one line."""
     try:
@@ -320,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
             use_caching_allocator()
         if args.command == "report":
             return _report(args.run_dir)
+        if args.command == "pool":
+            return _pool(args.run_dirs, args.json)
         if args.command == "sweep":
             from safealign.orchestration.sweep import run_sweep  # matplotlib (its heat map): only for a sweep
 

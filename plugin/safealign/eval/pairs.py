@@ -193,12 +193,18 @@ def group_tests(
     extra_measures: dict[str, dict[str, float]] | None = None,
 ) -> dict:
     """Per group and measure, its runs' values with their mean and 95 % interval; with `primary` (the
-    recipe's `eval.primary`), the treatment against every other group on every measure — one-sided on
-    the primary dimension against the controls (the primary family), two-sided otherwise — each family
-    Holm-corrected, and whether the claim holds. `extra_measures`: more run-level values (measure ->
-    model -> value), e.g. held-out Ĵ_C, tested two-sided in the secondary family."""
+    recipe's `eval.primary`), the treatment against every other group on every measure (`compare_groups`).
+    `extra_measures`: more run-level values (measure -> model -> value), e.g. held-out Ĵ_C, tested
+    two-sided in the secondary family unless the primary names it."""
     members = {m for group in groups.values() for m in group}
-    measures = {**run_values(rows, logps, members), **(extra_measures or {})}
+    return compare_groups({**run_values(rows, logps, members), **(extra_measures or {})}, groups, primary)
+
+
+def compare_groups(measures: dict[str, dict[str, float]], groups: dict[str, list[str]], primary=None) -> dict:
+    """`group_tests` from run-level values (measure -> run -> value): what one eval computes, and what
+    `safealign.eval.blocks` computes over several runs' evals pooled. The treatment against every other
+    group on every measure — one-sided on the primary measure against the controls (the primary family),
+    two-sided otherwise — each family Holm-corrected, and whether the claim holds."""
     summary = {
         group: {measure: {"runs": {m: values[m] for m in names if m in values},
                           **mean_interval([values[m] for m in names if m in values])}
@@ -208,6 +214,45 @@ def group_tests(
     result: dict = {"groups": summary, "measures": list(measures), "comparisons": []}
     if primary is None:
         return result
+    comparisons = []
+    for group, names in groups.items():
+        if group == primary.treatment:
+            continue
+        for measure, values in measures.items():
+            is_primary = group in primary.controls and is_primary_measure(measure, primary)
+            sided = "less" if measure == HELDOUT_COST else "greater"  # a cost wins by being lower
+            alternative = sided if is_primary else "two-sided"
+            if primary.paired and group in primary.controls:  # pair by place: both runs of a pair measured
+                pairs = [(values[t], values[c]) for t, c in zip(groups[primary.treatment], names) if t in values and c in values]
+                if not pairs:
+                    continue
+                test = paired_t_test([t for t, _ in pairs], [c for _, c in pairs], alternative)
+            else:
+                treated = [values[m] for m in groups[primary.treatment] if m in values]
+                other = [values[m] for m in names if m in values]
+                if not treated or not other:
+                    continue
+                test = welch_t_test(treated, other, alternative)
+            comparisons.append({"treatment": primary.treatment, "versus": group, "measure": measure,
+                                "family": "primary" if is_primary else "secondary", **test})  # fmt: skip
+    for family in ("primary", "secondary"):
+        members_of = [c for c in comparisons if c["family"] == family]
+        for comparison, adjusted in zip(members_of, holm([c["p_value"] for c in members_of])):
+            comparison["p_holm"] = adjusted
+    primary_tests = [c for c in comparisons if c["family"] == "primary"]
+    result["comparisons"] = comparisons
+    result["primary"] = {
+        "treatment": primary.treatment,
+        "controls": list(primary.controls),
+        "measure": primary.measure,
+        "dimension": primary.dimension,
+        "sources": None if primary.sources is None else list(primary.sources),
+        "alpha": primary.alpha,
+        "paired": primary.paired,
+        "tests": len(primary_tests),
+        "holds": bool(primary_tests) and all(c["p_holm"] is not None and c["p_holm"] < primary.alpha for c in primary_tests),
+    }
+    return result
     comparisons = []
     for group, names in groups.items():
         if group == primary.treatment:
