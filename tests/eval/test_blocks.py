@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import yaml
@@ -34,6 +35,9 @@ def test_the_pooled_test_pairs_within_blocks_and_measures_the_fall_from_each_blo
     # block 1's base −0.95, block 2's −1.5 (another session's draws): the offsets must not enter
     one = block("b1", -0.95, dual=[-1.5, -1.4, -1.3], fixed=[-1.4, -1.2, -1.3], margins=[0.01, 0.02, 0.0, 0.0, 0.01, 0.0])
     two = block("b2", -1.5, dual=[-2.0, -1.9, -1.8], fixed=[-1.7, -1.8, -1.6], margins=[0.0, 0.0, 0.0, 0.01, 0.0, 0.0])
+    update = lambda step, cost, lam: {"step": step, "cost_estimate": cost, "cost_threshold": -1.4, "lambda_next": lam}  # noqa: E731
+    one = replace(one, training_logs={"d1": [update(0, -1.0, 1.0), update(5, -1.2, 3.4), update(10, -1.45, 3.0)],
+                                      "f1": [update(0, -1.0, 1.0)]})  # a control's log: not the treatment's  # fmt: skip
     result = pool_blocks([one, two])
 
     # by hand: dual − fixed per pair, −0.1 −0.2 0.0 | −0.3 −0.1 −0.2: mean −0.15, sd √(0.055/5)
@@ -52,6 +56,8 @@ def test_the_pooled_test_pairs_within_blocks_and_measures_the_fall_from_each_blo
     fall = result["heldout_fall"]["groups"]
     assert fall["dual"]["meets"] and not fall["fixed"]["meets"]  # 0.425 ≥ 0.40; 0.275 < 0.40
     assert list(result["groups"]["dual"][HELDOUT_COST]["runs"]) == ["b1/d1", "b1/d2", "b1/d3", "b2/d1", "b2/d2", "b2/d3"]
+    # the treatment's λ run by run: rose to 3.4 while above d, met d at step 10, λ then 3.0
+    assert result["dual_runs"]["rows"] == [["b1/d1", "-1.4", "-1.000 (step 0)", "-1.450 (step 10)", "3.4", "3", "step 10"]]
     text = pooled_markdown(result)
     assert "**holds**" in text and "b2: 6 runs, base held-out Ĵ_C -1.5" in text and "dual 0.425 (≥ 0.4)" in text
 

@@ -16,11 +16,12 @@ margin) is about. Margins already are shifts from the block's base.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from safealign.core.errors import SafeAlignError
 from safealign.eval.pairs import HELDOUT_COST, compare_groups
+from safealign.eval.report import dual_runs_table, format_p
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class Block:
     measures: dict[str, dict[str, float]]
     base_cost: float | None
     cost_margin: float | None
+    training_logs: dict[str, list[dict]] = field(default_factory=dict)  # run -> its metrics.jsonl records
 
 
 def pool_blocks(blocks: list[Block]) -> dict:
@@ -65,6 +67,9 @@ def pool_blocks(blocks: list[Block]) -> dict:
     groups = {group: [f"{block.name}/{run}" for block in blocks for run in block.groups[group]] for group in first.groups}
     result = compare_groups(measures, groups, first.primary)
     result["blocks"] = [{"name": b.name, "runs": sum(map(len, b.groups.values())), "base_heldout_cost": b.base_cost} for b in blocks]
+    logs = {f"{b.name}/{run}": b.training_logs[run] for b in blocks for run in b.groups[first.primary.treatment] if run in b.training_logs}
+    if table := dual_runs_table(logs, None):  # the treatment's λ and pool, run by run (each logs its own d)
+        result["dual_runs"] = {"header": table[0], "rows": table[1]}
     if first.cost_margin is not None and HELDOUT_COST in measures:
         result["heldout_fall"] = {
             "margin": first.cost_margin,
@@ -77,8 +82,6 @@ def pool_blocks(blocks: list[Block]) -> dict:
 def pooled_markdown(result: dict) -> str:
     """The pooled test as a person reads it: the blocks, each group's mean per measure, every comparison
     with its Holm-adjusted p, and whether the registered claim's test holds."""
-    from safealign.eval.report import format_p
-
     lines = ["# Pooled over blocks", ""]
     lines += [f"- {b['name']}: {b['runs']} runs, base held-out Ĵ_C {b['base_heldout_cost']}" for b in result["blocks"]]
     lines += ["", "| group | measure | runs | mean | 95 % interval |", "|---|---|---|---|---|"]
@@ -95,6 +98,10 @@ def pooled_markdown(result: dict) -> str:
     primary = result["primary"]
     lines += ["", f"Primary ({primary['measure']}, α {primary['alpha']}, {'paired' if primary['paired'] else 'Welch'}): "
               f"**{'holds' if primary['holds'] else 'does not hold'}**."]  # fmt: skip
+    if dual := result.get("dual_runs"):
+        lines += ["", "The treatment's runs, λ and the sampled pool (each block's align logs):", "",
+                  "| " + " | ".join(dual["header"]) + " |", "|" + "---|" * len(dual["header"])]
+        lines += ["| " + " | ".join(row) + " |" for row in dual["rows"]]
     if fall := result.get("heldout_fall"):
         parts = [f"{group} {g['mean_fall']:.3f} ({'≥' if g['meets'] else '<'} {fall['margin']})" for group, g in fall["groups"].items()]
         lines.append(f"Held-out mean fall from the base against the margin: {'; '.join(parts)}.")

@@ -1,7 +1,7 @@
 """`safealign pool RUN_DIR…`: read finished runs as the blocks of one registration (`safealign.eval.blocks`).
 
-The run-directory side of pooling — the recipe as run and the eval's results, found the way `safealign
-report` finds them — so the pooling itself stays a function of numbers."""
+The run-directory side of pooling — the recipe as run, the eval's results and the align stage's training
+logs, found the way `safealign report` finds them — so the pooling itself stays a function of numbers."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from safealign.core.errors import SafeAlignError
+from safealign.domain.metrics import read_metrics
 from safealign.eval.blocks import Block
 from safealign.recipe.loading import load_recipe
 from safealign.stages import finished_stage
@@ -35,6 +36,8 @@ def load_block(run_dir: Path) -> Block:
         base = results["models"]["base"].get("heldout_cost", {}).get("mean")
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise SafeAlignError(f"{results_file}: not an eval stage's results with group tests ({type(exc).__name__}: {exc})") from None
+    aligned = finished_stage(run_dir, "align")
+    logs = {name: read_metrics(path) for name, path in (aligned.policy_metrics() if aligned else {}).items() if path.is_file()}
     return Block(
         name=recipe.name,
         groups={group: list(runs) for group, runs in recipe.eval.groups.items() if runs},
@@ -42,4 +45,5 @@ def load_block(run_dir: Path) -> Block:
         measures=measures,
         base_cost=base,
         cost_margin=recipe.align.cost_threshold_margin if recipe.align.cost_threshold == "initial" else None,
+        training_logs=logs,
     )
