@@ -16,7 +16,9 @@ the textbook dual ascent (the integral term of Stooke, Achiam & Abbeel 2020's PI
 log step is proportional to λ, so λ's fall from the cap is steepest exactly when λ is largest — measured, one
 update 0.1 below d took λ from 5 to 0.02–0.4, below λ_init, and those runs gave back what the rise had bought
 (docs/results/issue-25.md, the sixth registration). The linear step moves λ by the same amount at any λ, so λ
-comes down from the cap as fast as it went up, in proportion to how far below d the policy is. d may be set after construction (`threshold=None`): `align.cost_threshold: initial` calibrates it
+comes down from the cap as fast as it went up, in proportion to how far below d the policy is.
+
+d may be set after construction (`threshold=None`): `align.cost_threshold: initial` calibrates it
 to the policy's own Ĵ_C before training, less `align.cost_threshold_margin` ("cheaper than it started by
 this much": a d that binds on whatever pool and cost model, where an absolute d chosen on one pool may sit
 above another pool's start — docs/results/issue-25.md, confirm-dual), and it rides in the checkpoint like λ. Ĵ_C is the mean of the
@@ -24,7 +26,7 @@ last `window` estimates (Safe RLHF averages over a deque of episode costs); the 
 updates only fill that window (Safe RLHF's `lambda_update_delay_steps`), so early, noisy estimates do
 not kick λ.
 
-Why both bounds are always there: the step is proportional to λ, so under a sustained violation log λ
+Why both bounds are always there: on log λ the step is proportional to λ, so under a sustained violation log λ
 grows like λ² — uncapped, λ = 62 after 330 steps of a 0.3 violation at lr 0.01 and `exp` overflows at
 339. The cap keeps every step finite (|step| ≤ lr·|Ĵ_C − d|·λ_max) and the helpfulness term's weight
 1/(1+λ) above 1/(1+λ_max). The floor (`LAMBDA_FLOOR`) keeps λ a positive, representable number: a large

@@ -373,7 +373,7 @@ class AlignSection(PairTrainingSection):
         "log",
         description="how the dual step moves λ: log (Safe RLHF's ascent on log λ, a step ∝ λ: from the cap one "
         "update below d can drop λ under lambda_init) or linear (ascent on λ itself, λ += lambda_lr·(Ĵ_C − d) "
-        "within [0, lambda_max]: down as fast as up). lambda_lr's units differ: docs/algorithm.md, \"Sizing λ_lr\"",
+        "within [1e-6, lambda_max]: down as fast as up). lambda_lr's units differ: docs/algorithm.md, \"Sizing λ_lr\"",
         json_schema_extra=ADDED_OFF,
     )
     lambda_update_every: Annotated[int, Field(ge=1)] = Field(

@@ -197,8 +197,8 @@ class SafeMMDPOTrainer(StepLoop, DPOTrainer):
 
     def warn_if_inert(self, spread: float) -> None:
         """Before λ's first step, whether λ_lr lets λ act at all on this cost model's scale. The step (on log λ,
-        λ_lr·(Ĵ_C − d)·λ; on λ, λ_lr·(Ĵ_C − d)) is in cost-model units, so one λ_lr is brisk on one cost model and inert on another
-        (the seed's 0.01 moves λ by about 1 % per update at a violation of 1; the pooled cost model spreads
+        λ_lr·(Ĵ_C − d)·λ; on λ, λ_lr·(Ĵ_C − d)) is in cost-model units, so one λ_lr is brisk on one cost model
+        and inert on another (the seed's 0.01 moves λ by about 1 % per update at a violation of 1; the pooled cost model spreads
         answers' costs by σ ≈ 1 on the evidence data and ≈ 3 on the quickstart's). The scale is `spread`, the standard deviation of the pool's answer costs: a
         violation that large — far more than training moves the mean — held for every update of the run must
         move λ by a quarter, or λ is a constant in all but name. Said once, with the λ_lr that would double λ
