@@ -21,7 +21,7 @@ from typing import Any
 
 from safealign.core.errors import SafeAlignError
 from safealign.eval.pairs import HELDOUT_COST, compare_groups
-from safealign.eval.report import dual_runs_table, format_p
+from safealign.eval.report import dual_runs_table, group_tables, markdown_table
 
 
 @dataclass(frozen=True)
@@ -80,29 +80,21 @@ def pool_blocks(blocks: list[Block]) -> dict:
 
 
 def pooled_markdown(result: dict) -> str:
-    """The pooled test as a person reads it: the blocks, each group's mean per measure, every comparison
-    with its Holm-adjusted p, and whether the registered claim's test holds."""
+    """The pooled test as a person reads it, in the report's own tables (`group_tables`): the blocks, each
+    group's runs per measure, every comparison with its Holm-adjusted p and the verdict; then the
+    treatment's λ run by run and each group's mean held-out fall against the margin."""
+    verdict, tables = group_tables({"group_tests": result})
     lines = ["# Pooled over blocks", ""]
-    lines += [f"- {b['name']}: {b['runs']} runs, base held-out Ĵ_C {b['base_heldout_cost']}" for b in result["blocks"]]
-    lines += ["", "| group | measure | runs | mean | 95 % interval |", "|---|---|---|---|---|"]
-    for group, measures in result["groups"].items():
-        for measure, summary in measures.items():
-            shown = f"{measure} (from each block's base)" if measure == HELDOUT_COST else measure
-            low, high = summary["ci95"] if summary.get("ci95") else (None, None)
-            interval = f"[{low:+.3f}, {high:+.3f}]" if low is not None else "—"
-            lines.append(f"| {group} | {shown} | {summary['n']} | {summary['mean']:+.4f} | {interval} |")
-    lines += ["", "| family | treatment vs | measure | difference | p | Holm p |", "|---|---|---|---|---|---|"]
-    for c in result["comparisons"]:
-        lines.append(f"| {c['family']} | {c['versus']} | {c['measure']} | {c['difference']:+.4f} | "
-                     f"{format_p(c['p_value'])} | {format_p(c['p_holm'])} |")  # fmt: skip
-    primary = result["primary"]
-    lines += ["", f"Primary ({primary['measure']}, α {primary['alpha']}, {'paired' if primary['paired'] else 'Welch'}): "
-              f"**{'holds' if primary['holds'] else 'does not hold'}**."]  # fmt: skip
+    lines += [f"- {b['name']}: {b['runs']} runs" + ("" if b["base_heldout_cost"] is None else f", base held-out Ĵ_C {b['base_heldout_cost']}")
+              for b in result["blocks"]]  # fmt: skip
+    if HELDOUT_COST in result["measures"]:
+        lines += ["", f"{HELDOUT_COST} is each run's value less its own block's base."]
+    lines += ["", verdict, ""]
+    lines += [line for table in tables for line in (markdown_table(*table), "")]
     if dual := result.get("dual_runs"):
-        lines += ["", "The treatment's runs, λ and the sampled pool (each block's align logs):", "",
-                  "| " + " | ".join(dual["header"]) + " |", "|" + "---|" * len(dual["header"])]
-        lines += ["| " + " | ".join(row) + " |" for row in dual["rows"]]
+        lines += ["The treatment's runs, λ and the sampled pool (each block's align logs):", "",
+                  markdown_table(dual["header"], dual["rows"]), ""]  # fmt: skip
     if fall := result.get("heldout_fall"):
         parts = [f"{group} {g['mean_fall']:.3f} ({'≥' if g['meets'] else '<'} {fall['margin']})" for group, g in fall["groups"].items()]
         lines.append(f"Held-out mean fall from the base against the margin: {'; '.join(parts)}.")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines).rstrip("\n") + "\n"

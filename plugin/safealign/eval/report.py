@@ -390,7 +390,8 @@ def teacher_vs_student(results: dict, judges: list[str]) -> tuple[list[str], lis
     return ["", f"teacher ({teacher_name})", "student", "student / teacher"], rows
 
 
-def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A GitHub-markdown table (a `|` inside a cell escaped): the report's, and `safealign pool`'s."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -665,32 +666,32 @@ def write_report(out_dir: Path, results: dict, training: dict[str, Path] | None 
     dual_runs = dual_runs_table(logs, _threshold(results))
     origin = provenance_line(results)
     md = ["# SafeAlign evaluation report", "", *([f"*{origin}*", ""] if origin else []), intro, "",
-          _markdown_table(header, rows), ""]  # fmt: skip
+          markdown_table(header, rows), ""]  # fmt: skip
     if groups:
         md += ["## The pre-registered test", "", GROUPS_NOTE, "", groups[0], ""]
-        md += [line for table in groups[1] for line in (_markdown_table(*table), "")]
+        md += [line for table in groups[1] for line in (markdown_table(*table), "")]
     if policy_cost:
-        md += ["## Held-out Ĵ_C", "", POLICY_COST_NOTE, "", _markdown_table(*policy_cost), ""]
+        md += ["## Held-out Ĵ_C", "", POLICY_COST_NOTE, "", markdown_table(*policy_cost), ""]
     if cost_by_source:
-        md += [BY_SOURCE_NOTE, "", _markdown_table(*cost_by_source), ""]
+        md += [BY_SOURCE_NOTE, "", markdown_table(*cost_by_source), ""]
     if dual_runs:
-        md += ["## The dual λ, run by run", "", DUAL_RUNS_NOTE, "", _markdown_table(*dual_runs), ""]
+        md += ["## The dual λ, run by run", "", DUAL_RUNS_NOTE, "", markdown_table(*dual_runs), ""]
     if reward_models:
-        md += ["## The reward models' own accuracy", "", REWARD_MODELS_NOTE, "", _markdown_table(*reward_models), ""]
+        md += ["## The reward models' own accuracy", "", REWARD_MODELS_NOTE, "", markdown_table(*reward_models), ""]
     if heldout:
-        md += ["## Held-out preference pairs", "", HELDOUT_NOTE, "", _markdown_table(*heldout), ""]
+        md += ["## Held-out preference pairs", "", HELDOUT_NOTE, "", markdown_table(*heldout), ""]
     for name, title in PLOTS:
         if plots[name]:
             md += [f"## {title}", "", f"![{title}](plots/{name}.png)", ""]
     if paired:
         md += ["## Compared with the base, prompt by prompt", "", multiplicity_note(paired[1]), "",
-               _markdown_table(*paired), ""]  # fmt: skip
+               markdown_table(*paired), ""]  # fmt: skip
     if distilled:
-        md += ["## Teacher vs student (distill)", "", _markdown_table(*distilled), ""]
+        md += ["## Teacher vs student (distill)", "", markdown_table(*distilled), ""]
     if cat_rows:
-        md += [f"## Per-category safety ({primary} judge)", "", _markdown_table(cat_header, cat_rows), ""]
+        md += [f"## Per-category safety ({primary} judge)", "", markdown_table(cat_header, cat_rows), ""]
     if agreement:
-        md += ["## Judge agreement", "", _markdown_table(["judges", "agreement"], agreement), ""]
+        md += ["## Judge agreement", "", markdown_table(["judges", "agreement"], agreement), ""]
     if results["examples"]:
         md += ["## Where the models differ", ""]
         for ex in results["examples"]:
