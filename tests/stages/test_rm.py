@@ -170,7 +170,12 @@ def test_align_with_cached_reference_logps_equals_a_live_reference(rm_run):
 
 
 def test_align_reruns_when_the_rm_stage_changes(rm_run):
+    """A finished run is skipped stage by stage; a changed RM stage invalidates align's outputs.
+    The first run finishes align itself: under pytest-xdist this test may run on a worker where
+    no other test has, so it cannot count on an earlier test's align run."""
     root, _ = rm_run
+    first = run_cli("run", "recipe.yaml", "--run-dir", "runs/rm", cwd=root)
+    assert first.returncode == 0, first.stderr[-3000:]
     again = run_cli("run", "recipe.yaml", "--run-dir", "runs/rm", cwd=root)
     assert again.returncode == 0 and again.stderr.count("up to date") == 2
     done = root / "runs/rm/rm/stage.json"
