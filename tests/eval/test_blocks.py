@@ -59,7 +59,7 @@ def test_the_pooled_test_pairs_within_blocks_and_measures_the_fall_from_each_blo
     # the treatment's λ run by run: rose to 3.4 while above d, met d at step 10, λ then 3.0
     assert result["dual_runs"]["rows"] == [["b1/d1", "-1.4", "-1.000 (step 0)", "-1.450 (step 10)", "3.4", "3", "step 10"]]
     text = pooled_markdown(result)
-    assert "**holds**" in text and "b2: 6 runs, base held-out Ĵ_C -1.5" in text and "dual 0.425 (≥ 0.4)" in text
+    assert "**holds**" in text and "b2: 6 runs, base held-out Ĵ_C -1.500\n" in text and "dual 0.425 (≥ 0.4)" in text
 
 
 @pytest.mark.parametrize(

@@ -85,7 +85,7 @@ def pooled_markdown(result: dict) -> str:
     treatment's λ run by run and each group's mean held-out fall against the margin."""
     verdict, tables = group_tables({"group_tests": result})
     lines = ["# Pooled over blocks", ""]
-    lines += [f"- {b['name']}: {b['runs']} runs" + ("" if b["base_heldout_cost"] is None else f", base held-out Ĵ_C {b['base_heldout_cost']}")
+    lines += [f"- {b['name']}: {b['runs']} runs" + ("" if b["base_heldout_cost"] is None else f", base held-out Ĵ_C {b['base_heldout_cost']:.3f}")
               for b in result["blocks"]]  # fmt: skip
     if HELDOUT_COST in result["measures"]:
         lines += ["", f"{HELDOUT_COST} is each run's value less its own block's base."]
